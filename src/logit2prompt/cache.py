@@ -1,0 +1,48 @@
+"""The user cache directory (converted models, downloaded corpora, file hashes)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+CACHE_ENV = "LOGIT2PROMPT_CACHE"
+_HASH_CHUNK = 1 << 20
+
+
+def cache_dir(*parts: str) -> Path:
+    """`$LOGIT2PROMPT_CACHE`, else `$XDG_CACHE_HOME/logit2prompt`, else `~/.cache/logit2prompt`."""
+    root = os.environ.get(CACHE_ENV)
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(xdg, "logit2prompt")
+    path = Path(root).joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, memoised on (path, size, mtime) because weight files are large."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    memo_path = cache_dir() / "file_hashes.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if key in memo:
+        return memo[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    memo[key] = h.hexdigest()
+    tmp = memo_path.with_suffix(f".tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, memo_path)
+    except OSError:
+        pass  # the memo is an optimisation; a read-only cache must not break loading
+    return memo[key]

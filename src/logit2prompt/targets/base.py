@@ -1,0 +1,83 @@
+"""The `Target` interface and the fingerprint that identifies a target everywhere downstream."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+PROMPT_MODES = ("raw", "user", "system")
+
+
+@dataclass(frozen=True)
+class TargetFingerprint:
+    """Everything that changes a target's distributions. Stores and checkpoints record it."""
+
+    name: str
+    weights_sha256: str
+    tokenizer_sha256: str
+    vocab_size: int
+    mode: str
+    template: str  # the prompt rendered with the placeholder "{prompt}"
+    dtype: str
+    defense: str = ""  # a defense applied to the exposed distributions ("" = none)
+
+    @property
+    def id(self) -> str:
+        """A short stable hash of all fields."""
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "id": self.id}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TargetFingerprint:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def differences(self, other: TargetFingerprint) -> list[str]:
+        """Human-readable list of the fields that differ (empty when the two match)."""
+        out = []
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if a != b:
+                sa, sb = (str(x) if len(str(x)) < 60 else str(x)[:57] + "..." for x in (a, b))
+                out.append(f"{f.name}: {sa!r} vs {sb!r}")
+        return out
+
+    def describe(self) -> str:
+        return f"{self.name} [{self.mode}, {self.dtype}, vocab {self.vocab_size}, id {self.id}]"
+
+
+class Target(ABC):
+    """A language model that maps prompts to next-token log-prob distributions."""
+
+    fingerprint: TargetFingerprint
+
+    @property
+    def vocab_size(self) -> int:
+        return self.fingerprint.vocab_size
+
+    @abstractmethod
+    def next_token_logprobs(
+        self, prompts: Sequence[str], steps: int | None = None
+    ) -> torch.Tensor:
+        """Log-probs of the next token after each prompt.
+
+        Returns float32 `[batch, vocab]`; with `steps=K`, the distributions at the first K
+        greedily generated positions, `[batch, K, vocab]`.
+        """
+
+    @abstractmethod
+    def count_tokens(self, prompts: Sequence[str]) -> list[int]:
+        """Number of tokens of each bare prompt text (no template), for length filtering."""
+
+    @property
+    def max_context(self) -> int | None:
+        """The longest templated input the target accepts, or None if unbounded."""
+        return None

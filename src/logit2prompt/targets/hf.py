@@ -1,0 +1,246 @@
+"""A `Target` on Hugging Face transformers: any causal LM from a directory, the hub, or GGUF."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..cache import sha256_file
+from ..errors import TargetError
+from .base import PROMPT_MODES, Target, TargetFingerprint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# The fixed user turn of the "system" threat model: the hidden prompt is the system message
+# and the attacker only sees the reply to an innocuous question.
+DEFAULT_USER_TURN = "Hello!"
+DEFAULT_BATCH_SIZE = 32
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+
+
+def canonical_dtype(dtype: str) -> str:
+    """Map 'fp32'/'bf16'/'fp16' and torch names to 'float32'/'bfloat16'/'float16'."""
+    name = DTYPE_ALIASES.get(str(dtype), str(dtype).replace("torch.", ""))
+    if name not in DTYPES:
+        raise TargetError(f"unknown dtype {dtype!r}; choose one of fp32, bf16, fp16")
+    return name
+
+
+def hash_tokenizer(tokenizer) -> str:
+    """Hash of the full tokenizer definition (vocab, merges, normaliser, special tokens)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "to_str"):
+        blob = backend.to_str()
+    else:
+        blob = repr(sorted(tokenizer.get_vocab().items()))
+    blob += repr(sorted((tokenizer.special_tokens_map or {}).items()))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def hash_state_dict(model: torch.nn.Module) -> str:
+    """Hash of the weights themselves, for models that have no file on disk."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def hash_weight_files(path: Path) -> str | None:
+    """Hash of the weight files of a local model (a file or a directory); None if none found."""
+    files = [path] if path.is_file() else sorted(
+        p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES
+    )
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+class HFTarget(Target):
+    """Next-token log-probs from a transformers causal LM, batched with left padding."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        name: str,
+        weights_sha256: str | None = None,
+        mode: str = "user",
+        system_prompt: str | None = None,
+        user_turn: str = DEFAULT_USER_TURN,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ):
+        if mode not in PROMPT_MODES:
+            raise TargetError(f"unknown prompt mode {mode!r}; choose one of {', '.join(PROMPT_MODES)}")
+        if mode != "raw" and not getattr(tokenizer, "chat_template", None):
+            raise TargetError(
+                f"target {name!r} has no chat template, so prompt mode {mode!r} is impossible; "
+                "use --mode raw"
+            )
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.mode = mode
+        self.system_prompt = system_prompt
+        self.user_turn = user_turn
+        self.batch_size = batch_size
+        self.device = next(model.parameters()).device
+        self.dtype = canonical_dtype(str(next(model.parameters()).dtype))
+        self.pad_id = (
+            tokenizer.pad_token_id
+            if tokenizer.pad_token_id is not None
+            else (tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
+        )
+        params = inspect.signature(model.forward).parameters
+        # transformers 5.x renamed `past_key_values` to `cache` in forward(); support both.
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._keep_kw = "logits_to_keep" in params
+        vocab = model.get_output_embeddings().weight.shape[0]
+        self.fingerprint = TargetFingerprint(
+            name=name,
+            weights_sha256=weights_sha256 or hash_state_dict(model),
+            tokenizer_sha256=hash_tokenizer(tokenizer),
+            vocab_size=int(vocab),
+            mode=mode,
+            template=self.render("{prompt}"),
+            dtype=self.dtype,
+        )
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        gguf_file: str | None = None,
+        dtype: str = "float32",
+        device: str | None = None,
+        name: str | None = None,
+        weights_sha256: str | None = None,
+        **kwargs,
+    ) -> HFTarget:
+        """Load a local directory, a GGUF file, or a hub id (never with remote code)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch_dtype = DTYPES[canonical_dtype(dtype)]
+        path = Path(name_or_path)
+        if path.is_file() and path.suffix == ".gguf":
+            path, gguf_file = path.parent, path.name
+        load_kw: dict = {"trust_remote_code": False}
+        if gguf_file:
+            load_kw["gguf_file"] = gguf_file
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path), **load_kw)
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, **load_kw)
+        except (OSError, ValueError, KeyError) as exc:
+            raise TargetError(
+                f"could not load target {name_or_path!r}: it is not a built-in name, and loading "
+                f"it as a local path or Hugging Face Hub id failed: {exc}"
+            ) from exc
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(device)
+        if weights_sha256 is None and path.exists():
+            local = path / gguf_file if gguf_file else path
+            weights_sha256 = hash_weight_files(local)
+        if weights_sha256 is None:
+            commit = getattr(model.config, "_commit_hash", None)
+            weights_sha256 = f"hub:{name_or_path}@{commit}" if commit else None
+        return cls(model, tokenizer, name=name or str(name_or_path), weights_sha256=weights_sha256,
+                   **kwargs)
+
+    # ----------------------------------------------------------------- prompts
+    def render(self, prompt: str) -> str:
+        """The text the model actually sees for a prompt under this target's mode."""
+        if self.mode == "raw":
+            return prompt
+        if self.mode == "user":
+            messages = [{"role": "user", "content": prompt}]
+            if self.system_prompt is not None:
+                messages.insert(0, {"role": "system", "content": self.system_prompt})
+        else:
+            messages = [
+                {"role": "system", "content": prompt},
+                {"role": "user", "content": self.user_turn},
+            ]
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+
+    def encode(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each rendered prompt (special tokens only where the mode adds them)."""
+        texts = [self.render(p) for p in prompts]
+        raw = self.mode == "raw"
+        return self.tokenizer(list(texts), add_special_tokens=raw)["input_ids"]
+
+    def count_tokens(self, prompts: Sequence[str]) -> list[int]:
+        ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        return [len(x) for x in ids]
+
+    @property
+    def max_context(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    # ----------------------------------------------------------------- forward
+    @torch.inference_mode()
+    def next_token_logprobs(
+        self, prompts: Sequence[str], steps: int | None = None
+    ) -> torch.Tensor:
+        if isinstance(prompts, str):
+            raise TypeError("next_token_logprobs takes a list of prompts, not a single string")
+        k = 1 if steps is None else int(steps)
+        if k < 1:
+            raise TargetError(f"steps must be >= 1, got {steps}")
+        ids = self.encode(prompts)
+        out = []
+        for start in range(0, len(ids), self.batch_size):
+            out.append(self.forward_ids(ids[start : start + self.batch_size], k))
+        result = torch.cat(out) if out else torch.empty(0, k, self.vocab_size)
+        return result[:, 0] if steps is None else result
+
+    def forward_ids(self, batch: list[list[int]], steps: int = 1) -> torch.Tensor:
+        """Float32 log-probs `[batch, steps, vocab]` for already-encoded, unpadded inputs."""
+        if any(len(x) == 0 for x in batch):
+            raise TargetError("an encoded prompt is empty; the target needs at least one token")
+        limit = self.max_context
+        if limit is not None and max(len(x) for x in batch) + steps - 1 > limit:
+            raise TargetError(f"an input is longer than the target's context of {limit} tokens")
+        width = max(len(x) for x in batch)
+        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, x in enumerate(batch):
+            input_ids[i, width - len(x) :] = torch.tensor(x, dtype=torch.long)
+            attention[i, width - len(x) :] = 1
+        input_ids, attention = input_ids.to(self.device), attention.to(self.device)
+        # Left padding shifts every row, so positions must count real tokens only.
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        kwargs = {"use_cache": steps > 1}
+        if self._keep_kw:
+            kwargs["logits_to_keep"] = 1  # only the last position's LM head is needed
+        result = []
+        cache = None
+        for step in range(steps):
+            if step > 0:
+                input_ids = next_token[:, None]
+                attention = torch.cat([attention, attention.new_ones((len(batch), 1))], dim=1)
+                positions = positions[:, -1:] + 1
+                kwargs[self._cache_kw] = cache
+            output = self.model(
+                input_ids=input_ids, attention_mask=attention, position_ids=positions, **kwargs
+            )
+            logprobs = torch.log_softmax(output.logits[:, -1].float(), dim=-1)
+            result.append(logprobs.cpu())
+            if step + 1 < steps:
+                cache = getattr(output, self._cache_kw, None)
+                if cache is None:
+                    cache = getattr(output, "past_key_values", None)
+                next_token = logprobs.argmax(dim=-1)
+        return torch.stack(result, dim=1)
+
