@@ -205,6 +205,7 @@ class HFTarget(Target):
         result = torch.cat(out) if out else torch.empty(0, k, self.vocab_size)
         return result[:, 0] if steps is None else result
 
+    @torch.inference_mode()
     def forward_ids(self, batch: list[list[int]], steps: int = 1) -> torch.Tensor:
         """Float32 log-probs `[batch, steps, vocab]` for already-encoded, unpadded inputs."""
         if any(len(x) == 0 for x in batch):
