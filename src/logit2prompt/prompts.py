@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -130,7 +131,7 @@ def read_rows(source: str, field_name: str = DEFAULT_FIELD) -> list[dict]:
         elif suffix == ".txt":
             rows = [{field_name: line} for line in _read_text(path).splitlines()]
         elif suffix == ".csv":
-            rows = list(csv.DictReader(_read_text(path).splitlines()))
+            rows = list(csv.DictReader(io.StringIO(_read_text(path), newline="")))
         elif suffix == ".parquet":
             import pyarrow.parquet as pq
 

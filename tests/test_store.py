@@ -1,0 +1,128 @@
+"""The distribution store: round trip, random access, refusals that lose nothing."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import numpy as np
+import pytest
+
+from logit2prompt.collect import collect
+from logit2prompt.errors import StoreError, VectorError
+from logit2prompt.prompts import Corpus, PromptRecord
+from logit2prompt.store import DistributionStore, StorePlan, StoreWriter, read_manifest
+from logit2prompt.targets import load_target
+
+
+def _corpus(n: int) -> Corpus:
+    return Corpus([PromptRecord(f"prompt number {i}", {"task": f"t{i % 2}"}) for i in range(n)],
+                  "memory")
+
+
+@pytest.fixture(scope="module")
+def raw_target(tiny_lm_dir):
+    return load_target(str(tiny_lm_dir), mode="raw")
+
+
+@pytest.mark.parametrize("store_dtype", ["float32", "float16"])
+def test_round_trip(raw_target, tmp_path, store_dtype):
+    corpus = _corpus(11)
+    result = collect(raw_target, corpus, tmp_path / "s", store_dtype=store_dtype, shard_size=4,
+                     batch_size=3, progress=False)
+    assert result.shards_written == 3 and result.num_prompts == 11
+    store = DistributionStore(tmp_path / "s")
+    assert len(store) == 11 and store.prompts == corpus.texts
+    assert store.meta[3] == {"task": "t1", "split": corpus.records[3].split}
+    expected = raw_target.next_token_logprobs(corpus.texts).numpy()
+    got = store.vectors(range(11))[:, 0]
+    tol = 1e-5 if store_dtype == "float32" else 2e-2
+    assert np.abs(got - expected).max() <= tol
+    assert np.allclose(store.vector(5)[0], got[5])
+    batches = list(store.batches(4, shuffle=True, seed=1))
+    assert sorted(i for idx, _, _ in batches for i in idx) == list(range(11))
+    idx, prompts, vecs = batches[0]
+    assert prompts == [store.prompts[i] for i in idx] and np.allclose(vecs, store.vectors(idx))
+    manifest = read_manifest(tmp_path / "s")
+    assert manifest["complete"] and manifest["dtype"] == store_dtype
+    assert manifest["fingerprint"]["id"] == raw_target.fingerprint.id
+
+
+def test_steps_are_stored(raw_target, tmp_path):
+    collect(raw_target, _corpus(5), tmp_path / "s", steps=3, shard_size=2, progress=False)
+    store = DistributionStore(tmp_path / "s")
+    assert store.vectors([0, 4]).shape == (2, 3, raw_target.vocab_size)
+    assert store.dim == 3 * raw_target.vocab_size
+
+
+def test_refuses_other_target_dtype_or_corpus(tiny_lm_dir, raw_target, tmp_path):
+    out = tmp_path / "s"
+    collect(raw_target, _corpus(6), out, shard_size=4, progress=False)
+    before = sorted(p.name for p in (out / "shards").iterdir())
+    user = load_target(str(tiny_lm_dir), mode="user")
+    with pytest.raises(StoreError, match="different target.*mode"):
+        collect(user, _corpus(6), out, shard_size=4, progress=False)
+    with pytest.raises(StoreError, match="dtype"):
+        collect(raw_target, _corpus(6), out, shard_size=4, store_dtype="float32", progress=False)
+    with pytest.raises(StoreError, match="different prompt list"):
+        collect(raw_target, _corpus(7), out, shard_size=4, progress=False)
+    assert sorted(p.name for p in (out / "shards").iterdir()) == before
+    assert len(DistributionStore(out)) == 6
+
+
+def test_nan_vector_is_refused_and_nothing_written(raw_target, tmp_path):
+    plan = StorePlan(raw_target.fingerprint, "float16", 1, 4, 4, {"sha256": "x"})
+    writer = StoreWriter(tmp_path / "s", plan)
+    vecs = np.zeros((4, 1, raw_target.vocab_size), dtype=np.float32)
+    vecs[2, 0, 7] = np.nan
+    with pytest.raises(VectorError, match="prompt 2.*'c'"):
+        writer.write_shard(0, vecs, ["a", "b", "c", "d"], [{}] * 4)
+    vecs[2, 0, 7] = -np.inf
+    with pytest.raises(VectorError, match="NaN or inf"):
+        writer.write_shard(0, vecs, ["a", "b", "c", "d"], [{}] * 4)
+    assert list((tmp_path / "s" / "shards").iterdir()) == []
+
+
+def test_disk_full_keeps_finished_shards(raw_target, tmp_path, monkeypatch):
+    import logit2prompt.store as store_mod
+
+    out = tmp_path / "s"
+    real_save = np.save
+    calls = {"n": 0}
+
+    def failing_save(f, arr):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(f, arr)
+
+    monkeypatch.setattr(store_mod.np, "save", failing_save)
+    with pytest.raises(StoreError, match="No space left.*rerun the same command"):
+        collect(raw_target, _corpus(8), out, shard_size=4, progress=False)
+    monkeypatch.setattr(store_mod.np, "save", real_save)
+    files = sorted(p.name for p in (out / "shards").iterdir())
+    assert files == ["000000.json", "000000.npy"]  # no temporary left behind
+    with pytest.raises(StoreError, match="incomplete"):
+        DistributionStore(out)
+    result = collect(raw_target, _corpus(8), out, shard_size=4, progress=False)
+    assert result.shards_skipped == 1 and result.shards_written == 1
+    assert len(DistributionStore(out)) == 8
+
+
+def test_foreign_and_corrupted_stores(tmp_path):
+    with pytest.raises(StoreError, match="not a distribution store"):
+        DistributionStore(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(StoreError, match="corrupted"):
+        DistributionStore(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(StoreError, match="not a logit2prompt"):
+        DistributionStore(tmp_path)
+
+
+def test_corrupted_shard_is_reported(raw_target, tmp_path):
+    out = tmp_path / "s"
+    collect(raw_target, _corpus(4), out, shard_size=4, progress=False)
+    (out / "shards" / "000000.npy").write_bytes(b"garbage")
+    with pytest.raises(StoreError, match="corrupted"):
+        DistributionStore(out).vector(0)

@@ -1,0 +1,113 @@
+"""Targets: batched left-padded log-probs equal single-prompt passes; greedy steps; identity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from logit2prompt.errors import TargetError
+from logit2prompt.targets import HFTarget, load_target
+
+from .conftest import FIXTURE_PROMPTS
+
+PROMPTS = FIXTURE_PROMPTS[:6] + ["Hi", "A much longer prompt that pads every other row a lot more"]
+
+
+@pytest.mark.parametrize("mode", ["raw", "user", "system"])
+def test_batched_equals_one_at_a_time(tiny_lm_dir, mode):
+    target = load_target(str(tiny_lm_dir), mode=mode, batch_size=8)
+    batched = target.next_token_logprobs(PROMPTS)
+    assert batched.shape == (len(PROMPTS), target.vocab_size)
+    assert batched.dtype == torch.float32
+    for i, p in enumerate(PROMPTS):
+        ids = torch.tensor([target.encode([p])[0]])
+        with torch.no_grad():
+            single = torch.log_softmax(target.model(input_ids=ids).logits[0, -1], dim=-1)
+        assert (batched[i] - single).abs().max().item() <= 1e-4, (mode, p)
+    assert torch.allclose(batched.exp().sum(-1), torch.ones(len(PROMPTS)), atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["raw", "user"])
+def test_steps_equal_teacher_forced_greedy(tiny_lm_dir, mode):
+    steps = 4
+    target = load_target(str(tiny_lm_dir), mode=mode, batch_size=3)
+    multi = target.next_token_logprobs(PROMPTS[:5], steps=steps)
+    assert multi.shape == (5, steps, target.vocab_size)
+    assert torch.allclose(multi[:, 0], target.next_token_logprobs(PROMPTS[:5]), atol=1e-5)
+    for i, p in enumerate(PROMPTS[:5]):
+        ids = target.encode([p])[0]
+        greedy = multi[i].argmax(-1).tolist()
+        full = torch.tensor([ids + greedy[:-1]])
+        with torch.no_grad():
+            logits = target.model(input_ids=full).logits[0]
+        forced = torch.log_softmax(logits[len(ids) - 1 :], dim=-1)
+        assert forced.shape[0] == steps
+        assert (forced - multi[i]).abs().max().item() <= 1e-4
+
+
+def test_modes_render_differently_and_fingerprints_differ(tiny_lm_dir):
+    raw, user, system = (load_target(str(tiny_lm_dir), mode=m) for m in ("raw", "user", "system"))
+    assert raw.render("X") == "X"
+    assert "<|im_start|>user\nX<|im_end|>" in user.render("X")
+    assert "You are tiny." in user.render("X")  # the template's built-in system prompt
+    assert "<|im_start|>system\nX<|im_end|>" in system.render("X")
+    assert "Hello!" in system.render("X")
+    ids = {t.fingerprint.id for t in (raw, user, system)}
+    assert len(ids) == 3
+    diffs = raw.fingerprint.differences(user.fingerprint)
+    assert any(d.startswith("mode:") for d in diffs)
+    custom = load_target(str(tiny_lm_dir), mode="user", system_prompt="Be brief.")
+    assert "Be brief." in custom.render("X") and "You are tiny." not in custom.render("X")
+    assert custom.fingerprint.template != user.fingerprint.template
+
+
+def test_fingerprint_tracks_weights_and_dtype(tiny_lm_dir, tmp_path):
+    from .conftest import make_tiny_lm
+
+    a = load_target(str(tiny_lm_dir), mode="raw")
+    other = load_target(str(make_tiny_lm(tmp_path / "other", seed=1)), mode="raw")
+    assert a.fingerprint.weights_sha256 != other.fingerprint.weights_sha256
+    bf16 = load_target(str(tiny_lm_dir), mode="raw", dtype="bfloat16")
+    assert bf16.fingerprint.dtype == "bfloat16" and bf16.fingerprint.id != a.fingerprint.id
+    out = bf16.next_token_logprobs(["hello"])
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_unknown_target_and_bad_arguments(tiny_lm_dir, tmp_path):
+    with pytest.raises(TargetError, match="not a built-in name"):
+        load_target(str(tmp_path / "no-such-model"))
+    with pytest.raises(TargetError, match="unknown prompt mode"):
+        load_target(str(tiny_lm_dir), mode="assistant")
+    with pytest.raises(TargetError, match="unknown dtype"):
+        load_target(str(tiny_lm_dir), dtype="int3")
+    target = load_target(str(tiny_lm_dir), mode="raw")
+    with pytest.raises(TypeError):
+        target.next_token_logprobs("a single string")
+    with pytest.raises(TargetError, match="steps"):
+        target.next_token_logprobs(["x"], steps=0)
+    with pytest.raises(TargetError, match="context"):
+        target.next_token_logprobs(["word " * 400])
+
+
+def test_no_chat_template_refuses_chat_modes(tiny_lm_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    tok.chat_template = None
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    with pytest.raises(TargetError, match="no chat template"):
+        HFTarget(model, tok, name="t", mode="user")
+
+
+@pytest.mark.embedded
+def test_embedded_default_loads_and_answers():
+    target = load_target()
+    fp = target.fingerprint
+    assert fp.name == "smollm2-135m-instruct" and fp.vocab_size == 49152
+    assert fp.weights_sha256.startswith("gguf:")
+    assert "SmolLM" in target.render("hi")  # the built-in system prompt of its template
+    lp = target.next_token_logprobs(["What is the capital of France?", "Say hello."])
+    assert lp.shape == (2, 49152)
+    assert torch.allclose(lp.exp().sum(-1), torch.ones(2), atol=1e-3)
+    # The cached conversion is reused: a second load gives the same identity.
+    assert load_target().fingerprint.id == fp.id
