@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random causal LM with a real tokenizer and chat template, built offline."""
+"""Shared fixtures: a tiny random causal LM with a real tokenizer and chat template."""
 
 from __future__ import annotations
 
@@ -55,8 +55,11 @@ def _train_tokenizer(path: Path):
     text = FIXTURE_PROMPTS * 5 + ["system user assistant You are tiny. Hello!"] * 5
     tok.train_from_iterator(text, trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-        pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(path)
@@ -70,10 +73,17 @@ def make_tiny_lm(path: Path, seed: int = 0) -> Path:
     tokenizer = _train_tokenizer(path)
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
     # Random init gives near-uniform distributions; sharpen them so greedy steps and
@@ -101,7 +111,9 @@ def corpus_file(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Keep tests out of the user's cache, except the converted embedded model (slow to make)."""
-    shared = os.environ.get("LOGIT2PROMPT_TEST_CACHE") or str(tmp_path_factory.getbasetemp() / "cache")
+    shared = os.environ.get("LOGIT2PROMPT_TEST_CACHE") or str(
+        tmp_path_factory.getbasetemp() / "cache"
+    )
     monkeypatch.setenv("LOGIT2PROMPT_CACHE", shared)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")

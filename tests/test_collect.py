@@ -28,9 +28,22 @@ def _cli(*args: str) -> list[str]:
 
 
 def _collect_args(tiny_lm_dir, corpus, out, shard_size=4) -> list[str]:
-    return ["collect", "--target", str(tiny_lm_dir), "--mode", "raw", "--prompts", str(corpus),
-            "--out", str(out), "--shard-size", str(shard_size), "--batch-size", "4",
-            "--no-progress"]
+    return [
+        "collect",
+        "--target",
+        str(tiny_lm_dir),
+        "--mode",
+        "raw",
+        "--prompts",
+        str(corpus),
+        "--out",
+        str(out),
+        "--shard-size",
+        str(shard_size),
+        "--batch-size",
+        "4",
+        "--no-progress",
+    ]
 
 
 def _store_files(path: Path) -> dict[str, bytes]:
@@ -41,10 +54,12 @@ def _store_files(path: Path) -> dict[str, bytes]:
 def test_sigkill_then_rerun_equals_uninterrupted(tiny_lm_dir, tmp_path):
     corpus = _corpus(tmp_path, 1600)
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    subprocess.run(_cli(*_collect_args(tiny_lm_dir, corpus, ref)), check=True,
-                   capture_output=True)
-    proc = subprocess.Popen(_cli(*_collect_args(tiny_lm_dir, corpus, killed)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(_cli(*_collect_args(tiny_lm_dir, corpus, ref)), check=True, capture_output=True)
+    proc = subprocess.Popen(
+        _cli(*_collect_args(tiny_lm_dir, corpus, killed)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
         shards = killed / "shards"
@@ -57,8 +72,12 @@ def test_sigkill_then_rerun_equals_uninterrupted(tiny_lm_dir, tmp_path):
     assert 5 <= done < 400, "the kill must land mid-collection"
     with pytest.raises(Exception, match="incomplete"):
         DistributionStore(killed)
-    rerun = subprocess.run(_cli(*_collect_args(tiny_lm_dir, corpus, killed)), check=True,
-                           capture_output=True, text=True)
+    rerun = subprocess.run(
+        _cli(*_collect_args(tiny_lm_dir, corpus, killed)),
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     assert "resumed" in rerun.stdout
     assert _store_files(killed) == _store_files(ref)  # byte for byte, no shard lost or doubled
     assert DistributionStore(killed).prompts == DistributionStore(ref).prompts
@@ -68,11 +87,24 @@ def test_sigkill_then_rerun_equals_uninterrupted(tiny_lm_dir, tmp_path):
 def test_accelerate_two_processes_make_one_store(tiny_lm_dir, tmp_path):
     corpus = _corpus(tmp_path, 40)
     one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run(_cli(*_collect_args(tiny_lm_dir, corpus, one)), check=True,
-                   capture_output=True)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "-m", "logit2prompt.cli", *_collect_args(tiny_lm_dir, corpus, two)]
+    subprocess.run(_cli(*_collect_args(tiny_lm_dir, corpus, one)), check=True, capture_output=True)
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "logit2prompt.cli",
+        *_collect_args(tiny_lm_dir, corpus, two),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -83,11 +115,24 @@ def test_accelerate_two_processes_make_one_store(tiny_lm_dir, tmp_path):
 
 def test_cli_errors_are_clear(tiny_lm_dir, tmp_path):
     corpus = _corpus(tmp_path, 10)
-    bad = subprocess.run(_cli("collect", "--target", str(tmp_path / "nope"), "--prompts",
-                              str(corpus), "--out", str(tmp_path / "o")),
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        _cli(
+            "collect",
+            "--target",
+            str(tmp_path / "nope"),
+            "--prompts",
+            str(corpus),
+            "--out",
+            str(tmp_path / "o"),
+        ),
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2
     assert "error: could not load target" in bad.stderr and "Traceback" not in bad.stderr
-    missing = subprocess.run(_cli(*_collect_args(tiny_lm_dir, tmp_path / "none.jsonl",
-                                                 tmp_path / "o")), capture_output=True, text=True)
+    missing = subprocess.run(
+        _cli(*_collect_args(tiny_lm_dir, tmp_path / "none.jsonl", tmp_path / "o")),
+        capture_output=True,
+        text=True,
+    )
     assert missing.returncode == 2 and "does not exist" in missing.stderr

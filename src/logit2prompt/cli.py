@@ -24,43 +24,75 @@ def resolve_corpus(name: str) -> str:
 
 
 def add_target_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default=DEFAULT_TARGET,
-                   help="built-in name, local directory, .gguf file or hub id (default: %(default)s)")
-    p.add_argument("--mode", choices=PROMPT_MODES, default="user",
-                   help="raw text, the chat user turn, or the chat system turn (default: %(default)s)")
-    p.add_argument("--system-prompt", default=None,
-                   help="system message in user mode (default: the template's own)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="target weights dtype (default: %(default)s)")
+    p.add_argument(
+        "--target",
+        default=DEFAULT_TARGET,
+        help="built-in name, local directory, .gguf file or hub id (default: %(default)s)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=PROMPT_MODES,
+        default="user",
+        help="raw text, the chat user turn, or the chat system turn (default: %(default)s)",
+    )
+    p.add_argument(
+        "--system-prompt",
+        default=None,
+        help="system message in user mode (default: the template's own)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16", "fp16"],
+        default="fp32",
+        help="target weights dtype (default: %(default)s)",
+    )
     p.add_argument("--device", default=None, help="torch device (default: cuda if present)")
     p.add_argument("--batch-size", type=int, default=32)
 
 
 def add_corpus_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--prompts", required=required,
-                   help="corpus file (.jsonl/.json/.csv/.txt/.parquet), hf:NAME[:CONFIG[:SPLIT]], "
-                        "or 'bigbench' for the default corpus")
+    p.add_argument(
+        "--prompts",
+        required=required,
+        help="corpus file (.jsonl/.json/.csv/.txt/.parquet), hf:NAME[:CONFIG[:SPLIT]], "
+        "or 'bigbench' for the default corpus",
+    )
     p.add_argument("--field", default=DEFAULT_FIELD, help="text field (default: %(default)s)")
     p.add_argument("--split", choices=(*SPLITS, "all"), default="all")
     p.add_argument("--limit", type=int, default=None, help="keep the first N prompts")
-    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
-                   help="drop prompts longer than this many target tokens (default: %(default)s)")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        help="drop prompts longer than this many target tokens (default: %(default)s)",
+    )
 
 
 def load_cli_target(args, device: str | None = None):
     from .targets import load_target
 
     dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[args.dtype]
-    return load_target(args.target, mode=args.mode, dtype=dtype, device=device or args.device,
-                       system_prompt=args.system_prompt, batch_size=args.batch_size)
+    return load_target(
+        args.target,
+        mode=args.mode,
+        dtype=dtype,
+        device=device or args.device,
+        system_prompt=args.system_prompt,
+        batch_size=args.batch_size,
+    )
 
 
 def load_cli_corpus(args, target):
     from .prompts import load_corpus
 
-    return load_corpus(resolve_corpus(args.prompts), field_name=args.field,
-                       count_tokens=target.count_tokens, max_tokens=args.max_tokens,
-                       split=args.split, limit=args.limit)
+    return load_corpus(
+        resolve_corpus(args.prompts),
+        field_name=args.field,
+        count_tokens=target.count_tokens,
+        max_tokens=args.max_tokens,
+        split=args.split,
+        limit=args.limit,
+    )
 
 
 # ----------------------------------------------------------------------------- commands
@@ -75,29 +107,164 @@ def cmd_data(args) -> None:
 
 
 def cmd_collect(args) -> None:
-    from accelerate import PartialState
-
     from .collect import collect
+    from .distributed import partial_state
 
-    state = PartialState()
+    state = partial_state()
     device = str(state.device) if state.num_processes > 1 else None
     target = load_cli_target(args, device=device)
     corpus = load_cli_corpus(args, target)
     if state.is_main_process:
         print(f"target: {target.fingerprint.describe()}")
-        print(f"corpus: {corpus.source}: {len(corpus)} prompts (split {args.split}); "
-              f"dropped {corpus.dropped}")
+        print(
+            f"corpus: {corpus.source}: {len(corpus)} prompts (split {args.split}); "
+            f"dropped {corpus.dropped}"
+        )
     result = collect(
-        target, corpus, args.out, split=args.split, steps=args.steps,
-        store_dtype=args.store_dtype, shard_size=args.shard_size, batch_size=args.batch_size,
-        process_index=state.process_index, num_processes=state.num_processes,
-        wait_for_everyone=state.wait_for_everyone, progress=not args.no_progress,
+        target,
+        corpus,
+        args.out,
+        split=args.split,
+        steps=args.steps,
+        store_dtype=args.store_dtype,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        process_index=state.process_index,
+        num_processes=state.num_processes,
+        wait_for_everyone=state.wait_for_everyone,
+        progress=not args.no_progress,
     )
     if state.is_main_process:
-        print(f"stored {result.num_prompts} prompts in {result.path} "
-              f"({result.shards_written} shards written, {result.shards_skipped} resumed, "
-              f"{result.dropped_over_context} over the target's context; "
-              f"{result.prompts_per_second:.1f} prompts/s on process 0)")
+        print(
+            f"stored {result.num_prompts} prompts in {result.path} "
+            f"({result.shards_written} shards written, {result.shards_skipped} resumed, "
+            f"{result.dropped_over_context} over the target's context; "
+            f"{result.prompts_per_second:.1f} prompts/s on process 0)"
+        )
+
+
+def _train_config_args(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, generated from the dataclass (configs as data)."""
+    from dataclasses import MISSING, fields
+
+    from .train import TrainConfig
+
+    skip = {"data", "out", "overrides", "progress"}
+    for f in fields(TrainConfig):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not MISSING else None
+        kind = type(default) if default is not None else str
+        p.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=kind,
+            default=default,
+            help=f"(default: {default})",
+        )
+
+
+def _parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def cmd_train(args) -> None:
+    from dataclasses import fields
+
+    from .train import TrainConfig, Trainer
+
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    cfg = TrainConfig(
+        **{**values, "overrides": _parse_overrides(args.set), "progress": not args.no_progress}
+    )
+    trainer = Trainer(cfg)
+    if trainer.accelerator.is_main_process:
+        c = trainer.model.config
+        print(
+            f"training on {len(trainer.train_idx)} prompts from {cfg.data} "
+            f"({trainer.store.fingerprint.describe()}); inverter: {c.seq_len} chunks of "
+            f"{c.chunk_width}, d_model {c.d_model}, "
+            f"{sum(p.numel() for p in trainer.model.parameters()) / 1e6:.1f}M parameters"
+        )
+    trainer.run(resume=args.resume)
+    if trainer.accelerator.is_main_process:
+        print(f"saved inverter to {cfg.out}")
+
+
+def cmd_invert(args) -> None:
+    from .invert import invert_store, load_vectors, target_for, write_predictions
+    from .inverter import Inverter
+
+    inverter = Inverter.from_pretrained(args.checkpoint, device=args.device)
+    generate = {
+        "num_beams": args.num_beams,
+        "num_return_sequences": args.num_return_sequences,
+        "do_sample": args.sample,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+    }
+    references = None
+    if args.text is not None:
+        target = target_for(inverter, device=args.device)
+        predictions = inverter.invert(
+            target.next_token_logprobs([args.text], steps=_steps(inverter)), **generate
+        )
+        references = [args.text]
+    elif args.vectors is not None:
+        vectors, fp = load_vectors(args.vectors)
+        predictions = inverter.invert(vectors, fingerprint=fp, **generate)
+    elif args.prompts is not None:
+        target = target_for(inverter, device=args.device, batch_size=args.batch_size)
+        corpus = load_cli_corpus(args, target)
+        references = corpus.texts
+        predictions = []
+        for start in range(0, len(references), args.batch_size):
+            chunk = references[start : start + args.batch_size]
+            vectors = target.next_token_logprobs(chunk, steps=_steps(inverter))
+            predictions.extend(inverter.invert(vectors, **generate))
+    else:
+        from .store import DistributionStore
+
+        store = DistributionStore(args.data)
+        references = store.prompts
+        predictions = invert_store(inverter, store, batch_size=args.batch_size, **generate)
+    if references is not None and args.out:
+        means = write_predictions(args.out, references, predictions)
+        print(
+            f"wrote {len(predictions)} predictions to {args.out}; mean BLEU "
+            f"{means['bleu']:.1f}, token F1 {100 * means['token_f1']:.1f}, exact "
+            f"{100 * means['exact']:.1f}%"
+        )
+    elif args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            for pred in predictions:
+                f.write(json.dumps({"recovered": pred}, ensure_ascii=False) + "\n")
+    if len(predictions) <= 20 or not args.out:
+        for i, pred in enumerate(predictions[:20]):
+            hidden = f"{references[i]!r} -> " if references else ""
+            print(f"{hidden}{pred!r}" if not isinstance(pred, list) else f"{hidden}{pred}")
+
+
+def _steps(inverter) -> int | None:
+    return inverter.config.steps if inverter.config.steps > 1 else None
+
+
+def cmd_quickstart(args) -> None:
+    from .quickstart import QuickstartConfig, run_quickstart
+
+    run_quickstart(
+        QuickstartConfig(
+            out=args.out, scale=args.scale, dtype=args.dtype, progress=not args.no_progress
+        )
+    )
 
 
 def cmd_info(args) -> None:
@@ -109,7 +276,8 @@ def cmd_info(args) -> None:
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="logit2prompt", description="Recover hidden prompts from next-token distributions.")
+        prog="logit2prompt", description="Recover hidden prompts from next-token distributions."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("data", help="build the default BIG-bench corpus (cached)")
@@ -127,6 +295,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_collect)
+
+    p = sub.add_parser("train", help="train an inverter on a store (works under accelerate launch)")
+    p.add_argument("--data", required=True, help="training store")
+    p.add_argument("--out", required=True, help="output directory (checkpoints, logs, final)")
+    _train_config_args(p)
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override an InverterConfig field, e.g. --set d_model=512",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("invert", help="recover prompts with a trained inverter")
+    p.add_argument("--checkpoint", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="a prompt: run the target on it, then invert (demo)")
+    src.add_argument("--vectors", help=".npy or .safetensors log-prob vectors")
+    src.add_argument("--prompts", help="corpus file: run the target on each prompt, invert all")
+    src.add_argument("--data", help="a distribution store")
+    p.add_argument("--field", default=DEFAULT_FIELD)
+    p.add_argument("--split", choices=(*SPLITS, "all"), default="all")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
+    p.add_argument("--out", help="write predictions as JSONL")
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--num-return-sequences", type=int, default=1)
+    p.add_argument("--sample", action="store_true", help="sample instead of beam search")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_invert)
+
+    p = sub.add_parser("quickstart", help="corpus -> collect -> train -> evaluate, on the default")
+    p.add_argument("--out", default="runs/quickstart")
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply corpus size and training steps (default: %(default)s)",
+    )
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("info", help="print a store's manifest")
     p.add_argument("store")

@@ -39,7 +39,7 @@ def drop_over_context(target: Target, corpus: Corpus, steps: int) -> tuple[Corpu
     if limit is None or not hasattr(target, "encode"):
         return corpus, 0
     lengths = [len(x) for x in target.encode(corpus.texts)]
-    keep = [r for r, n in zip(corpus.records, lengths) if n + steps - 1 <= limit]
+    keep = [r for r, n in zip(corpus.records, lengths, strict=True) if n + steps - 1 <= limit]
     dropped = len(corpus.records) - len(keep)
     return Corpus(keep, corpus.source, {**corpus.dropped, "over_context": dropped}), dropped
 
@@ -87,8 +87,15 @@ def collect(
     todo = [k for k in mine if not writer.shard_done(k)]
     done_prompts = sum(len(writer.shard_range(k)) for k in mine if k not in todo)
     total = sum(len(writer.shard_range(k)) for k in mine)
-    bar = tqdm(total=total, initial=done_prompts, unit="prompt", desc="collect",
-               disable=not progress, position=process_index, dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        initial=done_prompts,
+        unit="prompt",
+        desc="collect",
+        disable=not progress,
+        position=process_index,
+        dynamic_ncols=True,
+    )
     start = time.perf_counter()
     for k in todo:
         rows = writer.shard_range(k)
@@ -103,8 +110,15 @@ def collect(
     sync()
     if process_index == 0:
         writer.finalise()
-    return CollectResult(str(out), len(corpus), total - done_prompts, len(todo),
-                         len(mine) - len(todo), seconds, over_context)
+    return CollectResult(
+        str(out),
+        len(corpus),
+        total - done_prompts,
+        len(todo),
+        len(mine) - len(todo),
+        seconds,
+        over_context,
+    )
 
 
 def collect_vectors(target: Target, texts: list[str], steps: int, batch_size: int) -> np.ndarray:

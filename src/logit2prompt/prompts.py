@@ -99,8 +99,8 @@ def _read_text(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise CorpusError(
-            f"{path} is not valid UTF-8 (byte {exc.start}: {exc.object[exc.start:exc.start + 4]!r}); "
-            "re-encode it as UTF-8"
+            f"{path} is not valid UTF-8 (byte {exc.start}: "
+            f"{exc.object[exc.start : exc.start + 4]!r}); re-encode it as UTF-8"
         ) from exc
 
 
@@ -147,8 +147,8 @@ def read_rows(source: str, field_name: str = DEFAULT_FIELD) -> list[dict]:
     if rows and not any(field_name in r for r in rows):
         available = sorted({k for r in rows[:100] for k in r})
         raise CorpusError(
-            f"{path}: no row has the text field {field_name!r}; fields found: {', '.join(available)} "
-            "(choose one with --field)"
+            f"{path}: no row has the text field {field_name!r}; "
+            f"fields found: {', '.join(available)} (choose one with --field)"
         )
     return rows
 
@@ -166,7 +166,8 @@ def _read_hub(spec: str, field_name: str) -> list[dict]:
         raise CorpusError(f"could not load hub dataset {name!r}: {exc}") from exc
     if field_name not in ds.column_names:
         raise CorpusError(
-            f"hub dataset {name!r} has no column {field_name!r}; columns: {', '.join(ds.column_names)}"
+            f"hub dataset {name!r} has no column {field_name!r}; "
+            f"columns: {', '.join(ds.column_names)}"
         )
     return list(ds)
 
@@ -212,7 +213,7 @@ def filter_length(
     if count_tokens is None or max_tokens is None or not corpus.records:
         return corpus
     lengths = count_tokens(corpus.texts)
-    kept = [r for r, n in zip(corpus.records, lengths) if n <= max_tokens]
+    kept = [r for r, n in zip(corpus.records, lengths, strict=True) if n <= max_tokens]
     dropped = {**corpus.dropped, "too_long": len(corpus.records) - len(kept)}
     return Corpus(kept, corpus.source, dropped)
 

@@ -104,7 +104,10 @@ def read_manifest(path: str | Path) -> dict:
         manifest = json.loads(file.read_text())
     except (ValueError, OSError) as exc:
         raise StoreError(f"{file} is unreadable or corrupted: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != "logit2prompt-distribution-store":
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != "logit2prompt-distribution-store"
+    ):
         raise StoreError(f"{file} is not a logit2prompt distribution store manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise StoreError(
@@ -141,8 +144,11 @@ class StoreWriter:
                 f"({theirs.describe()}, this run: {self.plan.fingerprint.describe()}); "
                 f"differences: {'; '.join(diffs)}. Use a new --out directory."
             )
-        for key, ours in (("dtype", self.plan.dtype), ("steps", self.plan.steps),
-                          ("shard_size", self.plan.shard_size)):
+        for key, ours in (
+            ("dtype", self.plan.dtype),
+            ("steps", self.plan.steps),
+            ("shard_size", self.plan.shard_size),
+        ):
             if manifest.get(key) != ours:
                 raise StoreError(
                     f"{self.path} stores {key}={manifest.get(key)!r} but this run asks for "
@@ -173,7 +179,9 @@ class StoreWriter:
             return False
         return arr.shape[0] == len(self.shard_range(k))
 
-    def write_shard(self, k: int, vectors: np.ndarray, prompts: list[str], meta: list[dict]) -> None:
+    def write_shard(
+        self, k: int, vectors: np.ndarray, prompts: list[str], meta: list[dict]
+    ) -> None:
         """Write shard k: the array first, then the index that marks it complete."""
         expected = len(self.shard_range(k))
         if len(vectors) != expected or len(prompts) != expected:
@@ -183,8 +191,10 @@ class StoreWriter:
         # float16 overflows to inf below -65504; real log-probs are far above that, but be sure.
         check_finite(arr, prompts)
         _atomic_write(self.shard_dir / f"{k:06d}.npy", lambda f: np.save(f, arr))
-        write_json(self.shard_dir / f"{k:06d}.json",
-                   {"index": k, "start": self.shard_range(k).start, "prompts": prompts, "meta": meta})
+        write_json(
+            self.shard_dir / f"{k:06d}.json",
+            {"index": k, "start": self.shard_range(k).start, "prompts": prompts, "meta": meta},
+        )
 
     def finalise(self) -> None:
         """Mark the store complete once every shard is on disk."""
@@ -226,7 +236,7 @@ class DistributionStore:
                 raise StoreError(f"{index} is corrupted: {exc}") from exc
             slot = len(self._shard_files)
             self._shard_files.append(shard_dir / f"{k:06d}.npy")
-            for row, (p, m) in enumerate(zip(info["prompts"], info["meta"])):
+            for row, (p, m) in enumerate(zip(info["prompts"], info["meta"], strict=True)):
                 self.prompts.append(p)
                 self.meta.append(m)
                 self._shard_of.append((slot, row))
@@ -247,8 +257,10 @@ class DistributionStore:
             except (ValueError, OSError) as exc:
                 raise StoreError(f"{self._shard_files[slot]} is corrupted: {exc}") from exc
             if arr.ndim != 3 or arr.shape[1:] != (self.steps, self.vocab_size):
-                raise StoreError(f"{self._shard_files[slot]} has shape {arr.shape}, expected "
-                                 f"[n, {self.steps}, {self.vocab_size}]")
+                raise StoreError(
+                    f"{self._shard_files[slot]} has shape {arr.shape}, expected "
+                    f"[n, {self.steps}, {self.vocab_size}]"
+                )
             self._arrays[slot] = arr
         return arr
 
@@ -272,7 +284,11 @@ class DistributionStore:
         return [i for i, m in enumerate(self.meta) if m.get("split") == split]
 
     def batches(
-        self, batch_size: int, *, indices: Sequence[int] | None = None, shuffle: bool = False,
+        self,
+        batch_size: int,
+        *,
+        indices: Sequence[int] | None = None,
+        shuffle: bool = False,
         seed: int = 0,
     ) -> Iterator[tuple[list[int], list[str], np.ndarray]]:
         """Yield (indices, prompts, float32 vectors) batches; memory stays one batch."""
@@ -282,4 +298,3 @@ class DistributionStore:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size].tolist()
             yield idx, [self.prompts[i] for i in idx], self.vectors(idx)
-

@@ -25,11 +25,21 @@ def load_target(
 
         path, digest = converted_dir()
         return HFTarget.from_pretrained(
-            str(path), dtype=dtype, device=device, name=DEFAULT_TARGET,
-            weights_sha256=f"gguf:{digest}", **kwargs,
+            str(path),
+            dtype=dtype,
+            device=device,
+            name=DEFAULT_TARGET,
+            weights_sha256=f"gguf:{digest}",
+            **kwargs,
         )
     return HFTarget.from_pretrained(name_or_path, dtype=dtype, device=device, **kwargs)
 
 
-__all__ = ["DEFAULT_TARGET", "PROMPT_MODES", "HFTarget", "Target", "TargetFingerprint",
-           "load_target"]
+__all__ = [
+    "DEFAULT_TARGET",
+    "PROMPT_MODES",
+    "HFTarget",
+    "Target",
+    "TargetFingerprint",
+    "load_target",
+]

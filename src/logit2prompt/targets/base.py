@@ -64,9 +64,7 @@ class Target(ABC):
         return self.fingerprint.vocab_size
 
     @abstractmethod
-    def next_token_logprobs(
-        self, prompts: Sequence[str], steps: int | None = None
-    ) -> torch.Tensor:
+    def next_token_logprobs(self, prompts: Sequence[str], steps: int | None = None) -> torch.Tensor:
         """Log-probs of the next token after each prompt.
 
         Returns float32 `[batch, vocab]`; with `steps=K`, the distributions at the first K

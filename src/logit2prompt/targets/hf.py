@@ -32,7 +32,9 @@ def canonical_dtype(dtype: str) -> str:
 
 def hash_tokenizer(tokenizer) -> str:
     """Hash of the full tokenizer definition (vocab, merges, normaliser, special tokens)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(
+        tokenizer, "_tokenizer", None
+    )
     if backend is not None and hasattr(backend, "to_str"):
         blob = backend.to_str()
     else:
@@ -52,8 +54,10 @@ def hash_state_dict(model: torch.nn.Module) -> str:
 
 def hash_weight_files(path: Path) -> str | None:
     """Hash of the weight files of a local model (a file or a directory); None if none found."""
-    files = [path] if path.is_file() else sorted(
-        p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
     )
     if not files:
         return None
@@ -80,7 +84,9 @@ class HFTarget(Target):
         batch_size: int = DEFAULT_BATCH_SIZE,
     ):
         if mode not in PROMPT_MODES:
-            raise TargetError(f"unknown prompt mode {mode!r}; choose one of {', '.join(PROMPT_MODES)}")
+            raise TargetError(
+                f"unknown prompt mode {mode!r}; choose one of {', '.join(PROMPT_MODES)}"
+            )
         if mode != "raw" and not getattr(tokenizer, "chat_template", None):
             raise TargetError(
                 f"target {name!r} has no chat template, so prompt mode {mode!r} is impossible; "
@@ -153,8 +159,13 @@ class HFTarget(Target):
         if weights_sha256 is None:
             commit = getattr(model.config, "_commit_hash", None)
             weights_sha256 = f"hub:{name_or_path}@{commit}" if commit else None
-        return cls(model, tokenizer, name=name or str(name_or_path), weights_sha256=weights_sha256,
-                   **kwargs)
+        return cls(
+            model,
+            tokenizer,
+            name=name or str(name_or_path),
+            weights_sha256=weights_sha256,
+            **kwargs,
+        )
 
     # ----------------------------------------------------------------- prompts
     def render(self, prompt: str) -> str:
@@ -190,9 +201,7 @@ class HFTarget(Target):
 
     # ----------------------------------------------------------------- forward
     @torch.inference_mode()
-    def next_token_logprobs(
-        self, prompts: Sequence[str], steps: int | None = None
-    ) -> torch.Tensor:
+    def next_token_logprobs(self, prompts: Sequence[str], steps: int | None = None) -> torch.Tensor:
         if isinstance(prompts, str):
             raise TypeError("next_token_logprobs takes a list of prompts, not a single string")
         k = 1 if steps is None else int(steps)
@@ -226,7 +235,7 @@ class HFTarget(Target):
         if self._keep_kw:
             kwargs["logits_to_keep"] = 1  # only the last position's LM head is needed
         result = []
-        cache = None
+        cache = next_token = None
         for step in range(steps):
             if step > 0:
                 input_ids = next_token[:, None]
@@ -244,4 +253,3 @@ class HFTarget(Target):
                     cache = getattr(output, "past_key_values", None)
                 next_token = logprobs.argmax(dim=-1)
         return torch.stack(result, dim=1)
-

@@ -1,0 +1,49 @@
+"""Baselines that need no trained inverter: nearest neighbour and a constant guess."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import torch
+
+from .metrics import token_f1
+from .store import DistributionStore
+
+NN_CHUNK = 1024  # training vectors compared per block, bounds memory
+MEDOID_SAMPLE = 500
+
+
+def nearest_neighbour(
+    train: DistributionStore, queries: np.ndarray, indices: list[int] | None = None
+) -> list[str]:
+    """For each query vector, the training prompt whose log-prob vector is closest (L2)."""
+    q = torch.from_numpy(np.asarray(queries, dtype=np.float32).reshape(len(queries), -1))
+    q_sq = (q * q).sum(1, keepdim=True)
+    best = torch.full((len(q),), float("inf"))
+    best_idx = torch.zeros(len(q), dtype=torch.long)
+    pool = indices if indices is not None else list(range(len(train)))
+    for start in range(0, len(pool), NN_CHUNK):
+        block_idx = pool[start : start + NN_CHUNK]
+        t = torch.from_numpy(train.vectors(block_idx).reshape(len(block_idx), -1))
+        dist = q_sq - 2 * q @ t.T + (t * t).sum(1)[None]
+        value, arg = dist.min(dim=1)
+        better = value < best
+        best[better] = value[better]
+        best_idx[better] = torch.tensor(block_idx)[arg[better]]
+    return [train.prompts[i] for i in best_idx.tolist()]
+
+
+def constant_guess(prompts: list[str], seed: int = 0) -> str:
+    """The most frequent training prompt; if all are unique, the medoid under token F1
+    (the single guess that scores best against a sample of the training prompts)."""
+    counts = Counter(prompts)
+    top, n = counts.most_common(1)[0]
+    if n > 1:
+        return top
+    rng = np.random.default_rng(seed)
+    sample = [
+        prompts[i]
+        for i in rng.choice(len(prompts), min(MEDOID_SAMPLE, len(prompts)), replace=False)
+    ]
+    return max(sample, key=lambda c: sum(token_f1(c, other) for other in sample))

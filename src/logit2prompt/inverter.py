@@ -1,0 +1,379 @@
+"""The inverter: log-prob vector -> pseudo-embedding sequence -> T5 encoder-decoder -> prompt.
+
+Checkpoint layout (`save_pretrained(dir)`)::
+
+    inverter_config.json   InverterConfig (every size; no magic numbers in code)
+    model.safetensors      weights, feature statistics included
+    fingerprint.json       the target the vectors came from
+    training_args.json     how it was trained (written by the trainer)
+    tokenizer files        the output tokenizer
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import CheckpointError, VectorError
+from .features import NORMALIZATIONS, check_vectors, num_chunks, unroll
+from .targets.base import TargetFingerprint
+
+CONFIG_NAME = "inverter_config.json"
+WEIGHTS_NAME = "model.safetensors"
+FINGERPRINT_NAME = "fingerprint.json"
+TRAINING_ARGS_NAME = "training_args.json"
+CHECKPOINT_FORMAT = "logit2prompt-inverter"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class InverterConfig:
+    """Every size of the inverter. Presets: `InverterConfig.preset(name, ...)`."""
+
+    vocab_size: int  # of the target: entries per distribution
+    steps: int = 1  # distributions per prompt (PILS-style multi-step uses > 1)
+    chunk_width: int = 1024  # d: entries of the vector per encoder position
+    embed_hidden: int = 1024  # hidden width of the chunk -> pseudo-embedding MLP
+    d_model: int = 256
+    d_ff: int = 1024
+    d_kv: int = 64
+    num_heads: int = 4
+    num_layers: int = 4
+    num_decoder_layers: int = 4
+    dropout: float = 0.0
+    normalization: str = "mean"
+    max_length: int = 64  # output tokens (the paper's prompts have at most 64 tokens)
+    output_vocab_size: int = 0  # of the output tokenizer; filled from it
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    decoder_start_token_id: int = 0
+    t5_init: str | None = None  # hub id or directory of a pretrained T5 to start from
+
+    @property
+    def dim(self) -> int:
+        return self.steps * self.vocab_size
+
+    @property
+    def seq_len(self) -> int:
+        return num_chunks(self.dim, self.chunk_width)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> InverterConfig:
+        """'tiny' (tests), 'small' (CPU quickstart), 'base' (T5-base sizes, for GPUs)."""
+        sizes = PRESETS.get(name)
+        if sizes is None:
+            raise ValueError(
+                f"unknown inverter preset {name!r}; choose one of {', '.join(PRESETS)}"
+            )
+        return cls(**{**sizes, **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> InverterConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise CheckpointError(f"inverter config has unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+
+PRESETS = {
+    "tiny": dict(
+        chunk_width=64,
+        embed_hidden=64,
+        d_model=32,
+        d_ff=64,
+        d_kv=8,
+        num_heads=4,
+        num_layers=2,
+        num_decoder_layers=2,
+    ),
+    "small": dict(
+        chunk_width=1024,
+        embed_hidden=1024,
+        d_model=256,
+        d_ff=1024,
+        d_kv=64,
+        num_heads=4,
+        num_layers=4,
+        num_decoder_layers=4,
+    ),
+    "base": dict(
+        chunk_width=768,
+        embed_hidden=768,
+        d_model=768,
+        d_ff=3072,
+        d_kv=64,
+        num_heads=12,
+        num_layers=12,
+        num_decoder_layers=12,
+        dropout=0.1,
+    ),
+}
+
+
+class Inverter(nn.Module):
+    """Maps next-token log-prob vectors to the prompts that produced them."""
+
+    def __init__(
+        self, config: InverterConfig, tokenizer=None, fingerprint: TargetFingerprint | None = None
+    ):
+        super().__init__()
+        from transformers import T5Config, T5ForConditionalGeneration
+
+        if config.normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}")
+        if tokenizer is not None:
+            _fill_token_ids(config, tokenizer)
+        self.config = config
+        self.tokenizer = tokenizer
+        self.fingerprint = fingerprint
+        if config.t5_init:
+            self.t5 = T5ForConditionalGeneration.from_pretrained(config.t5_init)
+            self.t5.resize_token_embeddings(config.output_vocab_size)
+            config.d_model = self.t5.config.d_model
+        else:
+            t5_config = T5Config(
+                vocab_size=config.output_vocab_size,
+                d_model=config.d_model,
+                d_ff=config.d_ff,
+                d_kv=config.d_kv,
+                num_heads=config.num_heads,
+                num_layers=config.num_layers,
+                num_decoder_layers=config.num_decoder_layers,
+                dropout_rate=config.dropout,
+                pad_token_id=config.pad_token_id,
+                eos_token_id=config.eos_token_id,
+                decoder_start_token_id=config.decoder_start_token_id,
+                feed_forward_proj="gated-gelu",
+                tie_word_embeddings=False,
+            )
+            self.t5 = T5ForConditionalGeneration(t5_config)
+        gen = self.t5.generation_config
+        gen.pad_token_id, gen.eos_token_id = config.pad_token_id, config.eos_token_id
+        gen.decoder_start_token_id = config.decoder_start_token_id
+        self.embed = nn.Sequential(
+            nn.Linear(config.chunk_width, config.embed_hidden),
+            nn.Dropout(config.dropout),
+            nn.GELU(),
+            nn.Linear(config.embed_hidden, config.d_model),
+        )
+        # T5 has only relative positions; each chunk covers a fixed slice of the vocabulary,
+        # so it also gets a learned absolute position.
+        self.chunk_position = nn.Parameter(torch.zeros(config.seq_len, config.d_model))
+        self.register_buffer("feature_mean", torch.zeros(config.dim))
+        self.register_buffer("feature_std", torch.ones(config.dim))
+
+    # ------------------------------------------------------------------ features
+    def set_feature_stats(self, mean: np.ndarray, std: np.ndarray) -> None:
+        self.feature_mean.copy_(torch.as_tensor(mean))
+        self.feature_std.copy_(torch.as_tensor(std))
+
+    def encode_inputs(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Flat float32 `[B, dim]` log-probs -> pseudo-embeddings `[B, seq_len, d_model]`."""
+        x = vectors.to(self.feature_mean.device, torch.float32)
+        if self.config.normalization != "none":
+            x = x - self.feature_mean
+        if self.config.normalization == "standardize":
+            x = x / self.feature_std
+        chunks = unroll(x, self.config.chunk_width)
+        return self.embed(chunks.to(self.chunk_position.dtype)) + self.chunk_position
+
+    def forward(self, vectors: torch.Tensor, labels: torch.Tensor):
+        """Seq2seq output with per-token losses summed in `loss_sum` (labels padded with -100)."""
+        embeds = self.encode_inputs(vectors)
+        # Shift the labels ourselves rather than passing labels=, which would make T5 compute
+        # a mean loss we do not use (the trainer needs the sum to normalise across processes).
+        out = self.t5(inputs_embeds=embeds, decoder_input_ids=self.t5._shift_right(labels))
+        logits = out.logits.float()
+        token_loss = nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
+        out.loss_sum = token_loss
+        return out
+
+    # ------------------------------------------------------------------ inversion
+    def _as_batch(self, logprobs) -> torch.Tensor:
+        x = torch.as_tensor(np.asarray(logprobs) if not torch.is_tensor(logprobs) else logprobs)
+        shape = (
+            (self.config.steps, self.config.vocab_size)
+            if self.config.steps > 1
+            else (self.config.vocab_size,)
+        )
+        if x.dim() == len(shape):
+            x = x.unsqueeze(0)
+        if self.config.steps == 1 and x.dim() == 3 and x.shape[1] == 1:
+            x = x[:, 0]
+        described = self.fingerprint.describe() if self.fingerprint else "its training target"
+        return check_vectors(x, shape, described)
+
+    @torch.inference_mode()
+    def generate_ids(self, vectors: torch.Tensor, **generate_kwargs) -> torch.Tensor:
+        embeds = self.encode_inputs(vectors)
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        kwargs = {"max_new_tokens": self.config.max_length, **generate_kwargs}
+        return self.t5.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+
+    def invert(
+        self,
+        logprobs,
+        *,
+        num_beams: int = 1,
+        num_return_sequences: int = 1,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        batch_size: int = 64,
+        fingerprint: TargetFingerprint | None = None,
+    ) -> list[str] | list[list[str]]:
+        """Recover prompts from log-prob vectors `[vocab]`, `[B, vocab]` or `[B, steps, vocab]`.
+
+        Returns one string per vector, or a list of `num_return_sequences` strings per vector.
+        A `fingerprint` that differs from the checkpoint's target is refused.
+        """
+        if self.tokenizer is None:
+            raise CheckpointError(
+                "this inverter has no output tokenizer; load it from a checkpoint"
+            )
+        if fingerprint is not None and self.fingerprint is not None:
+            diffs = self.fingerprint.differences(fingerprint)
+            if diffs:
+                raise VectorError(
+                    f"these vectors come from {fingerprint.describe()} but the inverter was "
+                    f"trained on {self.fingerprint.describe()}: {'; '.join(diffs)}"
+                )
+        x = self._as_batch(logprobs)
+        was_training = self.training
+        self.eval()
+        kwargs = {
+            "num_beams": max(num_beams, num_return_sequences) if not do_sample else 1,
+            "num_return_sequences": num_return_sequences,
+            "do_sample": do_sample,
+        }
+        if do_sample:
+            kwargs.update(temperature=temperature, top_p=top_p)
+        texts: list[str] = []
+        for start in range(0, len(x), batch_size):
+            ids = self.generate_ids(x[start : start + batch_size], **kwargs)
+            texts.extend(self.tokenizer.batch_decode(ids, skip_special_tokens=True))
+        self.train(was_training)
+        texts = [t.strip() for t in texts]
+        if num_return_sequences == 1:
+            return texts
+        k = num_return_sequences
+        return [texts[i : i + k] for i in range(0, len(texts), k)]
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_pretrained(self, directory: str | Path, training_args: dict | None = None) -> None:
+        """Write weights (safetensors), config, tokenizer, fingerprint and training args."""
+        from safetensors.torch import save_model
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_model(
+            self,
+            str(directory / WEIGHTS_NAME),
+            metadata={"format": CHECKPOINT_FORMAT, "version": str(CHECKPOINT_VERSION)},
+        )
+        (directory / CONFIG_NAME).write_text(
+            json.dumps(
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "version": CHECKPOINT_VERSION,
+                    **self.config.to_dict(),
+                },
+                indent=1,
+            )
+        )
+        if self.fingerprint is not None:
+            (directory / FINGERPRINT_NAME).write_text(
+                json.dumps(self.fingerprint.to_dict(), indent=1)
+            )
+        if training_args is not None:
+            (directory / TRAINING_ARGS_NAME).write_text(json.dumps(training_args, indent=1))
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | None = None) -> Inverter:
+        """Load a checkpoint written by `save_pretrained`; CheckpointError if foreign/corrupt."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_model
+        from transformers import AutoTokenizer
+
+        directory = Path(directory)
+        config_file = directory / CONFIG_NAME
+        if not config_file.is_file():
+            raise CheckpointError(
+                f"{directory} is not a logit2prompt inverter checkpoint (no {CONFIG_NAME})"
+            )
+        try:
+            raw = json.loads(config_file.read_text())
+        except ValueError as exc:
+            raise CheckpointError(f"{config_file} is corrupted: {exc}") from exc
+        if raw.pop("format", None) != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{directory} is not a logit2prompt inverter checkpoint")
+        version = raw.pop("version", None)
+        if version != CHECKPOINT_VERSION:
+            raise CheckpointError(
+                f"{directory} has checkpoint version {version}; this "
+                f"logit2prompt reads version {CHECKPOINT_VERSION}"
+            )
+        config = InverterConfig.from_dict(raw)
+        config.t5_init = None  # the weights below replace any pretrained init
+        fingerprint = None
+        if (directory / FINGERPRINT_NAME).is_file():
+            fingerprint = TargetFingerprint.from_dict(
+                json.loads((directory / FINGERPRINT_NAME).read_text())
+            )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{directory}: output tokenizer unreadable: {exc}") from exc
+        model = cls(config, tokenizer, fingerprint)
+        try:
+            missing, unexpected = load_model(model, str(directory / WEIGHTS_NAME), strict=False)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"{directory / WEIGHTS_NAME} is missing or corrupted: {exc}"
+            ) from exc
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{directory / WEIGHTS_NAME} does not match its config: "
+                f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            )
+        if device:
+            model.to(device)
+        return model.eval()
+
+
+def _fill_token_ids(config: InverterConfig, tokenizer) -> None:
+    """Take the output vocabulary and special ids from the output tokenizer."""
+    config.output_vocab_size = len(tokenizer)
+    pad = tokenizer.pad_token_id
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise CheckpointError("the output tokenizer has no end-of-sequence token")
+    config.eos_token_id = eos
+    config.pad_token_id = pad if pad is not None else eos
+    # Start decoding from BOS where the tokenizer has one, so start != end-of-sequence.
+    bos = tokenizer.bos_token_id
+    config.decoder_start_token_id = bos if bos is not None and bos != eos else config.pad_token_id
+
+
+def encode_labels(tokenizer, prompts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Target token ids of each prompt, truncated, ending with EOS."""
+    ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return [x[: max_length - 1] + [eos] for x in ids]

@@ -1,0 +1,376 @@
+"""Training the inverter on a distribution store, with Hugging Face Accelerate.
+
+The same code runs on one CPU, one GPU, or under `accelerate launch` on several GPUs or nodes.
+Every process draws the same seeded permutation of the training set each epoch and takes its
+own slice of each global batch, so the data position is a pure function of the step: resuming
+needs only the step, the weights, the optimizer, the scheduler and the RNG state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .distributed import accelerate_cpu
+from .errors import CheckpointError, StoreError
+from .inverter import Inverter, InverterConfig, encode_labels
+from .metrics import score
+from .store import DistributionStore
+
+CHECKPOINT_DIR = "checkpoints"
+TRAINER_STATE = "trainer_state.json"
+OPTIMIZER_STATE = "optimizer.pt"
+RNG_STATE = "rng_state_{}.pt"
+FINAL_MARKER = "TRAINING_COMPLETE"
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting; the CLI fills it and the checkpoint records it."""
+
+    data: str
+    out: str
+    val_data: str | None = None
+    preset: str = "small"
+    normalization: str = "mean"
+    t5_init: str | None = None
+    output_tokenizer: str | None = None  # default: the target's own tokenizer
+    per_device_batch_size: int = 32
+    grad_accum: int = 1
+    max_steps: int = 2000
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    max_grad_norm: float = 1.0
+    eval_every: int = 250
+    eval_samples: int = 64
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    mixed_precision: str = "auto"  # auto: bf16 on GPUs that support it, else fp32
+    stats_sample: int = 4096
+    progress: bool = True
+    overrides: dict = field(default_factory=dict)  # InverterConfig fields over the preset
+
+
+def _output_tokenizer(cfg: TrainConfig, store: DistributionStore):
+    from transformers import AutoTokenizer
+
+    if cfg.output_tokenizer:
+        return AutoTokenizer.from_pretrained(cfg.output_tokenizer)
+    name = store.fingerprint.name
+    if name == "smollm2-135m-instruct":
+        from .targets.embedded import converted_dir
+
+        return AutoTokenizer.from_pretrained(converted_dir()[0])
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise StoreError(
+            f"cannot load the tokenizer of target {name!r} to use as output tokenizer ({exc}); "
+            "pass --output-tokenizer"
+        ) from exc
+
+
+def _mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def _schedule(optimizer, cfg: TrainConfig):
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        cfg.schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
+    )
+
+
+def latest_checkpoint(out: str | Path) -> Path | None:
+    """The newest complete checkpoint under out/checkpoints (complete = has trainer_state)."""
+    root = Path(out) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return None
+    done = [p for p in root.glob("step-*") if (p / TRAINER_STATE).is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+class Trainer:
+    """Wires store, inverter, optimizer and Accelerate together; `run()` trains."""
+
+    def __init__(self, cfg: TrainConfig, accelerator=None):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        self.cfg = cfg
+        self.accelerator = accelerator or Accelerator(
+            cpu=accelerate_cpu(),
+            mixed_precision=_mixed_precision(cfg.mixed_precision),
+            log_with="tensorboard",
+            project_config=ProjectConfiguration(
+                project_dir=cfg.out, logging_dir=os.path.join(cfg.out, "logs")
+            ),
+        )
+        acc = self.accelerator
+        self.store = DistributionStore(cfg.data)
+        self.train_idx = np.asarray(self.store.indices(), dtype=np.int64)
+        self.val_store = DistributionStore(cfg.val_data) if cfg.val_data else None
+        if self.val_store is not None:
+            diffs = self.store.fingerprint.differences(self.val_store.fingerprint)
+            if diffs:
+                raise StoreError(f"--val-data comes from another target: {'; '.join(diffs)}")
+        self.global_micro = cfg.per_device_batch_size * acc.num_processes
+        if len(self.train_idx) < self.global_micro:
+            raise StoreError(
+                f"{cfg.data} has {len(self.train_idx)} prompts, fewer than one global batch "
+                f"({self.global_micro}); lower --batch-size"
+            )
+        tokenizer = _output_tokenizer(cfg, self.store)
+        config = InverterConfig.preset(
+            cfg.preset,
+            vocab_size=self.store.vocab_size,
+            steps=self.store.steps,
+            normalization=cfg.normalization,
+            t5_init=cfg.t5_init,
+            **cfg.overrides,
+        )
+        torch.manual_seed(cfg.seed)
+        self.model = Inverter(config, tokenizer, self.store.fingerprint)
+        self.labels = encode_labels(tokenizer, self.store.prompts, config.max_length)
+        self.micro_per_epoch = len(self.train_idx) // self.global_micro
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+        self.scheduler = _schedule(self.optimizer, cfg)
+        self.step = 0
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ data
+    def _global_batch(self, micro_index: int) -> np.ndarray:
+        epoch, j = divmod(micro_index, self.micro_per_epoch)
+        perm = np.random.default_rng(self.cfg.seed + epoch).permutation(self.train_idx)
+        return perm[j * self.global_micro : (j + 1) * self.global_micro]
+
+    def _batch_tensors(self, indices: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
+        vectors = torch.from_numpy(self.store.vectors(indices.tolist())).reshape(len(indices), -1)
+        labels = [self.labels[i] for i in indices]
+        width = max(len(x) for x in labels)
+        padded = torch.full((len(labels), width), -100, dtype=torch.long)
+        for row, x in enumerate(labels):
+            padded[row, : len(x)] = torch.tensor(x)
+        return vectors.to(device), padded.to(device)
+
+    def fit_feature_stats(self) -> None:
+        """Mean/std of the training vectors (a seeded sample), identical on every process."""
+        from .features import feature_stats
+
+        n = min(self.cfg.stats_sample, len(self.train_idx))
+        sample = np.sort(
+            np.random.default_rng(self.cfg.seed).choice(self.train_idx, n, replace=False)
+        )
+        batches = (self.store.vectors(sample[i : i + 256].tolist()) for i in range(0, n, 256))
+        mean, std = feature_stats(batches, self.store.dim)
+        self.model.set_feature_stats(mean, std)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        acc = self.accelerator
+        path = Path(self.cfg.out) / CHECKPOINT_DIR / f"step-{self.step}"
+        tmp = path.with_name(path.name + ".tmp")
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            acc.unwrap_model(self.model).save_pretrained(tmp, training_args=asdict(self.cfg))
+            torch.save(
+                {
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                },
+                tmp / OPTIMIZER_STATE,
+            )
+        acc.wait_for_everyone()
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, tmp / RNG_STATE.format(acc.process_index))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            (tmp / TRAINER_STATE).write_text(
+                json.dumps({"step": self.step, "history": self.history}, indent=1)
+            )
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)  # a checkpoint appears whole or not at all
+            old = sorted(
+                (p for p in path.parent.glob("step-*") if p.suffix != ".tmp"),
+                key=lambda p: int(p.name.split("-")[1]),
+            )
+            for stale in old[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(stale, ignore_errors=True)
+        acc.wait_for_everyone()
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        from safetensors.torch import load_model
+
+        acc = self.accelerator
+        try:
+            state = json.loads((path / TRAINER_STATE).read_text())
+            load_model(acc.unwrap_model(self.model), str(path / "model.safetensors"))
+            opt = torch.load(path / OPTIMIZER_STATE, map_location="cpu", weights_only=True)
+            rng = torch.load(path / RNG_STATE.format(acc.process_index), weights_only=True)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"cannot resume from {path}: {exc}") from exc
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        self.step = int(state["step"])
+        self.history = state.get("history", [])
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict:
+        """Validation loss and greedy BLEU / token F1 / exact on a fixed validation sample."""
+        model = self.accelerator.unwrap_model(self.model)
+        store = self.val_store
+        if store is None:
+            return {}
+        idx = list(range(min(self.cfg.eval_samples, len(store))))
+        vectors = torch.from_numpy(store.vectors(idx)).reshape(len(idx), -1)
+        refs = [store.prompts[i] for i in idx]
+        labels = encode_labels(model.tokenizer, refs, model.config.max_length)
+        width = max(len(x) for x in labels)
+        padded = torch.full((len(labels), width), -100, dtype=torch.long)
+        for row, x in enumerate(labels):
+            padded[row, : len(x)] = torch.tensor(x)
+        device = next(model.parameters()).device
+        model.eval()
+        with torch.no_grad():
+            out = model(vectors.to(device), padded.to(device))
+            loss = (out.loss_sum / (padded != -100).sum()).item()
+        predictions = model.invert(vectors)
+        model.train()
+        metrics = score(predictions, refs, ci=False)
+        return {
+            "val_loss": loss,
+            "val_bleu": metrics["bleu"]["mean"],
+            "val_token_f1": metrics["token_f1"]["mean"],
+            "val_exact": metrics["exact"]["mean"],
+            "examples": [
+                {"hidden": r, "recovered": p}
+                for r, p in zip(refs[:3], predictions[:3], strict=True)
+            ],
+        }
+
+    # ------------------------------------------------------------------ loop
+    def run(self, resume: bool = False) -> Inverter:
+        cfg, acc = self.cfg, self.accelerator
+        checkpoint = latest_checkpoint(cfg.out) if resume else None
+        if checkpoint is None:
+            self.fit_feature_stats()
+        else:
+            self.load_checkpoint(checkpoint)
+        self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
+        if acc.is_main_process:
+            acc.init_trackers(
+                "train",
+                config={
+                    k: v for k, v in asdict(cfg).items() if isinstance(v, (int, float, str, bool))
+                },
+            )
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            disable=not (cfg.progress and acc.is_main_process),
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+        )
+        device = acc.device
+        self.model.train()
+        t0, examples = time.perf_counter(), 0
+        while self.step < cfg.max_steps:
+            batches = [
+                self._global_batch(self.step * cfg.grad_accum + a) for a in range(cfg.grad_accum)
+            ]
+            total_tokens = sum(len(self.labels[i]) for b in batches for i in b)
+            loss_sum = torch.zeros((), device=device)
+            for a, batch in enumerate(batches):
+                r = acc.process_index
+                mine = batch[r * cfg.per_device_batch_size : (r + 1) * cfg.per_device_batch_size]
+                vectors, labels = self._batch_tensors(mine, device)
+                sync = a == len(batches) - 1
+                ctx = contextlib.nullcontext() if sync else acc.no_sync(self.model)
+                with ctx, acc.autocast():
+                    out = self.model(vectors, labels)
+                    # DDP averages over processes; scaling by num_processes / global token count
+                    # makes the update the exact token mean of the global batch.
+                    loss = out.loss_sum * (acc.num_processes / total_tokens)
+                    acc.backward(loss)
+                loss_sum += out.loss_sum.detach()
+            grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            examples += self.global_micro * cfg.grad_accum
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                train_loss = (acc.reduce(loss_sum, "sum") / total_tokens).item()
+                logs = {
+                    "train_loss": train_loss,
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                    "examples_per_s": examples / (time.perf_counter() - t0),
+                }
+                acc.log(logs, step=self.step)
+                bar.set_postfix(loss=f"{train_loss:.3f}")
+            if self.val_store is not None and (
+                self.step % cfg.eval_every == 0 or self.step == cfg.max_steps
+            ):
+                if acc.is_main_process:
+                    metrics = self.evaluate()
+                    self.history.append(
+                        {"step": self.step, **{k: v for k, v in metrics.items() if k != "examples"}}
+                    )
+                    acc.log({k: v for k, v in metrics.items() if k != "examples"}, step=self.step)
+                    bar.write(
+                        f"step {self.step}: val loss {metrics['val_loss']:.3f}, BLEU "
+                        f"{metrics['val_bleu']:.1f}, F1 {metrics['val_token_f1']:.1f}, exact "
+                        f"{metrics['val_exact']:.1f}% | {metrics['examples'][0]['hidden']!r}"
+                        f" -> {metrics['examples'][0]['recovered']!r}"
+                    )
+                acc.wait_for_everyone()
+            if self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                self.save_checkpoint()
+        bar.close()
+        self.save_checkpoint()
+        model = acc.unwrap_model(self.model)
+        if acc.is_main_process:
+            model.save_pretrained(
+                cfg.out, training_args={**asdict(self.cfg), "history": self.history}
+            )
+            (Path(cfg.out) / FINAL_MARKER).write_text(str(self.step))
+        acc.wait_for_everyone()
+        acc.end_training()
+        return model
+
+
+def is_trained(out: str | Path) -> bool:
+    return (Path(out) / FINAL_MARKER).is_file()
+
+
+def steps_for_epochs(num_examples: int, global_batch: int, epochs: float) -> int:
+    return max(1, math.ceil(num_examples * epochs / global_batch))

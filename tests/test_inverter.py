@@ -1,0 +1,261 @@
+"""The inverter: overfits a tiny store, checkpoints, resumes exactly, refuses bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from logit2prompt.collect import collect
+from logit2prompt.errors import CheckpointError, VectorError
+from logit2prompt.invert import invert_store
+from logit2prompt.inverter import Inverter
+from logit2prompt.prompts import Corpus, PromptRecord
+from logit2prompt.store import DistributionStore
+from logit2prompt.targets import load_target
+from logit2prompt.train import TrainConfig, Trainer
+
+from .conftest import FIXTURE_PROMPTS
+
+MEMORISE = FIXTURE_PROMPTS[:8]
+
+
+def _store(target, path, prompts, steps=1):
+    corpus = Corpus([PromptRecord(p) for p in prompts], "fixture")
+    collect(
+        target, corpus, str(path), steps=steps, shard_size=8, store_dtype="float32", progress=False
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def raw_target(tiny_lm_dir):
+    return load_target(str(tiny_lm_dir), mode="raw")
+
+
+@pytest.fixture(scope="module")
+def tiny_store(raw_target, tmp_path_factory):
+    return _store(raw_target, tmp_path_factory.mktemp("store") / "s", MEMORISE)
+
+
+def _cfg(store, out, tokenizer_dir, **kw) -> TrainConfig:
+    base = dict(
+        data=str(store),
+        out=str(out),
+        preset="tiny",
+        output_tokenizer=str(tokenizer_dir),
+        per_device_batch_size=8,
+        max_steps=20,
+        lr=3e-3,
+        warmup_steps=0,
+        schedule="constant",
+        eval_every=10**6,
+        save_every=10**6,
+        progress=False,
+        overrides={"max_length": 24},
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_store, tiny_lm_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("inv") / "model"
+    trainer = Trainer(
+        _cfg(tiny_store, out, tiny_lm_dir, max_steps=300, val_data=str(tiny_store), eval_every=300)
+    )
+    trainer.run()
+    return out, trainer.history
+
+
+def test_overfits_and_reconstructs_memorised_prompts(trained, tiny_store):
+    out, history = trained
+    model = Inverter.from_pretrained(out)
+    store = DistributionStore(tiny_store)
+    assert history[-1]["val_loss"] < 0.05
+    predictions = invert_store(model, store)
+    assert predictions == store.prompts
+
+
+def test_training_loss_falls_by_a_large_factor(tiny_store, tiny_lm_dir, tmp_path):
+    trainer = Trainer(_cfg(tiny_store, tmp_path / "m", tiny_lm_dir, max_steps=1))
+    trainer.fit_feature_stats()
+    vectors, labels = trainer._batch_tensors(np.arange(8), "cpu")
+    with torch.no_grad():
+        before = (trainer.model(vectors, labels).loss_sum / (labels != -100).sum()).item()
+    model = Trainer(_cfg(tiny_store, tmp_path / "m2", tiny_lm_dir, max_steps=150)).run()
+    with torch.no_grad():
+        after = (model(vectors, labels).loss_sum / (labels != -100).sum()).item()
+    assert after < before / 20
+
+
+def test_save_load_round_trip_is_identical(trained, tiny_store, tmp_path):
+    out, _ = trained
+    a = Inverter.from_pretrained(out)
+    a.save_pretrained(tmp_path / "copy")
+    b = Inverter.from_pretrained(tmp_path / "copy")
+    x = torch.from_numpy(DistributionStore(tiny_store).vectors(range(4)))
+    assert a.invert(x, num_beams=3) == b.invert(x, num_beams=3)
+    labels = torch.tensor([[5, 6, 7, a.config.eos_token_id]] * 4)
+    with torch.no_grad():
+        assert torch.equal(a(x[:, 0], labels).logits, b(x[:, 0], labels).logits)
+    assert a.fingerprint == b.fingerprint
+    assert json.loads((out / "training_args.json").read_text())["preset"] == "tiny"
+
+
+def test_beams_and_sampling_return_several(trained, tiny_store):
+    model = Inverter.from_pretrained(trained[0])
+    x = DistributionStore(tiny_store).vectors(range(2))
+    beams = model.invert(x, num_beams=4, num_return_sequences=3)
+    assert len(beams) == 2 and all(len(b) == 3 for b in beams)
+    sampled = model.invert(x, do_sample=True, num_return_sequences=2, temperature=1.5)
+    assert len(sampled) == 2 and all(len(s) == 2 for s in sampled)
+    single = model.invert(x[0, 0])  # one bare [vocab] vector
+    assert isinstance(single, list) and len(single) == 1
+
+
+def test_resume_matches_uninterrupted(tiny_store, tiny_lm_dir, tmp_path):
+    straight = Trainer(_cfg(tiny_store, tmp_path / "a", tiny_lm_dir, save_every=10)).run()
+
+    class Killed(Exception):
+        pass
+
+    interrupted = Trainer(_cfg(tiny_store, tmp_path / "b", tiny_lm_dir, save_every=10))
+    real_save = interrupted.save_checkpoint
+
+    def save_then_die():
+        real_save()
+        raise Killed
+
+    interrupted.save_checkpoint = save_then_die
+    with pytest.raises(Killed):
+        interrupted.run()
+    assert (tmp_path / "b" / "checkpoints" / "step-10").is_dir()
+    resumed_trainer = Trainer(_cfg(tiny_store, tmp_path / "b", tiny_lm_dir, save_every=10))
+    resumed = resumed_trainer.run(resume=True)
+    assert resumed_trainer.step == 20
+    for (name, p), q in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
+@pytest.mark.slow
+def test_accelerate_two_processes_match_one(tiny_store, tiny_lm_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    common = [
+        "--data",
+        str(tiny_store),
+        "--preset",
+        "tiny",
+        "--output-tokenizer",
+        str(tiny_lm_dir),
+        "--max-steps",
+        "8",
+        "--lr",
+        "0.003",
+        "--warmup-steps",
+        "0",
+        "--schedule",
+        "constant",
+        "--no-progress",
+        "--set",
+        "max_length=24",
+    ]
+    one = [
+        sys.executable,
+        "-m",
+        "logit2prompt.cli",
+        "train",
+        "--out",
+        str(tmp_path / "one"),
+        "--per-device-batch-size",
+        "8",
+        *common,
+    ]
+    two = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "logit2prompt.cli",
+        "train",
+        "--out",
+        str(tmp_path / "two"),
+        "--per-device-batch-size",
+        "4",
+        *common,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for cmd in (one, two):
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    a = load_file(tmp_path / "one" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "model.safetensors")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-3), k
+
+
+def test_refuses_foreign_corrupted_and_mismatched(trained, tiny_store, tiny_lm_dir, tmp_path):
+    out, _ = trained
+    with pytest.raises(CheckpointError, match="not a logit2prompt inverter checkpoint"):
+        Inverter.from_pretrained(tiny_lm_dir)
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="missing or corrupted"):
+        Inverter.from_pretrained(broken)
+    (broken / "inverter_config.json").write_text("{oops")
+    with pytest.raises(CheckpointError, match="corrupted"):
+        Inverter.from_pretrained(broken)
+
+    model = Inverter.from_pretrained(out)
+    user = load_target(str(tiny_lm_dir), mode="user")
+    x = user.next_token_logprobs(["hi there"])
+    with pytest.raises(VectorError, match=r"mode.*user.*raw|mode.*raw.*user"):
+        model.invert(x, fingerprint=user.fingerprint)
+    other_store = _store(user, tmp_path / "user_store", MEMORISE[:2])
+    with pytest.raises(VectorError, match="trained on"):
+        invert_store(model, DistributionStore(other_store))
+
+
+def test_refuses_bad_vectors(trained):
+    model = Inverter.from_pretrained(trained[0])
+    vocab = model.config.vocab_size
+    with pytest.raises(VectorError, match=f"{vocab}"):
+        model.invert(np.zeros((2, vocab + 3), dtype=np.float32))
+    bad = np.zeros((2, vocab), dtype=np.float32)
+    bad[1, 3] = np.nan
+    with pytest.raises(VectorError, match="vector 1 contains NaN"):
+        model.invert(bad)
+    bad[1, 3] = np.inf
+    with pytest.raises(VectorError, match="NaN or inf"):
+        model.invert(bad)
+
+
+def test_multi_step_inverter_trains(raw_target, tiny_lm_dir, tmp_path):
+    store = _store(raw_target, tmp_path / "s3", MEMORISE[:8], steps=3)
+    model = Trainer(_cfg(store, tmp_path / "m", tiny_lm_dir, max_steps=5)).run()
+    assert model.config.steps == 3 and model.config.dim == 3 * raw_target.vocab_size
+    x = DistributionStore(store).vectors(range(2))
+    assert len(model.invert(x)) == 2
+    with pytest.raises(VectorError, match=r"reads \[batch, 3, "):
+        model.invert(x[:, 0])
