@@ -187,21 +187,24 @@ class Inverter(nn.Module):
         chunks = unroll(x, self.config.chunk_width)
         return self.embed(chunks.to(self.chunk_position.dtype)) + self.chunk_position
 
-    def forward(self, vectors: torch.Tensor, labels: torch.Tensor):
-        """Seq2seq output with per-token losses summed in `loss_sum` (labels padded with -100)."""
+    def forward(self, vectors: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed token cross-entropy of `labels` (padded with -100) given flat vectors.
+
+        The sum, not the mean, so the trainer can normalise by the token count of the whole
+        global batch across processes. Only real label positions go through the output
+        projection: with a 49k-token vocabulary that projection dominates the step.
+        """
         embeds = self.encode_inputs(vectors)
-        # Shift the labels ourselves rather than passing labels=, which would make T5 compute
-        # a mean loss we do not use (the trainer needs the sum to normalise across processes).
-        out = self.t5(inputs_embeds=embeds, decoder_input_ids=self.t5._shift_right(labels))
-        logits = out.logits.float()
-        token_loss = nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]),
-            labels.reshape(-1),
-            ignore_index=-100,
-            reduction="sum",
-        )
-        out.loss_sum = token_loss
-        return out
+        encoded = self.t5.encoder(inputs_embeds=embeds).last_hidden_state
+        decoded = self.t5.decoder(
+            input_ids=self.t5._shift_right(labels), encoder_hidden_states=encoded, use_cache=False
+        ).last_hidden_state
+        keep = labels != -100
+        hidden = decoded[keep]
+        if getattr(self.t5.config, "scale_decoder_outputs", self.t5.config.tie_word_embeddings):
+            hidden = hidden * (self.t5.config.d_model**-0.5)  # as T5 does with tied embeddings
+        logits = self.t5.lm_head(hidden).float()
+        return nn.functional.cross_entropy(logits, labels[keep], reduction="sum")
 
     # ------------------------------------------------------------------ inversion
     def _as_batch(self, logprobs) -> torch.Tensor:

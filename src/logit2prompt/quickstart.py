@@ -26,7 +26,7 @@ from .train import TrainConfig, Trainer, is_trained
 
 # Sized for about 20 minutes on a 2-core CPU at scale 1 (see README for measured times).
 BASE_TRAIN_PROMPTS = 4000
-BASE_STEPS = 1200
+BASE_STEPS = 600
 VAL_PROMPTS = 128
 TEST_PROMPTS = 256
 NUM_EXAMPLES = 10
