@@ -92,8 +92,10 @@ def _mixed_precision(choice: str) -> str:
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "no"
     cpu = getattr(torch, "cpu", None)
-    native = any(getattr(cpu, name, lambda: False)() for name in
-                 ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    native = any(
+        getattr(cpu, name, lambda: False)()
+        for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
     return "bf16" if native else "no"
 
 
@@ -281,14 +283,55 @@ class Trainer:
         }
 
     # ------------------------------------------------------------------ loop
-    def run(self, resume: bool = False) -> Inverter:
+    def micro_batches(self, step: int) -> list[np.ndarray]:
+        """The global micro-batches of optimizer step `step` (a pure function of the step)."""
+        accum = self.cfg.grad_accum
+        return [self._global_batch(step * accum + a) for a in range(accum)]
+
+    def train_step(self, batches: list[np.ndarray] | None = None, tensors=None):
+        """One optimizer step over this process's share of the global batch.
+
+        `tensors` (a list of (vectors, labels) per micro-batch, already on the device) skips
+        the data loading; the throughput benchmark uses it to measure the bare model step.
+        Returns (summed loss on this process, global token count, gradient norm).
+        """
         cfg, acc = self.cfg, self.accelerator
-        checkpoint = latest_checkpoint(cfg.out) if resume else None
+        batches = batches if batches is not None else self.micro_batches(self.step)
+        total_tokens = sum(len(self.labels[i]) for b in batches for i in b)
+        loss_sum = torch.zeros((), device=acc.device)
+        r = acc.process_index
+        for a, batch in enumerate(batches):
+            if tensors is None:
+                mine = batch[r * cfg.per_device_batch_size : (r + 1) * cfg.per_device_batch_size]
+                vectors, labels = self._batch_tensors(mine, acc.device)
+            else:
+                vectors, labels = tensors[a]
+            sync = a == len(batches) - 1
+            ctx = contextlib.nullcontext() if sync else acc.no_sync(self.model)
+            with ctx, acc.autocast():
+                batch_loss = self.model(vectors, labels)
+                # DDP averages over processes; scaling by num_processes / global token count
+                # makes the update the exact token mean of the global batch.
+                acc.backward(batch_loss * (acc.num_processes / total_tokens))
+            loss_sum += batch_loss.detach()
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum, total_tokens, grad_norm
+
+    def prepare(self, resume: bool = False) -> None:
+        """Feature statistics (or a checkpoint), then wrap model and optimizer for Accelerate."""
+        checkpoint = latest_checkpoint(self.cfg.out) if resume else None
         if checkpoint is None:
             self.fit_feature_stats()
         else:
             self.load_checkpoint(checkpoint)
-        self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+
+    def run(self, resume: bool = False) -> Inverter:
+        cfg, acc = self.cfg, self.accelerator
+        self.prepare(resume)
         if acc.is_main_process:
             acc.init_trackers(
                 "train",
@@ -304,32 +347,10 @@ class Trainer:
             unit="step",
             dynamic_ncols=True,
         )
-        device = acc.device
         self.model.train()
         t0, examples = time.perf_counter(), 0
         while self.step < cfg.max_steps:
-            batches = [
-                self._global_batch(self.step * cfg.grad_accum + a) for a in range(cfg.grad_accum)
-            ]
-            total_tokens = sum(len(self.labels[i]) for b in batches for i in b)
-            loss_sum = torch.zeros((), device=device)
-            for a, batch in enumerate(batches):
-                r = acc.process_index
-                mine = batch[r * cfg.per_device_batch_size : (r + 1) * cfg.per_device_batch_size]
-                vectors, labels = self._batch_tensors(mine, device)
-                sync = a == len(batches) - 1
-                ctx = contextlib.nullcontext() if sync else acc.no_sync(self.model)
-                with ctx, acc.autocast():
-                    batch_loss = self.model(vectors, labels)
-                    # DDP averages over processes; scaling by num_processes / global token count
-                    # makes the update the exact token mean of the global batch.
-                    loss = batch_loss * (acc.num_processes / total_tokens)
-                    acc.backward(loss)
-                loss_sum += batch_loss.detach()
-            grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            loss_sum, total_tokens, grad_norm = self.train_step()
             self.step += 1
             examples += self.global_micro * cfg.grad_accum
             bar.update(1)

@@ -1,0 +1,182 @@
+"""Inversion quality on the BIG-bench test split, beside nearest-neighbour and constant baselines.
+
+    python benchmarks/quality.py [--corpus FILE] [--train-prompts N] [--train-minutes M]
+
+Trains on the train split only (split rule of ../shared/data/README.md), picks the number of
+steps that fits the time budget from a short calibration run, then scores the whole test split
+(no length filter there, so every test prompt counts). Writes benchmarks/results/quality.json.
+Every stage is reused on a rerun (stores resume, a finished inverter is kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from logit2prompt.baselines import constant_guess, nearest_neighbour
+from logit2prompt.bigbench import build_bigbench_corpus
+from logit2prompt.collect import collect
+from logit2prompt.invert import invert_store
+from logit2prompt.inverter import Inverter
+from logit2prompt.metrics import format_table, score
+from logit2prompt.prompts import load_corpus
+from logit2prompt.store import DistributionStore
+from logit2prompt.targets import DEFAULT_TARGET, load_target
+from logit2prompt.train import TrainConfig, Trainer, is_trained
+
+RESULTS = Path(__file__).parent / "results" / "quality.json"
+SHARED_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "bigbench_prompts.jsonl"
+CALIBRATION_STEPS = 8
+PAPER = {"bleu": 59.0, "token_f1": 78.0, "exact": 27.0}  # Llama-2 7B, Morris et al. 2023
+
+
+def calibrate(cfg: TrainConfig) -> float:
+    """Seconds per training step on this machine, from a short throwaway run."""
+    tmp = Path(cfg.out + ".calibrate")
+    trainer = Trainer(
+        TrainConfig(
+            **{
+                **cfg.__dict__,
+                "out": str(tmp),
+                "val_data": None,
+                "max_steps": 10**6,
+                "progress": False,
+            }
+        )
+    )
+    trainer.prepare()
+    trainer.train_step()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(CALIBRATION_STEPS):
+        trainer.train_step()
+    shutil.rmtree(tmp, ignore_errors=True)
+    return (time.perf_counter() - t0) / CALIBRATION_STEPS
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--corpus",
+        default=str(SHARED_CORPUS) if SHARED_CORPUS.is_file() else None,
+        help="BIG-bench prompts JSONL (default: ../shared/data file, else built)",
+    )
+    parser.add_argument("--target", default=DEFAULT_TARGET)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--out", default="runs/quality")
+    parser.add_argument("--train-prompts", type=int, default=16000)
+    parser.add_argument("--train-minutes", type=float, default=45.0)
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    args = parser.parse_args()
+    corpus_path = args.corpus or str(build_bigbench_corpus())
+    out = Path(args.out)
+    started = time.perf_counter()
+    target = load_target(args.target, dtype=args.dtype)
+    timings = {}
+    for split, limit, max_tokens in (
+        ("train", args.train_prompts, 64),
+        ("validation", 128, 64),
+        ("test", None, None),
+    ):
+        corpus = load_corpus(
+            corpus_path,
+            count_tokens=target.count_tokens,
+            split=split,
+            limit=limit,
+            max_tokens=max_tokens,
+        )
+        t0 = time.perf_counter()
+        collect(target, corpus, str(out / split), split=split)
+        timings[f"collect_{split}_s"] = time.perf_counter() - t0
+    train, test = DistributionStore(out / "train"), DistributionStore(out / "test")
+    model_dir = out / "inverter"
+    cfg = TrainConfig(
+        data=str(out / "train"),
+        val_data=str(out / "validation"),
+        out=str(model_dir),
+        preset=args.preset,
+        lr=args.lr,
+        per_device_batch_size=args.batch_size,
+    )
+    if not is_trained(model_dir):
+        step_s = calibrate(cfg)
+        cfg.max_steps = max(50, int(args.train_minutes * 60 / step_s))
+        cfg.eval_every = max(cfg.max_steps // 8, 1)
+        cfg.save_every = max(cfg.max_steps // 10, 1)
+        cfg.warmup_steps = min(500, cfg.max_steps // 20)
+        print(f"{step_s:.2f} s/step -> {cfg.max_steps} steps in {args.train_minutes} min")
+        t0 = time.perf_counter()
+        Trainer(cfg).run(resume=True)
+        timings["train_s"] = time.perf_counter() - t0
+    inverter = Inverter.from_pretrained(model_dir)
+    training = json.loads((model_dir / "training_args.json").read_text())
+    t0 = time.perf_counter()
+    predictions = invert_store(inverter, test)
+    timings["invert_test_s"] = time.perf_counter() - t0
+    refs = test.prompts
+    results = {
+        "inverter (greedy)": score(predictions, refs),
+        "nearest neighbour (train)": score(
+            nearest_neighbour(train, test.vectors(range(len(test)))), refs
+        ),
+        "constant guess (train)": score([constant_guess(train.prompts)] * len(refs), refs),
+    }
+    print(
+        f"BIG-bench test split ({len(refs)} prompts), target {target.fingerprint.describe()}, "
+        f"trained on {len(train)} train prompts for {training['max_steps']} steps"
+    )
+    print(format_table(results))
+    print(
+        f"paper (Llama-2 7B, T5-base, 2.33M prompts): BLEU {PAPER['bleu']}, token F1 "
+        f"{PAPER['token_f1']}, exact {PAPER['exact']}%"
+    )
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "benchmark": "quality",
+                "corpus": corpus_path,
+                "target": target.fingerprint.to_dict(),
+                "train_prompts": len(train),
+                "test_prompts": len(refs),
+                "training": {
+                    k: training[k]
+                    for k in (
+                        "preset",
+                        "max_steps",
+                        "lr",
+                        "per_device_batch_size",
+                        "mixed_precision",
+                    )
+                },
+                "results": results,
+                "paper_llama2_7b": PAPER,
+                "timings_s": timings,
+                "wall_s": time.perf_counter() - started,
+                "machine": {
+                    "cpu_count": os.cpu_count(),
+                    "platform": platform.platform(),
+                    "torch": torch.__version__,
+                    "cuda": torch.cuda.is_available(),
+                },
+                "examples": [
+                    {"hidden": r, "recovered": p}
+                    for r, p in zip(refs[:20], predictions[:20], strict=True)
+                ],
+            },
+            indent=1,
+        )
+    )
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
