@@ -17,6 +17,8 @@ PROMPTS = FIXTURE_PROMPTS[:6] + ["Hi", "A much longer prompt that pads every oth
 def test_batched_equals_one_at_a_time(tiny_lm_dir, mode):
     target = load_target(str(tiny_lm_dir), mode=mode, batch_size=8)
     batched = target.next_token_logprobs(PROMPTS)
+    if mode == "user":  # every row starts with the template's system turn: one shared cache
+        assert target.last_shared_prefix >= 4
     assert batched.shape == (len(PROMPTS), target.vocab_size)
     assert batched.dtype == torch.float32
     for i, p in enumerate(PROMPTS):
