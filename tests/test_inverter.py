@@ -262,3 +262,32 @@ def test_multi_step_inverter_trains(raw_target, tiny_lm_dir, tmp_path):
     assert len(model.invert(x)) == 2
     with pytest.raises(VectorError, match=r"reads \[batch, 3, "):
         model.invert(x[:, 0])
+
+
+def test_pretrained_t5_init_round_trips(tiny_store, tiny_lm_dir, tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    # A stand-in for t5-small/t5-base: different sizes and feed-forward than the preset, tied.
+    pre = T5Config(
+        vocab_size=100,
+        d_model=24,
+        d_ff=40,
+        d_kv=6,
+        num_heads=4,
+        num_layers=1,
+        num_decoder_layers=1,
+        feed_forward_proj="relu",
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(3)
+    T5ForConditionalGeneration(pre).save_pretrained(tmp_path / "t5")
+    model = Trainer(
+        _cfg(tiny_store, tmp_path / "m", tiny_lm_dir, max_steps=3, t5_init=str(tmp_path / "t5"))
+    ).run()
+    assert model.config.d_model == 24 and model.config.feed_forward_proj == "relu"
+    model.eval()  # the pretrained config has dropout
+    loaded = Inverter.from_pretrained(tmp_path / "m")
+    x = torch.from_numpy(DistributionStore(tiny_store).vectors(range(3)))
+    labels = torch.tensor([[5, 6, loaded.config.eos_token_id]] * 3)
+    with torch.no_grad():
+        assert torch.equal(model(x[:, 0], labels), loaded(x[:, 0], labels))

@@ -47,6 +47,8 @@ class InverterConfig:
     num_layers: int = 4
     num_decoder_layers: int = 4
     dropout: float = 0.0
+    feed_forward_proj: str = "gated-gelu"
+    tie_word_embeddings: bool = False
     normalization: str = "mean"
     max_length: int = 64  # output tokens (the paper's prompts have at most 64 tokens)
     output_vocab_size: int = 0  # of the output tokenizer; filled from it
@@ -139,7 +141,16 @@ class Inverter(nn.Module):
         if config.t5_init:
             self.t5 = T5ForConditionalGeneration.from_pretrained(config.t5_init)
             self.t5.resize_token_embeddings(config.output_vocab_size)
-            config.d_model = self.t5.config.d_model
+            # The checkpoint's sizes win over the preset, so from_pretrained(dir) rebuilds it.
+            pre = self.t5.config
+            config.d_model, config.d_ff, config.d_kv = pre.d_model, pre.d_ff, pre.d_kv
+            config.num_heads, config.num_layers = pre.num_heads, pre.num_layers
+            config.num_decoder_layers = pre.num_decoder_layers
+            config.feed_forward_proj = pre.feed_forward_proj
+            config.tie_word_embeddings = bool(pre.tie_word_embeddings)
+            config.dropout = pre.dropout_rate
+            for key in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
+                setattr(pre, key, getattr(config, key))
         else:
             t5_config = T5Config(
                 vocab_size=config.output_vocab_size,
@@ -153,8 +164,8 @@ class Inverter(nn.Module):
                 pad_token_id=config.pad_token_id,
                 eos_token_id=config.eos_token_id,
                 decoder_start_token_id=config.decoder_start_token_id,
-                feed_forward_proj="gated-gelu",
-                tie_word_embeddings=False,
+                feed_forward_proj=config.feed_forward_proj,
+                tie_word_embeddings=config.tie_word_embeddings,
             )
             self.t5 = T5ForConditionalGeneration(t5_config)
         gen = self.t5.generation_config

@@ -288,8 +288,9 @@ class HFTarget(Target):
         key = tuple(prefix)
         if self._prefix_memo is None or self._prefix_memo[0] != key:
             ids = torch.tensor([prefix], dtype=torch.long, device=self.device)
-            output = self.model(input_ids=ids, use_cache=True, **(
-                {"logits_to_keep": 1} if self._keep_kw else {}))
+            output = self.model(
+                input_ids=ids, use_cache=True, **({"logits_to_keep": 1} if self._keep_kw else {})
+            )
             cache = getattr(output, self._cache_kw, None)
             if cache is None:
                 cache = output.past_key_values
