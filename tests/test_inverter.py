@@ -291,3 +291,52 @@ def test_pretrained_t5_init_round_trips(tiny_store, tiny_lm_dir, tmp_path):
     labels = torch.tensor([[5, 6, loaded.config.eos_token_id]] * 3)
     with torch.no_grad():
         assert torch.equal(model(x[:, 0], labels), loaded(x[:, 0], labels))
+
+
+def test_invert_cli_every_source(trained, tiny_store, tiny_lm_dir, tmp_path, capsys):
+    from logit2prompt.cli import main
+    from logit2prompt.invert import save_vectors
+
+    out, _ = trained
+    store = DistributionStore(tiny_store)
+    preds = tmp_path / "preds.jsonl"
+    assert (
+        main(["invert", "--checkpoint", str(out), "--data", str(tiny_store), "--out", str(preds)])
+        == 0
+    )
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert [r["hidden"] for r in rows] == store.prompts
+    assert all(r["exact"] == 1.0 and r["recovered"] == r["hidden"] for r in rows)
+
+    assert main(["invert", "--checkpoint", str(out), "--text", MEMORISE[2]]) == 0
+    assert repr(MEMORISE[2]) in capsys.readouterr().out
+
+    corpus = tmp_path / "p.txt"
+    corpus.write_text("\n".join(MEMORISE[:3]))
+    assert (
+        main(
+            [
+                "invert",
+                "--checkpoint",
+                str(out),
+                "--prompts",
+                str(corpus),
+                "--out",
+                str(tmp_path / "p.jsonl"),
+            ]
+        )
+        == 0
+    )
+    assert "exact 100.0%" in capsys.readouterr().out
+
+    np.save(tmp_path / "v.npy", store.vectors([1, 2])[:, 0])
+    assert main(["invert", "--checkpoint", str(out), "--vectors", str(tmp_path / "v.npy")]) == 0
+    assert repr(store.prompts[1]) in capsys.readouterr().out
+
+    user = load_target(str(tiny_lm_dir), mode="user")
+    save_vectors(
+        tmp_path / "u.safetensors", user.next_token_logprobs(["hi"]).numpy(), user.fingerprint
+    )
+    code = main(["invert", "--checkpoint", str(out), "--vectors", str(tmp_path / "u.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 2 and "come from" in err and "mode" in err
