@@ -168,6 +168,11 @@ class Inverter(nn.Module):
                 tie_word_embeddings=config.tie_word_embeddings,
             )
             self.t5 = T5ForConditionalGeneration(t5_config)
+            if not config.tie_word_embeddings:
+                # HF initialises an untied T5 head with std 1.0, so logits start with std
+                # ~sqrt(d_model) and the loss near 50; std d_model**-0.5 starts it near ln(V)
+                # and saves the first few hundred steps of a from-scratch run.
+                nn.init.normal_(self.t5.lm_head.weight, std=config.d_model**-0.5)
         gen = self.t5.generation_config
         gen.pad_token_id, gen.eos_token_id = config.pad_token_id, config.eos_token_id
         gen.decoder_start_token_id = config.decoder_start_token_id

@@ -19,6 +19,7 @@ SPLITS = ("train", "validation", "test")
 TEST_BUCKETS = 2
 VALIDATION_BUCKET = 2
 HUB_PREFIX = "hf:"
+LENGTH_CHUNK = 4096  # prompts tokenised at a time while filtering by length
 SUFFIXES = (".jsonl", ".json", ".csv", ".txt", ".parquet")
 
 
@@ -208,14 +209,25 @@ def filter_length(
     corpus: Corpus,
     count_tokens: Callable[[Sequence[str]], list[int]] | None,
     max_tokens: int | None,
+    limit: int | None = None,
 ) -> Corpus:
-    """Drop prompts over `max_tokens` tokens (counted in `dropped['too_long']`)."""
+    """Drop prompts over `max_tokens` tokens (counted in `dropped['too_long']`) and keep at
+    most `limit`; with a limit, only as many prompts are tokenised as needed to reach it."""
     if count_tokens is None or max_tokens is None or not corpus.records:
-        return corpus
-    lengths = count_tokens(corpus.texts)
-    kept = [r for r, n in zip(corpus.records, lengths, strict=True) if n <= max_tokens]
-    dropped = {**corpus.dropped, "too_long": len(corpus.records) - len(kept)}
-    return Corpus(kept, corpus.source, dropped)
+        return Corpus(corpus.records[:limit], corpus.source, dict(corpus.dropped))
+    kept: list[PromptRecord] = []
+    too_long = 0
+    chunk = max(4 * (limit or 0), LENGTH_CHUNK)
+    for start in range(0, len(corpus.records), chunk):
+        part = corpus.records[start : start + chunk]
+        for record, n in zip(part, count_tokens([r.text for r in part]), strict=True):
+            if n <= max_tokens:
+                kept.append(record)
+            else:
+                too_long += 1
+        if limit is not None and len(kept) >= limit:
+            break
+    return Corpus(kept[:limit], corpus.source, {**corpus.dropped, "too_long": too_long})
 
 
 def _is_scalar(v) -> bool:
@@ -235,9 +247,7 @@ def load_corpus(
     rows = read_rows(source, field_name)
     # Split before counting tokens: tokenising only the chosen split is much faster.
     corpus = clean(rows, source, field_name=field_name).split(split)
-    corpus = filter_length(corpus, count_tokens, max_tokens)
-    if limit is not None:
-        corpus.records = corpus.records[:limit]
+    corpus = filter_length(corpus, count_tokens, max_tokens, limit)
     if not corpus.records:
         details = ", ".join(f"{k}={v}" for k, v in corpus.dropped.items() if v)
         raise CorpusError(
