@@ -113,7 +113,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     table = format_table(results)
     per = per_example_scores(predictions, references)
     order = np.argsort(per["bleu"])[::-1]
-    picks = sorted(set(order[:: max(1, len(order) // NUM_EXAMPLES)][:NUM_EXAMPLES].tolist()))
+    picks = order[:: max(1, len(order) // NUM_EXAMPLES)][:NUM_EXAMPLES].tolist()  # best first
     examples = [
         {"hidden": references[i], "recovered": predictions[i], "bleu": per["bleu"][i]}
         for i in picks
