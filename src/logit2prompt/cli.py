@@ -108,11 +108,16 @@ def cmd_data(args) -> None:
 
 def cmd_collect(args) -> None:
     from .collect import collect
+    from .defenses import parse_defense
     from .distributed import partial_state
+    from .targets.defended import DefendedTarget
 
     state = partial_state()
     device = str(state.device) if state.num_processes > 1 else None
     target = load_cli_target(args, device=device)
+    chain = parse_defense(args.defense)
+    if chain:
+        target = DefendedTarget(target, chain)
     corpus = load_cli_corpus(args, target)
     if state.is_main_process:
         print(f"target: {target.fingerprint.describe()}")
@@ -292,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="store directory (rerun to resume)")
     p.add_argument("--steps", type=int, default=1, help="generation steps per prompt")
     p.add_argument("--store-dtype", choices=sorted(STORE_DTYPES), default=DEFAULT_STORE_DTYPE)
+    p.add_argument(
+        "--defense",
+        default=None,
+        help='defense applied before storing, e.g. "topk:20,noise:gauss:0.5"',
+    )
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_collect)

@@ -1,0 +1,38 @@
+"""A target whose exposed distributions pass through a defense chain first."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+
+from ..defenses import DefenseChain
+from .base import Target
+
+
+class DefendedTarget(Target):
+    """Wraps a target; its fingerprint records the defense, so defended and clean data differ."""
+
+    def __init__(self, target: Target, chain: DefenseChain):
+        self.inner = target
+        self.chain = chain
+        self.fingerprint = replace(target.fingerprint, defense=chain.spec)
+
+    def next_token_logprobs(self, prompts: Sequence[str], steps: int | None = None) -> torch.Tensor:
+        return self.chain.apply(self.inner.next_token_logprobs(prompts, steps=steps))
+
+    def count_tokens(self, prompts: Sequence[str]) -> list[int]:
+        return self.inner.count_tokens(prompts)
+
+    @property
+    def max_context(self) -> int | None:
+        return self.inner.max_context
+
+    def encode(self, prompts: Sequence[str]) -> list[list[int]]:
+        return self.inner.encode(prompts)
+
+    def forward_ids(self, batch: list[list[int]], steps: int = 1) -> torch.Tensor:
+        # Greedy steps follow the undefended model: the defense changes what is shown, not
+        # what the model generates (as in a provider's logprobs field).
+        return self.chain.apply(self.inner.forward_ids(batch, steps))

@@ -1,0 +1,155 @@
+"""Defense transforms: their math, composition, parsing, and how collection records them."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from logit2prompt.collect import collect
+from logit2prompt.defenses import FLOOR, DefenseError, parse_defense
+from logit2prompt.errors import StoreError
+from logit2prompt.prompts import Corpus, PromptRecord
+from logit2prompt.store import DistributionStore, read_manifest
+from logit2prompt.targets import load_target
+from logit2prompt.targets.defended import DefendedTarget
+
+
+def _lp(rows: int = 4, vocab: int = 1000, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.log_softmax(torch.randn(rows, vocab, generator=g) * 3, dim=-1)
+
+
+def test_temperature_scales_logits_and_normalises():
+    x = _lp()
+    out = parse_defense("temperature:2").apply(x)
+    assert torch.allclose(out, torch.log_softmax(x / 2, -1), atol=1e-6)
+    assert torch.allclose(out.exp().sum(-1), torch.ones(4), atol=1e-5)
+    assert out.max(-1).values.lt(x.max(-1).values).all()  # flatter
+
+
+def test_topk_keeps_exactly_k_renormalised():
+    x = _lp()
+    x[0, :10] = x[0, 0]  # ties must not keep more than k
+    out = parse_defense("topk:5").apply(x)
+    kept = out > FLOOR
+    assert kept.sum(-1).tolist() == [5, 5, 5, 5]
+    assert torch.allclose(
+        out.masked_fill(~kept, float("-inf")).exp().sum(-1), torch.ones(4), atol=1e-5
+    )
+    top = x.topk(5, -1).values
+    assert torch.allclose(
+        out.topk(5, -1).values, top - torch.logsumexp(top, -1, keepdim=True), atol=1e-5
+    )
+
+
+def test_expose_keeps_raw_topk_values():
+    x = _lp()
+    out = parse_defense("expose:3").apply(x)
+    assert ((out > FLOOR).sum(-1) == 3).all()
+    assert torch.equal(out.topk(3, -1).values, x.topk(3, -1).values)  # unchanged, not renormalised
+
+
+def test_topp_keeps_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    out = parse_defense("topp:0.75").apply(probs.log())
+    assert (out > FLOOR).tolist() == [[True, True, False, False]]
+    assert torch.allclose(out[0, :2].exp(), torch.tensor([0.625, 0.375]), atol=1e-6)
+    assert (parse_defense("topp:1").apply(probs.log()) > FLOOR).sum() == 4
+
+
+@pytest.mark.parametrize("dist,std_factor", [("gauss", 1.0), ("laplace", math.sqrt(2))])
+def test_noise_has_the_stated_scale_and_is_reproducible(dist, std_factor):
+    x = _lp(rows=2, vocab=200_000)
+    chain = parse_defense(f"noise:{dist}:0.5")
+    out = chain.apply(x)
+    # Renormalising shifts each row by a constant, so the spread of the difference is the noise.
+    diff = out - x
+    diff = diff - diff.mean(-1, keepdim=True)
+    assert diff.std(-1).sub(0.5 * std_factor).abs().max() < 0.01
+    assert torch.equal(out, chain.apply(x))  # same prompt, same noise
+    assert not torch.equal(out[0], chain.apply(x[1:2])[0])
+
+
+def test_noise_privacy_parameters():
+    (laplace,) = parse_defense("noise:laplace:2").defenses
+    assert laplace.privacy()["epsilon"] == pytest.approx(0.5)
+    (gauss,) = parse_defense("noise:gauss:4").defenses
+    eps = gauss.privacy(delta=1e-5)["epsilon"]
+    assert eps == pytest.approx(math.sqrt(2 * math.log(1.25 / 1e-5)) / 4)
+    assert parse_defense("topk:3").defenses[0].privacy() == {}
+
+
+def test_rounding():
+    x = torch.tensor([[-0.123456, -2.987654]])
+    assert torch.allclose(parse_defense("round:2").apply(x), torch.tensor([[-0.12, -2.99]]))
+
+
+def test_composition_applies_left_to_right():
+    x = _lp()
+    a = parse_defense("topk:5,temperature:3").apply(x)
+    b = parse_defense("temperature:3,topk:5").apply(x)
+    manual = parse_defense("temperature:3").apply(parse_defense("topk:5").apply(x))
+    assert torch.allclose(a, manual, atol=1e-6)
+    assert ((b > FLOOR).sum(-1) == 5).all() and not ((a > FLOOR).sum(-1) == 5).all()
+    assert parse_defense("topk:5, temperature:3").spec == "topk:5,temperature:3"
+    assert not parse_defense(None) and not parse_defense("none")
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("topk", "takes 1 parameter"),
+        ("topk:x", "bad number"),
+        ("topk:0", "k >= 1"),
+        ("noise:uniform:1", "gauss or laplace"),
+        ("noise:gauss:-1", "positive"),
+        ("topp:1.5", "0 < p <= 1"),
+        ("blur:3", "unknown defense"),
+        ("topk:5,,round:1", "empty item"),
+        ("temperature:0", "positive"),
+        ("round:20", "0..8"),
+    ],
+)
+def test_malformed_specs_are_refused(spec, message):
+    with pytest.raises(DefenseError, match=message):
+        parse_defense(spec)
+
+
+def test_defended_collection_is_recorded_and_never_mixed(tiny_lm_dir, tmp_path):
+    target = load_target(str(tiny_lm_dir), mode="raw")
+    defended = DefendedTarget(target, parse_defense("topk:10,noise:gauss:0.5"))
+    corpus = Corpus([PromptRecord(f"prompt {i}") for i in range(6)], "memory")
+    collect(defended, corpus, tmp_path / "d", shard_size=4, progress=False)
+    manifest = read_manifest(tmp_path / "d")
+    assert manifest["fingerprint"]["defense"] == "topk:10,noise:gauss:0.5"
+    store = DistributionStore(tmp_path / "d")
+    clean = target.next_token_logprobs(corpus.texts)
+    assert not torch.allclose(torch.from_numpy(store.vectors(range(6))[:, 0]), clean, atol=0.1)
+    with pytest.raises(StoreError, match="defense"):
+        collect(target, corpus, tmp_path / "d", shard_size=4, progress=False)
+    # Rerunning the defended collection resumes (same fingerprint, deterministic noise).
+    again = collect(defended, corpus, tmp_path / "d", shard_size=4, progress=False)
+    assert again.shards_skipped == 2
+
+
+def test_collect_cli_defense_flag(tiny_lm_dir, tmp_path, capsys):
+    from logit2prompt.cli import main
+
+    corpus = tmp_path / "p.txt"
+    corpus.write_text("one prompt\nanother prompt\n")
+    base = [
+        "collect",
+        "--target",
+        str(tiny_lm_dir),
+        "--mode",
+        "raw",
+        "--prompts",
+        str(corpus),
+        "--no-progress",
+    ]
+    assert main([*base, "--out", str(tmp_path / "bad"), "--defense", "topk:"]) == 2
+    assert "bad number in 'topk:'" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "ok"), "--defense", "expose:5"]) == 0
+    assert read_manifest(tmp_path / "ok")["fingerprint"]["defense"] == "expose:5"
