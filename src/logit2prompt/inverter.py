@@ -49,7 +49,7 @@ class InverterConfig:
     dropout: float = 0.0
     feed_forward_proj: str = "gated-gelu"
     tie_word_embeddings: bool = False
-    normalization: str = "mean"
+    normalization: str = "standardize"
     max_length: int = 64  # output tokens (the paper's prompts have at most 64 tokens)
     output_vocab_size: int = 0  # of the output tokenizer; filled from it
     pad_token_id: int = 0

@@ -42,7 +42,7 @@ class TrainConfig:
     out: str
     val_data: str | None = None
     preset: str = "small"
-    normalization: str = "mean"
+    normalization: str = "standardize"
     t5_init: str | None = None
     output_tokenizer: str | None = None  # default: the target's own tokenizer
     per_device_batch_size: int = 32
