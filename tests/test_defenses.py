@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -153,3 +154,73 @@ def test_collect_cli_defense_flag(tiny_lm_dir, tmp_path, capsys):
     assert "bad number in 'topk:'" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "ok"), "--defense", "expose:5"]) == 0
     assert read_manifest(tmp_path / "ok")["fingerprint"]["defense"] == "expose:5"
+
+
+def test_defend_sweep_end_to_end(tiny_lm_dir, tmp_path):
+    """Tiny inverter, two defenses: results, plot and a parseable HTML report with both rows."""
+    from html.parser import HTMLParser
+
+    from logit2prompt.defense_sweep import SweepConfig, run_sweep, utility_cost
+    from logit2prompt.train import Trainer, TrainConfig
+
+    from .conftest import FIXTURE_PROMPTS
+
+    target = load_target(str(tiny_lm_dir), mode="raw")
+    corpus = Corpus([PromptRecord(p) for p in FIXTURE_PROMPTS[:8]], "fixture")
+    collect(target, corpus, tmp_path / "s", shard_size=8, store_dtype="float32", progress=False)
+    Trainer(
+        TrainConfig(
+            data=str(tmp_path / "s"),
+            out=str(tmp_path / "inv"),
+            preset="tiny",
+            output_tokenizer=str(tiny_lm_dir),
+            per_device_batch_size=8,
+            max_steps=40,
+            lr=3e-3,
+            warmup_steps=0,
+            mixed_precision="no",
+            progress=False,
+            overrides={"max_length": 24},
+        )
+    ).run()
+    results = run_sweep(
+        SweepConfig(
+            checkpoint=str(tmp_path / "inv"),
+            train_data=str(tmp_path / "s"),
+            test_data=str(tmp_path / "s"),
+            out=str(tmp_path / "sweep"),
+            specs=("temperature:3", "expose:3"),
+            finetune_steps=3,
+            batch_size=8,
+            mixed_precision="no",
+        ),
+        progress=False,
+    )
+    specs = [r["spec"] for r in results["rows"]]
+    assert specs == ["none", "temperature:3", "expose:3"]
+    temp, expose = results["rows"][1], results["rows"][2]
+    assert temp["utility"]["kl"] > 0 and temp["utility"]["tv"] > 0
+    assert expose["utility"] == {"kl": 0.0, "tv": 0.0, "top1_changed": 0.0}
+    assert (tmp_path / "sweep" / "leakage_vs_utility.png").read_bytes()[:4] == b"\x89PNG"
+    tuned_fp = json.loads(
+        (tmp_path / "sweep" / "adaptive" / "temperature_3" / "fingerprint.json").read_text()
+    )
+    assert tuned_fp["defense"] == "temperature:3"  # the adaptive inverter says what it reads
+
+    class Collect(HTMLParser):
+        cells, images = [], []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                self.images.append(dict(attrs)["src"])
+
+        def handle_data(self, data):
+            self.cells.append(data)
+
+    parser = Collect()
+    parser.feed((tmp_path / "sweep" / "report.html").read_text())
+    assert parser.images and parser.images[0].startswith("data:image/png;base64,")
+    assert "temperature:3" in parser.cells and "expose:3" in parser.cells
+    # KL of identical distributions is zero; of a flattened one, positive.
+    x = torch.log_softmax(torch.randn(3, 50), -1)
+    assert utility_cost(x, x, False)["kl"] == pytest.approx(0.0, abs=1e-6)

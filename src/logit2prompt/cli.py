@@ -272,6 +272,33 @@ def cmd_quickstart(args) -> None:
     )
 
 
+def cmd_defend_sweep(args) -> None:
+    from .defense_sweep import DEFAULT_SPECS, SweepConfig, best_tradeoff, run_sweep
+
+    specs = (
+        tuple(x.strip() for x in args.defenses.split(";") if x.strip())
+        if args.defenses
+        else DEFAULT_SPECS
+    )
+    results = run_sweep(
+        SweepConfig(
+            checkpoint=args.checkpoint,
+            train_data=args.train_data,
+            test_data=args.test_data,
+            out=args.out,
+            specs=specs,
+            finetune_steps=args.finetune_steps,
+            finetune_lr=args.finetune_lr,
+            test_limit=args.limit,
+        ),
+        progress=not args.no_progress,
+    )
+    best = best_tradeoff(results["rows"])
+    print(f"wrote {args.out}/results.json, leakage_vs_utility.png and report.html")
+    if best:
+        print(f"most leakage removed per unit of utility cost: {best['spec']}")
+
+
 def cmd_info(args) -> None:
     from .store import read_manifest
 
@@ -353,6 +380,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("defend-sweep", help="leakage vs utility cost for each defense")
+    p.add_argument("--checkpoint", required=True, help="an inverter trained on clean data")
+    p.add_argument("--train-data", required=True, help="clean training store (adaptive attacker)")
+    p.add_argument("--test-data", required=True, help="clean test store")
+    p.add_argument("--out", required=True)
+    p.add_argument(
+        "--defenses", default=None, help='specs separated by ";" (default: a grid of every defense)'
+    )
+    p.add_argument("--finetune-steps", type=int, default=60)
+    p.add_argument("--finetune-lr", type=float, default=3e-4)
+    p.add_argument("--limit", type=int, default=128, help="test prompts scored")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_defend_sweep)
 
     p = sub.add_parser("info", help="print a store's manifest")
     p.add_argument("store")

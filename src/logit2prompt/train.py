@@ -14,13 +14,14 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .defenses import parse_defense
 from .distributed import accelerate_cpu
 from .errors import CheckpointError, StoreError
 from .inverter import Inverter, InverterConfig, encode_labels
@@ -45,6 +46,8 @@ class TrainConfig:
     normalization: str = "standardize"
     t5_init: str | None = None
     output_tokenizer: str | None = None  # default: the target's own tokenizer
+    init_from: str | None = None  # an inverter checkpoint to fine-tune (weights and stats)
+    defense: str | None = None  # defense spec applied to every vector (adaptive attacker)
     per_device_batch_size: int = 32
     grad_accum: int = 1
     max_steps: int = 2000
@@ -146,6 +149,30 @@ class Trainer:
                 f"{cfg.data} has {len(self.train_idx)} prompts, fewer than one global batch "
                 f"({self.global_micro}); lower --batch-size"
             )
+        self.defense = parse_defense(cfg.defense)
+        fingerprint = self.store.fingerprint
+        if self.defense:
+            both = ",".join(d for d in (fingerprint.defense, self.defense.spec) if d)
+            fingerprint = replace(fingerprint, defense=both)
+        if cfg.init_from:
+            self.model = Inverter.from_pretrained(cfg.init_from)
+            self._check_init(self.model)
+            self.model.fingerprint = fingerprint
+        else:
+            self.model = self._new_model(fingerprint)
+        self.labels = encode_labels(
+            self.model.tokenizer, self.store.prompts, self.model.config.max_length
+        )
+        self.micro_per_epoch = len(self.train_idx) // self.global_micro
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+        self.scheduler = _schedule(self.optimizer, cfg)
+        self.step = 0
+        self.history: list[dict] = []
+
+    def _new_model(self, fingerprint) -> Inverter:
+        cfg = self.cfg
         tokenizer = _output_tokenizer(cfg, self.store)
         config = InverterConfig.preset(
             cfg.preset,
@@ -156,15 +183,25 @@ class Trainer:
             **cfg.overrides,
         )
         torch.manual_seed(cfg.seed)
-        self.model = Inverter(config, tokenizer, self.store.fingerprint)
-        self.labels = encode_labels(tokenizer, self.store.prompts, config.max_length)
-        self.micro_per_epoch = len(self.train_idx) // self.global_micro
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
-        )
-        self.scheduler = _schedule(self.optimizer, cfg)
-        self.step = 0
-        self.history: list[dict] = []
+        return Inverter(config, tokenizer, fingerprint)
+
+    def _check_init(self, model: Inverter) -> None:
+        theirs = (model.config.vocab_size, model.config.steps)
+        ours = (self.store.vocab_size, self.store.steps)
+        if theirs != ours:
+            raise CheckpointError(
+                f"--init-from {self.cfg.init_from} reads (vocab, steps) = {theirs} but "
+                f"{self.cfg.data} holds {ours}"
+            )
+        if model.fingerprint is not None:
+            diffs = replace(model.fingerprint, defense="").differences(
+                replace(self.store.fingerprint, defense="")
+            )
+            if diffs:
+                raise CheckpointError(
+                    f"--init-from {self.cfg.init_from} was trained on another target: "
+                    + "; ".join(diffs)
+                )
 
     # ------------------------------------------------------------------ data
     def _global_batch(self, micro_index: int) -> np.ndarray:
@@ -173,13 +210,19 @@ class Trainer:
         return perm[j * self.global_micro : (j + 1) * self.global_micro]
 
     def _batch_tensors(self, indices: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
-        vectors = torch.from_numpy(self.store.vectors(indices.tolist())).reshape(len(indices), -1)
+        vectors = self._defended(torch.from_numpy(self.store.vectors(indices.tolist())))
         labels = [self.labels[i] for i in indices]
         width = max(len(x) for x in labels)
         padded = torch.full((len(labels), width), -100, dtype=torch.long)
         for row, x in enumerate(labels):
             padded[row, : len(x)] = torch.tensor(x)
         return vectors.to(device), padded.to(device)
+
+    def _defended(self, vectors: torch.Tensor) -> torch.Tensor:
+        """`[n, steps, vocab]` -> flat `[n, dim]`, through the defense when one is set."""
+        if self.defense:
+            vectors = self.defense.apply(vectors)
+        return vectors.reshape(len(vectors), -1)
 
     def fit_feature_stats(self) -> None:
         """Mean/std of the training vectors (a seeded sample), identical on every process."""
@@ -189,7 +232,12 @@ class Trainer:
         sample = np.sort(
             np.random.default_rng(self.cfg.seed).choice(self.train_idx, n, replace=False)
         )
-        batches = (self.store.vectors(sample[i : i + 256].tolist()) for i in range(0, n, 256))
+        batches = (
+            self._defended(
+                torch.from_numpy(self.store.vectors(sample[i : i + 256].tolist()))
+            ).numpy()
+            for i in range(0, n, 256)
+        )
         mean, std = feature_stats(batches, self.store.dim)
         self.model.set_feature_stats(mean, std)
 
@@ -257,7 +305,7 @@ class Trainer:
         if store is None:
             return {}
         idx = list(range(min(self.cfg.eval_samples, len(store))))
-        vectors = torch.from_numpy(store.vectors(idx)).reshape(len(idx), -1)
+        vectors = self._defended(torch.from_numpy(store.vectors(idx)))
         refs = [store.prompts[i] for i in idx]
         labels = encode_labels(model.tokenizer, refs, model.config.max_length)
         width = max(len(x) for x in labels)
@@ -323,10 +371,10 @@ class Trainer:
     def prepare(self, resume: bool = False) -> None:
         """Feature statistics (or a checkpoint), then wrap model and optimizer for Accelerate."""
         checkpoint = latest_checkpoint(self.cfg.out) if resume else None
-        if checkpoint is None:
-            self.fit_feature_stats()
-        else:
+        if checkpoint is not None:
             self.load_checkpoint(checkpoint)
+        elif not self.cfg.init_from:  # a fine-tuned inverter keeps its checkpoint's statistics
+            self.fit_feature_stats()
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
 
     def run(self, resume: bool = False) -> Inverter:
