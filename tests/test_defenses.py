@@ -161,7 +161,7 @@ def test_defend_sweep_end_to_end(tiny_lm_dir, tmp_path):
     from html.parser import HTMLParser
 
     from logit2prompt.defense_sweep import SweepConfig, run_sweep, utility_cost
-    from logit2prompt.train import Trainer, TrainConfig
+    from logit2prompt.train import TrainConfig, Trainer
 
     from .conftest import FIXTURE_PROMPTS
 
