@@ -6,8 +6,8 @@ Four ways over the same prompts in one process, so the ratios are comparable on 
 machine: (a) the collect pipeline into a store; (b) a naive one-prompt-at-a-time loop; (c) the
 bare batched forward pass, left-padded, last-position logits only, nothing stored (the issue's
 bound); (c') the pipeline's own forward (with the shared-prefix KV cache) with nothing stored,
-the bound on what storing costs. Peak memory is measured in fresh subprocesses collecting N/4 and N prompts: it must not
-grow with corpus size. Writes benchmarks/results/collect_throughput.json.
+the bound on what storing costs. Peak memory is measured in fresh subprocesses collecting N/4
+and N prompts: it must not grow with corpus size. Writes benchmarks/results/collect_throughput.json.
 """
 
 from __future__ import annotations
