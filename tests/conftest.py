@@ -94,6 +94,28 @@ def make_tiny_lm(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def accelerate_launch(*module_args: str) -> list[str]:
+    """`accelerate launch` of `python -m MODULE ARGS` with 2 processes, as users run it."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        *module_args,
+    ]
+
+
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory) -> Path:
     return make_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))

@@ -14,6 +14,8 @@ import pytest
 
 from logit2prompt.store import DistributionStore
 
+from .conftest import accelerate_launch
+
 
 def _corpus(tmp_path: Path, n: int) -> Path:
     path = tmp_path / "prompts.txt"
@@ -88,23 +90,10 @@ def test_accelerate_two_processes_make_one_store(tiny_lm_dir, tmp_path):
     corpus = _corpus(tmp_path, 40)
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run(_cli(*_collect_args(tiny_lm_dir, corpus, one)), check=True, capture_output=True)
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
+    launch = accelerate_launch(
         "logit2prompt.cli",
         *_collect_args(tiny_lm_dir, corpus, two),
-    ]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -20,7 +20,7 @@ from logit2prompt.store import DistributionStore
 from logit2prompt.targets import load_target
 from logit2prompt.train import TrainConfig, Trainer
 
-from .conftest import FIXTURE_PROMPTS
+from .conftest import FIXTURE_PROMPTS, accelerate_launch
 
 MEMORISE = FIXTURE_PROMPTS[:8]
 
@@ -182,20 +182,7 @@ def test_accelerate_two_processes_match_one(tiny_store, tiny_lm_dir, tmp_path):
         "8",
         *common,
     ]
-    two = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
+    two = accelerate_launch(
         "logit2prompt.cli",
         "train",
         "--out",
@@ -203,7 +190,7 @@ def test_accelerate_two_processes_match_one(tiny_store, tiny_lm_dir, tmp_path):
         "--per-device-batch-size",
         "4",
         *common,
-    ]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for cmd in (one, two):
         result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)

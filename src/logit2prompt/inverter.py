@@ -396,3 +396,11 @@ def encode_labels(tokenizer, prompts: Sequence[str], max_length: int) -> list[li
     ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
     return [x[: max_length - 1] + [eos] for x in ids]
+
+
+def pad_labels(labels: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Right-pad label id lists with -100 (ignored by the loss) into a `[batch, width]` tensor."""
+    padded = torch.full((len(labels), max(len(x) for x in labels)), -100, dtype=torch.long)
+    for row, x in enumerate(labels):
+        padded[row, : len(x)] = torch.tensor(x, dtype=torch.long)
+    return padded

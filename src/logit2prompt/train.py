@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .defenses import parse_defense
 from .distributed import accelerate_cpu
 from .errors import CheckpointError, StoreError
-from .inverter import Inverter, InverterConfig, encode_labels
+from .inverter import Inverter, InverterConfig, encode_labels, pad_labels
 from .metrics import score
 from .store import DistributionStore
 
@@ -211,11 +211,7 @@ class Trainer:
 
     def _batch_tensors(self, indices: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
         vectors = self._defended(torch.from_numpy(self.store.vectors(indices.tolist())))
-        labels = [self.labels[i] for i in indices]
-        width = max(len(x) for x in labels)
-        padded = torch.full((len(labels), width), -100, dtype=torch.long)
-        for row, x in enumerate(labels):
-            padded[row, : len(x)] = torch.tensor(x)
+        padded = pad_labels([self.labels[i] for i in indices])
         return vectors.to(device), padded.to(device)
 
     def _defended(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -307,11 +303,7 @@ class Trainer:
         idx = list(range(min(self.cfg.eval_samples, len(store))))
         vectors = self._defended(torch.from_numpy(store.vectors(idx)))
         refs = [store.prompts[i] for i in idx]
-        labels = encode_labels(model.tokenizer, refs, model.config.max_length)
-        width = max(len(x) for x in labels)
-        padded = torch.full((len(labels), width), -100, dtype=torch.long)
-        for row, x in enumerate(labels):
-            padded[row, : len(x)] = torch.tensor(x)
+        padded = pad_labels(encode_labels(model.tokenizer, refs, model.config.max_length))
         device = next(model.parameters()).device
         model.eval()
         with torch.no_grad():
