@@ -34,6 +34,7 @@ from logit2prompt.train import TrainConfig, Trainer, is_trained
 RESULTS = Path(__file__).parent / "results" / "quality.json"
 SHARED_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "bigbench_prompts.jsonl"
 CALIBRATION_STEPS = 8
+NO_REPEAT_NGRAM = 3
 PAPER = {"bleu": 59.0, "token_f1": 78.0, "exact": 27.0}  # Llama-2 7B, Morris et al. 2023
 
 
@@ -120,10 +121,12 @@ def main() -> None:
     training = json.loads((model_dir / "training_args.json").read_text())
     t0 = time.perf_counter()
     predictions = invert_store(inverter, test)
+    no_repeat = invert_store(inverter, test, no_repeat_ngram_size=NO_REPEAT_NGRAM)
     timings["invert_test_s"] = time.perf_counter() - t0
     refs = test.prompts
     results = {
         "inverter (greedy)": score(predictions, refs),
+        f"inverter (greedy, no {NO_REPEAT_NGRAM}-gram repeat)": score(no_repeat, refs),
         "nearest neighbour (train)": score(
             nearest_neighbour(train, test.vectors(range(len(test)))), refs
         ),

@@ -215,6 +215,7 @@ def cmd_invert(args) -> None:
         "do_sample": args.sample,
         "temperature": args.temperature,
         "top_p": args.top_p,
+        "no_repeat_ngram_size": args.no_repeat_ngram_size,
     }
     references = None
     if args.text is not None:
@@ -365,6 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", action="store_true", help="sample instead of beam search")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument(
+        "--no-repeat-ngram-size",
+        type=int,
+        default=0,
+        help="forbid repeating any n-gram of this size (0: off)",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_invert)

@@ -253,6 +253,7 @@ class Inverter(nn.Module):
         do_sample: bool = False,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        no_repeat_ngram_size: int = 0,
         batch_size: int = 64,
         fingerprint: TargetFingerprint | None = None,
     ) -> list[str] | list[list[str]]:
@@ -282,6 +283,10 @@ class Inverter(nn.Module):
         }
         if do_sample:
             kwargs.update(temperature=temperature, top_p=top_p)
+        if no_repeat_ngram_size:
+            # An undertrained inverter loops ("the remaining the remaining ..."); blocking
+            # repeated n-grams is the usual seq2seq remedy.
+            kwargs["no_repeat_ngram_size"] = no_repeat_ngram_size
         texts: list[str] = []
         for start in range(0, len(x), batch_size):
             ids = self.generate_ids(x[start : start + batch_size], **kwargs)
