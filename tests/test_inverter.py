@@ -116,11 +116,21 @@ def test_beams_and_sampling_return_several(trained, tiny_store):
     assert len(beams) == 2 and all(len(b) == 3 for b in beams)
     sampled = model.invert(x, do_sample=True, num_return_sequences=2, temperature=1.5)
     assert len(sampled) == 2 and all(len(s) == 2 for s in sampled)
-    blocked = model.invert(x, no_repeat_ngram_size=2)
-    for text in blocked:
-        ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
-        pairs = list(zip(ids, ids[1:], strict=False))
-        assert len(pairs) == len(set(pairs))
+    seen = {}
+    real = model.generate_ids
+
+    def spy(vectors, **kwargs):
+        seen.update(kwargs)
+        ids = real(vectors, **kwargs)
+        for row in ids.tolist():
+            pairs = list(zip(row, row[1:], strict=False))
+            assert len(pairs) == len(set(pairs))  # no token bigram repeats
+        return ids
+
+    model.generate_ids = spy
+    assert len(model.invert(x, no_repeat_ngram_size=2)) == 2
+    assert seen["no_repeat_ngram_size"] == 2
+    model.generate_ids = real
     single = model.invert(x[0, 0])  # one bare [vocab] vector
     assert isinstance(single, list) and len(single) == 1
 
