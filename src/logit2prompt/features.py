@@ -16,7 +16,6 @@ from .errors import VectorError
 
 NORMALIZATIONS = ("mean", "standardize", "none")
 STD_FLOOR = 1e-3  # entries that never move in training must not blow up when standardised
-STATS_SAMPLE = 4096  # vectors read to estimate the mean / std
 
 
 def num_chunks(dim: int, width: int) -> int:

@@ -256,12 +256,3 @@ def load_corpus(
             + (f" (dropped: {details})" if details else f" ({len(rows)} rows read)")
         )
     return corpus
-
-
-def write_jsonl(records: Iterable[PromptRecord], path: str | Path) -> None:
-    """Write records as `{"prompt": ..., **meta}` lines."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps({DEFAULT_FIELD: r.text, **r.meta}, ensure_ascii=False) + "\n")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shutil
 import time
@@ -437,7 +436,3 @@ class Trainer:
 
 def is_trained(out: str | Path) -> bool:
     return (Path(out) / FINAL_MARKER).is_file()
-
-
-def steps_for_epochs(num_examples: int, global_batch: int, epochs: float) -> int:
-    return max(1, math.ceil(num_examples * epochs / global_batch))
