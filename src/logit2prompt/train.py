@@ -364,7 +364,10 @@ class Trainer:
         checkpoint = latest_checkpoint(self.cfg.out) if resume else None
         if checkpoint is not None:
             self.load_checkpoint(checkpoint)
-        elif not self.cfg.init_from:  # a fine-tuned inverter keeps its checkpoint's statistics
+        elif not self.cfg.init_from or self.defense:
+            # A fine-tuned inverter keeps its checkpoint's statistics, unless it adapts to a
+            # defense: defended vectors (floors of -100, flattened or noisy rows) standardised
+            # with clean statistics land far outside anything it has seen.
             self.fit_feature_stats()
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
 
