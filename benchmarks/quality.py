@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from logit2prompt.baselines import constant_guess, nearest_neighbour
+from logit2prompt.baselines import baseline_predictions
 from logit2prompt.bigbench import build_bigbench_corpus
 from logit2prompt.collect import collect
 from logit2prompt.invert import invert_store
@@ -127,10 +127,7 @@ def main() -> None:
     results = {
         "inverter (greedy)": score(predictions, refs),
         f"inverter (greedy, no {NO_REPEAT_NGRAM}-gram repeat)": score(no_repeat, refs),
-        "nearest neighbour (train)": score(
-            nearest_neighbour(train, test.vectors(range(len(test)))), refs
-        ),
-        "constant guess (train)": score([constant_guess(train.prompts)] * len(refs), refs),
+        **{name: score(preds, refs) for name, preds in baseline_predictions(train, test).items()},
     }
     print(
         f"BIG-bench test split ({len(refs)} prompts), target {target.fingerprint.describe()}, "

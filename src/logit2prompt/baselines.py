@@ -47,3 +47,11 @@ def constant_guess(prompts: list[str], seed: int = 0) -> str:
         for i in rng.choice(len(prompts), min(MEDOID_SAMPLE, len(prompts)), replace=False)
     ]
     return max(sample, key=lambda c: sum(token_f1(c, other) for other in sample))
+
+
+def baseline_predictions(train: DistributionStore, test: DistributionStore) -> dict[str, list[str]]:
+    """Both baselines' predictions for every test prompt, keyed by the name reports use."""
+    return {
+        "nearest neighbour (train)": nearest_neighbour(train, test.vectors(range(len(test)))),
+        "constant guess (train)": [constant_guess(train.prompts)] * len(test),
+    }

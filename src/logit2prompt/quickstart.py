@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .baselines import constant_guess, nearest_neighbour
+from .baselines import baseline_predictions
 from .bigbench import build_bigbench_corpus
 from .collect import collect
 from .invert import invert_store
@@ -103,12 +103,12 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     test = stores["test"]
     references = test.prompts
     predictions = invert_store(inverter, test)
-    neighbours = nearest_neighbour(stores["train"], test.vectors(range(len(test))))
-    constant = [constant_guess(stores["train"].prompts)] * len(references)
     results = {
         "inverter": score(predictions, references),
-        "nearest neighbour (train)": score(neighbours, references),
-        "constant guess (train)": score(constant, references),
+        **{
+            name: score(preds, references)
+            for name, preds in baseline_predictions(stores["train"], test).items()
+        },
     }
     table = format_table(results)
     per = per_example_scores(predictions, references)
