@@ -128,6 +128,11 @@ class StoreWriter:
         self.shard_dir = self.path / SHARD_DIR
         if (self.path / MANIFEST).exists():
             self._check_compatible(read_manifest(self.path))
+            if create:
+                # A run killed mid-write leaves its temporary file; only the process that
+                # creates the writer (the main one, before any shard is written) removes them.
+                for stale in self.shard_dir.glob(".*.tmp*"):
+                    stale.unlink(missing_ok=True)
         elif create:
             try:
                 self.shard_dir.mkdir(parents=True, exist_ok=True)
