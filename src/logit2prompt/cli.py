@@ -48,6 +48,20 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default=None, help="torch device (default: cuda if present)")
     p.add_argument("--batch-size", type=int, default=32)
+    api = p.add_argument_group("API targets (--target openai:BASE_URL:MODEL)")
+    api.add_argument("--tokenizer", default=None, help="the endpoint's tokenizer (dir or hub id)")
+    api.add_argument(
+        "--api-key-env", default="OPENAI_API_KEY", help="environment variable with the API key"
+    )
+    api.add_argument(
+        "--api-strategy",
+        choices=["auto", "bias-block", "force", "gap"],
+        default="auto",
+        help="recovery strategy (default: probe the endpoint and pick)",
+    )
+    api.add_argument("--api-top-k", type=int, default=None, help="top log-probs to ask for")
+    api.add_argument("--api-concurrency", type=int, default=8)
+    api.add_argument("--api-rate-limit", type=float, default=None, help="requests per second")
 
 
 def add_corpus_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -71,6 +85,30 @@ def add_corpus_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 def load_cli_target(args, device: str | None = None):
     from .targets import load_target
 
+    if args.target.startswith("openai:"):
+        import os
+
+        from .targets.openai_api import resolve_api_target
+
+        target = resolve_api_target(
+            args.target,
+            tokenizer=args.tokenizer,
+            api_key=os.environ.get(args.api_key_env),
+            mode=args.mode,
+            system_prompt=args.system_prompt,
+            strategy=args.api_strategy,
+            top_k=args.api_top_k,
+            concurrency=args.api_concurrency,
+            rate_limit=args.api_rate_limit,
+            progress=True,
+        )
+        strategy, k = target.probe()
+        print(
+            f"API target {target.base_url} ({target.model}): strategy {strategy}, top-{k}, "
+            f"{target.query_cost(strategy, k)} queries per distribution",
+            file=sys.stderr,
+        )
+        return target
     dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[args.dtype]
     return load_target(
         args.target,
@@ -300,6 +338,29 @@ def cmd_defend_sweep(args) -> None:
         print(f"most leakage removed per unit of utility cost: {best['spec']}")
 
 
+def cmd_serve(args) -> None:
+    from .server import ServerConfig, serve
+    from .targets import DEFAULT_TARGET
+
+    api_key = args.api_key
+    if api_key is None and args.api_key_env:
+        import os
+
+        api_key = os.environ.get(args.api_key_env) or None
+    config = ServerConfig(
+        model_name=args.model_name
+        or (DEFAULT_TARGET if args.target == DEFAULT_TARGET else args.target),
+        max_top_logprobs=args.max_top_logprobs,
+        logprobs_mode=args.logprobs_mode,
+        defense=args.defense or "",
+        api_key=api_key,
+        max_tokens_limit=args.max_tokens_limit,
+        max_in_flight=args.max_in_flight,
+    )
+    args.mode = "raw"  # the server renders chat itself; the target's mode is unused
+    serve(load_cli_target(args), config, host=args.host, port=args.port)
+
+
 def cmd_info(args) -> None:
     from .store import read_manifest
 
@@ -401,6 +462,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=128, help="test prompts scored")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_defend_sweep)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a local target")
+    p.add_argument(
+        "--target", default=DEFAULT_TARGET, help="built-in name, directory, .gguf, hub id"
+    )
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--device", default=None)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default=None, help="the model id clients ask for")
+    p.add_argument(
+        "--max-top-logprobs", type=int, default=5, help="cap on top log-probs (0: none exposed)"
+    )
+    p.add_argument(
+        "--logprobs-mode",
+        choices=["after", "before"],
+        default="after",
+        help="log-probs computed after logit_bias (OpenAI-style) or before it (llama.cpp-style)",
+    )
+    p.add_argument("--defense", default=None, help='applied to exposed log-probs, e.g. "topk:20"')
+    p.add_argument("--api-key", default=None, help="require this bearer token")
+    p.add_argument(
+        "--api-key-env", default=None, help="read the bearer token from this environment variable"
+    )
+    p.add_argument("--max-tokens-limit", type=int, default=256)
+    p.add_argument("--max-in-flight", type=int, default=16, help="more concurrent requests: 429")
+    p.set_defaults(func=cmd_serve, system_prompt=None, batch_size=1)
 
     p = sub.add_parser("info", help="print a store's manifest")
     p.add_argument("store")

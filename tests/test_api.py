@@ -1,0 +1,353 @@
+"""The OpenAI-compatible server (real subprocess, official client) and API recovery through it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+import schemathesis
+import torch
+from hypothesis import HealthCheck, given, settings
+
+from logit2prompt.errors import TargetError
+from logit2prompt.server import ServerConfig, create_app
+from logit2prompt.targets import HFTarget
+from logit2prompt.targets.openai_api import (
+    OpenAITarget,
+    QueryBudgetExceeded,
+    parse_openai_spec,
+)
+from logit2prompt.targets.vocab import token_bytes
+
+PROMPTS = ["What is the capital of France?", "List three prime numbers."]
+MODEL = "tiny"
+
+
+def http(method: str, url: str, body: bytes | None = None, json_body=None) -> tuple[int, dict]:
+    """A raw HTTP request (no client-side validation): status and parsed JSON body."""
+    headers = {"Content-Type": "application/json"}
+    if json_body is not None:
+        body = json.dumps(json_body).encode()
+    req = urllib.request.Request(url, data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(model_dir, *args: str):
+    """`logit2prompt serve` in a real subprocess on a free loopback port; yields the base URL."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "logit2prompt.cli", "serve", "--target", str(model_dir)]
+    cmd += ["--port", str(port), "--model-name", MODEL, *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/openapi.json", timeout=1)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def white_box(tiny_lm_dir):
+    return HFTarget.from_pretrained(str(tiny_lm_dir), mode="user")
+
+
+@pytest.fixture(scope="module")
+def after_server(tiny_lm_dir):
+    with running_server(tiny_lm_dir, "--max-top-logprobs", "5") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def before_server(tiny_lm_dir):
+    args = ("--max-top-logprobs", "5", "--logprobs-mode", "before")
+    with running_server(tiny_lm_dir, *args) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def blind_server(tiny_lm_dir):
+    with running_server(tiny_lm_dir, "--max-top-logprobs", "0") as url:
+        yield url
+
+
+def client(url: str, key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=url, api_key=key, max_retries=0)
+
+
+def api_target(url, white_box, tmp_path, **kw) -> OpenAITarget:
+    return OpenAITarget(
+        url, MODEL, tokenizer=white_box.tokenizer, cache_path=tmp_path / "cache.sqlite", **kw
+    )
+
+
+# ----------------------------------------------------------------------------- the server
+def test_chat_and_completions_with_official_client(after_server, white_box):
+    c = client(after_server)
+    assert [m.id for m in c.models.list().data] == [MODEL]
+    r = c.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": PROMPTS[0]}],
+        logprobs=True,
+        top_logprobs=5,
+        max_tokens=4,
+        temperature=0,
+    )
+    first = r.choices[0].logprobs.content[0]
+    assert len(first.top_logprobs) == 5
+    # The exposed values are the white-box distribution of the same chat rendering.
+    expected = white_box.next_token_logprobs([PROMPTS[0]])[0]
+    values, ids = expected.topk(5)
+    vocab_bytes = token_bytes(white_box.tokenizer, white_box.vocab_size)
+    for entry, v, i in zip(first.top_logprobs, values, ids, strict=True):
+        assert bytes(entry.bytes) == vocab_bytes[int(i)]
+        assert entry.logprob == pytest.approx(float(v), abs=1e-4)
+    assert first.token == first.top_logprobs[0].token  # greedy
+    assert r.usage.completion_tokens == len(r.choices[0].logprobs.content) <= 4
+
+    done = c.completions.create(model=MODEL, prompt="hello", max_tokens=3, logprobs=2, seed=1)
+    assert done.choices[0].logprobs.token_logprobs and done.usage.prompt_tokens > 0
+    with pytest.raises(openai.BadRequestError, match="at most 5"):
+        c.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hi"}],
+            logprobs=True,
+            top_logprobs=6,
+            max_tokens=1,
+        )
+
+
+@pytest.mark.parametrize("mode", ["after", "before"])
+def test_logit_bias_in_both_modes(mode, after_server, before_server, white_box):
+    url = after_server if mode == "after" else before_server
+    expected = white_box.next_token_logprobs([PROMPTS[1]])[0]
+    forced = int(expected.argsort()[len(expected) // 2])  # a mid-ranked token
+    r = client(url).chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": PROMPTS[1]}],
+        logprobs=True,
+        top_logprobs=1,
+        max_tokens=1,
+        temperature=0,
+        logit_bias={str(forced): 100},
+    )
+    first = r.choices[0].logprobs.content[0]
+    vocab_bytes = token_bytes(white_box.tokenizer, white_box.vocab_size)
+    assert bytes(first.bytes) == vocab_bytes[forced]  # the bias made it the greedy choice
+    if mode == "after":  # reported on the biased distribution: now nearly certain
+        assert first.logprob > -1e-3
+    else:  # reported on the unbiased distribution: its white-box value
+        assert first.logprob == pytest.approx(float(expected[forced]), abs=1e-4)
+
+
+def test_api_key_enforced(tiny_lm_dir):
+    with running_server(tiny_lm_dir, "--api-key", "s3cret") as url:
+        with pytest.raises(openai.AuthenticationError):
+            client(url, "wrong").models.list()
+        assert http("GET", url + "/models")[0] == 401  # no key at all
+        assert client(url, "s3cret").models.list().data[0].id == MODEL
+
+
+def oversized(url: str) -> tuple[int, dict]:
+    """Announce a 1 GB body and send none: the server must refuse before reading it."""
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000000000\r\n\r\n"
+        )
+        data = b""
+        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_bad_requests_get_4xx(after_server):
+    def post(path, content=None, json=None):
+        return http("POST", after_server + path, body=content, json_body=json)
+
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    cases = [
+        (post("/chat/completions", content=b"{not json"), 400),
+        (post("/chat/completions", json={**chat, "model": "nope"}), 404),
+        (post("/chat/completions", json={**chat, "temperature": 7}), 400),
+        (post("/chat/completions", json={**chat, "max_tokens": 10_000}), 400),
+        (post("/chat/completions", json={**chat, "messages": []}), 400),
+        (post("/chat/completions", json={**chat, "logit_bias": {"abc": 1}}), 400),
+        (post("/chat/completions", json={**chat, "logit_bias": {"99999": 1}}), 400),
+        (post("/chat/completions", json={**chat, "logit_bias": {"1": 500}}), 400),
+        (
+            post(
+                "/chat/completions", json={**chat, "logit_bias": {str(i): 1 for i in range(2000)}}
+            ),
+            400,
+        ),
+        (post("/completions", json={"model": MODEL, "prompt": "word " * 400}), 400),
+        (post("/completions", json={"model": MODEL, "prompt": ""}), 400),
+        (oversized(after_server), 413),
+    ]
+    for (got, body), status in cases:
+        assert got == status, body
+        assert body["error"]["message"]
+
+
+def test_server_binds_loopback_by_default():
+    from logit2prompt.cli import build_parser
+
+    args = build_parser().parse_args(["serve"])
+    assert args.host == "127.0.0.1"
+
+
+def test_fuzz_server_from_openapi_schema(white_box):
+    """Whatever the schema lets a client send, the server never answers with a 5xx."""
+    app = create_app(white_box, ServerConfig(model_name=MODEL, max_top_logprobs=5))
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/completions", "/v1/chat/completions"}
+    for op in operations:
+
+        @given(case=op.as_strategy())
+        @settings(
+            max_examples=30, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        )
+        def check(case):
+            response = case.call()
+            assert response.status_code < 500, (case.body, response.text)
+
+        check()
+
+
+# ----------------------------------------------------------------------------- recovery
+def test_parse_openai_spec():
+    assert parse_openai_spec("openai:http://127.0.0.1:8000/v1:smol") == (
+        "http://127.0.0.1:8000/v1",
+        "smol",
+    )
+    assert parse_openai_spec("openai:https://api.x.com/v1:org/model-7b") == (
+        "https://api.x.com/v1",
+        "org/model-7b",
+    )
+    with pytest.raises(TargetError, match="openai:BASE_URL:MODEL"):
+        parse_openai_spec("openai:nourl")
+
+
+@pytest.mark.parametrize(
+    ("server", "strategy", "top_k"),
+    [("after_server", "bias-block", 5), ("before_server", "force", 5)],
+)
+def test_exact_recovery_through_http(server, strategy, top_k, white_box, tmp_path, request):
+    url = request.getfixturevalue(server)
+    target = api_target(url, white_box, tmp_path, concurrency=4)
+    assert target.probe() == (strategy, top_k)
+    got = target.next_token_logprobs(PROMPTS)
+    expected = white_box.next_token_logprobs(PROMPTS)
+    assert (got - expected).abs().max() <= 1e-3
+    v = white_box.vocab_size
+    per_prompt = {"bias-block": 1 + math.ceil((v - 1) / (top_k - 1)), "force": v}[strategy]
+    assert target.query_cost(strategy, top_k) == per_prompt
+    assert target.sent - target.probe_queries == len(PROMPTS) * per_prompt
+
+
+def test_gap_recovery_without_logprobs(blind_server, white_box, tmp_path):
+    target = api_target(blind_server, white_box, tmp_path, bias=40.0, tolerance=0.02)
+    assert target.probe()[0] == "gap"
+    vec, report = target.recover(PROMPTS[0])
+    expected = white_box.next_token_logprobs([PROMPTS[0]])[0]
+    # Each gap is known to +-tolerance/2, and normalisation adds at most as much again.
+    assert (vec - expected).abs().max() <= target.tolerance
+    assert report.queries == target.query_cost("gap", 0) == 1 + (len(vec) - 1) * 11
+
+
+def test_top1_after_bias_falls_back_to_gap(after_server, white_box, tmp_path):
+    target = api_target(after_server, white_box, tmp_path, top_k=1)
+    assert target.probe()[0] == "gap"
+
+
+def test_interrupted_recovery_resumes_without_asking_again(after_server, white_box, tmp_path):
+    first = api_target(after_server, white_box, tmp_path, max_queries=40, concurrency=4)
+    with pytest.raises(QueryBudgetExceeded, match="rerun"):
+        first.next_token_logprobs(PROMPTS[:1])
+    assert first.sent == 40
+    kept = len(first.cache)
+    assert kept == first.sent - first.refused  # every answer was kept
+    second = api_target(after_server, white_box, tmp_path, concurrency=4)
+    vec = second.next_token_logprobs(PROMPTS[:1])
+    asked = (first.sent - first.probe_queries) + (second.sent - second.probe_queries)
+    assert asked == second.query_cost("bias-block", 5)  # nothing answered was asked twice
+    assert second.cache_hits == kept  # the probe's and the recovery's answers
+    expected = white_box.next_token_logprobs(PROMPTS[:1])
+    assert (vec - expected).abs().max() <= 1e-3
+
+
+def test_collect_from_an_api_target(after_server, white_box, tmp_path):
+    from logit2prompt.collect import collect
+    from logit2prompt.prompts import Corpus, PromptRecord
+    from logit2prompt.store import DistributionStore
+
+    target = api_target(after_server, white_box, tmp_path)
+    store_dir = tmp_path / "store"
+    corpus = Corpus([PromptRecord(p) for p in PROMPTS], source="test")
+    collect(target, corpus, str(store_dir), progress=False)
+    store = DistributionStore(store_dir)
+    assert store.fingerprint.name == f"openai:{after_server}:{MODEL}"
+    expected = white_box.next_token_logprobs(store.prompts)
+    got = torch.as_tensor(store.vectors(range(len(store))), dtype=torch.float32)[:, 0]
+    assert sorted(store.prompts) == sorted(PROMPTS)
+    assert (got - expected).abs().max() <= 2e-2  # the store keeps fp16
+
+
+def test_api_target_refuses_steps_and_empty_prompts(after_server, white_box, tmp_path):
+    target = api_target(after_server, white_box, tmp_path)
+    with pytest.raises(TargetError, match="steps=1"):
+        target.next_token_logprobs(PROMPTS, steps=2)
+    with pytest.raises(TargetError, match="empty"):
+        target.recover("")
+
+
+def test_unreachable_endpoint_is_a_clear_error(white_box, tmp_path):
+    url = f"http://127.0.0.1:{_free_port()}/v1"
+    target = OpenAITarget(
+        url,
+        MODEL,
+        tokenizer=white_box.tokenizer,
+        cache_path=tmp_path / "c.sqlite",
+        max_retries=0,
+        timeout=2,
+    )
+    with pytest.raises(TargetError, match="cannot reach|refused"):
+        target.recover("hello")
+    json.dumps(target.fingerprint.to_dict())  # the fingerprint serialises for stores
