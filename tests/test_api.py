@@ -6,9 +6,7 @@ import contextlib
 import json
 import math
 import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -19,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 from logit2prompt.errors import TargetError
-from logit2prompt.server import ServerConfig, create_app
+from logit2prompt.server import ServerConfig, create_app, free_port, server_process
 from logit2prompt.targets import HFTarget
 from logit2prompt.targets.openai_api import (
     OpenAITarget,
@@ -45,36 +43,14 @@ def http(method: str, url: str, body: bytes | None = None, json_body=None) -> tu
         return e.code, json.loads(e.read() or b"{}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def running_server(model_dir, *args: str):
     """`logit2prompt serve` in a real subprocess on a free loopback port; yields the base URL."""
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "logit2prompt.cli", "serve", "--target", str(model_dir)]
     cmd += ["--port", str(port), "--model-name", MODEL, *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/openapi.json", timeout=1)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.3)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with server_process(cmd, f"http://127.0.0.1:{port}/openapi.json", timeout=90):
+        yield f"http://127.0.0.1:{port}/v1"
 
 
 @pytest.fixture(scope="module")
@@ -339,7 +315,7 @@ def test_api_target_refuses_steps_and_empty_prompts(after_server, white_box, tmp
 
 
 def test_unreachable_endpoint_is_a_clear_error(white_box, tmp_path):
-    url = f"http://127.0.0.1:{_free_port()}/v1"
+    url = f"http://127.0.0.1:{free_port()}/v1"
     target = OpenAITarget(
         url,
         MODEL,

@@ -338,6 +338,49 @@ def cmd_defend_sweep(args) -> None:
         print(f"most leakage removed per unit of utility cost: {best['spec']}")
 
 
+def cmd_evaluate(args) -> None:
+    from .evaluate import EvalConfig, evaluate
+    from .metrics import format_table
+
+    baselines = tuple(b.strip() for b in args.baselines.split(",") if b.strip())
+    results = evaluate(
+        EvalConfig(
+            checkpoint=args.checkpoint,
+            prompts=args.prompts,
+            out=args.out,
+            baselines=baselines,
+            train_data=args.train_data,
+            field=args.field,
+            split=None if args.split == "all" else args.split,
+            limit=args.limit,
+            num_beams=args.num_beams,
+            no_repeat_ngram_size=args.no_repeat_ngram_size,
+            attacks=args.attacks,
+            text_checkpoint=args.text_checkpoint,
+            semantic=not args.no_semantic,
+            functional=not args.no_functional,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+        )
+    )
+    print(format_table(results["summary"]))
+    print(f"wrote {args.out}/results.json, predictions.jsonl and report.html")
+
+
+def cmd_train_text(args) -> None:
+    from .textinvert import build_text_inverter
+
+    build_text_inverter(
+        args.data,
+        args.out,
+        like=args.like,
+        steps=args.steps,
+        limit=args.limit,
+        progress=not args.no_progress,
+    )
+    print(f"wrote {args.out}")
+
+
 def cmd_serve(args) -> None:
     from .server import ServerConfig, serve
     from .targets import DEFAULT_TARGET
@@ -462,6 +505,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=128, help="test prompts scored")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_defend_sweep)
+
+    p = sub.add_parser("evaluate", help="score the inverter and baselines; JSON + HTML report")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument(
+        "--prompts", required=True, help="corpus file (any format collect reads) or 'bigbench'"
+    )
+    p.add_argument("--out", required=True)
+    p.add_argument(
+        "--baselines",
+        default="nn,constant",
+        help="comma-separated: nn, constant, extraction, fewshot, or '' (default: %(default)s)",
+    )
+    p.add_argument("--train-data", default=None, help="training store (nn, constant, fewshot)")
+    p.add_argument("--field", default=DEFAULT_FIELD)
+    p.add_argument("--split", choices=(*SPLITS, "all"), default="all")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    p.add_argument("--attacks", default=None, help="JSON file of extraction attack strings")
+    p.add_argument("--text-checkpoint", default=None, help="text-only inverter (baseline text)")
+    p.add_argument("--no-semantic", action="store_true", help="skip the MiniLM cosine")
+    p.add_argument("--no-functional", action="store_true", help="skip KL / top-1 agreement")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "train-text", help="train the text-only inversion baseline on a store's prompts"
+    )
+    p.add_argument("--data", required=True, help="training store (its prompts and target)")
+    p.add_argument("--out", required=True)
+    p.add_argument(
+        "--like",
+        required=True,
+        help="a log-prob inverter checkpoint: same preset, batch size, lr and steps",
+    )
+    p.add_argument("--steps", type=int, default=None, help="override the number of steps")
+    p.add_argument("--limit", type=int, default=None, help="use the first N training prompts")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train_text)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a local target")
     p.add_argument(

@@ -11,7 +11,6 @@ target is not rerun.
 
 from __future__ import annotations
 
-import base64
 import html
 import io
 import json
@@ -189,17 +188,14 @@ def report_html(results: dict, png: bytes) -> str:
             f"<td>{n['token_f1']:.1f}</td><td>{a['bleu']:.1f}</td><td>{a['token_f1']:.1f}</td>"
             f"<td>{a['exact']:.1f}</td></tr>"
         )
-    image = base64.b64encode(png).decode()
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>logit2prompt defense sweep"
-        "</title><style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
-        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3em .6em;"
-        "text-align:right}</style></head><body><h1>Defense sweep</h1>"
+    from .report import page, png_tag
+
+    body = (
         f"<p>{results['n_test']} test prompts; adaptive attacker: the clean inverter fine-tuned "
         f"for {results['config']['finetune_steps']} steps on defended training vectors.</p>"
-        f"<img alt='leakage vs utility' src='data:image/png;base64,{image}'>"
-        f"<table>{head}{''.join(body)}</table></body></html>"
+        f"{png_tag(png, 'leakage vs utility')}<table>{head}{''.join(body)}</table>"
     )
+    return page("Defense sweep", body)
 
 
 def best_tradeoff(rows: list[dict]) -> dict | None:

@@ -19,11 +19,17 @@ VECTOR_KEY = "logprobs"
 
 def target_for(inverter: Inverter, device: str | None = None, batch_size: int | None = None):
     """Load the target that produced the inverter's training data, and check it is the same."""
+    if inverter.fingerprint is None:
+        raise VectorError("this checkpoint records no target; pass vectors instead of text")
+    return target_from_fingerprint(inverter.fingerprint, device, batch_size)
+
+
+def target_from_fingerprint(
+    fp: TargetFingerprint, device: str | None = None, batch_size: int | None = None
+):
+    """Load the target a fingerprint names, refusing it if it no longer matches."""
     from .targets import load_target
 
-    fp = inverter.fingerprint
-    if fp is None:
-        raise VectorError("this checkpoint records no target; pass vectors instead of text")
     target = load_target(
         fp.name, mode=fp.mode, dtype=fp.dtype, device=device, batch_size=batch_size
     )
@@ -31,7 +37,7 @@ def target_for(inverter: Inverter, device: str | None = None, batch_size: int | 
     diffs = fp.differences(target.fingerprint)
     if diffs:
         raise VectorError(
-            f"the target loaded as {fp.name!r} is not the checkpoint's target: {'; '.join(diffs)}"
+            f"the target loaded as {fp.name!r} is not the recorded target: {'; '.join(diffs)}"
         )
     return target
 

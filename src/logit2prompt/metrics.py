@@ -93,39 +93,74 @@ def bootstrap_ci(
     return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
 
 
-def score(
-    predictions: Sequence[str], references: Sequence[str], *, ci: bool = True
-) -> dict[str, dict]:
-    """Mean of each metric (with a 95% bootstrap CI), plus corpus BLEU; F1/exact in percent."""
-    per = per_example_scores(predictions, references)
+# How each per-example metric is shown: fractions become percentages.
+DISPLAY_SCALE = {
+    "bleu": 1.0,
+    "token_f1": 100.0,
+    "exact": 100.0,
+    "top1": 100.0,
+    "cosine": 1.0,
+    "kl": 1.0,
+}
+
+
+def summarize(per_example: dict[str, Sequence[float]], *, ci: bool = True) -> dict[str, dict]:
+    """Mean of each per-example metric, in display units, with a 95% bootstrap CI."""
     out: dict[str, dict] = {}
-    for name, values in per.items():
-        scale = 1.0 if name == "bleu" else 100.0
+    for name, values in per_example.items():
+        if len(values) == 0:
+            raise Logit2PromptError(f"no values for metric {name!r}: the set is empty")
+        scale = DISPLAY_SCALE.get(name, 1.0)
         entry = {"mean": float(np.mean(values)) * scale}
         if ci:
             lo, hi = bootstrap_ci(values)
             entry["ci95"] = [lo * scale, hi * scale]
         out[name] = entry
+    return out
+
+
+def score(
+    predictions: Sequence[str], references: Sequence[str], *, ci: bool = True
+) -> dict[str, dict]:
+    """Mean of each metric (with a 95% bootstrap CI), plus corpus BLEU; F1/exact in percent."""
+    out = summarize(per_example_scores(predictions, references), ci=ci)
     out["corpus_bleu"] = {"mean": corpus_bleu(predictions, references)}
     out["n"] = {"mean": len(references)}
     return out
 
 
+COLUMNS = {  # key -> (header, number format)
+    "bleu": ("BLEU", ".1f"),
+    "token_f1": ("token F1", ".1f"),
+    "exact": ("exact %", ".1f"),
+    "cosine": ("cosine", ".3f"),
+    "kl": ("KL nats", ".2f"),
+    "top1": ("top-1 %", ".1f"),
+}
+
+
+def format_cell(entry: dict, fmt: str) -> str:
+    ci = entry.get("ci95")
+    mean = format(entry["mean"], fmt)
+    return f"{mean} [{format(ci[0], fmt)},{format(ci[1], fmt)}]" if ci else mean
+
+
 def format_table(rows: dict[str, dict[str, dict]]) -> str:
-    """A plain-text table: one row per method, columns BLEU / token F1 / exact (with CIs)."""
-    header = f"{'method':28} {'BLEU':>16} {'token F1':>16} {'exact %':>16} {'n':>6}"
+    """A plain-text table: one row per method; BLEU / token F1 / exact (and cosine, KL, top-1
+    when present), each with its 95% CI."""
+    keys = [k for k in COLUMNS if all(k in m for m in rows.values())]
+    cells = {m: [format_cell(v[k], COLUMNS[k][1]) for k in keys] for m, v in rows.items()}
+    widths = [
+        max(len(COLUMNS[k][0]), *(len(c[i]) for c in cells.values())) for i, k in enumerate(keys)
+    ]
+    name_w = max(28, *(len(m) for m in rows))
+    header = (
+        f"{'method':{name_w}} "
+        + " ".join(f"{COLUMNS[k][0]:>{w}}" for k, w in zip(keys, widths, strict=True))
+        + f" {'n':>6}"
+    )
     lines = [header, "-" * len(header)]
     for method, m in rows.items():
-        cells = []
-        for key in ("bleu", "token_f1", "exact"):
-            entry = m[key]
-            ci = entry.get("ci95")
-            cells.append(
-                f"{entry['mean']:5.1f} [{ci[0]:4.1f},{ci[1]:5.1f}]"
-                if ci
-                else f"{entry['mean']:16.1f}"
-            )
-        lines.append(
-            f"{method:28} {cells[0]:>16} {cells[1]:>16} {cells[2]:>16} {int(m['n']['mean']):6d}"
-        )
+        row = " ".join(f"{c:>{w}}" for c, w in zip(cells[method], widths, strict=True))
+        lines.append(f"{method:{name_w}} {row} {int(m['n']['mean']):6d}")
     return "\n".join(lines)

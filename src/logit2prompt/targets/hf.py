@@ -194,6 +194,40 @@ class HFTarget(Target):
             messages, tokenize=False, add_generation_prompt=True
         )
 
+    def render_messages(self, messages: list[dict]) -> str:
+        """A chat rendered with this target's template, ready for the assistant's reply."""
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+
+    @torch.inference_mode()
+    def complete(self, texts: Sequence[str], max_new_tokens: int = 48) -> list[str]:
+        """Greedy continuations of texts as the model sees them (rendered chats or raw text)."""
+        out: list[str] = []
+        raw = self.mode == "raw"
+        for start in range(0, len(texts), self.batch_size):
+            ids = self.tokenizer(
+                list(texts[start : start + self.batch_size]), add_special_tokens=raw
+            )["input_ids"]
+            width = max(len(x) for x in ids)
+            input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
+            attention = torch.zeros((len(ids), width), dtype=torch.long)
+            for i, x in enumerate(ids):  # left padding: every row ends where generation starts
+                input_ids[i, width - len(x) :] = torch.tensor(x, dtype=torch.long)
+                attention[i, width - len(x) :] = 1
+            generated = self.model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention.to(self.device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.pad_id,
+            )
+            out.extend(
+                self.tokenizer.decode(row[width:], skip_special_tokens=True).strip()
+                for row in generated
+            )
+        return out
+
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
         """Token ids of each rendered prompt (special tokens only where the mode adds them)."""
         texts = [self.render(p) for p in prompts]

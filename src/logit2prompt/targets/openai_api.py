@@ -347,10 +347,17 @@ class OpenAITarget(Target):
         raw = getattr(entry, "bytes", None)
         if self.mode != "raw" and raw is not None:
             return bytes(raw).hex()
-        return entry.token if self.mode == "raw" else entry.token.encode().hex()
+        # No bytes (llama.cpp): the string, which several ids can share.
+        return entry.token if self.mode == "raw" else "s:" + entry.token
+
+    def token_ids_named(self, token: str) -> list[int]:
+        """Ids whose token string is `token` (several when byte-level strings collide)."""
+        return self._ids_of_text.get(token, [])
 
     def _ids(self, key: str) -> list[int]:
         if key.startswith("t:"):  # only the text came back
+            return self._ids_of_text.get(key[2:], [])
+        if key.startswith("s:"):
             return self._ids_of_text.get(key[2:], [])
         return self._ids_of.get(key, [])
 
@@ -491,12 +498,19 @@ class OpenAITarget(Target):
         vec[r] = lp_r
         unresolved = 0
         for block, reply in zip(blocks, replies, strict=True):
-            shown = dict(reply.top)
+            entries = list(reply.top)
             if reply.chosen_logprob is not None:
-                shown.setdefault(reply.chosen, reply.chosen_logprob)
-            ref_lp = shown.get(self._keys[r])
+                entries.append((reply.chosen, reply.chosen_logprob))
+            members = {r, *block}
+            shown: dict[int, float] = {}
+            for key, lp in entries:
+                # An entry names one biased token, unless its name is shared within the block.
+                hits = members.intersection(self._ids(key))
+                if len(hits) == 1:
+                    shown.setdefault(hits.pop(), lp)
+            ref_lp = shown.get(r)
             for t in block:
-                lp_t = shown.get(self._keys[t])
+                lp_t = shown.get(t)
                 if lp_t is None or ref_lp is None:
                     vec[t] = lp_r - self.bias  # beyond the bias's reach: at most this
                     unresolved += 1

@@ -1,0 +1,276 @@
+"""Full-distribution recovery through OpenAI-compatible APIs: query cost, time and error.
+
+    python benchmarks/api_recovery.py [--prompts 2] [--sample 300]
+        [--llamacpp-python /path/to/venv/bin/python]
+
+Part 1 serves the embedded default target with `logit2prompt serve` on loopback, in each
+exposure setting (log-probs after / before logit_bias, top-k in {1, 5, 20}, none at all, and
+one defended setting), recovers next-token distributions with `OpenAITarget`, and compares
+them with the white-box vectors of the same target: max |log-prob difference| and KL.
+
+Strategies whose full cost fits the run (bias-block, force) recover every one of the 49,152
+entries; the "gap" bisection costs ~17 queries per token, so it recovers `--sample` entries
+(the white-box top 20 plus random ones) and the table gives its full cost by formula, relative
+to the top token.
+
+Part 2 (with --llamacpp-python) runs llama-cpp-python's own OpenAI-compatible server on the
+same GGUF and recovers a sample of entries (the server's reported top 20 plus random ones),
+checked against the top log-probs that server reports directly. llama.cpp's quantised kernels
+differ from transformers' dequantised fp32, so its numbers are compared with its own.
+
+Writes benchmarks/results/api_recovery.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from logit2prompt.server import free_port, server_process
+from logit2prompt.targets import DEFAULT_TARGET, load_target
+from logit2prompt.targets.embedded import gguf_path
+from logit2prompt.targets.openai_api import OpenAITarget
+
+RESULTS = Path(__file__).parent / "results"
+PROMPTS = [
+    "What is the capital of France?",
+    "Translate the following sentence into German: the weather is nice today.",
+    "Which of these numbers is prime: 21, 23, 25?",
+]
+# (label, serve flags, recover the whole vocabulary?)
+SETTINGS = [
+    ("after, top-20", ["--max-top-logprobs", "20"], True),
+    ("after, top-5", ["--max-top-logprobs", "5"], True),
+    ("after, top-1", ["--max-top-logprobs", "1"], False),
+    ("before, top-5", ["--max-top-logprobs", "5", "--logprobs-mode", "before"], True),
+    # "force" costs V queries whatever k is: sample entries for the other two k.
+    ("before, top-1", ["--max-top-logprobs", "1", "--logprobs-mode", "before"], False),
+    ("before, top-20", ["--max-top-logprobs", "20", "--logprobs-mode", "before"], False),
+    ("no log-probs", ["--max-top-logprobs", "0"], False),
+    ("after, top-5, round:2", ["--max-top-logprobs", "5", "--defense", "round:2"], True),
+]
+
+
+def kl(p_log: torch.Tensor, q_log: torch.Tensor) -> float:
+    """KL(p || q) in nats for full log-prob vectors."""
+    return float((p_log.exp() * (p_log - q_log)).sum())
+
+
+def sample_ids(vocab: int, must: list[int], n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    rest = rng.sample([i for i in range(vocab) if i not in set(must)], max(0, n - len(must)))
+    return sorted(set(must) | set(rest))
+
+
+def run_setting(label, flags, full, args, white, tmp) -> dict:
+    port = free_port()
+    cmd = [sys.executable, "-m", "logit2prompt.cli", "serve", "--port", str(port)]
+    cmd += ["--model-name", DEFAULT_TARGET, *flags]
+    url = f"http://127.0.0.1:{port}/v1"
+    with server_process(cmd, url + "/models", timeout=300):
+        target = OpenAITarget(
+            url,
+            DEFAULT_TARGET,
+            tokenizer=white.tokenizer,
+            cache_path=Path(tmp) / f"{label}.sqlite",  # fresh cache: count real queries
+            concurrency=args.concurrency,
+            progress=True,
+        )
+        strategy, k = target.probe()
+        rows = []
+        for i, prompt in enumerate(PROMPTS[: args.prompts]):
+            truth = white.next_token_logprobs([prompt])[0]
+            ids = None
+            if not full:
+                ids = sample_ids(len(truth), truth.topk(20).indices.tolist(), args.sample, i)
+            start = time.perf_counter()
+            vec, report = target.recover(prompt, token_ids=ids)
+            seconds = time.perf_counter() - start
+            if ids is None:
+                err = float((vec - truth).abs().max())
+                div = kl(truth, vec.double().log_softmax(0).float())
+                mass = float(vec.double().exp().sum())
+            else:  # partial: "gap" gives log-probs relative to the top token
+                sel = torch.tensor(ids)
+                ref = truth.max() if strategy == "gap" else 0.0
+                err = float((vec[sel] - (truth[sel] - ref)).abs().max())
+                div, mass = None, None
+            rows.append(
+                {
+                    "queries": report.queries,
+                    "seconds": seconds,
+                    "entries": len(ids) if ids else len(truth),
+                    "max_abs_err": err,
+                    "kl": div,
+                    "mass": mass,
+                    "unresolved": report.unresolved,
+                }
+            )
+        per_query = sum(r["seconds"] for r in rows) / max(1, sum(r["queries"] for r in rows))
+        full_cost = target.query_cost(strategy, k) if strategy != "bias-block" or k > 1 else None
+        return {
+            "setting": label,
+            "strategy": strategy,
+            "top_k": k,
+            "full": full,
+            "queries_per_distribution": full_cost,
+            "seconds_per_query": per_query,
+            "seconds_per_distribution": per_query * full_cost if full_cost else None,
+            "max_abs_err": max(r["max_abs_err"] for r in rows),
+            "kl": max((r["kl"] for r in rows if r["kl"] is not None), default=None),
+            "unresolved": sum(r["unresolved"] for r in rows),
+            "prompts": rows,
+        }
+
+
+def run_llamacpp(args, white, tmp) -> dict:
+    port = free_port()
+    cmd = [args.llamacpp_python, "-m", "llama_cpp.server", "--model", str(gguf_path())]
+    cmd += ["--logits_all", "true", "--port", str(port), "--n_ctx", "2048"]
+    cmd += ["--model_alias", "smol", "--verbose", "false"]
+    url = f"http://127.0.0.1:{port}/v1"
+    import openai
+
+    with server_process(cmd, url + "/models", timeout=300):
+        target = OpenAITarget(
+            url,
+            "smol",
+            tokenizer=white.tokenizer,
+            cache_path=Path(tmp) / "llamacpp.sqlite",
+            concurrency=1,  # llama-cpp-python serves one request at a time
+            progress=True,
+        )
+        strategy, k = target.probe()
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=2)
+        rows = []
+        for i, prompt in enumerate(PROMPTS[: args.prompts]):
+            reported = (
+                client.chat.completions.create(
+                    model="smol",
+                    messages=[{"role": "user", "content": prompt}],
+                    logprobs=True,
+                    top_logprobs=20,
+                    max_tokens=1,
+                    temperature=0,
+                )
+                .choices[0]
+                .logprobs.content[0]
+                .top_logprobs
+            )
+            top = {}
+            for e in reported:
+                ids = target.token_ids_named(e.token)
+                if len(ids) == 1:
+                    top[ids[0]] = e.logprob
+            ids = sample_ids(white.vocab_size, list(top), args.llamacpp_sample, i)
+            start = time.perf_counter()
+            vec, report = target.recover(prompt, token_ids=ids)
+            seconds = time.perf_counter() - start
+            errs = [abs(float(vec[t]) - v) for t, v in top.items()]
+            truth = white.next_token_logprobs([prompt])[0]
+            sel = torch.tensor(ids)
+            ok = ~torch.isnan(vec[sel])
+            vs_hf = float((vec[sel][ok] - truth[sel][ok]).abs().median())
+            rows.append(
+                {
+                    "queries": report.queries,
+                    "seconds": seconds,
+                    "entries": len(ids),
+                    "checked_against_reported": len(errs),
+                    "max_abs_err_vs_reported": max(errs) if errs else None,
+                    "median_abs_diff_vs_transformers": vs_hf,
+                    "unresolved": report.unresolved,
+                }
+            )
+        per_query = sum(r["seconds"] for r in rows) / max(1, sum(r["queries"] for r in rows))
+        full_cost = target.query_cost(strategy, k)
+        return {
+            "setting": "llama-cpp-python server",
+            "strategy": strategy,
+            "top_k": k,
+            "queries_per_distribution": full_cost,
+            "seconds_per_query": per_query,
+            "seconds_per_distribution": per_query * full_cost,
+            "max_abs_err_vs_reported": max((r["max_abs_err_vs_reported"] or 0.0) for r in rows),
+            "median_abs_diff_vs_transformers": max(
+                r["median_abs_diff_vs_transformers"] for r in rows
+            ),
+            "unresolved": sum(r["unresolved"] for r in rows),
+            "prompts": rows,
+        }
+
+
+def fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=2)
+    parser.add_argument("--sample", type=int, default=120, help="entries for partial runs")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--only", nargs="*", default=None, help="labels of settings to run")
+    parser.add_argument("--llamacpp-python", default=None, help="python with llama-cpp-python")
+    parser.add_argument("--llamacpp-sample", type=int, default=300)
+    args = parser.parse_args()
+    white = load_target(DEFAULT_TARGET, mode="user")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, flags, full in SETTINGS:
+            if args.only and label not in args.only:
+                continue
+            print(f"== {label}", flush=True)
+            results.append(run_setting(label, flags, full, args, white, tmp))
+        llama = run_llamacpp(args, white, tmp) if args.llamacpp_python else None
+
+    print(
+        f"\n{'setting':24} {'strategy':10} {'k':>3} {'queries/dist':>12} {'s/query':>8} "
+        f"{'min/dist':>8} {'max|err|':>9} {'KL':>9} {'unres.':>6}"
+    )
+    for r in results:
+        minutes = r["seconds_per_distribution"]
+        print(
+            f"{r['setting']:24} {r['strategy']:10} {r['top_k']:3d} "
+            f"{fmt(r['queries_per_distribution'], ',d'):>12} {r['seconds_per_query']:8.4f} "
+            f"{fmt(minutes / 60 if minutes else None, '.1f'):>8} {r['max_abs_err']:9.2e} "
+            f"{fmt(r['kl'], '.2e'):>9} {r['unresolved']:6d}"
+            + ("" if r["full"] else "  (sampled entries)")
+        )
+    if llama:
+        print(
+            f"\nllama-cpp-python server: strategy {llama['strategy']}, "
+            f"{llama['queries_per_distribution']:,} queries/distribution, "
+            f"{llama['seconds_per_query']:.4f} s/query; max |recovered - reported top-20| "
+            f"{llama['max_abs_err_vs_reported']:.2e}; median |recovered - transformers| "
+            f"{llama['median_abs_diff_vs_transformers']:.3f}; unresolved {llama['unresolved']}"
+        )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / "api_recovery.json"
+    out.write_text(
+        json.dumps(
+            {
+                "command": "python benchmarks/api_recovery.py " + " ".join(sys.argv[1:]),
+                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
+                "vocab": white.vocab_size,
+                "bisection_steps": math.ceil(math.log2(100 / 1e-3)),
+                "settings": results,
+                "llamacpp": llama,
+            },
+            indent=1,
+        )
+    )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""The inverter and every baseline on the BIG-bench test split and three out-of-domain sets.
+
+    python benchmarks/leaderboard.py [--run runs/quality] [--limit 200]
+        [--baselines nn,constant,extraction,fewshot]
+
+Uses the inverter and training store of benchmarks/quality.py (run it first) and runs
+`logit2prompt evaluate` on each set: the BIG-bench test split (never trained or tuned on) and
+the chat-style out-of-domain sets of ../shared/data. Each set's full report (HTML, JSON,
+predictions) lands in runs/leaderboard/<set>/; the combined table goes to
+benchmarks/results/leaderboard.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from logit2prompt.evaluate import EvalConfig, evaluate
+
+RESULTS = Path(__file__).parent / "results" / "leaderboard.json"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SETS = [  # (name, file, split)
+    ("bigbench test", "bigbench_prompts.jsonl", "test"),
+    ("chatterbot", "chatterbot_first_turns.jsonl", None),
+    ("do-not-answer", "donotanswer_questions.jsonl", None),
+    ("self-instruct", "self_instruct_seed.jsonl", None),
+]
+SHOWN = ("bleu", "token_f1", "exact", "cosine", "kl", "top1")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", default="runs/quality", help="output folder of quality.py")
+    parser.add_argument("--data", default=str(SHARED), help="folder with the corpus files")
+    parser.add_argument("--out", default="runs/leaderboard")
+    parser.add_argument("--limit", type=int, default=200, help="prompts per set (first N)")
+    parser.add_argument("--baselines", default="nn,constant,extraction,fewshot")
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=3)
+    args = parser.parse_args()
+    run, data = Path(args.run), Path(args.data)
+    table: dict[str, dict] = {}
+    seconds = {}
+    for name, file, split in SETS:
+        t0 = time.perf_counter()
+        print(f"== {name}", flush=True)
+        results = evaluate(
+            EvalConfig(
+                checkpoint=str(run / "inverter"),
+                prompts=str(data / file),
+                out=str(Path(args.out) / name.replace(" ", "-")),
+                baselines=tuple(b for b in args.baselines.split(",") if b),
+                train_data=str(run / "train"),
+                split=split,
+                limit=args.limit,
+                no_repeat_ngram_size=args.no_repeat_ngram_size,
+            )
+        )
+        seconds[name] = time.perf_counter() - t0
+        table[name] = {
+            "n": results["corpus"]["n"],
+            "best_attack": results["best_attack"],
+            "methods": {
+                m: {k: s[k] for k in SHOWN if k in s} for m, s in results["summary"].items()
+            },
+        }
+    methods = list(next(iter(table.values()))["methods"])
+    print("\nBLEU / token F1 / cosine / top-1 % per set (95% CIs in the JSON)")
+    print(f"{'method':26} " + " ".join(f"{n:>26}" for n in table))
+    for m in methods:
+        cells = []
+        for entry in table.values():
+            s = entry["methods"][m]
+            cells.append(
+                f"{s['bleu']['mean']:5.1f} / {s['token_f1']['mean']:4.1f} / "
+                f"{s.get('cosine', {'mean': float('nan')})['mean']:.2f} / "
+                f"{s.get('top1', {'mean': float('nan')})['mean']:4.1f}"
+            )
+        print(f"{m:26} " + " ".join(f"{c:>26}" for c in cells))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "command": "python benchmarks/leaderboard.py " + " ".join(sys.argv[1:]),
+                "checkpoint": str(run / "inverter"),
+                "limit": args.limit,
+                "sets": table,
+                "seconds": seconds,
+            },
+            indent=1,
+        )
+    )
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""Evaluation: semantic and functional metrics, every baseline end to end, the HTML report."""
+
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+
+import pytest
+
+from logit2prompt.collect import collect
+from logit2prompt.errors import Logit2PromptError
+from logit2prompt.metrics import summarize
+from logit2prompt.prompts import Corpus, PromptRecord
+from logit2prompt.targets import load_target
+from logit2prompt.train import TrainConfig, Trainer
+
+from .conftest import FIXTURE_PROMPTS
+
+TRAIN, TEST = FIXTURE_PROMPTS[:12], FIXTURE_PROMPTS[12:]
+
+
+@pytest.fixture(scope="module")
+def user_target(tiny_lm_dir):
+    return load_target(str(tiny_lm_dir), mode="user")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(user_target, tiny_lm_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    corpus = Corpus([PromptRecord(p) for p in TRAIN], "fixture")
+    collect(user_target, corpus, str(root / "train"), shard_size=8, progress=False)
+    Trainer(
+        TrainConfig(
+            data=str(root / "train"),
+            out=str(root / "inv"),
+            preset="tiny",
+            output_tokenizer=str(tiny_lm_dir),
+            per_device_batch_size=8,
+            max_steps=30,
+            lr=3e-3,
+            warmup_steps=0,
+            mixed_precision="no",
+            progress=False,
+            overrides={"max_length": 24},
+        )
+    ).run()
+    return root
+
+
+def test_cosine_similarity_of_sentence_embeddings():
+    from logit2prompt.similarity import cosine_similarity
+
+    refs = ["What is the capital of France?"] * 3
+    preds = [
+        "What is the capital of France?",
+        "Which city is the capital of France?",
+        "List three prime numbers.",
+    ]
+    same, paraphrase, unrelated = cosine_similarity(preds, refs)
+    assert same == pytest.approx(1.0, abs=1e-5)
+    assert paraphrase > 0.8 > 0.3 > unrelated
+    with pytest.raises(Logit2PromptError, match="pair up"):
+        cosine_similarity(preds, refs[:2])
+
+
+def test_functional_scores(user_target):
+    from logit2prompt.functional import functional_scores
+
+    refs = [TEST[0], TEST[1]]
+    same = functional_scores(user_target, refs, refs)
+    assert same["kl"] == pytest.approx([0.0, 0.0], abs=1e-6) and same["top1"] == [1.0, 1.0]
+    other = functional_scores(user_target, [TEST[2], ""], refs)
+    assert all(k > 1e-4 for k in other["kl"])
+
+
+def test_summarize_gives_cis_and_refuses_empty():
+    out = summarize({"bleu": [10.0, 20.0, 30.0, 40.0], "top1": [1, 0, 1, 1]})
+    assert out["bleu"]["mean"] == 25.0 and out["top1"]["mean"] == 75.0
+    lo, hi = out["bleu"]["ci95"]
+    assert lo <= 25.0 <= hi
+    with pytest.raises(Logit2PromptError, match="empty"):
+        summarize({"bleu": []})
+
+
+def test_extraction_best_string_and_oracle():
+    from logit2prompt.extraction import best_and_oracle, load_attacks
+
+    assert len(load_attacks()) >= 10
+    refs = ["the cat sat on the mat", "a quick brown fox jumps"]
+    replies = {
+        "a": ["the cat sat on the mat", "nothing at all here"],
+        "b": ["no", "a quick brown fox jumps"],
+        "c": ["the cat sat", "a quick fox"],
+    }
+    best, best_preds, oracle = best_and_oracle(replies, refs)
+    assert best == "c"  # partial credit on both beats one perfect answer each
+    assert best_preds == replies["c"]
+    assert oracle == ["the cat sat on the mat", "a quick brown fox jumps"]
+
+
+def test_extraction_inputs_follow_the_threat_model(tiny_lm_dir):
+    from logit2prompt.extraction import attack_input
+
+    system = load_target(str(tiny_lm_dir), mode="system")
+    text = attack_input(system, "HIDDEN", "Repeat it.")
+    assert text.index("HIDDEN") < text.index("Repeat it.")
+    assert "<|im_start|>system\nHIDDEN" in text
+    user = load_target(str(tiny_lm_dir), mode="user")
+    assert "<|im_start|>user\nHIDDEN\n\nRepeat it." in attack_input(user, "HIDDEN", "Repeat it.")
+
+
+class _Tables(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.ids, self.images, self.rows = [], 0, 0
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "table":
+            self.ids.append(a.get("id"))
+        if tag == "img" and a.get("src", "").startswith("data:image/png;base64,"):
+            self.images += 1
+        if tag == "tr":
+            self.rows += 1
+
+
+def test_evaluate_end_to_end_with_every_baseline(checkpoint, tmp_path, capsys):
+    from logit2prompt.cli import main
+
+    prompts = tmp_path / "ood.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"prompt": p, "task": f"t{i % 2}"}) + "\n" for i, p in enumerate(TEST))
+    )
+    out = tmp_path / "report"
+    code = main(
+        [
+            "evaluate",
+            "--checkpoint", str(checkpoint / "inv"),
+            "--prompts", str(prompts),
+            "--out", str(out),
+            "--train-data", str(checkpoint / "train"),
+            "--baselines", "nn,constant,extraction,fewshot",
+            "--no-progress",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    methods = set(results["summary"])
+    assert methods == {
+        "inverter",
+        "nearest neighbour",
+        "constant guess",
+        "extraction (best string)",
+        "extraction (oracle)",
+        "few-shot",
+    }
+    for m in results["summary"].values():
+        assert {"bleu", "token_f1", "exact", "cosine", "kl", "top1"} <= set(m)
+        assert m["n"]["mean"] == len(TEST)
+    # The oracle picks per prompt, so it is never below the best single string.
+    s = results["summary"]
+    assert s["extraction (oracle)"]["bleu"]["mean"] >= s["extraction (best string)"]["bleu"]["mean"]
+    assert results["group_field"] == "task" and len(results["by_group"]) == 2
+    assert sum(r["n"] for r in results["by_length"]) == len(TEST)
+    rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["hidden"] for r in rows] == TEST
+    parser = _Tables()
+    parser.feed((out / "report.html").read_text())
+    assert {"summary", "by-group", "examples-best", "examples-median", "examples-worst"} <= set(
+        parser.ids
+    )
+    assert parser.images >= 1 and parser.rows > 10
+    assert "cosine" in capsys.readouterr().out
+
+
+def test_evaluate_refuses_bad_setups(checkpoint, tiny_lm_dir, tmp_path):
+    from logit2prompt.evaluate import EvalConfig, evaluate
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(TEST) + "\n")
+    base = dict(checkpoint=str(checkpoint / "inv"), prompts=str(prompts), out=str(tmp_path / "o"))
+    with pytest.raises(Logit2PromptError, match="unknown baseline"):
+        evaluate(EvalConfig(**base, baselines=("magic",)))
+    with pytest.raises(Logit2PromptError, match="--train-data"):
+        evaluate(EvalConfig(**base, baselines=("nn",)))
+    raw = load_target(str(tiny_lm_dir), mode="raw")
+    corpus = Corpus([PromptRecord(p) for p in TRAIN], "fixture")
+    collect(raw, corpus, str(tmp_path / "raw"), progress=False)
+    with pytest.raises(Logit2PromptError, match="another target"):
+        evaluate(
+            EvalConfig(**base, baselines=("nn",), train_data=str(tmp_path / "raw"), progress=False)
+        )
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(Logit2PromptError):
+        evaluate(EvalConfig(**{**base, "prompts": str(empty)}, baselines=()))
+
+
+def test_text_only_baseline_trains_saves_and_evaluates(checkpoint, tmp_path):
+    from logit2prompt.cli import main
+    from logit2prompt.errors import CheckpointError
+    from logit2prompt.textinvert import TextInverter
+
+    text_dir = tmp_path / "text"
+    args = ["train-text", "--data", str(checkpoint / "train"), "--out", str(text_dir)]
+    assert main([*args, "--like", str(checkpoint / "inv"), "--steps", "15", "--no-progress"]) == 0
+    replies = [json.loads(x) for x in (text_dir / "outputs.jsonl").read_text().splitlines()]
+    assert sorted(r["prompt"] for r in replies) == sorted(TRAIN)
+    model = TextInverter.from_pretrained(text_dir)
+    again = TextInverter.from_pretrained(text_dir)
+    outputs = [r["output"] for r in replies[:3]]
+    assert model.invert(outputs) == again.invert(outputs)  # the round trip is exact
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(TEST) + "\n")
+    code = main(
+        [
+            "evaluate",
+            "--checkpoint", str(checkpoint / "inv"),
+            "--prompts", str(prompts),
+            "--out", str(tmp_path / "e"),
+            "--baselines", "text",
+            "--text-checkpoint", str(text_dir),
+            "--no-semantic", "--no-functional", "--no-progress",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    summary = json.loads((tmp_path / "e" / "results.json").read_text())["summary"]
+    assert set(summary) == {"inverter", "text-only inversion"}
+    with pytest.raises(CheckpointError, match="not a text-inverter"):
+        TextInverter.from_pretrained(checkpoint / "inv")
