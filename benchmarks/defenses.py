@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--finetune-steps", type=int, default=60)
     parser.add_argument("--limit", type=int, default=128)
     parser.add_argument("--specs", nargs="+", default=list(DEFAULT_SPECS))
+    parser.add_argument("--reply-prompts", type=int, default=32)
     args = parser.parse_args()
     run = Path(args.run)
     cfg = SweepConfig(
@@ -36,19 +37,20 @@ def main() -> None:
         specs=tuple(args.specs),
         finetune_steps=args.finetune_steps,
         test_limit=args.limit,
+        reply_prompts=args.reply_prompts,
     )
     results = run_sweep(cfg)
     rows = results["rows"]
     print(
-        f"\n{'defense':18} {'KL':>7} {'TV':>6} {'top1 chg':>8} {'naive BLEU':>10} "
-        f"{'adapt BLEU':>10} {'adapt F1':>8}"
+        f"\n{'defense':18} {'KL':>7} {'TV':>6} {'top1 chg':>8} {'reply BLEU':>10} "
+        f"{'naive BLEU':>10} {'adapt BLEU':>10} {'adapt F1':>8} {'adapt cos':>9}"
     )
     for r in rows:
-        u = r["utility"]
+        u, a = r["utility"], r["adaptive"]
         print(
             f"{r['spec']:18} {u['kl']:7.3f} {u['tv']:6.3f} {100 * u['top1_changed']:7.1f}% "
-            f"{r['naive']['bleu']:10.1f} {r['adaptive']['bleu']:10.1f} "
-            f"{r['adaptive']['token_f1']:8.1f}"
+            f"{u.get('reply_bleu', float('nan')):10.1f} {r['naive']['bleu']:10.1f} "
+            f"{a['bleu']:10.1f} {a['token_f1']:8.1f} {a.get('cosine', float('nan')):9.3f}"
         )
     best = best_tradeoff(rows)
     if best:

@@ -192,6 +192,7 @@ def test_defend_sweep_end_to_end(tiny_lm_dir, tmp_path):
             specs=("temperature:3", "expose:3"),
             finetune_steps=3,
             batch_size=8,
+            reply_prompts=4,
             mixed_precision="no",
         ),
         progress=False,
@@ -200,7 +201,16 @@ def test_defend_sweep_end_to_end(tiny_lm_dir, tmp_path):
     assert specs == ["none", "temperature:3", "expose:3"]
     temp, expose = results["rows"][1], results["rows"][2]
     assert temp["utility"]["kl"] > 0 and temp["utility"]["tv"] > 0
-    assert expose["utility"] == {"kl": 0.0, "tv": 0.0, "top1_changed": 0.0}
+    # Flattening every step's distribution changes what the service samples.
+    assert temp["utility"]["reply_changed"] > 0 and temp["utility"]["reply_bleu"] < 100
+    assert expose["utility"] == {
+        "kl": 0.0,
+        "tv": 0.0,
+        "top1_changed": 0.0,
+        "reply_bleu": 100.0,
+        "reply_changed": 0.0,
+    }
+    assert 0.0 <= temp["adaptive"]["cosine"] <= 1.0
     assert (tmp_path / "sweep" / "leakage_vs_utility.png").read_bytes()[:4] == b"\x89PNG"
     tuned_fp = json.loads(
         (tmp_path / "sweep" / "adaptive" / "temperature_3" / "fingerprint.json").read_text()
@@ -224,3 +234,20 @@ def test_defend_sweep_end_to_end(tiny_lm_dir, tmp_path):
     # KL of identical distributions is zero; of a flattened one, positive.
     x = torch.log_softmax(torch.randn(3, 50), -1)
     assert utility_cost(x, x, False)["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_defended_generation_samples_the_defended_distribution(tiny_lm_dir):
+    """With top-1 truncation, sampling must equal greedy decoding; without it, it need not."""
+    from logit2prompt.defenses import DefenseLogitsProcessor
+
+    target = load_target(str(tiny_lm_dir), mode="raw")
+    from .conftest import FIXTURE_PROMPTS
+
+    texts = FIXTURE_PROMPTS[:4]
+    greedy = target.complete(texts, 8)
+    top1 = target.complete(
+        texts, 8, sample=True, logits_processor=[DefenseLogitsProcessor(parse_defense("topk:1"))]
+    )
+    assert top1 == greedy
+    again = target.complete(texts, 8, sample=True, seed=0)
+    assert again == target.complete(texts, 8, sample=True, seed=0)  # seeded: reproducible

@@ -4,9 +4,11 @@ For each defense spec: the clean inverter on defended test vectors (a naive atta
 clean inverter fine-tuned on defended training vectors for a fixed budget (an adaptive
 attacker), and what the defense costs the service: KL(defended || clean), total-variation
 distance (how often a sample from the defended distribution differs from one from the clean
-distribution under the best coupling) and how often the top token changes. Defenses are
-functions of the distribution, so they are applied to the clean vectors in the stores; the
-target is not rerun.
+distribution under the best coupling), how often the top token changes, and how the target's
+sampled replies change (the target generates with the defense applied at every step, with the
+same random draws as a clean run: BLEU of the defended reply against the clean one). Defenses
+are functions of the distribution, so they are applied to the clean vectors in the stores; the
+target runs only for the sampled replies.
 """
 
 from __future__ import annotations
@@ -31,14 +33,19 @@ DEFAULT_SPECS = (
     "temperature:1.5",
     "temperature:3",
     "topp:0.9",
+    "topp:0.5",
     "topk:50",
     "topk:5",
     "expose:20",
     "expose:5",
     "noise:gauss:1",
     "noise:gauss:3",
+    "noise:laplace:1",
+    "noise:laplace:3",
+    "round:1",
     "round:0",
 )
+REPLY_TOKENS = 24  # tokens of each sampled reply compared
 # Defenses that change only what is shown, not what the service samples.
 DISPLAY_ONLY = ("expose", "round")
 
@@ -55,6 +62,8 @@ class SweepConfig:
     test_limit: int = 128
     batch_size: int = 32
     mixed_precision: str = "auto"  # must match any Trainer already made in this process
+    reply_prompts: int = 32  # prompts whose sampled replies are compared (0: skip)
+    semantic: bool = True  # MiniLM cosine beside BLEU / token F1 / exact
 
 
 def utility_cost(clean: torch.Tensor, defended: torch.Tensor, display_only: bool) -> dict:
@@ -70,9 +79,33 @@ def utility_cost(clean: torch.Tensor, defended: torch.Tensor, display_only: bool
     return {"kl": kl.mean().item(), "tv": tv.mean().item(), "top1_changed": top1.mean().item()}
 
 
-def _quality(predictions: list[str], references: list[str]) -> dict:
+def reply_change(target, prompts: list[str], chain, clean_replies: list[str] | None = None):
+    """Sampled replies under the defense vs clean ones drawn with the same random numbers:
+    mean BLEU of defended against clean, and the fraction that differ at all."""
+    from .defenses import DefenseLogitsProcessor
+    from .metrics import sentence_bleu
+
+    texts = [target.render(p) for p in prompts]
+    clean = clean_replies or target.complete(texts, REPLY_TOKENS, sample=True)
+    defended = target.complete(
+        texts, REPLY_TOKENS, sample=True, logits_processor=[DefenseLogitsProcessor(chain)]
+    )
+    return {
+        "reply_bleu": float(
+            np.mean([sentence_bleu(d, c) for d, c in zip(defended, clean, strict=True)])
+        ),
+        "reply_changed": float(np.mean([d != c for d, c in zip(defended, clean, strict=True)])),
+    }, clean
+
+
+def _quality(predictions: list[str], references: list[str], semantic: bool = True) -> dict:
     s = score(predictions, references)
-    return {k: s[k]["mean"] for k in ("bleu", "token_f1", "exact")}
+    out = {k: s[k]["mean"] for k in ("bleu", "token_f1", "exact")}
+    if semantic:
+        from .similarity import cosine_similarity
+
+        out["cosine"] = float(np.mean(cosine_similarity(predictions, references)))
+    return out
 
 
 def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
@@ -84,12 +117,21 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
     idx = list(range(min(cfg.test_limit, len(test))))
     refs = [test.prompts[i] for i in idx]
     clean = torch.from_numpy(test.vectors(idx))  # [n, steps, vocab]
+    target, clean_replies = None, None
+    reply_refs = refs[: cfg.reply_prompts]
+    if cfg.reply_prompts:
+        from .invert import target_from_fingerprint
+
+        target = target_from_fingerprint(test.fingerprint, batch_size=cfg.batch_size)
+    unchanged = {"reply_bleu": 100.0, "reply_changed": 0.0} if target else {}
     rows = [
         {
             "spec": "none",
             "kind": "none",
-            "utility": {"kl": 0.0, "tv": 0.0, "top1_changed": 0.0},
-            "naive": _quality(inverter.invert(clean, batch_size=cfg.batch_size), refs),
+            "utility": {"kl": 0.0, "tv": 0.0, "top1_changed": 0.0, **unchanged},
+            "naive": _quality(
+                inverter.invert(clean, batch_size=cfg.batch_size), refs, cfg.semantic
+            ),
         }
     ]
     rows[0]["adaptive"] = rows[0]["naive"]
@@ -97,15 +139,21 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
         chain = parse_defense(spec)
         kind = chain.defenses[0].kind
         defended = chain.apply(clean)
+        display_only = all(d.kind in DISPLAY_ONLY for d in chain.defenses)
         row = {
             "spec": chain.spec,
             "kind": kind,
-            "utility": utility_cost(
-                clean[:, 0], defended[:, 0], all(d.kind in DISPLAY_ONLY for d in chain.defenses)
-            ),
+            "utility": utility_cost(clean[:, 0], defended[:, 0], display_only),
             "privacy": [d.privacy() for d in chain.defenses if d.privacy()],
-            "naive": _quality(inverter.invert(defended, batch_size=cfg.batch_size), refs),
+            "naive": _quality(
+                inverter.invert(defended, batch_size=cfg.batch_size), refs, cfg.semantic
+            ),
         }
+        if target is not None and display_only:
+            row["utility"].update(unchanged)  # the service still samples the clean distribution
+        elif target is not None:
+            change, clean_replies = reply_change(target, reply_refs, chain, clean_replies)
+            row["utility"].update(change)
         tune_dir = out / "adaptive" / chain.spec.replace(":", "_").replace(",", "+")
         if tune_dir.exists():
             shutil.rmtree(tune_dir)
@@ -125,7 +173,9 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
                 mixed_precision=cfg.mixed_precision,
             )
         ).run()
-        row["adaptive"] = _quality(tuned.invert(defended, batch_size=cfg.batch_size), refs)
+        row["adaptive"] = _quality(
+            tuned.invert(defended, batch_size=cfg.batch_size), refs, cfg.semantic
+        )
         rows.append(row)
         if progress:
             print(
@@ -176,17 +226,20 @@ def report_html(results: dict, png: bytes) -> str:
     """A self-contained HTML page: the plot (inline PNG) and the table."""
     head = (
         "<tr><th>defense</th><th>KL(def||clean)</th><th>TV</th><th>top-1 changed</th>"
-        "<th>naive BLEU</th><th>naive F1</th><th>adaptive BLEU</th><th>adaptive F1</th>"
-        "<th>adaptive exact %</th></tr>"
+        "<th>sampled reply BLEU vs clean</th><th>naive BLEU</th><th>naive F1</th>"
+        "<th>adaptive BLEU</th><th>adaptive F1</th><th>adaptive exact %</th>"
+        "<th>adaptive cosine</th></tr>"
     )
     body = []
     for r in results["rows"]:
         u, n, a = r["utility"], r["naive"], r["adaptive"]
+        reply = f"{u['reply_bleu']:.1f}" if "reply_bleu" in u else "-"
+        cos = f"{a['cosine']:.3f}" if "cosine" in a else "-"
         body.append(
             f"<tr><td>{html.escape(r['spec'])}</td><td>{u['kl']:.3f}</td><td>{u['tv']:.3f}</td>"
-            f"<td>{100 * u['top1_changed']:.1f}%</td><td>{n['bleu']:.1f}</td>"
+            f"<td>{100 * u['top1_changed']:.1f}%</td><td>{reply}</td><td>{n['bleu']:.1f}</td>"
             f"<td>{n['token_f1']:.1f}</td><td>{a['bleu']:.1f}</td><td>{a['token_f1']:.1f}</td>"
-            f"<td>{a['exact']:.1f}</td></tr>"
+            f"<td>{a['exact']:.1f}</td><td>{cos}</td></tr>"
         )
     from .report import page, png_tag
 

@@ -187,6 +187,18 @@ class DefenseChain:
         return logprobs
 
 
+class DefenseLogitsProcessor:
+    """A transformers logits processor that makes generation sample from the defended
+    distribution (what a provider applying the defense would serve)."""
+
+    def __init__(self, chain: DefenseChain):
+        self.chain = chain
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        defended = self.chain.apply(torch.log_softmax(scores.float(), dim=-1))
+        return defended.masked_fill(defended <= FLOOR, float("-inf")).to(scores.dtype)
+
+
 def parse_defense(spec: str | None) -> DefenseChain:
     """Parse "topk:20,noise:gauss:0.5" (or "" / None / "none") into a chain."""
     if spec is None or not spec.strip() or spec.strip().lower() == "none":

@@ -201,8 +201,20 @@ class HFTarget(Target):
         )
 
     @torch.inference_mode()
-    def complete(self, texts: Sequence[str], max_new_tokens: int = 48) -> list[str]:
-        """Greedy continuations of texts as the model sees them (rendered chats or raw text)."""
+    def complete(
+        self,
+        texts: Sequence[str],
+        max_new_tokens: int = 48,
+        *,
+        sample: bool = False,
+        seed: int = 0,
+        logits_processor=None,
+    ) -> list[str]:
+        """Continuations of texts as the model sees them (rendered chats or raw text): greedy,
+        or sampled at temperature 1 from a seeded generator (same seed, same draws, so two
+        runs that differ only in `logits_processor` are coupled)."""
+        from transformers import LogitsProcessorList
+
         out: list[str] = []
         raw = self.mode == "raw"
         for start in range(0, len(texts), self.batch_size):
@@ -215,12 +227,19 @@ class HFTarget(Target):
             for i, x in enumerate(ids):  # left padding: every row ends where generation starts
                 input_ids[i, width - len(x) :] = torch.tensor(x, dtype=torch.long)
                 attention[i, width - len(x) :] = 1
+            # Plain temperature-1 sampling: the model's own generation defaults (top-p, ...)
+            # would otherwise change the distribution being compared.
+            sampling = {"temperature": 1.0, "top_k": 0, "top_p": 1.0} if sample else {}
+            if sample:
+                torch.manual_seed(seed + start)
             generated = self.model.generate(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention.to(self.device),
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
+                do_sample=sample,
+                **sampling,
                 pad_token_id=self.pad_id,
+                logits_processor=LogitsProcessorList(logits_processor or []),
             )
             out.extend(
                 self.tokenizer.decode(row[width:], skip_special_tokens=True).strip()
