@@ -327,3 +327,88 @@ def test_unreachable_endpoint_is_a_clear_error(white_box, tmp_path):
     with pytest.raises(TargetError, match="cannot reach|refused"):
         target.recover("hello")
     json.dumps(target.fingerprint.to_dict())  # the fingerprint serialises for stores
+
+
+def test_collect_cli_through_an_api(after_server, tiny_lm_dir, corpus_file, tmp_path, capsys):
+    from logit2prompt.cli import main
+    from logit2prompt.store import DistributionStore
+
+    out = tmp_path / "api-store"
+    args = ["collect", "--target", f"openai:{after_server}:{MODEL}", "--tokenizer"]
+    args += [str(tiny_lm_dir), "--prompts", str(corpus_file), "--limit", "3", "--out", str(out)]
+    assert main([*args, "--no-progress"]) == 0
+    assert "strategy bias-block, top-5" in capsys.readouterr().err
+    store = DistributionStore(out)
+    assert len(store) == 3 and store.fingerprint.dtype == "api"
+
+
+def test_rate_limiter_spaces_request_starts(monkeypatch):
+    from logit2prompt.targets import openai_api
+
+    clock = {"t": 100.0}
+    monkeypatch.setattr(openai_api.time, "monotonic", lambda: clock["t"])
+    monkeypatch.setattr(openai_api.time, "sleep", lambda s: clock.__setitem__("t", clock["t"] + s))
+    limiter = openai_api.RateLimiter(4.0)  # 4 per second
+    starts = []
+    for _ in range(5):
+        limiter.wait()
+        starts.append(clock["t"])
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    assert all(g == pytest.approx(0.25) for g in gaps)
+
+
+def test_retries_transient_server_errors(white_box, tmp_path):
+    """A 503 then a 429 are retried with backoff by the official client; the answer is kept."""
+    import http.server
+    import threading
+
+    failures = [503, 429]
+    served = []
+
+    class Flaky(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            served.append(self.path)
+            if failures:
+                code = failures.pop(0)
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Retry-After", "0")
+                self.end_headers()
+                self.wfile.write(b'{"error": {"message": "busy"}}')
+                return
+            body = {
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": MODEL,
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "length",
+                        "message": {"role": "assistant", "content": "A"},
+                        "logprobs": None,
+                    }
+                ],
+            }
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        target = api_target(url, white_box, tmp_path, max_retries=3)
+        request = target._request("hello", None, None, logprobs=False)
+        reply = target._ask(request)
+        assert reply.chosen == "t:A" and len(served) == 3  # two failures, then the answer
+        assert target._ask(request) == reply and len(served) == 3  # from the cache
+    finally:
+        server.shutdown()
