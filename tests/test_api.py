@@ -412,3 +412,17 @@ def test_retries_transient_server_errors(white_box, tmp_path):
         assert target._ask(request) == reply and len(served) == 3  # from the cache
     finally:
         server.shutdown()
+
+
+def test_blind_server_shows_no_logprobs_anywhere(blind_server):
+    c = client(blind_server)
+    with pytest.raises(openai.BadRequestError, match="not exposed"):
+        c.completions.create(model=MODEL, prompt="hello", max_tokens=1, logprobs=0)
+    with pytest.raises(openai.BadRequestError, match="not exposed"):
+        c.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], logprobs=True, max_tokens=1
+        )
+    r = c.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2, temperature=0
+    )
+    assert r.choices[0].logprobs is None and r.choices[0].message.content is not None

@@ -338,6 +338,8 @@ def create_app(target: HFTarget, config: ServerConfig | None = None):
             )
         if req.stream:
             raise ServerError("streaming is not supported", param="stream")
+        if top is not None and config.max_top_logprobs == 0:
+            raise ServerError("log-probs are not exposed by this server", param="logprobs")
         if top and top > config.max_top_logprobs:
             what = (
                 "log-probs are not exposed"
