@@ -27,6 +27,7 @@ from logit2prompt.invert import invert_store
 from logit2prompt.inverter import Inverter
 from logit2prompt.metrics import format_table, score
 from logit2prompt.prompts import load_corpus
+from logit2prompt.rerank import inverter_with_neighbours
 from logit2prompt.store import DistributionStore
 from logit2prompt.targets import DEFAULT_TARGET, load_target
 from logit2prompt.train import TrainConfig, Trainer, is_trained
@@ -123,10 +124,20 @@ def main() -> None:
     predictions = invert_store(inverter, test)
     no_repeat = invert_store(inverter, test, no_repeat_ngram_size=NO_REPEAT_NGRAM)
     timings["invert_test_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    reranked = inverter_with_neighbours(
+        inverter,
+        target,
+        train,
+        test.vectors(range(len(test))),
+        no_repeat_ngram_size=NO_REPEAT_NGRAM,
+    )
+    timings["rerank_test_s"] = time.perf_counter() - t0
     refs = test.prompts
     results = {
         "inverter (greedy)": score(predictions, refs),
         f"inverter (greedy, no {NO_REPEAT_NGRAM}-gram repeat)": score(no_repeat, refs),
+        "inverter beams + 3 neighbours, re-ranked by the target": score(reranked, refs),
         **{name: score(preds, refs) for name, preds in baseline_predictions(train, test).items()},
     }
     print(

@@ -228,3 +228,19 @@ def test_text_only_baseline_trains_saves_and_evaluates(checkpoint, tmp_path):
     assert set(summary) == {"inverter", "text-only inversion"}
     with pytest.raises(CheckpointError, match="not a text-inverter"):
         TextInverter.from_pretrained(checkpoint / "inv")
+
+
+def test_rerank_by_the_target_finds_a_candidate_that_matches(checkpoint, user_target):
+    from logit2prompt.collect import collect_vectors
+    from logit2prompt.inverter import Inverter
+    from logit2prompt.rerank import inverter_with_neighbours, rerank
+    from logit2prompt.store import DistributionStore
+
+    observed = collect_vectors(user_target, TEST[:3], 1, 8)
+    decoys = [[TRAIN[0], TEST[i], TRAIN[1]] for i in range(3)]
+    assert rerank(user_target, observed, decoys) == TEST[:3]  # distance 0 wins
+    train = DistributionStore(checkpoint / "train")
+    inverter = Inverter.from_pretrained(checkpoint / "inv")
+    seen = collect_vectors(user_target, TRAIN[:4], 1, 8)
+    # Prompts from the training store are their own nearest neighbours.
+    assert inverter_with_neighbours(inverter, user_target, train, seen, beams=2) == TRAIN[:4]

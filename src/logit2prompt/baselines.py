@@ -14,24 +14,32 @@ NN_CHUNK = 1024  # training vectors compared per block, bounds memory
 MEDOID_SAMPLE = 500
 
 
+def nearest_neighbours(
+    train: DistributionStore, queries: np.ndarray, k: int = 1, indices: list[int] | None = None
+) -> list[list[int]]:
+    """For each query vector, the store indices of the k closest training vectors (L2),
+    closest first."""
+    q = torch.from_numpy(np.asarray(queries, dtype=np.float32).reshape(len(queries), -1))
+    q_sq = (q * q).sum(1, keepdim=True)
+    best = torch.full((len(q), k), float("inf"))
+    best_idx = torch.zeros((len(q), k), dtype=torch.long)
+    pool = indices if indices is not None else list(range(len(train)))
+    for start in range(0, len(pool), NN_CHUNK):
+        block_idx = torch.tensor(pool[start : start + NN_CHUNK])
+        t = torch.from_numpy(train.vectors(block_idx.tolist()).reshape(len(block_idx), -1))
+        dist = q_sq - 2 * q @ t.T + (t * t).sum(1)[None]
+        merged = torch.cat([best, dist], dim=1)
+        merged_idx = torch.cat([best_idx, block_idx[None].expand(len(q), -1)], dim=1)
+        best, order = merged.topk(min(k, merged.shape[1]), dim=1, largest=False)
+        best_idx = merged_idx.gather(1, order)
+    return best_idx.tolist()
+
+
 def nearest_neighbour(
     train: DistributionStore, queries: np.ndarray, indices: list[int] | None = None
 ) -> list[str]:
     """For each query vector, the training prompt whose log-prob vector is closest (L2)."""
-    q = torch.from_numpy(np.asarray(queries, dtype=np.float32).reshape(len(queries), -1))
-    q_sq = (q * q).sum(1, keepdim=True)
-    best = torch.full((len(q),), float("inf"))
-    best_idx = torch.zeros(len(q), dtype=torch.long)
-    pool = indices if indices is not None else list(range(len(train)))
-    for start in range(0, len(pool), NN_CHUNK):
-        block_idx = pool[start : start + NN_CHUNK]
-        t = torch.from_numpy(train.vectors(block_idx).reshape(len(block_idx), -1))
-        dist = q_sq - 2 * q @ t.T + (t * t).sum(1)[None]
-        value, arg = dist.min(dim=1)
-        better = value < best
-        best[better] = value[better]
-        best_idx[better] = torch.tensor(block_idx)[arg[better]]
-    return [train.prompts[i] for i in best_idx.tolist()]
+    return [train.prompts[row[0]] for row in nearest_neighbours(train, queries, 1, indices)]
 
 
 def constant_guess(prompts: list[str], seed: int = 0) -> str:

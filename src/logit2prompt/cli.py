@@ -357,6 +357,7 @@ def cmd_evaluate(args) -> None:
             no_repeat_ngram_size=args.no_repeat_ngram_size,
             attacks=args.attacks,
             text_checkpoint=args.text_checkpoint,
+            rerank=args.rerank,
             semantic=not args.no_semantic,
             functional=not args.no_functional,
             batch_size=args.batch_size,
@@ -525,6 +526,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-repeat-ngram-size", type=int, default=0)
     p.add_argument("--attacks", default=None, help="JSON file of extraction attack strings")
     p.add_argument("--text-checkpoint", default=None, help="text-only inverter (baseline text)")
+    p.add_argument(
+        "--rerank",
+        action="store_true",
+        help="also score inverter beams + nearest neighbours re-ranked by the target",
+    )
     p.add_argument("--no-semantic", action="store_true", help="skip the MiniLM cosine")
     p.add_argument("--no-functional", action="store_true", help="skip KL / top-1 agreement")
     p.add_argument("--batch-size", type=int, default=32)

@@ -23,6 +23,7 @@ LENGTH_BUCKETS = ((1, 5), (6, 10), (11, 15), (16, 20), (21, 30), (31, 10_000))
 MAX_GROUPS = 30
 EXAMPLES_PER_KIND = 5
 INVERTER = "inverter"
+RERANKED = "inverter + neighbours, re-ranked by the target"
 
 
 @dataclass
@@ -41,6 +42,7 @@ class EvalConfig:
     no_repeat_ngram_size: int = 0
     attacks: str | None = None  # JSON file of extraction strings (default: the built-in list)
     text_checkpoint: str | None = None  # a text-only inverter (`logit2prompt train-text`)
+    rerank: bool = False  # add: inverter beams + nearest neighbours, re-ranked by the target
     semantic: bool = True
     functional: bool = True
     batch_size: int = 32
@@ -57,6 +59,8 @@ def _check_baselines(cfg: EvalConfig) -> None:
             "(train one with `logit2prompt train-text`)"
         )
     needs_train = {"nn", "constant", "fewshot"} & set(cfg.baselines)
+    if cfg.rerank:
+        needs_train.add("rerank")
     if needs_train and not cfg.train_data:
         raise Logit2PromptError(
             f"baseline(s) {sorted(needs_train)} need the training store: pass --train-data"
@@ -85,6 +89,18 @@ def method_predictions(cfg: EvalConfig, inverter, target, references, vectors) -
             raise Logit2PromptError(
                 f"--train-data {cfg.train_data} comes from another target: {'; '.join(diffs)}"
             )
+    if cfg.rerank:
+        from .rerank import inverter_with_neighbours
+
+        say("re-ranking inverter beams and neighbours with the target", flush=True)
+        preds[RERANKED] = inverter_with_neighbours(
+            inverter,
+            target,
+            train,
+            vectors,
+            no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+            batch_size=cfg.batch_size,
+        )
     if "nn" in cfg.baselines:
         say("nearest neighbour", flush=True)
         preds["nearest neighbour"] = nearest_neighbour(train, vectors)
