@@ -33,6 +33,7 @@ LOGPROBS_MODES = ("after", "before")
 BIAS_LIMIT = 100.0
 TEMPERATURE_LIMIT = 2.0
 OPENAI_TOP_LOGPROBS_CAP = 20
+MIN_TEMPERATURE = 1e-4  # below this, logits / T overflows: treat as greedy, like temperature 0
 PROMPT_CACHE_SIZE = 64  # prompts whose first-token logits are kept: recovery re-asks one prompt
 
 
@@ -205,7 +206,7 @@ class Engine:
             biased = logits + bias_vec
             base = biased if self.config.logprobs_mode == "after" else logits
             exposed = self.config.chain.apply(torch.log_softmax(base, dim=-1)[None])[0]
-            if temperature == 0:
+            if temperature < MIN_TEMPERATURE:
                 token = int(biased.argmax())
             else:
                 probs = torch.softmax(biased / temperature, dim=-1)
