@@ -1,7 +1,7 @@
 """The inverter and every baseline on the BIG-bench test split and three out-of-domain sets.
 
-    python benchmarks/leaderboard.py [--run runs/quality] [--limit 200]
-        [--baselines nn,constant,extraction,fewshot]
+    python benchmarks/leaderboard.py [--run runs/quality] [--sample 100]
+        [--baselines nn,constant,extraction,fewshot,text]
 
 Uses the inverter and training store of benchmarks/quality.py (run it first) and runs
 `logit2prompt evaluate` on each set: the BIG-bench test split (never trained or tuned on) and
@@ -36,8 +36,11 @@ def main() -> None:
     parser.add_argument("--run", default="runs/quality", help="output folder of quality.py")
     parser.add_argument("--data", default=str(SHARED), help="folder with the corpus files")
     parser.add_argument("--out", default="runs/leaderboard")
-    parser.add_argument("--limit", type=int, default=200, help="prompts per set (first N)")
-    parser.add_argument("--baselines", default="nn,constant,extraction,fewshot")
+    parser.add_argument("--sample", type=int, default=100, help="random prompts per set")
+    parser.add_argument("--baselines", default="nn,constant,extraction,fewshot,text")
+    parser.add_argument(
+        "--text-checkpoint", default=None, help="default: <run>/text-inverter (train-text)"
+    )
     parser.add_argument("--no-repeat-ngram-size", type=int, default=3)
     args = parser.parse_args()
     run, data = Path(args.run), Path(args.data)
@@ -54,13 +57,16 @@ def main() -> None:
                 baselines=tuple(b for b in args.baselines.split(",") if b),
                 train_data=str(run / "train"),
                 split=split,
-                limit=args.limit,
+                sample=args.sample,
                 no_repeat_ngram_size=args.no_repeat_ngram_size,
+                text_checkpoint=args.text_checkpoint or str(run / "text-inverter"),
+                rerank=True,
             )
         )
         seconds[name] = time.perf_counter() - t0
         table[name] = {
             "n": results["corpus"]["n"],
+            "available": results["corpus"]["available"],
             "best_attack": results["best_attack"],
             "methods": {
                 m: {k: s[k] for k in SHOWN if k in s} for m, s in results["summary"].items()
@@ -68,7 +74,8 @@ def main() -> None:
         }
     methods = list(next(iter(table.values()))["methods"])
     print("\nBLEU / token F1 / cosine / top-1 % per set (95% CIs in the JSON)")
-    print(f"{'method':26} " + " ".join(f"{n:>26}" for n in table))
+    width = max(len(m) for m in methods)
+    print(f"{'method':{width}} " + " ".join(f"{n:>26}" for n in table))
     for m in methods:
         cells = []
         for entry in table.values():
@@ -78,14 +85,14 @@ def main() -> None:
                 f"{s.get('cosine', {'mean': float('nan')})['mean']:.2f} / "
                 f"{s.get('top1', {'mean': float('nan')})['mean']:4.1f}"
             )
-        print(f"{m:26} " + " ".join(f"{c:>26}" for c in cells))
+        print(f"{m:{width}} " + " ".join(f"{c:>26}" for c in cells))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
         json.dumps(
             {
                 "command": "python benchmarks/leaderboard.py " + " ".join(sys.argv[1:]),
                 "checkpoint": str(run / "inverter"),
-                "limit": args.limit,
+                "sample": args.sample,
                 "sets": table,
                 "seconds": seconds,
             },

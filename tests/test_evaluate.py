@@ -244,3 +244,28 @@ def test_rerank_by_the_target_finds_a_candidate_that_matches(checkpoint, user_ta
     seen = collect_vectors(user_target, TRAIN[:4], 1, 8)
     # Prompts from the training store are their own nearest neighbours.
     assert inverter_with_neighbours(inverter, user_target, train, seen, beams=2) == TRAIN[:4]
+
+
+def test_evaluate_random_sample_is_seeded(checkpoint, tmp_path):
+    from logit2prompt.evaluate import EvalConfig, evaluate
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(FIXTURE_PROMPTS) + "\n")
+    runs = [
+        evaluate(
+            EvalConfig(
+                checkpoint=str(checkpoint / "inv"),
+                prompts=str(prompts),
+                out=str(tmp_path / f"o{i}"),
+                baselines=(),
+                sample=5,
+                semantic=False,
+                functional=False,
+                progress=False,
+            )
+        )
+        for i in range(2)
+    ]
+    hidden = [[e["hidden"] for v in r["examples"].values() for e in v] for r in runs]
+    assert runs[0]["corpus"]["n"] == 5 and runs[0]["corpus"]["available"] == len(FIXTURE_PROMPTS)
+    assert hidden[0] == hidden[1]

@@ -353,6 +353,7 @@ def cmd_evaluate(args) -> None:
             field=args.field,
             split=None if args.split == "all" else args.split,
             limit=args.limit,
+            sample=args.sample,
             num_beams=args.num_beams,
             no_repeat_ngram_size=args.no_repeat_ngram_size,
             attacks=args.attacks,
@@ -522,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--field", default=DEFAULT_FIELD)
     p.add_argument("--split", choices=(*SPLITS, "all"), default="all")
     p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--sample", type=int, default=None, help="a seeded random N of the prompts")
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--no-repeat-ngram-size", type=int, default=0)
     p.add_argument("--attacks", default=None, help="JSON file of extraction attack strings")

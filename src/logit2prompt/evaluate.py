@@ -37,7 +37,8 @@ class EvalConfig:
     train_data: str | None = None  # the training store: nearest neighbour, constant, few-shot
     field: str = "prompt"
     split: str | None = None
-    limit: int | None = None
+    limit: int | None = None  # the first N prompts
+    sample: int | None = None  # a seeded random N prompts (after --limit)
     num_beams: int = 1
     no_repeat_ngram_size: int = 0
     attacks: str | None = None  # JSON file of extraction strings (default: the built-in list)
@@ -242,8 +243,13 @@ def evaluate(cfg: EvalConfig) -> dict:
         split=cfg.split,
         limit=cfg.limit,
     )
-    references = corpus.texts
-    metas = [r.meta for r in corpus.records]
+    records = corpus.records
+    if cfg.sample and len(records) > cfg.sample:
+        # Corpus files are often grouped by task: a random subset represents them all.
+        keep = sorted(np.random.default_rng(0).choice(len(records), cfg.sample, replace=False))
+        records = [records[i] for i in keep]
+    references = [r.text for r in records]
+    metas = [r.meta for r in records]
     if cfg.progress:
         print(f"{len(references)} prompts from {cfg.prompts}; collecting vectors", flush=True)
     vectors = collect_vectors(target, references, inverter.config.steps, cfg.batch_size)
@@ -255,7 +261,12 @@ def evaluate(cfg: EvalConfig) -> dict:
     results = {
         "config": asdict(cfg),
         "target": target.fingerprint.to_dict(),
-        "corpus": {"source": corpus.source, "n": len(references), "dropped": corpus.dropped},
+        "corpus": {
+            "source": corpus.source,
+            "n": len(references),
+            "available": len(corpus),
+            "dropped": corpus.dropped,
+        },
         "best_attack": best_attack,
         "summary": summary,
         "by_length": length_breakdown(references, per),
