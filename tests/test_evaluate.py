@@ -269,3 +269,33 @@ def test_evaluate_random_sample_is_seeded(checkpoint, tmp_path):
     hidden = [[e["hidden"] for v in r["examples"].values() for e in v] for r in runs]
     assert runs[0]["corpus"]["n"] == 5 and runs[0]["corpus"]["available"] == len(FIXTURE_PROMPTS)
     assert hidden[0] == hidden[1]
+
+
+def test_external_predictions_are_scored_or_refused(checkpoint, tmp_path):
+    from logit2prompt.evaluate import EvalConfig, evaluate
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(TEST) + "\n")
+
+    def write(name, rows):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(path)
+
+    good = write("mine", [{"hidden": p, "recovered": p} for p in TEST])
+    short = write("short", [{"hidden": p, "recovered": p} for p in TEST[:-1]])
+    shuffled = write("shuffled", [{"hidden": p, "recovered": p} for p in reversed(TEST)])
+    base = dict(
+        checkpoint=str(checkpoint / "inv"),
+        prompts=str(prompts),
+        baselines=(),
+        semantic=False,
+        functional=False,
+        progress=False,
+    )
+    results = evaluate(EvalConfig(**base, out=str(tmp_path / "a"), predictions=(good,)))
+    assert results["summary"]["mine"]["exact"]["mean"] == 100.0
+    with pytest.raises(Logit2PromptError, match="7 predictions but 8 prompts"):
+        evaluate(EvalConfig(**base, out=str(tmp_path / "b"), predictions=(short,)))
+    with pytest.raises(Logit2PromptError, match="line 1 is for"):
+        evaluate(EvalConfig(**base, out=str(tmp_path / "c"), predictions=(shuffled,)))

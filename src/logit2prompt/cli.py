@@ -359,6 +359,7 @@ def cmd_evaluate(args) -> None:
             attacks=args.attacks,
             text_checkpoint=args.text_checkpoint,
             rerank=args.rerank,
+            predictions=tuple(args.predictions),
             semantic=not args.no_semantic,
             functional=not args.no_functional,
             batch_size=args.batch_size,
@@ -528,6 +529,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-repeat-ngram-size", type=int, default=0)
     p.add_argument("--attacks", default=None, help="JSON file of extraction attack strings")
     p.add_argument("--text-checkpoint", default=None, help="text-only inverter (baseline text)")
+    p.add_argument(
+        "--predictions",
+        nargs="*",
+        default=[],
+        help="JSONL files of other methods' predictions ({hidden, recovered}) to score alike",
+    )
     p.add_argument(
         "--rerank",
         action="store_true",

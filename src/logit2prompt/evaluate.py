@@ -44,6 +44,7 @@ class EvalConfig:
     attacks: str | None = None  # JSON file of extraction strings (default: the built-in list)
     text_checkpoint: str | None = None  # a text-only inverter (`logit2prompt train-text`)
     rerank: bool = False  # add: inverter beams + nearest neighbours, re-ranked by the target
+    predictions: tuple[str, ...] = ()  # JSONL files of other methods' predictions to score
     semantic: bool = True
     functional: bool = True
     batch_size: int = 32
@@ -137,6 +138,37 @@ def method_predictions(cfg: EvalConfig, inverter, target, references, vectors) -
         say("text-only inversion: generating the target's replies", flush=True)
         preds["text-only inversion"] = model.invert(target_outputs(target, references))
     return preds
+
+
+PREDICTION_FIELDS = ("recovered", "prediction")
+
+
+def read_predictions(path: str, references: list[str]) -> list[str]:
+    """Another method's predictions, one JSON object per line with the hidden prompt ('hidden')
+    and the prediction ('recovered' or 'prediction'), in the order of the evaluated prompts."""
+    from .prompts import normalise
+
+    try:
+        rows = [json.loads(x) for x in Path(path).read_text(encoding="utf-8").splitlines() if x]
+    except (OSError, ValueError) as exc:
+        raise Logit2PromptError(f"cannot read predictions {path}: {exc}") from exc
+    if len(rows) != len(references):
+        raise Logit2PromptError(
+            f"{path} has {len(rows)} predictions but {len(references)} prompts are evaluated; "
+            "the rows must pair up with the prompts (same file, --limit and --sample)"
+        )
+    out = []
+    for i, (row, ref) in enumerate(zip(rows, references, strict=True)):
+        field = next((f for f in PREDICTION_FIELDS if f in row), None)
+        if field is None or "hidden" not in row:
+            raise Logit2PromptError(f"{path} line {i + 1} needs 'hidden' and 'recovered' fields")
+        if normalise(str(row["hidden"])) != normalise(ref):
+            raise Logit2PromptError(
+                f"{path} line {i + 1} is for {row['hidden']!r}, but prompt {i + 1} is {ref!r}"
+            )
+        pred = row[field]
+        out.append(pred[0] if isinstance(pred, list) else str(pred))
+    return out
 
 
 def score_methods(cfg, target, preds, references) -> dict[str, dict[str, list[float]]]:
@@ -255,6 +287,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     vectors = collect_vectors(target, references, inverter.config.steps, cfg.batch_size)
     preds = method_predictions(cfg, inverter, target, references, vectors)
     best_attack = preds.pop("_best_attack", None)
+    for path in cfg.predictions:
+        preds[Path(path).stem] = read_predictions(path, references)
     per = score_methods(cfg, target, preds, references)
     summary = {m: {**summarize(s), "n": {"mean": len(references)}} for m, s in per.items()}
     field, groups = group_breakdown(metas, per)
