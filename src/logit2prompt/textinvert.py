@@ -79,9 +79,22 @@ class TextInverter(nn.Module):
         }
 
     def loss(self, outputs: Sequence[str], prompts: Sequence[str]) -> torch.Tensor:
+        """Mean token cross-entropy; like the inverter, only real label positions go through
+        the 49k-wide output projection (it dominates the step)."""
         labels = pad_labels(encode_labels(self.tokenizer, prompts, self.config.max_length))
         labels = labels.to(next(self.parameters()).device)
-        return self.t5(**self._inputs(outputs), labels=labels).loss
+        inputs = self._inputs(outputs)
+        encoded = self.t5.encoder(**inputs).last_hidden_state
+        mask = inputs["attention_mask"]
+        decoded = self.t5.decoder(
+            input_ids=self.t5._shift_right(labels),
+            encoder_hidden_states=encoded,
+            encoder_attention_mask=mask,
+            use_cache=False,
+        ).last_hidden_state
+        keep = labels != -100
+        logits = self.t5.lm_head(decoded[keep]).float()
+        return nn.functional.cross_entropy(logits, labels[keep])
 
     @torch.inference_mode()
     def invert(self, outputs: Sequence[str], batch_size: int = 64) -> list[str]:
@@ -141,12 +154,17 @@ def train_text_inverter(
     lr: float,
     warmup_steps: int | None = None,
     weight_decay: float = 0.01,
+    mixed_precision: str = "auto",
     seed: int = 0,
     fingerprint: dict | None = None,
     progress: bool = True,
 ) -> TextInverter:
     """AdamW, linear warmup then cosine decay, gradient clipping: the inverter's recipe."""
+    from contextlib import nullcontext
+
     from tqdm.auto import tqdm
+
+    from .train import resolve_mixed_precision
 
     if len(outputs) != len(prompts) or not prompts:
         raise CheckpointError("text inversion needs as many outputs as prompts, and at least one")
@@ -161,6 +179,13 @@ def train_text_inverter(
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    # The same precision rule as the log-prob inverter's trainer (bf16 where native).
+    device = next(model.parameters()).device.type
+    autocast = (
+        torch.autocast(device, dtype=torch.bfloat16)
+        if resolve_mixed_precision(mixed_precision) == "bf16"
+        else nullcontext()
+    )
     rng = np.random.default_rng(seed)
     order: list[int] = []
     bar = tqdm(range(steps), desc="train text inverter", disable=not progress, dynamic_ncols=True)
@@ -168,7 +193,8 @@ def train_text_inverter(
         if len(order) < batch_size:
             order += rng.permutation(len(prompts)).tolist()
         idx, order = order[:batch_size], order[batch_size:]
-        loss = model.loss([outputs[i] for i in idx], [prompts[i] for i in idx])
+        with autocast:
+            loss = model.loss([outputs[i] for i in idx], [prompts[i] for i in idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
@@ -236,6 +262,7 @@ def build_text_inverter(
         lr=float(training["lr"]),
         warmup_steps=int(training.get("warmup_steps", 0)) if steps is None else None,
         weight_decay=float(training.get("weight_decay", 0.01)),
+        mixed_precision=str(training.get("mixed_precision", "auto")),
         fingerprint=store.fingerprint.to_dict(),
         progress=progress,
     )
