@@ -251,3 +251,9 @@ def test_defended_generation_samples_the_defended_distribution(tiny_lm_dir):
     assert top1 == greedy
     again = target.complete(texts, 8, sample=True, seed=0)
     assert again == target.complete(texts, 8, sample=True, seed=0)  # seeded: reproducible
+
+
+def test_laplace_noise_is_always_finite():
+    """Regression: a uniform draw of exactly 0 gave -inf Laplace noise (found by the sweep)."""
+    x = torch.log_softmax(torch.randn(64, 49152), -1)
+    assert torch.isfinite(parse_defense("noise:laplace:3").apply(x)).all()

@@ -115,7 +115,9 @@ def _seeded_noise(x: torch.Tensor, dist: str, scale: float) -> torch.Tensor:
         if dist == "gauss":
             out[i] = torch.randn(row.shape, generator=gen) * scale
         else:
-            u = torch.rand(row.shape, generator=gen) - 0.5
+            # rand() can return exactly 0, and log1p(-1) is -inf: keep u inside (-0.5, 0.5).
+            tiny = torch.finfo(torch.float32).tiny
+            u = torch.rand(row.shape, generator=gen).clamp(min=tiny) - 0.5
             out[i] = -scale * torch.sign(u) * torch.log1p(-2 * u.abs())
     return out.reshape(x.shape)
 
