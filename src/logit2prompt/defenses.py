@@ -102,6 +102,14 @@ def _fmt(p) -> str:
     return f"{p:g}" if isinstance(p, float) else str(p)
 
 
+def laplace_from_uniform(uniform: torch.Tensor, scale: float) -> torch.Tensor:
+    """Laplace(0, scale) by inverse CDF from U[0, 1) draws."""
+    # rand() can return exactly 0 (and values below eps round to it after the shift), where
+    # log1p(-1) is -inf: keep the draw at least one float32 eps inside the interval.
+    u = uniform.clamp(min=torch.finfo(torch.float32).eps) - 0.5
+    return -scale * torch.sign(u) * torch.log1p(-2 * u.abs())
+
+
 def _seeded_noise(x: torch.Tensor, dist: str, scale: float) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1])
     out = torch.empty_like(rows)
@@ -115,10 +123,7 @@ def _seeded_noise(x: torch.Tensor, dist: str, scale: float) -> torch.Tensor:
         if dist == "gauss":
             out[i] = torch.randn(row.shape, generator=gen) * scale
         else:
-            # rand() can return exactly 0, and log1p(-1) is -inf: keep u inside (-0.5, 0.5).
-            tiny = torch.finfo(torch.float32).tiny
-            u = torch.rand(row.shape, generator=gen).clamp(min=tiny) - 0.5
-            out[i] = -scale * torch.sign(u) * torch.log1p(-2 * u.abs())
+            out[i] = laplace_from_uniform(torch.rand(row.shape, generator=gen), scale)
     return out.reshape(x.shape)
 
 
