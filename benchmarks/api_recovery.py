@@ -139,8 +139,6 @@ def run_llamacpp(args, white, tmp) -> dict:
     cmd += ["--logits_all", "true", "--port", str(port), "--n_ctx", "2048"]
     cmd += ["--model_alias", "smol", "--verbose", "false"]
     url = f"http://127.0.0.1:{port}/v1"
-    import openai
-
     with server_process(cmd, url + "/models", timeout=300):
         target = OpenAITarget(
             url,
@@ -151,27 +149,9 @@ def run_llamacpp(args, white, tmp) -> dict:
             progress=True,
         )
         strategy, k = target.probe()
-        client = openai.OpenAI(base_url=url, api_key="none", max_retries=2)
         rows = []
         for i, prompt in enumerate(PROMPTS[: args.prompts]):
-            reported = (
-                client.chat.completions.create(
-                    model="smol",
-                    messages=[{"role": "user", "content": prompt}],
-                    logprobs=True,
-                    top_logprobs=20,
-                    max_tokens=1,
-                    temperature=0,
-                )
-                .choices[0]
-                .logprobs.content[0]
-                .top_logprobs
-            )
-            top = {}
-            for e in reported:
-                ids = target.token_ids_named(e.token)
-                if len(ids) == 1:
-                    top[ids[0]] = e.logprob
+            top = target.reported_top(prompt, 20)
             ids = sample_ids(white.vocab_size, list(top), args.llamacpp_sample, i)
             start = time.perf_counter()
             vec, report = target.recover(prompt, token_ids=ids)

@@ -20,6 +20,23 @@ from logit2prompt.defense_sweep import DEFAULT_SPECS, SweepConfig, best_tradeoff
 RESULTS = Path(__file__).parent / "results"
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """The README's table: utility cost, then naive and adaptive leakage, one row per spec."""
+    lines = [
+        "| defense | KL(defended ‖ clean) | total variation | top-1 changed | sampled-reply BLEU "
+        "vs clean | naive BLEU | adaptive BLEU | adaptive token F1 | adaptive cosine |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        u, a = r["utility"], r["adaptive"]
+        lines.append(
+            f"| {r['spec']} | {u['kl']:.3f} | {u['tv']:.3f} | {100 * u['top1_changed']:.1f}% | "
+            f"{u.get('reply_bleu', float('nan')):.1f} | {r['naive']['bleu']:.1f} | "
+            f"{a['bleu']:.1f} | {a['token_f1']:.1f} | {a.get('cosine', float('nan')):.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default="runs/quality", help="output folder of quality.py")
@@ -41,17 +58,7 @@ def main() -> None:
     )
     results = run_sweep(cfg)
     rows = results["rows"]
-    print(
-        f"\n{'defense':18} {'KL':>7} {'TV':>6} {'top1 chg':>8} {'reply BLEU':>10} "
-        f"{'naive BLEU':>10} {'adapt BLEU':>10} {'adapt F1':>8} {'adapt cos':>9}"
-    )
-    for r in rows:
-        u, a = r["utility"], r["adaptive"]
-        print(
-            f"{r['spec']:18} {u['kl']:7.3f} {u['tv']:6.3f} {100 * u['top1_changed']:7.1f}% "
-            f"{u.get('reply_bleu', float('nan')):10.1f} {r['naive']['bleu']:10.1f} "
-            f"{a['bleu']:10.1f} {a['token_f1']:8.1f} {a.get('cosine', float('nan')):9.3f}"
-        )
+    print(markdown_table(rows))
     best = best_tradeoff(rows)
     if best:
         print(f"most adaptive-BLEU removed per unit of total variation: {best['spec']}")

@@ -1,10 +1,13 @@
 """Inversion quality on the BIG-bench test split, beside nearest-neighbour and constant baselines.
 
     python benchmarks/quality.py [--corpus FILE] [--train-prompts N] [--train-minutes M]
+                                 [--neighbours 0,2]
 
 Trains on the train split only (split rule of ../shared/data/README.md), picks the number of
 steps that fits the time budget from a short calibration run, then scores the whole test split
-(no length filter there, so every test prompt counts). Writes benchmarks/results/quality.json.
+(no length filter there, so every test prompt counts). One inverter per `--neighbours` value:
+0 is the paper's inverter, K > 0 the retrieval-augmented one that also reads the K nearest
+training prompts (each gets `--train-minutes`). Writes benchmarks/results/quality.json.
 Every stage is reused on a rerun (stores resume, a finished inverter is kept).
 """
 
@@ -77,6 +80,12 @@ def main() -> None:
     parser.add_argument("--preset", default="small")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--neighbours",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[0, 2],
+        help="one inverter per value: 0 = the paper's, K = retrieval-augmented with K neighbours",
+    )
     args = parser.parse_args()
     corpus_path = args.corpus or str(build_bigbench_corpus())
     out = Path(args.out)
@@ -99,50 +108,72 @@ def main() -> None:
         collect(target, corpus, str(out / split), split=split)
         timings[f"collect_{split}_s"] = time.perf_counter() - t0
     train, test = DistributionStore(out / "train"), DistributionStore(out / "test")
-    model_dir = out / "inverter"
-    cfg = TrainConfig(
-        data=str(out / "train"),
-        val_data=str(out / "validation"),
-        out=str(model_dir),
-        preset=args.preset,
-        lr=args.lr,
-        per_device_batch_size=args.batch_size,
-    )
-    if not is_trained(model_dir):
-        step_s = calibrate(cfg)
-        cfg.max_steps = max(50, int(args.train_minutes * 60 / step_s))
-        cfg.eval_every = max(cfg.max_steps // 8, 1)
-        cfg.save_every = max(cfg.max_steps // 10, 1)
-        cfg.warmup_steps = min(500, cfg.max_steps // 20)
-        print(f"{step_s:.2f} s/step -> {cfg.max_steps} steps in {args.train_minutes} min")
-        t0 = time.perf_counter()
-        Trainer(cfg).run(resume=True)
-        timings["train_s"] = time.perf_counter() - t0
-    inverter = Inverter.from_pretrained(model_dir)
-    training = json.loads((model_dir / "training_args.json").read_text())
-    t0 = time.perf_counter()
-    predictions = invert_store(inverter, test)
-    no_repeat = invert_store(inverter, test, no_repeat_ngram_size=NO_REPEAT_NGRAM)
-    timings["invert_test_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    reranked = inverter_with_neighbours(
-        inverter,
-        target,
-        train,
-        test.vectors(range(len(test))),
-        no_repeat_ngram_size=NO_REPEAT_NGRAM,
-    )
-    timings["rerank_test_s"] = time.perf_counter() - t0
+    test_vectors = test.vectors(range(len(test)))
     refs = test.prompts
-    results = {
-        "inverter (greedy)": score(predictions, refs),
-        f"inverter (greedy, no {NO_REPEAT_NGRAM}-gram repeat)": score(no_repeat, refs),
-        "inverter beams + 3 neighbours, re-ranked by the target": score(reranked, refs),
-        **{name: score(preds, refs) for name, preds in baseline_predictions(train, test).items()},
-    }
+    results, trainings, examples = {}, {}, {}
+    for k in args.neighbours:
+        model_dir = out / ("inverter" if k == 0 else f"inverter-nn{k}")
+        cfg = TrainConfig(
+            data=str(out / "train"),
+            val_data=str(out / "validation"),
+            out=str(model_dir),
+            preset=args.preset,
+            lr=args.lr,
+            per_device_batch_size=args.batch_size,
+            neighbours=k,
+        )
+        if not is_trained(model_dir):
+            step_s = calibrate(cfg)
+            cfg.max_steps = max(50, int(args.train_minutes * 60 / step_s))
+            cfg.eval_every = max(cfg.max_steps // 8, 1)
+            cfg.save_every = max(cfg.max_steps // 10, 1)
+            cfg.warmup_steps = min(500, cfg.max_steps // 20)
+            print(f"{step_s:.2f} s/step -> {cfg.max_steps} steps in {args.train_minutes} min")
+            t0 = time.perf_counter()
+            Trainer(cfg).run(resume=True)
+            timings[f"train_{model_dir.name}_s"] = time.perf_counter() - t0
+        inverter = Inverter.from_pretrained(model_dir)
+        training = json.loads((model_dir / "training_args.json").read_text())
+        trainings[model_dir.name] = {
+            key: training.get(key, 0)
+            for key in (
+                "preset",
+                "max_steps",
+                "lr",
+                "per_device_batch_size",
+                "mixed_precision",
+                "neighbours",
+            )
+        }
+        name = "inverter" if k == 0 else f"retrieval-augmented inverter ({k} neighbours)"
+        t0 = time.perf_counter()
+        predictions = invert_store(inverter, test)
+        no_repeat = invert_store(inverter, test, no_repeat_ngram_size=NO_REPEAT_NGRAM)
+        timings[f"invert_test_{model_dir.name}_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        reranked = inverter_with_neighbours(
+            inverter, target, train, test_vectors, no_repeat_ngram_size=NO_REPEAT_NGRAM
+        )
+        timings[f"rerank_test_{model_dir.name}_s"] = time.perf_counter() - t0
+        results[f"{name} (greedy)"] = score(predictions, refs)
+        results[f"{name} (greedy, no {NO_REPEAT_NGRAM}-gram repeat)"] = score(no_repeat, refs)
+        results[f"{name}: beams + 3 neighbours, re-ranked by the target"] = score(reranked, refs)
+        if inverter.memory is not None:
+            # What the memory alone retrieves: the sketch's nearest neighbour.
+            near = inverter.memory.search(torch.from_numpy(test_vectors).flatten(1), 1)
+            results[f"nearest neighbour by the {inverter.memory.dims}-bucket sketch"] = score(
+                [inverter.memory.prompts[row[0]] for row in near], refs
+            )
+        examples[name] = [
+            {"hidden": r, "recovered": p} for r, p in zip(refs[:20], no_repeat[:20], strict=True)
+        ]
+    results.update(
+        {name: score(preds, refs) for name, preds in baseline_predictions(train, test).items()}
+    )
+    steps = ", ".join(f"{name} {t['max_steps']} steps" for name, t in trainings.items())
     print(
         f"BIG-bench test split ({len(refs)} prompts), target {target.fingerprint.describe()}, "
-        f"trained on {len(train)} train prompts for {training['max_steps']} steps"
+        f"trained on {len(train)} train prompts ({steps})"
     )
     print(format_table(results))
     print(
@@ -158,16 +189,7 @@ def main() -> None:
                 "target": target.fingerprint.to_dict(),
                 "train_prompts": len(train),
                 "test_prompts": len(refs),
-                "training": {
-                    k: training[k]
-                    for k in (
-                        "preset",
-                        "max_steps",
-                        "lr",
-                        "per_device_batch_size",
-                        "mixed_precision",
-                    )
-                },
+                "training": trainings,
                 "results": results,
                 "paper_llama2_7b": PAPER,
                 "timings_s": timings,
@@ -178,10 +200,7 @@ def main() -> None:
                     "torch": torch.__version__,
                     "cuda": torch.cuda.is_available(),
                 },
-                "examples": [
-                    {"hidden": r, "recovered": p}
-                    for r, p in zip(refs[:20], predictions[:20], strict=True)
-                ],
+                "examples": examples,
             },
             indent=1,
         )

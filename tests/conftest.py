@@ -116,6 +116,30 @@ def accelerate_launch(*module_args: str) -> list[str]:
     ]
 
 
+def tiny_train_config(data, out, tokenizer_dir, **overrides):
+    """A TrainConfig for the 'tiny' preset that trains in seconds: fp32, no progress bar,
+    no periodic evaluation or checkpoints unless asked, short outputs."""
+    from logit2prompt.train import TrainConfig
+
+    base = dict(
+        data=str(data),
+        out=str(out),
+        preset="tiny",
+        output_tokenizer=str(tokenizer_dir),
+        per_device_batch_size=8,
+        max_steps=20,
+        lr=3e-3,
+        warmup_steps=0,
+        schedule="constant",
+        mixed_precision="no",
+        eval_every=10**6,
+        save_every=10**6,
+        progress=False,
+        overrides={"max_length": 24},
+    )
+    return TrainConfig(**{**base, **overrides})
+
+
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory) -> Path:
     return make_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))

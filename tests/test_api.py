@@ -257,6 +257,11 @@ def test_exact_recovery_through_http(server, strategy, top_k, white_box, tmp_pat
     per_prompt = {"bias-block": 1 + math.ceil((v - 1) / (top_k - 1)), "force": v}[strategy]
     assert target.query_cost(strategy, top_k) == per_prompt
     assert target.sent - target.probe_queries == len(PROMPTS) * per_prompt
+    # What the endpoint reports directly, by token id, matches the recovered values.
+    top = target.reported_top(PROMPTS[0], top_k)
+    assert len(top) == top_k
+    assert set(top) == set(expected[0].topk(top_k).indices.tolist())
+    assert all(abs(float(got[0, t]) - lp) <= 1e-3 for t, lp in top.items())
 
 
 def test_gap_recovery_without_logprobs(blind_server, white_box, tmp_path):

@@ -16,6 +16,8 @@ from logit2prompt.store import DistributionStore, read_manifest
 from logit2prompt.targets import load_target
 from logit2prompt.targets.defended import DefendedTarget
 
+from .conftest import tiny_train_config
+
 
 def _lp(rows: int = 4, vocab: int = 1000, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
@@ -161,7 +163,7 @@ def test_defend_sweep_end_to_end(tiny_lm_dir, tmp_path):
     from html.parser import HTMLParser
 
     from logit2prompt.defense_sweep import SweepConfig, run_sweep, utility_cost
-    from logit2prompt.train import TrainConfig, Trainer
+    from logit2prompt.train import Trainer
 
     from .conftest import FIXTURE_PROMPTS
 
@@ -169,18 +171,8 @@ def test_defend_sweep_end_to_end(tiny_lm_dir, tmp_path):
     corpus = Corpus([PromptRecord(p) for p in FIXTURE_PROMPTS[:8]], "fixture")
     collect(target, corpus, tmp_path / "s", shard_size=8, store_dtype="float32", progress=False)
     Trainer(
-        TrainConfig(
-            data=str(tmp_path / "s"),
-            out=str(tmp_path / "inv"),
-            preset="tiny",
-            output_tokenizer=str(tiny_lm_dir),
-            per_device_batch_size=8,
-            max_steps=40,
-            lr=3e-3,
-            warmup_steps=0,
-            mixed_precision="no",
-            progress=False,
-            overrides={"max_length": 24},
+        tiny_train_config(
+            tmp_path / "s", tmp_path / "inv", tiny_lm_dir, max_steps=40, schedule="cosine"
         )
     ).run()
     results = run_sweep(

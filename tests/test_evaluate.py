@@ -12,9 +12,9 @@ from logit2prompt.errors import Logit2PromptError
 from logit2prompt.metrics import summarize
 from logit2prompt.prompts import Corpus, PromptRecord
 from logit2prompt.targets import load_target
-from logit2prompt.train import TrainConfig, Trainer
+from logit2prompt.train import Trainer
 
-from .conftest import FIXTURE_PROMPTS
+from .conftest import FIXTURE_PROMPTS, tiny_train_config
 
 TRAIN, TEST = FIXTURE_PROMPTS[:12], FIXTURE_PROMPTS[12:]
 
@@ -30,18 +30,8 @@ def checkpoint(user_target, tiny_lm_dir, tmp_path_factory):
     corpus = Corpus([PromptRecord(p) for p in TRAIN], "fixture")
     collect(user_target, corpus, str(root / "train"), shard_size=8, progress=False)
     Trainer(
-        TrainConfig(
-            data=str(root / "train"),
-            out=str(root / "inv"),
-            preset="tiny",
-            output_tokenizer=str(tiny_lm_dir),
-            per_device_batch_size=8,
-            max_steps=30,
-            lr=3e-3,
-            warmup_steps=0,
-            mixed_precision="no",
-            progress=False,
-            overrides={"max_length": 24},
+        tiny_train_config(
+            root / "train", root / "inv", tiny_lm_dir, max_steps=30, schedule="cosine"
         )
     ).run()
     return root
@@ -71,6 +61,11 @@ def test_functional_scores(user_target):
     assert same["kl"] == pytest.approx([0.0, 0.0], abs=1e-6) and same["top1"] == [1.0, 1.0]
     other = functional_scores(user_target, [TEST[2], ""], refs)
     assert all(k > 1e-4 for k in other["kl"])
+    # Distributions the caller already holds stand in for rerunning the references.
+    held = user_target.next_token_logprobs(refs)
+    given = functional_scores(user_target, [TEST[2], ""], refs, reference_logprobs=held)
+    assert given["kl"] == pytest.approx(other["kl"], rel=1e-4, abs=1e-6)
+    assert given["top1"] == other["top1"]
 
 
 def test_summarize_gives_cis_and_refuses_empty():

@@ -20,7 +20,7 @@ from logit2prompt.store import DistributionStore
 from logit2prompt.targets import load_target
 from logit2prompt.train import TrainConfig, Trainer
 
-from .conftest import FIXTURE_PROMPTS, accelerate_launch
+from .conftest import FIXTURE_PROMPTS, accelerate_launch, tiny_train_config
 
 MEMORISE = FIXTURE_PROMPTS[:8]
 
@@ -44,24 +44,7 @@ def tiny_store(raw_target, tmp_path_factory):
 
 
 def _cfg(store, out, tokenizer_dir, **kw) -> TrainConfig:
-    base = dict(
-        data=str(store),
-        out=str(out),
-        preset="tiny",
-        output_tokenizer=str(tokenizer_dir),
-        per_device_batch_size=8,
-        max_steps=20,
-        lr=3e-3,
-        warmup_steps=0,
-        schedule="constant",
-        mixed_precision="no",
-        eval_every=10**6,
-        save_every=10**6,
-        progress=False,
-        overrides={"max_length": 24},
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_train_config(store, out, tokenizer_dir, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import random
 import shutil
 import sys
 
-import openai
 import pytest
 
 from logit2prompt.server import free_port, server_process
@@ -48,25 +47,7 @@ def test_force_recovery_matches_llamacpp_reported_logprobs(tmp_path):
         )
         # llama.cpp reports log-probs before logit_bias and always includes the sampled token.
         assert target.probe()[0] == "force"
-        reported = (
-            openai.OpenAI(base_url=url, api_key="none")
-            .chat.completions.create(
-                model="smol",
-                messages=[{"role": "user", "content": PROMPT}],
-                logprobs=True,
-                top_logprobs=5,
-                max_tokens=1,
-                temperature=0,
-            )
-            .choices[0]
-            .logprobs.content[0]
-            .top_logprobs
-        )
-        top = {}
-        for entry in reported:
-            ids = target.token_ids_named(entry.token)
-            if len(ids) == 1:
-                top[ids[0]] = entry.logprob
+        top = target.reported_top(PROMPT, 5)
         assert len(top) >= 3
         extra = random.Random(0).sample(range(target.vocab_size), 20)
         vec, report = target.recover(PROMPT, token_ids=[*top, *extra])

@@ -171,8 +171,11 @@ def read_predictions(path: str, references: list[str]) -> list[str]:
     return out
 
 
-def score_methods(cfg, target, preds, references) -> dict[str, dict[str, list[float]]]:
-    """Per-example metrics of every method."""
+def score_methods(
+    cfg, target, preds, references, vectors: np.ndarray | None = None
+) -> dict[str, dict[str, list[float]]]:
+    """Per-example metrics of every method; `vectors` (the references' `[n, steps, vocab]`)
+    spares rerunning the target on the references for every method."""
     per: dict[str, dict[str, list[float]]] = {}
     encoder = None
     if cfg.semantic:
@@ -189,7 +192,8 @@ def score_methods(cfg, target, preds, references) -> dict[str, dict[str, list[fl
         if cfg.functional:
             from .functional import functional_scores
 
-            scores.update(functional_scores(target, first, references, cfg.batch_size))
+            ref_lp = vectors[:, 0] if vectors is not None else None
+            scores.update(functional_scores(target, first, references, cfg.batch_size, ref_lp))
         per[method] = scores
     return per
 
@@ -289,7 +293,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     best_attack = preds.pop("_best_attack", None)
     for path in cfg.predictions:
         preds[Path(path).stem] = read_predictions(path, references)
-    per = score_methods(cfg, target, preds, references)
+    per = score_methods(cfg, target, preds, references, vectors)
     summary = {m: {**summarize(s), "n": {"mean": len(references)}} for m, s in per.items()}
     field, groups = group_breakdown(metas, per)
     results = {

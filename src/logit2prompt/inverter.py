@@ -22,6 +22,7 @@ from torch import nn
 
 from .errors import CheckpointError, VectorError
 from .features import NORMALIZATIONS, check_vectors, num_chunks, unroll
+from .retrieval import NeighbourMemory
 from .targets.base import TargetFingerprint
 
 CONFIG_NAME = "inverter_config.json"
@@ -56,6 +57,10 @@ class InverterConfig:
     eos_token_id: int = 1
     decoder_start_token_id: int = 0
     t5_init: str | None = None  # hub id or directory of a pretrained T5 to start from
+    # Retrieval augmentation (not in the paper): the encoder also reads the token ids of the
+    # `neighbours` training prompts whose vectors are nearest (see retrieval.py).
+    neighbours: int = 0
+    neighbour_dims: int = 1024  # count-sketch width of the neighbour memory's keys
 
     @property
     def dim(self) -> int:
@@ -122,6 +127,35 @@ PRESETS = {
 }
 
 
+def new_t5(config: InverterConfig, vocab_size: int, pad: int, eos: int, start: int):
+    """A T5 encoder-decoder of the config's sizes, initialised from scratch."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    t5 = T5ForConditionalGeneration(
+        T5Config(
+            vocab_size=vocab_size,
+            d_model=config.d_model,
+            d_ff=config.d_ff,
+            d_kv=config.d_kv,
+            num_heads=config.num_heads,
+            num_layers=config.num_layers,
+            num_decoder_layers=config.num_decoder_layers,
+            dropout_rate=config.dropout,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            decoder_start_token_id=start,
+            feed_forward_proj=config.feed_forward_proj,
+            tie_word_embeddings=config.tie_word_embeddings,
+        )
+    )
+    if not config.tie_word_embeddings:
+        # HF initialises an untied T5 head with std 1.0, so logits start with std
+        # ~sqrt(d_model) and the loss near 50; std d_model**-0.5 starts it near ln(V)
+        # and saves the first few hundred steps of a from-scratch run.
+        nn.init.normal_(t5.lm_head.weight, std=config.d_model**-0.5)
+    return t5
+
+
 class Inverter(nn.Module):
     """Maps next-token log-prob vectors to the prompts that produced them."""
 
@@ -129,7 +163,7 @@ class Inverter(nn.Module):
         self, config: InverterConfig, tokenizer=None, fingerprint: TargetFingerprint | None = None
     ):
         super().__init__()
-        from transformers import T5Config, T5ForConditionalGeneration
+        from transformers import T5ForConditionalGeneration
 
         if config.normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}")
@@ -152,27 +186,13 @@ class Inverter(nn.Module):
             for key in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
                 setattr(pre, key, getattr(config, key))
         else:
-            t5_config = T5Config(
-                vocab_size=config.output_vocab_size,
-                d_model=config.d_model,
-                d_ff=config.d_ff,
-                d_kv=config.d_kv,
-                num_heads=config.num_heads,
-                num_layers=config.num_layers,
-                num_decoder_layers=config.num_decoder_layers,
-                dropout_rate=config.dropout,
-                pad_token_id=config.pad_token_id,
-                eos_token_id=config.eos_token_id,
-                decoder_start_token_id=config.decoder_start_token_id,
-                feed_forward_proj=config.feed_forward_proj,
-                tie_word_embeddings=config.tie_word_embeddings,
+            self.t5 = new_t5(
+                config,
+                config.output_vocab_size,
+                config.pad_token_id,
+                config.eos_token_id,
+                config.decoder_start_token_id,
             )
-            self.t5 = T5ForConditionalGeneration(t5_config)
-            if not config.tie_word_embeddings:
-                # HF initialises an untied T5 head with std 1.0, so logits start with std
-                # ~sqrt(d_model) and the loss near 50; std d_model**-0.5 starts it near ln(V)
-                # and saves the first few hundred steps of a from-scratch run.
-                nn.init.normal_(self.t5.lm_head.weight, std=config.d_model**-0.5)
         gen = self.t5.generation_config
         gen.pad_token_id, gen.eos_token_id = config.pad_token_id, config.eos_token_id
         gen.decoder_start_token_id = config.decoder_start_token_id
@@ -187,6 +207,11 @@ class Inverter(nn.Module):
         self.chunk_position = nn.Parameter(torch.zeros(config.seq_len, config.d_model))
         self.register_buffer("feature_mean", torch.zeros(config.dim))
         self.register_buffer("feature_std", torch.ones(config.dim))
+        if config.neighbours:
+            # Which neighbour (by rank) a prompt token belongs to, added to its embedding.
+            self.neighbour_rank = nn.Parameter(torch.zeros(config.neighbours, config.d_model))
+        self.memory: NeighbourMemory | None = None
+        self._memory_ids: list[list[int]] | None = None
 
     # ------------------------------------------------------------------ features
     def set_feature_stats(self, mean: np.ndarray, std: np.ndarray) -> None:
@@ -203,17 +228,72 @@ class Inverter(nn.Module):
         chunks = unroll(x, self.config.chunk_width)
         return self.embed(chunks.to(self.chunk_position.dtype)) + self.chunk_position
 
-    def forward(self, vectors: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def set_memory(self, memory: NeighbourMemory) -> None:
+        """The training prompts a retrieval-augmented inverter reads beside each vector."""
+        if not self.config.neighbours:
+            raise CheckpointError("this inverter reads no neighbours (config.neighbours = 0)")
+        self.memory, self._memory_ids = memory, None
+
+    def neighbour_ids(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Memory rows per example -> `[B, k, max_length]` token ids, padded with -1."""
+        if self._memory_ids is None:
+            self._memory_ids = encode_labels(
+                self.tokenizer, self.memory.prompts, self.config.max_length
+            )
+        k, width = self.config.neighbours, self.config.max_length
+        out = torch.full((len(rows), k, width), -1, dtype=torch.long)
+        for b, row in enumerate(rows):
+            for r, i in enumerate(list(row)[:k]):
+                ids = self._memory_ids[i]
+                out[b, r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return out
+
+    def find_neighbours(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Nearest memory prompts of flat `[B, dim]` vectors as `neighbour_ids`."""
+        if self.memory is None:
+            raise CheckpointError(
+                "this retrieval-augmented inverter has no neighbour memory; load it with "
+                "from_pretrained or call set_memory"
+            )
+        return self.neighbour_ids(self.memory.search(vectors.cpu(), self.config.neighbours))
+
+    def encoder_inputs(
+        self, vectors: torch.Tensor, neighbour_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder input embeddings and attention mask: the vector's pseudo-embeddings, then
+        (retrieval-augmented) the neighbours' tokens, each marked with its rank."""
+        embeds = self.encode_inputs(vectors)
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        if not self.config.neighbours:
+            return embeds, mask
+        if neighbour_ids is None:
+            neighbour_ids = self.find_neighbours(vectors)
+        ids = neighbour_ids.to(embeds.device)
+        width = max(int((ids >= 0).sum(-1).max()), 1)  # trim the common padding
+        ids = ids[..., :width]
+        tokens = self.t5.shared(ids.clamp(min=0)) + self.neighbour_rank[:, None].to(embeds.dtype)
+        tokens = tokens.to(embeds.dtype).flatten(1, 2)
+        return (
+            torch.cat([embeds, tokens], 1),
+            torch.cat([mask, (ids >= 0).flatten(1).long()], 1),
+        )
+
+    def forward(
+        self, vectors: torch.Tensor, labels: torch.Tensor, neighbour_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Summed token cross-entropy of `labels` (padded with -100) given flat vectors.
 
         The sum, not the mean, so the trainer can normalise by the token count of the whole
         global batch across processes. Only real label positions go through the output
         projection: with a 49k-token vocabulary that projection dominates the step.
         """
-        embeds = self.encode_inputs(vectors)
-        encoded = self.t5.encoder(inputs_embeds=embeds).last_hidden_state
+        embeds, mask = self.encoder_inputs(vectors, neighbour_ids)
+        encoded = self.t5.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         decoded = self.t5.decoder(
-            input_ids=self.t5._shift_right(labels), encoder_hidden_states=encoded, use_cache=False
+            input_ids=self.t5._shift_right(labels),
+            encoder_hidden_states=encoded,
+            encoder_attention_mask=mask,
+            use_cache=False,
         ).last_hidden_state
         keep = labels != -100
         hidden = decoded[keep]
@@ -239,8 +319,7 @@ class Inverter(nn.Module):
 
     @torch.inference_mode()
     def generate_ids(self, vectors: torch.Tensor, **generate_kwargs) -> torch.Tensor:
-        embeds = self.encode_inputs(vectors)
-        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        embeds, mask = self.encoder_inputs(vectors)
         kwargs = {"max_new_tokens": self.config.max_length, **generate_kwargs}
         return self.t5.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
 
@@ -328,6 +407,8 @@ class Inverter(nn.Module):
             (directory / TRAINING_ARGS_NAME).write_text(json.dumps(training_args, indent=1))
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)
+        if self.memory is not None:
+            self.memory.save(directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | None = None) -> Inverter:
@@ -377,6 +458,8 @@ class Inverter(nn.Module):
                 f"{directory / WEIGHTS_NAME} does not match its config: "
                 f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
             )
+        if config.neighbours:
+            model.set_memory(NeighbourMemory.load(directory))
         if device:
             model.to(device)
         return model.eval()

@@ -356,11 +356,32 @@ def create_app(target: HFTarget, config: ServerConfig | None = None):
             )
         return n
 
-    def usage(prompt: int, completion: int) -> dict:
+    async def run(ids: list[int], req: _Request, max_tokens: int, top: int | None):
+        """The part both endpoints share once the prompt is tokens: checks, then generation."""
+        engine.check_prompt(ids, max_tokens)
+        bias = engine.parse_bias(req.logit_bias)
+        return await run_in_threadpool(
+            engine.generate,
+            ids,
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            bias=bias,
+            top_logprobs=top,
+            seed=req.seed,
+        )
+
+    def envelope(kind: str, id_prefix: str, choice: dict, prompt_tokens: int, steps) -> dict:
         return {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
+            "id": f"{id_prefix}-{uuid.uuid4().hex[:24]}",
+            "object": kind,
+            "created": int(time.time()),
+            "model": config.model_name,
+            "choices": [choice],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": len(steps),
+                "total_tokens": prompt_tokens + len(steps),
+            },
         }
 
     @app.get("/v1/models")
@@ -387,17 +408,7 @@ def create_app(target: HFTarget, config: ServerConfig | None = None):
         if len(prompts) != 1:
             raise ServerError("exactly one prompt per request is supported", param="prompt")
         ids = engine.encode_text(prompts[0]) if prompts[0] else []
-        engine.check_prompt(ids, max_tokens)
-        bias = engine.parse_bias(req.logit_bias)
-        steps, finish = await run_in_threadpool(
-            engine.generate,
-            ids,
-            max_tokens=max_tokens,
-            temperature=req.temperature,
-            bias=bias,
-            top_logprobs=req.logprobs,
-            seed=req.seed,
-        )
+        steps, finish = await run(ids, req, max_tokens, req.logprobs)
         logprobs = None
         if req.logprobs is not None:
             text_offset, pos = [], 0
@@ -423,14 +434,7 @@ def create_app(target: HFTarget, config: ServerConfig | None = None):
             "logprobs": logprobs,
             "finish_reason": finish,
         }
-        return {
-            "id": f"cmpl-{uuid.uuid4().hex[:24]}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": config.model_name,
-            "choices": [choice],
-            "usage": usage(len(ids), len(steps)),
-        }
+        return envelope("text_completion", "cmpl", choice, len(ids), steps)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
@@ -450,17 +454,7 @@ def create_app(target: HFTarget, config: ServerConfig | None = None):
             ids = engine.encode_chat(messages)
         except Exception as exc:  # the template's own checks (role order and the like)
             raise ServerError(f"the chat template rejected the messages: {exc}") from exc
-        engine.check_prompt(ids, max_tokens)
-        bias = engine.parse_bias(req.logit_bias)
-        steps, finish = await run_in_threadpool(
-            engine.generate,
-            ids,
-            max_tokens=max_tokens,
-            temperature=req.temperature,
-            bias=bias,
-            top_logprobs=top,
-            seed=req.seed,
-        )
+        steps, finish = await run(ids, req, max_tokens, top)
         logprobs = None
         if req.logprobs:
             logprobs = {
@@ -478,14 +472,7 @@ def create_app(target: HFTarget, config: ServerConfig | None = None):
             "logprobs": logprobs,
             "finish_reason": finish,
         }
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": config.model_name,
-            "choices": [choice],
-            "usage": usage(len(ids), len(steps)),
-        }
+        return envelope("chat.completion", "chatcmpl", choice, len(ids), steps)
 
     return app
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
-from .inverter import InverterConfig, encode_labels, pad_labels
+from .inverter import InverterConfig, encode_labels, new_t5, pad_labels
 
 FORMAT = "logit2prompt-text-inverter"
 META_NAME = "text_inverter.json"
@@ -38,30 +38,11 @@ class TextInverter(nn.Module):
 
     def __init__(self, config: InverterConfig, tokenizer, fingerprint: dict | None = None):
         super().__init__()
-        from transformers import T5Config, T5ForConditionalGeneration
-
         self.config, self.tokenizer, self.fingerprint = config, tokenizer, fingerprint
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else pad
-        self.t5 = T5ForConditionalGeneration(
-            T5Config(
-                vocab_size=len(tokenizer),
-                d_model=config.d_model,
-                d_ff=config.d_ff,
-                d_kv=config.d_kv,
-                num_heads=config.num_heads,
-                num_layers=config.num_layers,
-                num_decoder_layers=config.num_decoder_layers,
-                dropout_rate=config.dropout,
-                feed_forward_proj=config.feed_forward_proj,
-                tie_word_embeddings=config.tie_word_embeddings,
-                pad_token_id=pad,
-                eos_token_id=eos,
-                decoder_start_token_id=pad,
-            )
-        )
-        if not config.tie_word_embeddings:  # same initialisation as the log-prob inverter
-            nn.init.normal_(self.t5.lm_head.weight, std=config.d_model**-0.5)
+        # Same sizes and initialisation as the log-prob inverter, so the comparison is fair.
+        self.t5 = new_t5(config, len(tokenizer), pad, eos, pad)
 
     def _inputs(self, texts: Sequence[str]) -> dict:
         enc = self.tokenizer(

@@ -44,6 +44,7 @@ class TrainConfig:
     preset: str = "small"
     normalization: str = "standardize"
     t5_init: str | None = None
+    neighbours: int = 0  # >0: retrieval-augmented inverter reading this many nearest prompts
     output_tokenizer: str | None = None  # default: the target's own tokenizer
     init_from: str | None = None  # an inverter checkpoint to fine-tune (weights and stats)
     defense: str | None = None  # defense spec applied to every vector (adaptive attacker)
@@ -167,6 +168,7 @@ class Trainer:
             self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
         )
         self.scheduler = _schedule(self.optimizer, cfg)
+        self.neighbour_rows: list[list[int]] | None = None  # retrieval-augmented only
         self.step = 0
         self.history: list[dict] = []
 
@@ -179,6 +181,7 @@ class Trainer:
             steps=self.store.steps,
             normalization=cfg.normalization,
             t5_init=cfg.t5_init,
+            neighbours=cfg.neighbours,
             **cfg.overrides,
         )
         torch.manual_seed(cfg.seed)
@@ -208,10 +211,44 @@ class Trainer:
         perm = np.random.default_rng(self.cfg.seed + epoch).permutation(self.train_idx)
         return perm[j * self.global_micro : (j + 1) * self.global_micro]
 
-    def _batch_tensors(self, indices: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch_tensors(self, indices: np.ndarray, device) -> tuple:
+        """The model's inputs for these store indices: (vectors, labels[, neighbour ids])."""
         vectors = self._defended(torch.from_numpy(self.store.vectors(indices.tolist())))
         padded = pad_labels([self.labels[i] for i in indices])
-        return vectors.to(device), padded.to(device)
+        if self.neighbour_rows is None:
+            return vectors.to(device), padded.to(device)
+        model = self.accelerator.unwrap_model(self.model)
+        ids = model.neighbour_ids([self.neighbour_rows[i] for i in indices])
+        return vectors.to(device), padded.to(device), ids.to(device)
+
+    def build_memory(self) -> None:
+        """Retrieval-augmented inverters: sketch the (defended) training store into the
+        model's neighbour memory, and find each training example's neighbours, itself and
+        copies of its text excluded (a test prompt is never in the memory either)."""
+        from .retrieval import NeighbourMemory
+
+        model = self.accelerator.unwrap_model(self.model)
+        batches = (
+            self._defended(torch.from_numpy(vectors)).numpy()
+            for _, _, vectors in self.store.batches(256)
+        )
+        memory = NeighbourMemory.build(
+            self.store.prompts,
+            tqdm(
+                batches,
+                total=-(-len(self.store) // 256),
+                desc="neighbour memory",
+                disable=not (self.cfg.progress and self.accelerator.is_main_process),
+            ),
+            self.store.dim,
+            dims=model.config.neighbour_dims,
+            seed=self.cfg.seed,
+        )
+        model.set_memory(memory)
+        rows = list(range(len(self.store)))
+        self.neighbour_rows = memory.search_sketches(
+            memory.keys, model.config.neighbours, exclude=rows
+        )
 
     def _defended(self, vectors: torch.Tensor) -> torch.Tensor:
         """`[n, steps, vocab]` -> flat `[n, dim]`, through the defense when one is set."""
@@ -330,7 +367,7 @@ class Trainer:
     def train_step(self, batches: list[np.ndarray] | None = None, tensors=None):
         """One optimizer step over this process's share of the global batch.
 
-        `tensors` (a list of (vectors, labels) per micro-batch, already on the device) skips
+        `tensors` (a list of model inputs per micro-batch, already on the device) skips
         the data loading; the throughput benchmark uses it to measure the bare model step.
         Returns (summed loss on this process, global token count, gradient norm).
         """
@@ -342,13 +379,13 @@ class Trainer:
         for a, batch in enumerate(batches):
             if tensors is None:
                 mine = batch[r * cfg.per_device_batch_size : (r + 1) * cfg.per_device_batch_size]
-                vectors, labels = self._batch_tensors(mine, acc.device)
+                inputs = self._batch_tensors(mine, acc.device)
             else:
-                vectors, labels = tensors[a]
+                inputs = tensors[a]
             sync = a == len(batches) - 1
             ctx = contextlib.nullcontext() if sync else acc.no_sync(self.model)
             with ctx, acc.autocast():
-                batch_loss = self.model(vectors, labels)
+                batch_loss = self.model(*inputs)
                 # DDP averages over processes; scaling by num_processes / global token count
                 # makes the update the exact token mean of the global batch.
                 acc.backward(batch_loss * (acc.num_processes / total_tokens))
@@ -369,6 +406,8 @@ class Trainer:
             # defense: defended vectors (floors of -100, flattened or noisy rows) standardised
             # with clean statistics land far outside anything it has seen.
             self.fit_feature_stats()
+        if self.model.config.neighbours:
+            self.build_memory()
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
 
     def run(self, resume: bool = False) -> Inverter:

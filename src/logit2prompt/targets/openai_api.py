@@ -355,11 +355,19 @@ class OpenAITarget(Target):
         return self._ids_of_text.get(token, [])
 
     def _ids(self, key: str) -> list[int]:
-        if key.startswith("t:"):  # only the text came back
-            return self._ids_of_text.get(key[2:], [])
-        if key.startswith("s:"):
+        # "t:" only the reply text came back; "s:" a token string without bytes.
+        if key.startswith(("t:", "s:")):
             return self._ids_of_text.get(key[2:], [])
         return self._ids_of.get(key, [])
+
+    def reported_top(self, prompt: str, k: int) -> dict[int, float]:
+        """The endpoint's own top-k first-token log-probs for `prompt`, no bias: {id: lp}.
+
+        Entries whose token string several ids share are left out. Used to check recovered
+        values against what the endpoint reports directly.
+        """
+        reply = self._ask(self._request(prompt, None, k))
+        return {ids[0]: lp for key, lp in reply.top if len(ids := self._ids(key)) == 1}
 
     def _ask_many(self, requests: list[dict], desc: str) -> list[Reply]:
         if not requests:

@@ -1,0 +1,112 @@
+"""The neighbour memory and the retrieval-augmented inverter."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from logit2prompt.errors import CheckpointError, VectorError
+from logit2prompt.inverter import Inverter
+from logit2prompt.retrieval import MEMORY_WEIGHTS, NeighbourMemory
+from logit2prompt.store import DistributionStore
+from logit2prompt.train import Trainer
+
+from .conftest import FIXTURE_PROMPTS, tiny_train_config
+from .test_inverter import _store
+
+DIM = 3000
+
+
+def _clusters(n_centres=20, per=5, seed=0):
+    """Vectors in tight clusters far apart; prompt text names the cluster and the member."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 10, (n_centres, DIM)).astype(np.float32)
+    vectors = np.concatenate([c + rng.normal(0, 0.1, (per, DIM)) for c in centres])
+    prompts = [f"cluster {c} member {m}" for c in range(n_centres) for m in range(per)]
+    return prompts, vectors.astype(np.float32)
+
+
+def test_sketch_keeps_l2_distances_approximately():
+    rng = np.random.default_rng(1)
+    x = rng.normal(-20, 3, (40, DIM)).astype(np.float32)
+    memory = NeighbourMemory.build([str(i) for i in range(40)], [x], DIM, dims=512)
+    true = torch.cdist(torch.from_numpy(x), torch.from_numpy(x))
+    sketched = torch.cdist(memory.keys, memory.keys)
+    off = ~torch.eye(40, dtype=torch.bool)
+    ratio = sketched[off] / true[off]
+    assert abs(float(ratio.mean()) - 1) < 0.05 and float(ratio.std()) < 0.1
+
+
+def test_search_finds_the_cluster_and_excludes_itself_and_copies():
+    prompts, vectors = _clusters()
+    prompts[1] = prompts[0]  # a duplicate text inside cluster 0
+    memory = NeighbourMemory.build(prompts, [vectors[:50], vectors[50:]], DIM, dims=256)
+    queries = torch.from_numpy(vectors[::5] + 0.05)
+    found = memory.search(queries, k=3)
+    for c, row in enumerate(found):
+        assert {i // 5 for i in row} == {c}  # all three from the query's own cluster
+        assert row[0] == c * 5  # nearest is the member the query perturbs
+    rows = memory.search_sketches(memory.keys, 4, exclude=list(range(len(prompts))))
+    for i, row in enumerate(rows):
+        assert i not in row and all(prompts[j] != prompts[i] for j in row)
+        own_cluster = [j for j in row if j // 5 == i // 5]
+        # The other members of its cluster, less the copy of its own text for items 0 and 1.
+        assert len(own_cluster) == (3 if i in (0, 1) else 4)
+
+
+def test_memory_round_trip_and_corruption(tmp_path):
+    prompts, vectors = _clusters(4, 3)
+    memory = NeighbourMemory.build(prompts, [vectors], DIM, dims=128, seed=7)
+    memory.save(tmp_path)
+    again = NeighbourMemory.load(tmp_path)
+    q = torch.from_numpy(vectors + 0.01)
+    assert again.search(q, 2) == memory.search(q, 2)
+    assert again.prompts == prompts
+    with pytest.raises(VectorError, match="entries"):
+        again.search(torch.zeros(1, DIM + 1), 1)
+    (tmp_path / MEMORY_WEIGHTS).write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="neighbour memory"):
+        NeighbourMemory.load(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def store16(tiny_lm_dir, tmp_path_factory):
+    from logit2prompt.targets import load_target
+
+    target = load_target(str(tiny_lm_dir), mode="raw")
+    return _store(target, tmp_path_factory.mktemp("store") / "s", FIXTURE_PROMPTS[:16])
+
+
+def test_retrieval_inverter_trains_saves_and_reloads(store16, tiny_lm_dir, tmp_path):
+    out = tmp_path / "model"
+    trainer = Trainer(tiny_train_config(store16, out, tiny_lm_dir, max_steps=1, neighbours=2))
+    trainer.fit_feature_stats()
+    trainer.build_memory()
+    # Training neighbours never include the example itself.
+    assert all(i not in row and len(row) == 2 for i, row in enumerate(trainer.neighbour_rows))
+    inputs = trainer._batch_tensors(np.arange(8), "cpu")
+    assert len(inputs) == 3 and inputs[2].shape[:2] == (8, 2)
+    vectors, labels = inputs[:2]
+    with torch.no_grad():
+        before = (trainer.model(*inputs) / (labels != -100).sum()).item()
+    cfg = tiny_train_config(store16, out, tiny_lm_dir, max_steps=80, neighbours=2)
+    model = Trainer(cfg).run()
+    with torch.no_grad():
+        after = (model(*inputs) / (labels != -100).sum()).item()
+    assert after < before / 3
+
+    loaded = Inverter.from_pretrained(out)
+    assert loaded.memory is not None
+    assert loaded.memory.prompts == DistributionStore(store16).prompts
+    assert loaded.invert(vectors) == model.invert(vectors)
+    with torch.no_grad():
+        # The encoder really reads the neighbours: other neighbours change the loss.
+        shuffled = loaded.neighbour_ids([[(i + 5) % 16, (i + 9) % 16] for i in range(8)])
+        assert loaded(vectors, labels, shuffled).item() != pytest.approx(
+            loaded(vectors, labels, inputs[2]).item()
+        )
+
+    (out / MEMORY_WEIGHTS).unlink()
+    with pytest.raises(CheckpointError, match="neighbour memory"):
+        Inverter.from_pretrained(out)
