@@ -145,7 +145,11 @@ def main() -> None:
                 "neighbours",
             )
         }
-        name = "inverter" if k == 0 else f"retrieval-augmented inverter ({k} neighbours)"
+        name = (
+            "inverter"
+            if k == 0
+            else f"retrieval-augmented inverter ({k} neighbours, pointer-generator)"
+        )
         t0 = time.perf_counter()
         predictions = invert_store(inverter, test)
         no_repeat = invert_store(inverter, test, no_repeat_ngram_size=NO_REPEAT_NGRAM)

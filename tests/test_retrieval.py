@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from logit2prompt.errors import CheckpointError, VectorError
-from logit2prompt.inverter import Inverter
+from logit2prompt.inverter import CopyHead, Inverter
 from logit2prompt.retrieval import MEMORY_WEIGHTS, NeighbourMemory
 from logit2prompt.store import DistributionStore
 from logit2prompt.train import Trainer
@@ -78,9 +78,13 @@ def store16(tiny_lm_dir, tmp_path_factory):
     return _store(target, tmp_path_factory.mktemp("store") / "s", FIXTURE_PROMPTS[:16])
 
 
-def test_retrieval_inverter_trains_saves_and_reloads(store16, tiny_lm_dir, tmp_path):
+@pytest.mark.parametrize("copy", [True, False], ids=["pointer", "encoder-only"])
+def test_retrieval_inverter_trains_saves_and_reloads(store16, tiny_lm_dir, tmp_path, copy):
     out = tmp_path / "model"
-    trainer = Trainer(tiny_train_config(store16, out, tiny_lm_dir, max_steps=1, neighbours=2))
+    trainer = Trainer(
+        tiny_train_config(store16, out, tiny_lm_dir, max_steps=1, neighbours=2, neighbour_copy=copy)
+    )
+    assert isinstance(trainer.model.t5.lm_head, CopyHead) == copy
     trainer.fit_feature_stats()
     trainer.build_memory()
     # Training neighbours never include the example itself.
@@ -90,7 +94,9 @@ def test_retrieval_inverter_trains_saves_and_reloads(store16, tiny_lm_dir, tmp_p
     vectors, labels = inputs[:2]
     with torch.no_grad():
         before = (trainer.model(*inputs) / (labels != -100).sum()).item()
-    cfg = tiny_train_config(store16, out, tiny_lm_dir, max_steps=80, neighbours=2)
+    cfg = tiny_train_config(
+        store16, out, tiny_lm_dir, max_steps=80, neighbours=2, neighbour_copy=copy
+    )
     model = Trainer(cfg).run()
     with torch.no_grad():
         after = (model(*inputs) / (labels != -100).sum()).item()
@@ -110,3 +116,61 @@ def test_retrieval_inverter_trains_saves_and_reloads(store16, tiny_lm_dir, tmp_p
     (out / MEMORY_WEIGHTS).unlink()
     with pytest.raises(CheckpointError, match="neighbour memory"):
         Inverter.from_pretrained(out)
+
+
+def test_fine_tuning_on_defended_vectors_rebuilds_the_memory(store16, tiny_lm_dir, tmp_path):
+    """An adaptive attacker (defend-sweep) fine-tunes a retrieval-augmented checkpoint: its
+    memory must then hold the defended vectors it will be queried with."""
+    base = tmp_path / "base"
+    Trainer(tiny_train_config(store16, base, tiny_lm_dir, max_steps=5, neighbours=1)).run()
+    tuned = Trainer(
+        tiny_train_config(
+            store16,
+            tmp_path / "tuned",
+            tiny_lm_dir,
+            max_steps=5,
+            init_from=str(base),
+            defense="topk:3",
+        )
+    ).run()
+    clean = Inverter.from_pretrained(base).memory
+    assert tuned.config.neighbours == 1 and tuned.memory.prompts == clean.prompts
+    assert not torch.allclose(tuned.memory.keys, clean.keys)
+    again = Inverter.from_pretrained(tmp_path / "tuned")
+    assert torch.allclose(again.memory.keys, tuned.memory.keys, rtol=2e-3, atol=0.1)  # fp16
+    assert "topk:3" in again.fingerprint.defense
+
+
+def test_copy_head_loss_is_the_distribution_generation_samples_from(store16, tiny_lm_dir, tmp_path):
+    """The training loss (label probabilities only) and the full distribution `generate` uses
+    are the same pointer-generator mixture; forcing the gate to copy puts all mass on
+    neighbour tokens."""
+    trainer = Trainer(tiny_train_config(store16, tmp_path, tiny_lm_dir, neighbours=2))
+    trainer.fit_feature_stats()
+    trainer.build_memory()
+    model = trainer.model.eval()
+    vectors, labels, nb = trainer._batch_tensors(np.arange(6), "cpu")
+    head = model.t5.lm_head
+    with torch.no_grad():
+        torch.nn.init.normal_(head.gate.weight, std=0.5)  # a gate that varies by position
+        loss = model(vectors, labels, nb).item()
+        embeds, mask, copy_ids = model.encoder_inputs(vectors, nb)
+        encoded = model.t5.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        decoded = model.t5.decoder(
+            input_ids=model.t5._shift_right(labels),
+            encoder_hidden_states=encoded,
+            encoder_attention_mask=mask,
+        ).last_hidden_state
+        head.context = (encoded, copy_ids)
+        lp = head(decoded)
+        assert torch.allclose(lp.logsumexp(-1), torch.zeros(lp.shape[:2]), atol=1e-4)
+        keep = labels != -100
+        nll = -lp.gather(2, labels.clamp(min=0)[..., None])[..., 0][keep].sum().item()
+        assert nll == pytest.approx(loss, rel=1e-4)
+        head.gate.bias.fill_(-50.0)
+        head.gate.weight.zero_()
+        copied = head(decoded).exp()
+        ids = set(copy_ids[copy_ids >= 0].tolist())
+        outside = [t for t in range(copied.shape[-1]) if t not in ids]
+        assert float(copied[..., outside].sum(-1).max()) < 1e-6
+        head.context = None

@@ -198,12 +198,24 @@ def _train_config_args(p: argparse.ArgumentParser) -> None:
             continue
         default = f.default if f.default is not MISSING else None
         kind = type(default) if default is not None else str
+        if kind is bool:
+            kind = _flag_value
         p.add_argument(
             "--" + f.name.replace("_", "-"),
             type=kind,
             default=default,
             help=f"(default: {default})",
         )
+
+
+def _flag_value(text: str) -> bool:
+    """`--neighbour-copy false` and the like: argparse's bool() would take any text as True."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _parse_overrides(items: list[str]) -> dict:

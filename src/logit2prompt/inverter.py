@@ -61,6 +61,8 @@ class InverterConfig:
     # `neighbours` training prompts whose vectors are nearest (see retrieval.py).
     neighbours: int = 0
     neighbour_dims: int = 1024  # count-sketch width of the neighbour memory's keys
+    # Pointer-generator output: each token is either generated or copied from a neighbour.
+    neighbour_copy: bool = False
 
     @property
     def dim(self) -> int:
@@ -156,6 +158,68 @@ def new_t5(config: InverterConfig, vocab_size: int, pad: int, eos: int, start: i
     return t5
 
 
+class CopyHead(nn.Module):
+    """Output layer of a pointer-generator (See et al. 2017): the next token is generated from
+    the vocabulary with probability p_gen, or copied from a neighbour prompt's tokens with
+    probability 1 - p_gen, by an attention over the encoder states of those tokens.
+
+    A retrieval-augmented inverter needs this to use its neighbours early in training: without
+    it, copying a token means learning an identity map from 49k input embeddings to 49k output
+    rows, one token at a time. `forward` returns log-probabilities, so it can stand in for
+    T5's `lm_head` inside `generate` (beam search, sampling and logits processors unchanged).
+    """
+
+    def __init__(self, generate: nn.Linear, d_model: int):
+        super().__init__()
+        self.gen = generate  # the vocabulary projection (T5's own lm_head, tied or not)
+        self.query = nn.Linear(d_model, d_model, bias=False)
+        self.key = nn.Linear(d_model, d_model, bias=False)
+        self.gate = nn.Linear(d_model, 1)
+        self.context: tuple[torch.Tensor, torch.Tensor] | None = None  # set around generate
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.gen.weight
+
+    def parts(self, hidden: torch.Tensor, encoded: torch.Tensor, copy_ids: torch.Tensor):
+        """Copy attention `[B, T, L]` (zero off neighbour tokens) and the gate logit `[B, T]`.
+
+        `copy_ids` `[B, L]`: the token id at each encoder position, -1 where nothing can be
+        copied (pseudo-embeddings, padding).
+        """
+        scores = self.query(hidden) @ self.key(encoded).transpose(1, 2)
+        scores = scores.float() * hidden.shape[-1] ** -0.5
+        can = (copy_ids >= 0)[:, None, :]
+        attn = torch.softmax(scores.masked_fill(~can, -1e9), -1) * can
+        gate = self.gate(hidden).float()[..., 0]
+        # Nothing to copy (no neighbour tokens): generate.
+        gate = gate.masked_fill(~can.any(-1), 1e4)
+        return attn, gate
+
+    def mix(self, gen_logprobs, copy_probs, gate) -> torch.Tensor:
+        """log(p_gen * generated + (1 - p_gen) * copied), in float32."""
+        return torch.logaddexp(
+            nn.functional.logsigmoid(gate) + gen_logprobs,
+            nn.functional.logsigmoid(-gate) + torch.log(copy_probs + 1e-12),
+        )
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Log-probs over the vocabulary `[rows, T, V]` for `generate`, from `self.context`."""
+        gen = torch.log_softmax(self.gen(hidden).float(), -1)
+        if self.context is None:
+            return gen
+        encoded, copy_ids = self.context
+        factor = hidden.shape[0] // encoded.shape[0]  # beams / samples per example
+        if factor > 1:
+            encoded = encoded.repeat_interleave(factor, 0)
+            copy_ids = copy_ids.repeat_interleave(factor, 0)
+        attn, gate = self.parts(hidden, encoded, copy_ids)
+        copied = torch.zeros_like(gen).scatter_add_(
+            2, copy_ids.clamp(min=0)[:, None, :].expand(-1, hidden.shape[1], -1), attn
+        )
+        return self.mix(gen, copied, gate[..., None])
+
+
 class Inverter(nn.Module):
     """Maps next-token log-prob vectors to the prompts that produced them."""
 
@@ -210,6 +274,8 @@ class Inverter(nn.Module):
         if config.neighbours:
             # Which neighbour (by rank) a prompt token belongs to, added to its embedding.
             self.neighbour_rank = nn.Parameter(torch.zeros(config.neighbours, config.d_model))
+        if config.neighbours and config.neighbour_copy:
+            self.t5.lm_head = CopyHead(self.t5.lm_head, config.d_model)
         self.memory: NeighbourMemory | None = None
         self._memory_ids: list[list[int]] | None = None
 
@@ -259,13 +325,14 @@ class Inverter(nn.Module):
 
     def encoder_inputs(
         self, vectors: torch.Tensor, neighbour_ids: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder input embeddings and attention mask: the vector's pseudo-embeddings, then
-        (retrieval-augmented) the neighbours' tokens, each marked with its rank."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Encoder input embeddings, attention mask and (retrieval-augmented) the token id at
+        each position (-1 where none): the vector's pseudo-embeddings, then the neighbours'
+        tokens, each marked with its rank."""
         embeds = self.encode_inputs(vectors)
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         if not self.config.neighbours:
-            return embeds, mask
+            return embeds, mask, None
         if neighbour_ids is None:
             neighbour_ids = self.find_neighbours(vectors)
         ids = neighbour_ids.to(embeds.device)
@@ -273,9 +340,11 @@ class Inverter(nn.Module):
         ids = ids[..., :width]
         tokens = self.t5.shared(ids.clamp(min=0)) + self.neighbour_rank[:, None].to(embeds.dtype)
         tokens = tokens.to(embeds.dtype).flatten(1, 2)
+        pseudo = torch.full(embeds.shape[:2], -1, dtype=torch.long, device=embeds.device)
         return (
             torch.cat([embeds, tokens], 1),
             torch.cat([mask, (ids >= 0).flatten(1).long()], 1),
+            torch.cat([pseudo, ids.flatten(1)], 1),
         )
 
     def forward(
@@ -287,7 +356,7 @@ class Inverter(nn.Module):
         global batch across processes. Only real label positions go through the output
         projection: with a 49k-token vocabulary that projection dominates the step.
         """
-        embeds, mask = self.encoder_inputs(vectors, neighbour_ids)
+        embeds, mask, copy_ids = self.encoder_inputs(vectors, neighbour_ids)
         encoded = self.t5.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         decoded = self.t5.decoder(
             input_ids=self.t5._shift_right(labels),
@@ -295,12 +364,20 @@ class Inverter(nn.Module):
             encoder_attention_mask=mask,
             use_cache=False,
         ).last_hidden_state
-        keep = labels != -100
-        hidden = decoded[keep]
         if getattr(self.t5.config, "scale_decoder_outputs", self.t5.config.tie_word_embeddings):
-            hidden = hidden * (self.t5.config.d_model**-0.5)  # as T5 does with tied embeddings
-        logits = self.t5.lm_head(hidden).float()
-        return nn.functional.cross_entropy(logits, labels[keep], reduction="sum")
+            decoded = decoded * (self.t5.config.d_model**-0.5)  # as T5 does with tied embeddings
+        keep = labels != -100
+        head = self.t5.lm_head
+        if not isinstance(head, CopyHead):
+            logits = head(decoded[keep]).float()
+            return nn.functional.cross_entropy(logits, labels[keep], reduction="sum")
+        gen = torch.log_softmax(head.gen(decoded[keep]).float(), -1)
+        gen = gen.gather(1, labels[keep][:, None])[:, 0]
+        attn, gate = head.parts(decoded, encoded, copy_ids)
+        # Probability of copying the label token: attention on positions holding it.
+        hit = copy_ids[:, None, :] == labels[:, :, None]
+        copied = (attn * hit).sum(-1)[keep]
+        return -head.mix(gen, copied, gate[keep]).sum()
 
     # ------------------------------------------------------------------ inversion
     def _as_batch(self, logprobs) -> torch.Tensor:
@@ -319,9 +396,23 @@ class Inverter(nn.Module):
 
     @torch.inference_mode()
     def generate_ids(self, vectors: torch.Tensor, **generate_kwargs) -> torch.Tensor:
-        embeds, mask = self.encoder_inputs(vectors)
+        from transformers.modeling_outputs import BaseModelOutput
+
+        embeds, mask, copy_ids = self.encoder_inputs(vectors)
+        encoded = self.t5.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         kwargs = {"max_new_tokens": self.config.max_length, **generate_kwargs}
-        return self.t5.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+        head = self.t5.lm_head
+        if isinstance(head, CopyHead):
+            head.context = (encoded, copy_ids)
+        try:
+            return self.t5.generate(
+                encoder_outputs=BaseModelOutput(last_hidden_state=encoded),
+                attention_mask=mask,
+                **kwargs,
+            )
+        finally:
+            if isinstance(head, CopyHead):
+                head.context = None
 
     def invert(
         self,

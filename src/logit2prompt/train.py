@@ -45,6 +45,7 @@ class TrainConfig:
     normalization: str = "standardize"
     t5_init: str | None = None
     neighbours: int = 0  # >0: retrieval-augmented inverter reading this many nearest prompts
+    neighbour_copy: bool = True  # with neighbours: pointer-generator output (copy or generate)
     output_tokenizer: str | None = None  # default: the target's own tokenizer
     init_from: str | None = None  # an inverter checkpoint to fine-tune (weights and stats)
     defense: str | None = None  # defense spec applied to every vector (adaptive attacker)
@@ -182,6 +183,7 @@ class Trainer:
             normalization=cfg.normalization,
             t5_init=cfg.t5_init,
             neighbours=cfg.neighbours,
+            neighbour_copy=cfg.neighbour_copy and cfg.neighbours > 0,
             **cfg.overrides,
         )
         torch.manual_seed(cfg.seed)
