@@ -154,13 +154,7 @@ def test_copy_head_loss_is_the_distribution_generation_samples_from(store16, tin
     with torch.no_grad():
         torch.nn.init.normal_(head.gate.weight, std=0.5)  # a gate that varies by position
         loss = model(vectors, labels, nb).item()
-        embeds, mask, copy_ids = model.encoder_inputs(vectors, nb)
-        encoded = model.t5.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        decoded = model.t5.decoder(
-            input_ids=model.t5._shift_right(labels),
-            encoder_hidden_states=encoded,
-            encoder_attention_mask=mask,
-        ).last_hidden_state
+        encoded, decoded, copy_ids = model.teacher_forced(vectors, labels, nb)
         head.context = (encoded, copy_ids)
         lp = head(decoded)
         assert torch.allclose(lp.logsumexp(-1), torch.zeros(lp.shape[:2]), atol=1e-4)

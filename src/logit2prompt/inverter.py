@@ -347,15 +347,11 @@ class Inverter(nn.Module):
             torch.cat([pseudo, ids.flatten(1)], 1),
         )
 
-    def forward(
+    def teacher_forced(
         self, vectors: torch.Tensor, labels: torch.Tensor, neighbour_ids: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Summed token cross-entropy of `labels` (padded with -100) given flat vectors.
-
-        The sum, not the mean, so the trainer can normalise by the token count of the whole
-        global batch across processes. Only real label positions go through the output
-        projection: with a 49k-token vocabulary that projection dominates the step.
-        """
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Encoder states, the decoder states the output layer reads (labels fed shifted
+        right) and the copyable token id per encoder position."""
         embeds, mask, copy_ids = self.encoder_inputs(vectors, neighbour_ids)
         encoded = self.t5.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         decoded = self.t5.decoder(
@@ -366,6 +362,18 @@ class Inverter(nn.Module):
         ).last_hidden_state
         if getattr(self.t5.config, "scale_decoder_outputs", self.t5.config.tie_word_embeddings):
             decoded = decoded * (self.t5.config.d_model**-0.5)  # as T5 does with tied embeddings
+        return encoded, decoded, copy_ids
+
+    def forward(
+        self, vectors: torch.Tensor, labels: torch.Tensor, neighbour_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Summed token cross-entropy of `labels` (padded with -100) given flat vectors.
+
+        The sum, not the mean, so the trainer can normalise by the token count of the whole
+        global batch across processes. Only real label positions go through the output
+        projection: with a 49k-token vocabulary that projection dominates the step.
+        """
+        encoded, decoded, copy_ids = self.teacher_forced(vectors, labels, neighbour_ids)
         keep = labels != -100
         head = self.t5.lm_head
         if not isinstance(head, CopyHead):
