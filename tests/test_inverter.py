@@ -327,3 +327,16 @@ def test_invert_cli_every_source(trained, tiny_store, tiny_lm_dir, tmp_path, cap
     code = main(["invert", "--checkpoint", str(out), "--vectors", str(tmp_path / "u.safetensors")])
     err = capsys.readouterr().err
     assert code == 2 and "come from" in err and "mode" in err
+
+
+def test_info_summarises_stores_and_checkpoints(trained, tiny_store, capsys):
+    from logit2prompt.cli import main
+
+    assert main(["info", str(tiny_store)]) == 0
+    assert json.loads(capsys.readouterr().out)["num_prompts"] == len(MEMORISE)
+    assert main(["info", str(trained[0])]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["config"]["format"] == "logit2prompt-inverter"
+    assert info["training"]["max_steps"] == 300 and "history" not in info["training"]
+    assert info["last_validation"]["step"] == 300
+    assert info["target"]["vocab_size"] == info["config"]["vocab_size"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import Logit2PromptError
 from .prompts import DEFAULT_FIELD, DEFAULT_MAX_TOKENS, SPLITS
@@ -420,9 +421,25 @@ def cmd_serve(args) -> None:
 
 
 def cmd_info(args) -> None:
+    from .inverter import CONFIG_NAME, FINGERPRINT_NAME, TRAINING_ARGS_NAME
     from .store import read_manifest
 
-    print(json.dumps(read_manifest(args.store), indent=1))
+    path = Path(args.path)
+    if not (path / CONFIG_NAME).is_file():
+        print(json.dumps(read_manifest(path), indent=1))
+        return
+    # An inverter checkpoint: its config, target and how training ended (no weights loaded).
+    info = {"checkpoint": str(path), "config": json.loads((path / CONFIG_NAME).read_text())}
+    for name, key in ((FINGERPRINT_NAME, "target"), (TRAINING_ARGS_NAME, "training")):
+        if (path / name).is_file():
+            info[key] = json.loads((path / name).read_text())
+    history = info.get("training", {}).pop("history", [])
+    if history:
+        info["last_validation"] = history[-1]
+    memory = path / "neighbours.json"
+    if memory.is_file():
+        info["neighbour_memory_prompts"] = len(json.loads(memory.read_text(encoding="utf-8")))
+    print(json.dumps(info, indent=1))
 
 
 # ----------------------------------------------------------------------------- parser
@@ -600,8 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-in-flight", type=int, default=16, help="more concurrent requests: 429")
     p.set_defaults(func=cmd_serve, system_prompt=None, batch_size=1)
 
-    p = sub.add_parser("info", help="print a store's manifest")
-    p.add_argument("store")
+    p = sub.add_parser("info", help="print a store's manifest or an inverter checkpoint's summary")
+    p.add_argument("path", help="a distribution store or an inverter checkpoint directory")
     p.set_defaults(func=cmd_info)
     return parser
 
