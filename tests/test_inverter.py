@@ -14,7 +14,7 @@ import torch
 from logit2prompt.collect import collect
 from logit2prompt.errors import CheckpointError, VectorError
 from logit2prompt.invert import invert_store
-from logit2prompt.inverter import Inverter
+from logit2prompt.inverter import Inverter, encode_labels, pad_labels
 from logit2prompt.prompts import Corpus, PromptRecord
 from logit2prompt.store import DistributionStore
 from logit2prompt.targets import load_target
@@ -340,3 +340,23 @@ def test_info_summarises_stores_and_checkpoints(trained, tiny_store, capsys):
     assert info["training"]["max_steps"] == 300 and "history" not in info["training"]
     assert info["last_validation"]["step"] == 300
     assert info["target"]["vocab_size"] == info["config"]["vocab_size"]
+
+
+def test_likelihood_picks_the_memorised_prompt_among_candidates(trained, tiny_store):
+    from logit2prompt.rerank import neighbour_likelihoods, pick_by_likelihood
+
+    model = Inverter.from_pretrained(trained[0])
+    store = DistributionStore(tiny_store)
+    n = len(store)
+    vectors = store.vectors(range(n))
+    labels = pad_labels(encode_labels(model.tokenizer, store.prompts, model.config.max_length))
+    with torch.no_grad():
+        each = model(torch.from_numpy(vectors)[:, 0], labels, per_example=True)
+        total = model(torch.from_numpy(vectors)[:, 0], labels)
+    assert each.shape == (n,) and float(each.sum()) == pytest.approx(float(total), rel=1e-5)
+    # Every prompt is a candidate for every vector, the true one never first.
+    near = [[(i + 1 + j) % n for j in range(n)] for i in range(n)]
+    rows, nll, counts = neighbour_likelihoods(model, store, vectors, near=near)
+    assert nll.shape == (n, n) and rows == near
+    for mean in (False, True):
+        assert pick_by_likelihood(store, rows, nll, counts, mean) == store.prompts

@@ -365,9 +365,14 @@ class Inverter(nn.Module):
         return encoded, decoded, copy_ids
 
     def forward(
-        self, vectors: torch.Tensor, labels: torch.Tensor, neighbour_ids: torch.Tensor | None = None
+        self,
+        vectors: torch.Tensor,
+        labels: torch.Tensor,
+        neighbour_ids: torch.Tensor | None = None,
+        per_example: bool = False,
     ) -> torch.Tensor:
-        """Summed token cross-entropy of `labels` (padded with -100) given flat vectors.
+        """Summed token cross-entropy of `labels` (padded with -100) given flat vectors, or
+        `[B]` sums per example with `per_example` (how well each label explains its vector).
 
         The sum, not the mean, so the trainer can normalise by the token count of the whole
         global batch across processes. Only real label positions go through the output
@@ -378,14 +383,19 @@ class Inverter(nn.Module):
         head = self.t5.lm_head
         if not isinstance(head, CopyHead):
             logits = head(decoded[keep]).float()
-            return nn.functional.cross_entropy(logits, labels[keep], reduction="sum")
-        gen = torch.log_softmax(head.gen(decoded[keep]).float(), -1)
-        gen = gen.gather(1, labels[keep][:, None])[:, 0]
-        attn, gate = head.parts(decoded, encoded, copy_ids)
-        # Probability of copying the label token: attention on positions holding it.
-        hit = copy_ids[:, None, :] == labels[:, :, None]
-        copied = (attn * hit).sum(-1)[keep]
-        return -head.mix(gen, copied, gate[keep]).sum()
+            nll = nn.functional.cross_entropy(logits, labels[keep], reduction="none")
+        else:
+            gen = torch.log_softmax(head.gen(decoded[keep]).float(), -1)
+            gen = gen.gather(1, labels[keep][:, None])[:, 0]
+            attn, gate = head.parts(decoded, encoded, copy_ids)
+            # Probability of copying the label token: attention on positions holding it.
+            hit = copy_ids[:, None, :] == labels[:, :, None]
+            copied = (attn * hit).sum(-1)[keep]
+            nll = -head.mix(gen, copied, gate[keep])
+        if not per_example:
+            return nll.sum()
+        rows = keep.nonzero()[:, 0]
+        return torch.zeros(len(labels), device=nll.device).index_add_(0, rows, nll)
 
     # ------------------------------------------------------------------ inversion
     def _as_batch(self, logprobs) -> torch.Tensor:

@@ -17,10 +17,12 @@ import torch
 
 from .baselines import nearest_neighbours
 from .collect import collect_vectors
+from .inverter import encode_labels, pad_labels
 from .store import DistributionStore
 
 DEFAULT_BEAMS = 4
 DEFAULT_NEIGHBOURS = 3
+LIKELIHOOD_CANDIDATES = 10
 
 
 def rerank(
@@ -74,3 +76,44 @@ def inverter_with_neighbours(
         [*b, *(train.prompts[i] for i in row)] for b, row in zip(beams_out, near, strict=True)
     ]
     return rerank(target, observed, candidates, known, batch_size)
+
+
+@torch.no_grad()
+def neighbour_likelihoods(
+    inverter,
+    train: DistributionStore,
+    observed: np.ndarray,
+    k: int = LIKELIHOOD_CANDIDATES,
+    batch_size: int = 40,
+    near: list[list[int]] | None = None,
+) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
+    """The k nearest training prompts (L2) of each observed vector (or the given `near`
+    rows), and how well the inverter says each explains it: (indices `[n][k]`, summed NLL
+    `[n, k]`, token counts `[n, k]`).
+
+    No target queries: the inverter scores candidates by teacher forcing.
+    """
+    if near is None:
+        near = nearest_neighbours(train, observed, k)
+    flat = torch.from_numpy(np.asarray(observed, dtype=np.float32)).flatten(1)
+    labels = encode_labels(inverter.tokenizer, train.prompts, inverter.config.max_length)
+    pairs = [(i, j) for i, row in enumerate(near) for j in row]
+    nll = np.zeros(len(pairs))
+    was_training = inverter.training
+    inverter.eval()
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        vectors = flat[[i for i, _ in chunk]]
+        padded = pad_labels([labels[j] for _, j in chunk])
+        nll[start : start + len(chunk)] = inverter(vectors, padded, per_example=True).numpy()
+    inverter.train(was_training)
+    counts = np.array([len(labels[j]) for _, j in pairs], dtype=np.float64)
+    return near, nll.reshape(len(near), -1), counts.reshape(len(near), -1)
+
+
+def pick_by_likelihood(
+    train: DistributionStore, near: list[list[int]], nll: np.ndarray, counts: np.ndarray, mean: bool
+) -> list[str]:
+    """Per row, the candidate with the lowest NLL (summed, or per token with `mean`)."""
+    score = nll / counts if mean else nll
+    return [train.prompts[row[int(np.argmin(s))]] for row, s in zip(near, score, strict=True)]
