@@ -113,6 +113,12 @@ def test_retrieval_inverter_trains_saves_and_reloads(store16, tiny_lm_dir, tmp_p
             loaded(vectors, labels, inputs[2]).item()
         )
 
+    # A memory from another vocabulary is refused at load, not at the first inversion.
+    prompts = loaded.memory.prompts
+    foreign = NeighbourMemory.build(prompts, [np.zeros((len(prompts), 7), np.float32)], 7, 4)
+    foreign.save(out)
+    with pytest.raises(CheckpointError, match="7 entries"):
+        Inverter.from_pretrained(out)
     (out / MEMORY_WEIGHTS).unlink()
     with pytest.raises(CheckpointError, match="neighbour memory"):
         Inverter.from_pretrained(out)

@@ -568,7 +568,13 @@ class Inverter(nn.Module):
                 f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
             )
         if config.neighbours:
-            model.set_memory(NeighbourMemory.load(directory))
+            memory = NeighbourMemory.load(directory)
+            if len(memory.buckets) != config.dim:
+                raise CheckpointError(
+                    f"{directory}: the neighbour memory sketches vectors of "
+                    f"{len(memory.buckets)} entries but the inverter reads {config.dim}"
+                )
+            model.set_memory(memory)
         if device:
             model.to(device)
         return model.eval()

@@ -8,7 +8,7 @@ random sign, into one of `dims` buckets), which preserves L2 distances in expect
 distance the nearest-neighbour baseline uses on full vectors. The bucket and sign of every entry
 are stored beside the keys, so the sketch needs no random generator to be reproduced.
 
-File: `neighbours.safetensors` in the checkpoint directory (keys, buckets, signs) and
+File: `neighbours.safetensors` in the checkpoint directory (keys, center, buckets, signs) and
 `neighbours.json` (the prompts).
 """
 
