@@ -422,6 +422,7 @@ def cmd_serve(args) -> None:
 
 def cmd_info(args) -> None:
     from .inverter import CONFIG_NAME, FINGERPRINT_NAME, TRAINING_ARGS_NAME
+    from .retrieval import MEMORY_PROMPTS
     from .store import read_manifest
 
     path = Path(args.path)
@@ -436,7 +437,7 @@ def cmd_info(args) -> None:
     history = info.get("training", {}).pop("history", [])
     if history:
         info["last_validation"] = history[-1]
-    memory = path / "neighbours.json"
+    memory = path / MEMORY_PROMPTS
     if memory.is_file():
         info["neighbour_memory_prompts"] = len(json.loads(memory.read_text(encoding="utf-8")))
     print(json.dumps(info, indent=1))

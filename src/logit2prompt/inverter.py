@@ -158,6 +158,17 @@ def new_t5(config: InverterConfig, vocab_size: int, pad: int, eos: int, start: i
     return t5
 
 
+def decode_labels(t5, encoded: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor):
+    """Teacher forcing: T5's decoder states `[B, T, d]` with `labels` (-100 padded) fed
+    shifted right, attending to `encoded` under `mask`."""
+    return t5.decoder(
+        input_ids=t5._shift_right(labels),
+        encoder_hidden_states=encoded,
+        encoder_attention_mask=mask,
+        use_cache=False,
+    ).last_hidden_state
+
+
 class CopyHead(nn.Module):
     """Output layer of a pointer-generator (See et al. 2017): the next token is generated from
     the vocabulary with probability p_gen, or copied from a neighbour prompt's tokens with
@@ -354,12 +365,7 @@ class Inverter(nn.Module):
         right) and the copyable token id per encoder position."""
         embeds, mask, copy_ids = self.encoder_inputs(vectors, neighbour_ids)
         encoded = self.t5.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        decoded = self.t5.decoder(
-            input_ids=self.t5._shift_right(labels),
-            encoder_hidden_states=encoded,
-            encoder_attention_mask=mask,
-            use_cache=False,
-        ).last_hidden_state
+        decoded = decode_labels(self.t5, encoded, mask, labels)
         if getattr(self.t5.config, "scale_decoder_outputs", self.t5.config.tie_word_embeddings):
             decoded = decoded * (self.t5.config.d_model**-0.5)  # as T5 does with tied embeddings
         return encoded, decoded, copy_ids

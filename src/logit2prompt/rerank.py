@@ -96,7 +96,11 @@ def neighbour_likelihoods(
     if near is None:
         near = nearest_neighbours(train, observed, k)
     flat = torch.from_numpy(np.asarray(observed, dtype=np.float32)).flatten(1)
-    labels = encode_labels(inverter.tokenizer, train.prompts, inverter.config.max_length)
+    wanted = sorted({j for row in near for j in row})
+    encoded = encode_labels(
+        inverter.tokenizer, [train.prompts[j] for j in wanted], inverter.config.max_length
+    )
+    labels = dict(zip(wanted, encoded, strict=True))
     pairs = [(i, j) for i, row in enumerate(near) for j in row]
     nll = np.zeros(len(pairs))
     was_training = inverter.training

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
-from .inverter import InverterConfig, encode_labels, new_t5, pad_labels
+from .inverter import InverterConfig, decode_labels, encode_labels, new_t5, pad_labels
 
 FORMAT = "logit2prompt-text-inverter"
 META_NAME = "text_inverter.json"
@@ -66,13 +66,7 @@ class TextInverter(nn.Module):
         labels = labels.to(next(self.parameters()).device)
         inputs = self._inputs(outputs)
         encoded = self.t5.encoder(**inputs).last_hidden_state
-        mask = inputs["attention_mask"]
-        decoded = self.t5.decoder(
-            input_ids=self.t5._shift_right(labels),
-            encoder_hidden_states=encoded,
-            encoder_attention_mask=mask,
-            use_cache=False,
-        ).last_hidden_state
+        decoded = decode_labels(self.t5, encoded, inputs["attention_mask"], labels)
         keep = labels != -100
         logits = self.t5.lm_head(decoded[keep]).float()
         return nn.functional.cross_entropy(logits, labels[keep])

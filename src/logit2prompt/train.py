@@ -32,6 +32,7 @@ TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_STATE = "optimizer.pt"
 RNG_STATE = "rng_state_{}.pt"
 FINAL_MARKER = "TRAINING_COMPLETE"
+READ_BATCH = 256  # vectors read from the store at a time for statistics and the memory
 
 
 @dataclass
@@ -232,13 +233,13 @@ class Trainer:
         model = self.accelerator.unwrap_model(self.model)
         batches = (
             self._defended(torch.from_numpy(vectors)).numpy()
-            for _, _, vectors in self.store.batches(256)
+            for _, _, vectors in self.store.batches(READ_BATCH)
         )
         memory = NeighbourMemory.build(
             self.store.prompts,
             tqdm(
                 batches,
-                total=-(-len(self.store) // 256),
+                total=-(-len(self.store) // READ_BATCH),
                 desc="neighbour memory",
                 disable=not (self.cfg.progress and self.accelerator.is_main_process),
             ),
@@ -268,9 +269,9 @@ class Trainer:
         )
         batches = (
             self._defended(
-                torch.from_numpy(self.store.vectors(sample[i : i + 256].tolist()))
+                torch.from_numpy(self.store.vectors(sample[i : i + READ_BATCH].tolist()))
             ).numpy()
-            for i in range(0, n, 256)
+            for i in range(0, n, READ_BATCH)
         )
         mean, std = feature_stats(batches, self.store.dim)
         self.model.set_feature_stats(mean, std)
