@@ -294,3 +294,77 @@ def test_external_predictions_are_scored_or_refused(checkpoint, tmp_path):
         evaluate(EvalConfig(**base, out=str(tmp_path / "b"), predictions=(short,)))
     with pytest.raises(Logit2PromptError, match="line 1 is for"):
         evaluate(EvalConfig(**base, out=str(tmp_path / "c"), predictions=(shuffled,)))
+
+
+class _OracleProposer:
+    """Stands in for the inverter in `refine`: at every position it prefers the hidden
+    prompt's token, so the search logic (edit, query the target, keep the nearer) is what
+    the test checks."""
+
+    def __init__(self, tokenizer, hidden: str):
+        from types import SimpleNamespace
+
+        self.tokenizer = tokenizer
+        self.config = SimpleNamespace(eos_token_id=tokenizer.eos_token_id, max_length=64)
+        self.hidden = tokenizer(hidden, add_special_tokens=False)["input_ids"]
+        self.training = False
+
+    def eval(self):
+        return self
+
+    def train(self, mode=True):
+        return self
+
+    def label_logprobs(self, vectors, labels):
+        import torch
+
+        width, vocab = labels.shape[1], len(self.tokenizer)
+        out = torch.full((len(labels), width, vocab), -10.0)
+        for t in range(width):
+            token = self.hidden[t] if t < len(self.hidden) else self.config.eos_token_id
+            out[:, t, token] = -0.1
+        return out
+
+
+def test_refine_reaches_the_hidden_prompt_when_the_proposer_knows_it(user_target):
+    from logit2prompt.collect import collect_vectors
+    from logit2prompt.refine import RefineConfig, paired_distances, refine
+
+    hidden = "the cat sat on the mat"
+    tokenizer = user_target.tokenizer
+    ids = tokenizer(hidden, add_special_tokens=False)["input_ids"]
+    other = next(t for t in tokenizer(TRAIN[0], add_special_tokens=False)["input_ids"]
+                 if t not in ids)  # fmt: skip
+    start = [tokenizer.decode([*ids[:1], other, *ids[2:]]).strip()]  # one token swapped
+    observed = collect_vectors(user_target, [hidden], 1, 8)
+    assert paired_distances(observed, collect_vectors(user_target, start, 1, 8))[0] > 1e-2
+    proposer = _OracleProposer(tokenizer, hidden)
+    out = refine(proposer, user_target, observed, start, cfg=RefineConfig(rounds=4), progress=False)
+    assert out.prompts == [hidden] and out.distances[0] < 1e-4
+    # Round 1 found it; round 2 changed nothing, so the search stopped there.
+    assert out.rounds == [[hidden], [hidden]]
+    # One query for the start prompt, then at most `proposals` per round.
+    assert 1 < out.queries <= 1 + 2 * RefineConfig.proposals
+
+
+def test_refine_only_keeps_edits_that_bring_the_target_closer(checkpoint, user_target):
+    from logit2prompt.collect import collect_vectors
+    from logit2prompt.inverter import Inverter
+    from logit2prompt.refine import RefineConfig, nearest_start, paired_distances, refine_nearest
+    from logit2prompt.store import DistributionStore
+
+    train = DistributionStore(checkpoint / "train")
+    inverter = Inverter.from_pretrained(checkpoint / "inv")
+    observed = collect_vectors(user_target, TEST[:3], 1, 8)
+    start, out = refine_nearest(
+        inverter, user_target, train, observed, RefineConfig(rounds=2, proposals=6), False
+    )
+    assert all(p in train.prompts for p in start)
+    same_start, before = nearest_start(train, observed)
+    assert same_start == start
+    assert all(a <= b + 1e-6 for a, b in zip(out.distances, before, strict=True))
+    # The reported distance is the target's own for the returned prompt.
+    again = collect_vectors(user_target, out.prompts, 1, 8)
+    recomputed = paired_distances(observed, again)
+    assert list(recomputed) == pytest.approx(list(out.distances), rel=1e-3, abs=1e-3)
+    assert 0 < out.queries <= 3 * 6 * 2

@@ -403,6 +403,20 @@ class Inverter(nn.Module):
         rows = keep.nonzero()[:, 0]
         return torch.zeros(len(labels), device=nll.device).index_add_(0, rows, nll)
 
+    @torch.no_grad()
+    def label_logprobs(self, vectors: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Log-probs over the output vocabulary `[B, T, V]` at every position of `labels`
+        (padded with -100), each given the vector and the labels before it."""
+        encoded, decoded, copy_ids = self.teacher_forced(vectors, labels)
+        head = self.t5.lm_head
+        if not isinstance(head, CopyHead):
+            return torch.log_softmax(head(decoded).float(), -1)
+        head.context = (encoded, copy_ids)
+        try:
+            return head(decoded)
+        finally:
+            head.context = None
+
     # ------------------------------------------------------------------ inversion
     def _as_batch(self, logprobs) -> torch.Tensor:
         x = torch.as_tensor(np.asarray(logprobs) if not torch.is_tensor(logprobs) else logprobs)

@@ -1,0 +1,137 @@
+"""Refinement by the target: the nearest training prompt, edited token by token where the
+inverter proposes and the target's distance decides (src/logit2prompt/refine.py).
+
+    python benchmarks/refine.py [--run runs/quality] [--split test] [--rounds 3] [--proposals 24]
+
+Uses the stores and the inverter checkpoint of benchmarks/quality.py (no training here). Reports
+the nearest-neighbour baseline and the prompts after each round on the whole split, with the
+paired per-prompt gain over nearest neighbour (95% bootstrap CI) and the target queries spent.
+State is saved after every round (`<run>/refine-<split>.json`); a rerun with the same settings
+resumes from the last finished round. Writes benchmarks/results/refine.json (or
+refine-<split>.json for another split).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from logit2prompt.inverter import Inverter
+from logit2prompt.metrics import format_table, per_example_scores, score, summarize
+from logit2prompt.refine import RefineConfig, Refined, nearest_start, refine
+from logit2prompt.store import DistributionStore, write_json
+from logit2prompt.targets import DEFAULT_TARGET, load_target
+
+RESULTS_DIR = Path(__file__).parent / "results"
+EXAMPLES = 20
+
+
+def paired_gain(predictions: list[str], baseline: list[str], refs: list[str]) -> dict:
+    """Per-prompt BLEU / token F1 / exact of `predictions` minus `baseline`, with 95% CIs."""
+    ours, base = per_example_scores(predictions, refs), per_example_scores(baseline, refs)
+    gains = {k: list(np.subtract(ours[k], base[k])) for k in ("bleu", "token_f1", "exact")}
+    return summarize(gains)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", default="runs/quality", help="output folder of quality.py")
+    parser.add_argument("--inverter", default="inverter", help="checkpoint folder in --run")
+    parser.add_argument("--split", default="test", choices=("test", "validation"))
+    parser.add_argument("--limit", type=int, default=None, help="first N prompts of the split")
+    parser.add_argument("--rounds", type=int, default=RefineConfig.rounds)
+    parser.add_argument("--proposals", type=int, default=RefineConfig.proposals)
+    parser.add_argument("--target", default=DEFAULT_TARGET)
+    parser.add_argument("--dtype", default="bfloat16", help="as the stores were collected")
+    args = parser.parse_args()
+    run = Path(args.run)
+    started = time.perf_counter()
+    train, store = DistributionStore(run / "train"), DistributionStore(run / args.split)
+    n = len(store) if args.limit is None else min(args.limit, len(store))
+    observed = store.vectors(range(n))
+    refs = store.prompts[:n]
+    target = load_target(args.target, dtype=args.dtype)
+    if target.fingerprint.id != store.fingerprint.id:
+        raise SystemExit(
+            f"the store was collected from {store.fingerprint.describe()}, not from "
+            f"{target.fingerprint.describe()}; pass the same --target and --dtype"
+        )
+    inverter = Inverter.from_pretrained(run / args.inverter)
+    cfg = RefineConfig(rounds=args.rounds, proposals=args.proposals)
+    settings = {"inverter": args.inverter, "n": n, "proposals": cfg.proposals}
+    state_path = run / f"refine-{args.split}.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else None
+    if state is not None and state.pop("settings") != settings:
+        print(f"{state_path} has other settings; starting over")
+        state = None
+
+    if state is None:
+        start, distances = nearest_start(train, observed)
+        state = {"start": start, "rounds": [], "distances": distances.tolist(), "queries": 0}
+    else:
+        print(f"resuming after round {len(state['rounds'])} of {cfg.rounds}")
+    before = (list(state["rounds"]), state["queries"])
+
+    def save(_: int, result: Refined) -> None:
+        state.update(
+            rounds=[*before[0], *result.rounds],
+            distances=result.distances.tolist(),
+            queries=before[1] + result.queries,
+        )
+        write_json(state_path, {"settings": settings, **state})
+
+    t0 = time.perf_counter()
+    left = cfg.rounds - len(state["rounds"])
+    if left > 0:
+        current = state["rounds"][-1] if state["rounds"] else state["start"]
+        more = RefineConfig(rounds=left, proposals=cfg.proposals)
+        refine(inverter, target, observed, current, np.array(state["distances"]), more,
+               on_round=save)  # fmt: skip
+    refine_s = time.perf_counter() - t0
+    start, rounds = state["start"], state["rounds"][: cfg.rounds]
+    results = {"nearest neighbour (train)": score(start, refs)}
+    for r, prompts in enumerate(rounds):
+        results[f"nearest neighbour refined, round {r + 1}"] = score(prompts, refs)
+    final = rounds[-1] if rounds else start
+    gain = paired_gain(final, start, refs)
+    print(f"BIG-bench {args.split} split ({n} prompts), proposals from {args.inverter}")
+    print(format_table(results))
+    print(
+        "paired gain over nearest neighbour: "
+        + ", ".join(
+            f"{k} {v['mean']:+.2f} [{v['ci95'][0]:+.2f},{v['ci95'][1]:+.2f}]"
+            for k, v in gain.items()
+        )
+    )
+    print(f"target queries: {state['queries']} ({state['queries'] / max(n, 1):.0f} per prompt)")
+    name = "refine.json" if args.split == "test" else f"refine-{args.split}.json"
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    write_json(
+        RESULTS_DIR / name,
+        {
+            "benchmark": "refine",
+            "split": args.split,
+            "train_prompts": len(train),
+            "settings": settings,
+            "rounds": cfg.rounds,
+            "target": target.fingerprint.to_dict(),
+            "results": results,
+            "paired_gain_over_nearest_neighbour": gain,
+            "target_queries": state["queries"],
+            "refine_s": refine_s,
+            "wall_s": time.perf_counter() - started,
+            "examples": [
+                {"hidden": h, "nearest": s, "refined": p}
+                for h, s, p in list(zip(refs, start, final, strict=True))[:EXAMPLES]
+            ],
+        },
+    )
+    print(f"wrote {RESULTS_DIR / name}")
+
+
+if __name__ == "__main__":
+    main()
