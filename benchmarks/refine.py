@@ -19,10 +19,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from logit2prompt.inverter import Inverter
-from logit2prompt.metrics import format_table, per_example_scores, score, summarize
-from logit2prompt.refine import RefineConfig, Refined, nearest_start, refine
+from logit2prompt.metrics import (
+    format_table,
+    per_example_scores,
+    score,
+    sentence_bleu,
+    summarize,
+)
+from logit2prompt.refine import RefineConfig, Refined, nearest_start, propose, refine
 from logit2prompt.store import DistributionStore, write_json
 from logit2prompt.targets import DEFAULT_TARGET, load_target
 
@@ -35,6 +42,19 @@ def paired_gain(predictions: list[str], baseline: list[str], refs: list[str]) ->
     ours, base = per_example_scores(predictions, refs), per_example_scores(baseline, refs)
     gains = {k: list(np.subtract(ours[k], base[k])) for k in ("bleu", "token_f1", "exact")}
     return summarize(gains)
+
+
+def one_edit_oracle(inverter, observed, start: list[str], refs: list[str], cfg) -> list[str]:
+    """Per prompt, the best of round 1's proposals by BLEU against the hidden prompt (or the
+    start prompt if none is better): what a perfect verifier could pick in round 1."""
+    flat = torch.from_numpy(np.asarray(observed, np.float32).reshape(len(observed), -1))
+    best = []
+    for s in range(0, len(start), cfg.inverter_batch):
+        rows = range(s, min(s + cfg.inverter_batch, len(start)))
+        proposals = propose(inverter, flat[list(rows)], [start[i] for i in rows], cfg)
+        for i, p in zip(rows, proposals, strict=True):
+            best.append(max([start[i], *p], key=lambda c, r=refs[i]: sentence_bleu(c, r)))
+    return best
 
 
 def main() -> None:
@@ -68,34 +88,41 @@ def main() -> None:
     if state is not None and state.pop("settings") != settings:
         print(f"{state_path} has other settings; starting over")
         state = None
-
     if state is None:
         start, distances = nearest_start(train, observed)
         state = {"start": start, "rounds": [], "distances": distances.tolist(), "queries": 0}
     else:
         print(f"resuming after round {len(state['rounds'])} of {cfg.rounds}")
-    before = (list(state["rounds"]), state["queries"])
+    state.setdefault("refine_s", 0.0)  # summed over resumed runs
+    before = (list(state["rounds"]), state["queries"], state["refine_s"])
 
     def save(_: int, result: Refined) -> None:
         state.update(
             rounds=[*before[0], *result.rounds],
             distances=result.distances.tolist(),
             queries=before[1] + result.queries,
+            refine_s=before[2] + time.perf_counter() - t0,
         )
         write_json(state_path, {"settings": settings, **state})
 
     t0 = time.perf_counter()
     left = cfg.rounds - len(state["rounds"])
-    if left > 0:
+    if left > 0 and not state.get("converged"):
         current = state["rounds"][-1] if state["rounds"] else state["start"]
         more = RefineConfig(rounds=left, proposals=cfg.proposals)
-        refine(inverter, target, observed, current, np.array(state["distances"]), more,
-               on_round=save)  # fmt: skip
-    refine_s = time.perf_counter() - t0
+        result = refine(inverter, target, observed, current, np.array(state["distances"]), more,
+                        on_round=save)  # fmt: skip
+        if len(result.rounds) < left:  # a round changed nothing: more rounds would not either
+            state["converged"] = True
+            write_json(state_path, {"settings": settings, **state})
     start, rounds = state["start"], state["rounds"][: cfg.rounds]
     results = {"nearest neighbour (train)": score(start, refs)}
     for r, prompts in enumerate(rounds):
         results[f"nearest neighbour refined, round {r + 1}"] = score(prompts, refs)
+    oracle = one_edit_oracle(inverter, observed, start, refs, cfg)
+    results["upper bound of round 1: its best proposal by BLEU vs the hidden prompt"] = score(
+        oracle, refs
+    )
     final = rounds[-1] if rounds else start
     gain = paired_gain(final, start, refs)
     print(f"BIG-bench {args.split} split ({n} prompts), proposals from {args.inverter}")
@@ -122,7 +149,7 @@ def main() -> None:
             "results": results,
             "paired_gain_over_nearest_neighbour": gain,
             "target_queries": state["queries"],
-            "refine_s": refine_s,
+            "refine_s": state["refine_s"],
             "wall_s": time.perf_counter() - started,
             "examples": [
                 {"hidden": h, "nearest": s, "refined": p}

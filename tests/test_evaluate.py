@@ -135,6 +135,7 @@ def test_evaluate_end_to_end_with_every_baseline(checkpoint, tmp_path, capsys):
             "--out", str(out),
             "--train-data", str(checkpoint / "train"),
             "--baselines", "nn,constant,extraction,fewshot",
+            "--refine-rounds", "1",
             "--no-progress",
         ]
     )  # fmt: skip
@@ -144,6 +145,7 @@ def test_evaluate_end_to_end_with_every_baseline(checkpoint, tmp_path, capsys):
     assert methods == {
         "inverter",
         "nearest neighbour",
+        "nearest neighbour, refined by the target",
         "constant guess",
         "extraction (best string)",
         "extraction (oracle)",
@@ -178,6 +180,8 @@ def test_evaluate_refuses_bad_setups(checkpoint, tiny_lm_dir, tmp_path):
         evaluate(EvalConfig(**base, baselines=("magic",)))
     with pytest.raises(Logit2PromptError, match="--train-data"):
         evaluate(EvalConfig(**base, baselines=("nn",)))
+    with pytest.raises(Logit2PromptError, match=r"\['refine'\] need the training store"):
+        evaluate(EvalConfig(**base, baselines=(), refine_rounds=1))
     raw = load_target(str(tiny_lm_dir), mode="raw")
     corpus = Corpus([PromptRecord(p) for p in TRAIN], "fixture")
     collect(raw, corpus, str(tmp_path / "raw"), progress=False)

@@ -372,6 +372,7 @@ def cmd_evaluate(args) -> None:
             attacks=args.attacks,
             text_checkpoint=args.text_checkpoint,
             rerank=args.rerank,
+            refine_rounds=args.refine_rounds,
             predictions=tuple(args.predictions),
             semantic=not args.no_semantic,
             functional=not args.no_functional,
@@ -569,6 +570,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--rerank",
         action="store_true",
         help="also score inverter beams + nearest neighbours re-ranked by the target",
+    )
+    p.add_argument(
+        "--refine-rounds",
+        type=int,
+        default=0,
+        help="also score the nearest neighbour refined by the target: N rounds of single-token "
+        "edits proposed by the inverter, each kept if it brings the target's distribution closer",
     )
     p.add_argument("--no-semantic", action="store_true", help="skip the MiniLM cosine")
     p.add_argument("--no-functional", action="store_true", help="skip KL / top-1 agreement")

@@ -24,6 +24,7 @@ MAX_GROUPS = 30
 EXAMPLES_PER_KIND = 5
 INVERTER = "inverter"
 RERANKED = "inverter + neighbours, re-ranked by the target"
+REFINED = "nearest neighbour, refined by the target"
 
 
 @dataclass
@@ -44,6 +45,7 @@ class EvalConfig:
     attacks: str | None = None  # JSON file of extraction strings (default: the built-in list)
     text_checkpoint: str | None = None  # a text-only inverter (`logit2prompt train-text`)
     rerank: bool = False  # add: inverter beams + nearest neighbours, re-ranked by the target
+    refine_rounds: int = 0  # add: the nearest neighbour, refined by the target (refine.py)
     predictions: tuple[str, ...] = ()  # JSONL files of other methods' predictions to score
     semantic: bool = True
     functional: bool = True
@@ -63,6 +65,8 @@ def _check_baselines(cfg: EvalConfig) -> None:
     needs_train = {"nn", "constant", "fewshot"} & set(cfg.baselines)
     if cfg.rerank:
         needs_train.add("rerank")
+    if cfg.refine_rounds:
+        needs_train.add("refine")
     if needs_train and not cfg.train_data:
         raise Logit2PromptError(
             f"baseline(s) {sorted(needs_train)} need the training store: pass --train-data"
@@ -103,6 +107,19 @@ def method_predictions(cfg: EvalConfig, inverter, target, references, vectors) -
             no_repeat_ngram_size=cfg.no_repeat_ngram_size,
             batch_size=cfg.batch_size,
         )
+    if cfg.refine_rounds:
+        from .refine import RefineConfig, refine_nearest
+
+        say(f"refining nearest neighbours with the target ({cfg.refine_rounds} rounds)", flush=True)
+        _, refined = refine_nearest(
+            inverter,
+            target,
+            train,
+            vectors,
+            RefineConfig(rounds=cfg.refine_rounds, target_batch=cfg.batch_size),
+            cfg.progress,
+        )
+        preds[REFINED] = refined.prompts
     if "nn" in cfg.baselines:
         say("nearest neighbour", flush=True)
         preds["nearest neighbour"] = nearest_neighbour(train, vectors)
