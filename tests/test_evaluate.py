@@ -305,11 +305,13 @@ class _OracleProposer:
     prompt's token, so the search logic (edit, query the target, keep the nearer) is what
     the test checks."""
 
-    def __init__(self, tokenizer, hidden: str):
+    def __init__(self, tokenizer, hidden: str, vocab_size: int):
         from types import SimpleNamespace
 
         self.tokenizer = tokenizer
-        self.config = SimpleNamespace(eos_token_id=tokenizer.eos_token_id, max_length=64)
+        self.config = SimpleNamespace(
+            eos_token_id=tokenizer.eos_token_id, max_length=64, steps=1, vocab_size=vocab_size
+        )
         self.hidden = tokenizer(hidden, add_special_tokens=False)["input_ids"]
         self.training = False
 
@@ -332,7 +334,7 @@ class _OracleProposer:
 
 def test_refine_reaches_the_hidden_prompt_when_the_proposer_knows_it(user_target):
     from logit2prompt.collect import collect_vectors
-    from logit2prompt.refine import RefineConfig, paired_distances, refine
+    from logit2prompt.refine import RefineConfig, refine, sq_distances
 
     hidden = "the cat sat on the mat"
     tokenizer = user_target.tokenizer
@@ -341,8 +343,8 @@ def test_refine_reaches_the_hidden_prompt_when_the_proposer_knows_it(user_target
                  if t not in ids)  # fmt: skip
     start = [tokenizer.decode([*ids[:1], other, *ids[2:]]).strip()]  # one token swapped
     observed = collect_vectors(user_target, [hidden], 1, 8)
-    assert paired_distances(observed, collect_vectors(user_target, start, 1, 8))[0] > 1e-2
-    proposer = _OracleProposer(tokenizer, hidden)
+    assert sq_distances(observed, collect_vectors(user_target, start, 1, 8))[0] > 1e-2
+    proposer = _OracleProposer(tokenizer, hidden, user_target.vocab_size)
     out = refine(proposer, user_target, observed, start, cfg=RefineConfig(rounds=4), progress=False)
     assert out.prompts == [hidden] and out.distances[0] < 1e-4
     # Round 1 found it; round 2 changed nothing, so the search stopped there.
@@ -352,9 +354,12 @@ def test_refine_reaches_the_hidden_prompt_when_the_proposer_knows_it(user_target
 
 
 def test_refine_only_keeps_edits_that_bring_the_target_closer(checkpoint, user_target):
+    import numpy as np
+
     from logit2prompt.collect import collect_vectors
+    from logit2prompt.errors import VectorError
     from logit2prompt.inverter import Inverter
-    from logit2prompt.refine import RefineConfig, nearest_start, paired_distances, refine_nearest
+    from logit2prompt.refine import RefineConfig, nearest_start, refine_nearest, sq_distances
     from logit2prompt.store import DistributionStore
 
     train = DistributionStore(checkpoint / "train")
@@ -369,6 +374,12 @@ def test_refine_only_keeps_edits_that_bring_the_target_closer(checkpoint, user_t
     assert all(a <= b + 1e-6 for a, b in zip(out.distances, before, strict=True))
     # The reported distance is the target's own for the returned prompt.
     again = collect_vectors(user_target, out.prompts, 1, 8)
-    recomputed = paired_distances(observed, again)
+    recomputed = sq_distances(observed, again)
     assert list(recomputed) == pytest.approx(list(out.distances), rel=1e-3, abs=1e-3)
     assert 0 < out.queries <= 3 * 6 * 2
+    bad = observed.copy()
+    bad[1, 0, 5] = np.nan
+    with pytest.raises(VectorError, match="vector 1 contains NaN"):
+        refine_nearest(inverter, user_target, train, bad, progress=False)
+    with pytest.raises(VectorError, match="do not fit"):
+        refine_nearest(inverter, user_target, train, observed[:, :, :-1], progress=False)

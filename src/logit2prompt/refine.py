@@ -23,6 +23,8 @@ from tqdm.auto import tqdm
 
 from .baselines import nearest_neighbours
 from .collect import collect_vectors
+from .errors import VectorError
+from .features import check_vectors
 from .inverter import encode_labels, pad_labels
 from .store import DistributionStore
 
@@ -53,18 +55,10 @@ class Refined:
 
 
 def sq_distances(observed: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-    """Squared L2 distance of each row of `vectors` to one observed vector (float32)."""
-    diff = np.asarray(vectors, np.float32).reshape(len(vectors), -1) - np.asarray(
-        observed, np.float32
-    ).reshape(1, -1)
-    return np.einsum("ij,ij->i", diff, diff)
-
-
-def paired_distances(observed: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-    """Squared L2 distance of row i of `vectors` to row i of `observed` (float32)."""
-    diff = np.asarray(vectors, np.float32).reshape(len(vectors), -1) - np.asarray(
-        observed, np.float32
-    ).reshape(len(observed), -1)
+    """Squared L2 distance (float32) of each row of `vectors` to `observed`: one vector for
+    all rows, or one per row."""
+    rows = np.asarray(vectors, np.float32).reshape(len(vectors), -1)
+    diff = rows - np.asarray(observed, np.float32).reshape(-1, rows.shape[1])
     return np.einsum("ij,ij->i", diff, diff)
 
 
@@ -117,6 +111,19 @@ def propose(
     return out
 
 
+def checked(inverter, observed: np.ndarray) -> np.ndarray:
+    """`observed` as float32 `[n, steps, vocab]`, refused (VectorError) if it does not fit the
+    inverter or holds NaN/inf."""
+    observed = np.asarray(observed, np.float32)
+    steps, vocab = inverter.config.steps, inverter.config.vocab_size
+    shape = (vocab,) if steps == 1 else (steps, vocab)
+    squeeze = steps == 1 and observed.ndim == 3 and observed.shape[1] == 1
+    flat = check_vectors(
+        torch.from_numpy(observed[:, 0] if squeeze else observed), shape, "its target"
+    )
+    return flat.numpy().reshape(len(flat), steps, vocab)
+
+
 def refine(
     inverter,
     target,
@@ -130,18 +137,18 @@ def refine(
     """Refine each `start` prompt towards its row of `observed` `[n, steps, vocab]` (or
     `[n, vocab]`); `start_distances` saves the target queries for the start prompts."""
     cfg = cfg or RefineConfig()
-    observed = np.asarray(observed, np.float32)
-    if observed.ndim == 2:
-        observed = observed[:, None]
+    observed = checked(inverter, observed)
+    if len(start) != len(observed):
+        raise VectorError(f"{len(start)} start prompts for {len(observed)} observed vectors")
     steps = observed.shape[1]
+    flat = torch.from_numpy(observed.reshape(len(observed), -1))
     current = list(start)
     queries = 0
     if start_distances is None:
         vectors = collect_vectors(target, current, steps, cfg.target_batch)
-        start_distances = paired_distances(observed, vectors)
+        start_distances = sq_distances(observed, vectors)
         queries += len(current)
     result = Refined(current, np.asarray(start_distances, np.float64).copy(), [], queries)
-    flat = torch.from_numpy(observed.reshape(len(observed), -1))
     active = list(range(len(current)))
     was_training = inverter.training
     inverter.eval()
@@ -184,7 +191,7 @@ def nearest_start(train: DistributionStore, observed: np.ndarray) -> tuple[list[
     target queries)."""
     observed = np.asarray(observed, np.float32)
     near = [row[0] for row in nearest_neighbours(train, observed, 1)]
-    return [train.prompts[j] for j in near], paired_distances(observed, train.vectors(near))
+    return [train.prompts[j] for j in near], sq_distances(observed, train.vectors(near))
 
 
 def refine_nearest(
@@ -196,5 +203,6 @@ def refine_nearest(
     progress: bool = True,
 ) -> tuple[list[str], Refined]:
     """Refine each vector's nearest training prompt: (the nearest prompts, the refinement)."""
+    observed = checked(inverter, observed)
     start, dist = nearest_start(train, observed)
     return start, refine(inverter, target, observed, start, dist, cfg, progress)
