@@ -182,6 +182,8 @@ def test_evaluate_refuses_bad_setups(checkpoint, tiny_lm_dir, tmp_path):
         evaluate(EvalConfig(**base, baselines=("nn",)))
     with pytest.raises(Logit2PromptError, match=r"\['refine'\] need the training store"):
         evaluate(EvalConfig(**base, baselines=(), refine_rounds=1))
+    with pytest.raises(Logit2PromptError, match="refine rounds must be >= 0"):
+        evaluate(EvalConfig(**base, baselines=(), refine_rounds=-1))
     raw = load_target(str(tiny_lm_dir), mode="raw")
     corpus = Corpus([PromptRecord(p) for p in TRAIN], "fixture")
     collect(raw, corpus, str(tmp_path / "raw"), progress=False)

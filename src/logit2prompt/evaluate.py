@@ -65,6 +65,8 @@ def _check_baselines(cfg: EvalConfig) -> None:
     needs_train = {"nn", "constant", "fewshot"} & set(cfg.baselines)
     if cfg.rerank:
         needs_train.add("rerank")
+    if cfg.refine_rounds < 0:
+        raise Logit2PromptError(f"refine rounds must be >= 0, got {cfg.refine_rounds}")
     if cfg.refine_rounds:
         needs_train.add("refine")
     if needs_train and not cfg.train_data:
