@@ -7,7 +7,8 @@ Trains on the train split only (split rule of ../shared/data/README.md), picks t
 steps that fits the time budget from a short calibration run, then scores the whole test split
 (no length filter there, so every test prompt counts). One inverter per `--neighbours` value:
 0 is the paper's inverter, K > 0 the retrieval-augmented one that also reads the K nearest
-training prompts (each gets `--train-minutes`). Writes benchmarks/results/quality.json.
+training prompts (each gets `--train-minutes`). Writes benchmarks/results/quality.json (or
+`--results`).
 Every stage is reused on a rerun (stores resume, a finished inverter is kept).
 """
 
@@ -85,6 +86,9 @@ def main() -> None:
         type=lambda v: [int(x) for x in v.split(",")],
         default=[0, 2],
         help="one inverter per value: 0 = the paper's, K = retrieval-augmented with K neighbours",
+    )
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS, help="JSON to write (default: %(default)s)"
     )
     args = parser.parse_args()
     corpus_path = args.corpus or str(build_bigbench_corpus())
@@ -184,8 +188,8 @@ def main() -> None:
         f"paper (Llama-2 7B, T5-base, 2.33M prompts): BLEU {PAPER['bleu']}, token F1 "
         f"{PAPER['token_f1']}, exact {PAPER['exact']}%"
     )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(
         json.dumps(
             {
                 "benchmark": "quality",
@@ -209,7 +213,7 @@ def main() -> None:
             indent=1,
         )
     )
-    print(f"wrote {RESULTS}")
+    print(f"wrote {args.results}")
 
 
 if __name__ == "__main__":
