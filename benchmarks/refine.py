@@ -44,6 +44,18 @@ def paired_gain(predictions: list[str], baseline: list[str], refs: list[str]) ->
     return summarize(gains)
 
 
+def accepted_edits(before: list[str], after: list[str], refs: list[str]) -> dict:
+    """What one round's accepted edits (each nearer the observed vector) did to BLEU."""
+    changed = [i for i, (b, a) in enumerate(zip(before, after, strict=True)) if b != a]
+    delta = [sentence_bleu(after[i], refs[i]) - sentence_bleu(before[i], refs[i]) for i in changed]
+    return {
+        "changed": len(changed),
+        "bleu_up": sum(d > 0 for d in delta),
+        "bleu_down": sum(d < 0 for d in delta),
+        "mean_bleu_change": float(np.mean(delta)) if delta else 0.0,
+    }
+
+
 def one_edit_oracle(inverter, observed, start: list[str], refs: list[str], cfg) -> list[str]:
     """Per prompt, the best of round 1's proposals by BLEU against the hidden prompt (or the
     start prompt if none is better): what a perfect verifier could pick in round 1."""
@@ -119,6 +131,9 @@ def main() -> None:
     results = {"nearest neighbour (train)": score(start, refs)}
     for r, prompts in enumerate(rounds):
         results[f"nearest neighbour refined, round {r + 1}"] = score(prompts, refs)
+    edits = [
+        accepted_edits(([start, *rounds])[r], prompts, refs) for r, prompts in enumerate(rounds)
+    ]
     oracle = one_edit_oracle(inverter, observed, start, refs, cfg)
     results["upper bound of round 1: its best proposal by BLEU vs the hidden prompt"] = score(
         oracle, refs
@@ -134,6 +149,12 @@ def main() -> None:
             for k, v in gain.items()
         )
     )
+    for r, e in enumerate(edits):
+        print(
+            f"round {r + 1}: {e['changed']} prompts edited (each nearer the observed vector); "
+            f"BLEU up for {e['bleu_up']}, down for {e['bleu_down']}, "
+            f"mean change {e['mean_bleu_change']:+.2f}"
+        )
     print(f"target queries: {state['queries']} ({state['queries'] / max(n, 1):.0f} per prompt)")
     name = "refine.json" if args.split == "test" else f"refine-{args.split}.json"
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -148,6 +169,7 @@ def main() -> None:
             "target": target.fingerprint.to_dict(),
             "results": results,
             "paired_gain_over_nearest_neighbour": gain,
+            "accepted_edits_per_round": edits,
             "target_queries": state["queries"],
             "refine_s": state["refine_s"],
             "wall_s": time.perf_counter() - started,
