@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from logit2prompt.inverter import Inverter
 from logit2prompt.metrics import (
@@ -59,7 +58,7 @@ def accepted_edits(before: list[str], after: list[str], refs: list[str]) -> dict
 def one_edit_oracle(inverter, observed, start: list[str], refs: list[str], cfg) -> list[str]:
     """Per prompt, the best of round 1's proposals by BLEU against the hidden prompt (or the
     start prompt if none is better): what a perfect verifier could pick in round 1."""
-    flat = torch.from_numpy(np.asarray(observed, np.float32).reshape(len(observed), -1))
+    flat = inverter.as_batch(observed)
     best = []
     for s in range(0, len(start), cfg.inverter_batch):
         rows = range(s, min(s + cfg.inverter_batch, len(start)))

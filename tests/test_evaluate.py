@@ -320,6 +320,11 @@ class _OracleProposer:
     def eval(self):
         return self
 
+    def as_batch(self, logprobs):
+        import torch
+
+        return torch.as_tensor(logprobs).reshape(len(logprobs), -1).float()
+
     def train(self, mode=True):
         return self
 

@@ -35,6 +35,14 @@ def nearest_neighbours(
     return best_idx.tolist()
 
 
+def sq_distances(observed: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """Squared L2 distance (float32) of each row of `vectors` to `observed`: one vector for
+    all rows, or one per row."""
+    rows = np.asarray(vectors, np.float32).reshape(len(vectors), -1)
+    diff = rows - np.asarray(observed, np.float32).reshape(-1, rows.shape[1])
+    return np.einsum("ij,ij->i", diff, diff)
+
+
 def nearest_neighbour(
     train: DistributionStore, queries: np.ndarray, indices: list[int] | None = None
 ) -> list[str]:

@@ -109,11 +109,12 @@ def method_predictions(cfg: EvalConfig, inverter, target, references, vectors) -
             no_repeat_ngram_size=cfg.no_repeat_ngram_size,
             batch_size=cfg.batch_size,
         )
+    nearest = None
     if cfg.refine_rounds:
         from .refine import RefineConfig, refine_nearest
 
         say(f"refining nearest neighbours with the target ({cfg.refine_rounds} rounds)", flush=True)
-        _, refined = refine_nearest(
+        nearest, refined = refine_nearest(
             inverter,
             target,
             train,
@@ -123,8 +124,10 @@ def method_predictions(cfg: EvalConfig, inverter, target, references, vectors) -
         )
         preds[REFINED] = refined.prompts
     if "nn" in cfg.baselines:
-        say("nearest neighbour", flush=True)
-        preds["nearest neighbour"] = nearest_neighbour(train, vectors)
+        if nearest is None:  # else refinement started from it: already found
+            say("nearest neighbour", flush=True)
+            nearest = nearest_neighbour(train, vectors)
+        preds["nearest neighbour"] = nearest
     if "constant" in cfg.baselines:
         preds["constant guess"] = [constant_guess(train.prompts)] * len(references)
     if "extraction" in cfg.baselines:

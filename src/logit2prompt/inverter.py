@@ -418,7 +418,9 @@ class Inverter(nn.Module):
             head.context = None
 
     # ------------------------------------------------------------------ inversion
-    def _as_batch(self, logprobs) -> torch.Tensor:
+    def as_batch(self, logprobs) -> torch.Tensor:
+        """Validated float32 `[B, steps * vocab]` from `[vocab]`, `[B, vocab]` or
+        `[B, steps, vocab]` (VectorError on a wrong shape or NaN/inf)."""
         x = torch.as_tensor(np.asarray(logprobs) if not torch.is_tensor(logprobs) else logprobs)
         shape = (
             (self.config.steps, self.config.vocab_size)
@@ -481,7 +483,7 @@ class Inverter(nn.Module):
                     f"these vectors come from {fingerprint.describe()} but the inverter was "
                     f"trained on {self.fingerprint.describe()}: {'; '.join(diffs)}"
                 )
-        x = self._as_batch(logprobs)
+        x = self.as_batch(logprobs)
         was_training = self.training
         self.eval()
         kwargs = {

@@ -21,10 +21,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .baselines import nearest_neighbours
+from .baselines import nearest_neighbours, sq_distances
 from .collect import collect_vectors
 from .errors import VectorError
-from .features import check_vectors
 from .inverter import encode_labels, pad_labels
 from .store import DistributionStore
 
@@ -52,14 +51,6 @@ class Refined:
     distances: np.ndarray
     rounds: list[list[str]] = field(default_factory=list)
     queries: int = 0  # target queries spent
-
-
-def sq_distances(observed: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-    """Squared L2 distance (float32) of each row of `vectors` to `observed`: one vector for
-    all rows, or one per row."""
-    rows = np.asarray(vectors, np.float32).reshape(len(vectors), -1)
-    diff = rows - np.asarray(observed, np.float32).reshape(-1, rows.shape[1])
-    return np.einsum("ij,ij->i", diff, diff)
 
 
 def _edits(
@@ -111,19 +102,6 @@ def propose(
     return out
 
 
-def checked(inverter, observed: np.ndarray) -> np.ndarray:
-    """`observed` as float32 `[n, steps, vocab]`, refused (VectorError) if it does not fit the
-    inverter or holds NaN/inf."""
-    observed = np.asarray(observed, np.float32)
-    steps, vocab = inverter.config.steps, inverter.config.vocab_size
-    shape = (vocab,) if steps == 1 else (steps, vocab)
-    squeeze = steps == 1 and observed.ndim == 3 and observed.shape[1] == 1
-    flat = check_vectors(
-        torch.from_numpy(observed[:, 0] if squeeze else observed), shape, "its target"
-    )
-    return flat.numpy().reshape(len(flat), steps, vocab)
-
-
 def refine(
     inverter,
     target,
@@ -137,11 +115,11 @@ def refine(
     """Refine each `start` prompt towards its row of `observed` `[n, steps, vocab]` (or
     `[n, vocab]`); `start_distances` saves the target queries for the start prompts."""
     cfg = cfg or RefineConfig()
-    observed = checked(inverter, observed)
+    flat = inverter.as_batch(observed)
+    observed = flat.numpy()
     if len(start) != len(observed):
         raise VectorError(f"{len(start)} start prompts for {len(observed)} observed vectors")
-    steps = observed.shape[1]
-    flat = torch.from_numpy(observed.reshape(len(observed), -1))
+    steps = inverter.config.steps
     current = list(start)
     queries = 0
     if start_distances is None:
@@ -203,6 +181,6 @@ def refine_nearest(
     progress: bool = True,
 ) -> tuple[list[str], Refined]:
     """Refine each vector's nearest training prompt: (the nearest prompts, the refinement)."""
-    observed = checked(inverter, observed)
+    observed = inverter.as_batch(observed).numpy()
     start, dist = nearest_start(train, observed)
     return start, refine(inverter, target, observed, start, dist, cfg, progress)

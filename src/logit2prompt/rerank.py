@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .baselines import nearest_neighbours
+from .baselines import nearest_neighbours, sq_distances
 from .collect import collect_vectors
 from .inverter import encode_labels, pad_labels
 from .store import DistributionStore
@@ -45,8 +45,7 @@ def rerank(
         if not pool:
             out.append(row[0] if row else "")
             continue
-        stacked = torch.from_numpy(np.stack([known[c] for c in pool]).astype(np.float32))
-        dist = ((stacked - torch.from_numpy(obs.astype(np.float32))) ** 2).flatten(1).sum(1)
+        dist = sq_distances(obs, np.stack([known[c] for c in pool]))
         out.append(pool[int(dist.argmin())])
     return out
 
