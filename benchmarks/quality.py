@@ -82,6 +82,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument(
+        "--decoder-lr", type=float, default=1e-4, help="preset prefix-lm: the pretrained LM's lr"
+    )
+    parser.add_argument(
         "--neighbours",
         type=lambda v: [int(x) for x in v.split(",")],
         default=[0, 2],
@@ -116,13 +119,17 @@ def main() -> None:
     refs = test.prompts
     results, trainings, examples = {}, {}, {}
     for k in args.neighbours:
-        model_dir = out / ("inverter" if k == 0 else f"inverter-nn{k}")
+        model_dir = out / (
+            ("inverter" if k == 0 else f"inverter-nn{k}")
+            + ("" if args.preset == "small" else f"-{args.preset}")
+        )
         cfg = TrainConfig(
             data=str(out / "train"),
             val_data=str(out / "validation"),
             out=str(model_dir),
             preset=args.preset,
             lr=args.lr,
+            decoder_lr=args.decoder_lr,
             per_device_batch_size=args.batch_size,
             neighbours=k,
         )
@@ -144,16 +151,19 @@ def main() -> None:
                 "preset",
                 "max_steps",
                 "lr",
+                "decoder_lr",
                 "per_device_batch_size",
                 "mixed_precision",
                 "neighbours",
             )
         }
+        history = training.get("history") or [{}]
+        trainings[model_dir.name]["final_val_loss"] = history[-1].get("val_loss")
         name = (
             "inverter"
             if k == 0
             else f"retrieval-augmented inverter ({k} neighbours, pointer-generator)"
-        )
+        ) + ("" if args.preset == "small" else f" [{args.preset}]")
         t0 = time.perf_counter()
         predictions = invert_store(inverter, test)
         no_repeat = invert_store(inverter, test, no_repeat_ngram_size=NO_REPEAT_NGRAM)

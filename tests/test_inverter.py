@@ -360,3 +360,46 @@ def test_likelihood_picks_the_memorised_prompt_among_candidates(trained, tiny_st
     assert nll.shape == (n, n) and rows == near
     for mean in (False, True):
         assert pick_by_likelihood(store, rows, nll, counts, mean) == store.prompts
+
+
+def test_causal_lm_decoder_overfits_and_round_trips(tiny_store, tiny_lm_dir, tmp_path):
+    """preset prefix-lm: the target's own LM (here the tiny one, found from the store's
+    fingerprint) writes the prompt from a prefix made of the vector's subspace coordinates."""
+    cfg = _cfg(
+        tiny_store,
+        tmp_path / "m",
+        tiny_lm_dir,
+        preset="prefix-lm",
+        output_tokenizer=None,
+        max_steps=200,
+        decoder_lr=3e-3,
+        overrides={"max_length": 24, "prefix_length": 4, "embed_hidden": 64},
+    )
+    trainer = Trainer(cfg)
+    config = trainer.model.config
+    assert config.decoder_init == str(tiny_lm_dir)
+    # 8 training vectors span at most 8 directions; the fitted rank is read from the data.
+    assert 1 <= config.subspace_dim <= 8
+    model = trainer.run()
+    store = DistributionStore(tiny_store)
+    assert invert_store(model, store) == store.prompts
+    loaded = Inverter.from_pretrained(tmp_path / "m")
+    x = torch.from_numpy(store.vectors(range(4)))
+    assert loaded.invert(x, num_beams=3) == model.invert(x, num_beams=3)
+    assert [len(c) for c in loaded.invert(x, num_beams=3, num_return_sequences=2)] == [2] * 4
+    labels = pad_labels(encode_labels(loaded.tokenizer, store.prompts[:4], 24))
+    with torch.no_grad():
+        assert torch.allclose(loaded(x[:, 0], labels), model.eval()(x[:, 0], labels))
+        per_token = loaded.label_logprobs(x[:, 0], labels)
+    assert per_token.shape == (*labels.shape, len(loaded.tokenizer))
+    with pytest.raises(CheckpointError, match="decoder config"):
+        (tmp_path / "m" / "decoder_config.json").write_text("{not json")
+        Inverter.from_pretrained(tmp_path / "m")
+
+
+def test_causal_lm_decoder_refuses_a_foreign_output_tokenizer(tiny_store, tiny_lm_dir, tmp_path):
+    from logit2prompt.errors import StoreError
+
+    cfg = _cfg(tiny_store, tmp_path / "m", tiny_lm_dir, preset="prefix-lm")
+    with pytest.raises(StoreError, match="own tokenizer"):
+        Trainer(cfg)

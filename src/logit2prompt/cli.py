@@ -244,10 +244,15 @@ def cmd_train(args) -> None:
     trainer = Trainer(cfg)
     if trainer.accelerator.is_main_process:
         c = trainer.model.config
+        shape = (
+            f"{c.subspace_dim} subspace coordinates -> {c.prefix_length}-token prefix of "
+            f"{c.decoder_init}"
+            if c.decoder == "causal"
+            else f"{c.seq_len} chunks of {c.chunk_width}, d_model {c.d_model}"
+        )
         print(
             f"training on {len(trainer.train_idx)} prompts from {cfg.data} "
-            f"({trainer.store.fingerprint.describe()}); inverter: {c.seq_len} chunks of "
-            f"{c.chunk_width}, d_model {c.d_model}, "
+            f"({trainer.store.fingerprint.describe()}); inverter: {shape}, "
             f"{sum(p.numel() for p in trainer.model.parameters()) / 1e6:.1f}M parameters"
         )
     trainer.run(resume=args.resume)

@@ -1,5 +1,7 @@
 """The inverter: log-prob vector -> pseudo-embedding sequence -> T5 encoder-decoder -> prompt.
 
+Or, with `decoder="causal"`, a pretrained causal LM reads the vector as a prefix (lm_decoder.py).
+
 Checkpoint layout (`save_pretrained(dir)`)::
 
     inverter_config.json   InverterConfig (every size; no magic numbers in code)
@@ -22,12 +24,15 @@ from torch import nn
 
 from .errors import CheckpointError, VectorError
 from .features import NORMALIZATIONS, check_vectors, num_chunks, unroll
+from .lm_decoder import centre, load_causal_lm, teacher_forced_states
 from .retrieval import NeighbourMemory
 from .targets.base import TargetFingerprint
 
 CONFIG_NAME = "inverter_config.json"
 WEIGHTS_NAME = "model.safetensors"
 FINGERPRINT_NAME = "fingerprint.json"
+DECODER_CONFIG_NAME = "decoder_config.json"  # architecture of a causal decoder (no download)
+DECODERS = ("t5", "causal")
 TRAINING_ARGS_NAME = "training_args.json"
 CHECKPOINT_FORMAT = "logit2prompt-inverter"
 CHECKPOINT_VERSION = 1
@@ -63,6 +68,13 @@ class InverterConfig:
     neighbour_dims: int = 1024  # count-sketch width of the neighbour memory's keys
     # Pointer-generator output: each token is either generated or copied from a neighbour.
     neighbour_copy: bool = False
+    # "t5": the paper's encoder-decoder. "causal": a pretrained causal LM (`decoder_init`, by
+    # default the target's own weights) reads `prefix_length` pseudo-embeddings made from the
+    # vector's coordinates in its `subspace_dim` principal directions (see lm_decoder.py).
+    decoder: str = "t5"
+    decoder_init: str | None = None
+    prefix_length: int = 16
+    subspace_dim: int = 0  # filled by the trainer from the training vectors' rank
 
     @property
     def dim(self) -> int:
@@ -115,6 +127,8 @@ PRESETS = {
         num_layers=4,
         num_decoder_layers=4,
     ),
+    # A pretrained causal LM (the target itself by default) as the decoder; the T5 sizes unused.
+    "prefix-lm": dict(decoder="causal", embed_hidden=2048, prefix_length=16),
     "base": dict(
         chunk_width=768,
         embed_hidden=768,
@@ -235,18 +249,29 @@ class Inverter(nn.Module):
     """Maps next-token log-prob vectors to the prompts that produced them."""
 
     def __init__(
-        self, config: InverterConfig, tokenizer=None, fingerprint: TargetFingerprint | None = None
+        self,
+        config: InverterConfig,
+        tokenizer=None,
+        fingerprint: TargetFingerprint | None = None,
+        decoder_config: dict | None = None,
     ):
         super().__init__()
         from transformers import T5ForConditionalGeneration
 
         if config.normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}")
+        if config.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, not {config.decoder!r}")
         if tokenizer is not None:
             _fill_token_ids(config, tokenizer)
         self.config = config
         self.tokenizer = tokenizer
         self.fingerprint = fingerprint
+        self.memory: NeighbourMemory | None = None
+        self._memory_ids: list[list[int]] | None = None
+        if config.decoder == "causal":
+            self._init_causal(decoder_config)
+            return
         if config.t5_init:
             self.t5 = T5ForConditionalGeneration.from_pretrained(config.t5_init)
             self.t5.resize_token_embeddings(config.output_vocab_size)
@@ -287,17 +312,64 @@ class Inverter(nn.Module):
             self.neighbour_rank = nn.Parameter(torch.zeros(config.neighbours, config.d_model))
         if config.neighbours and config.neighbour_copy:
             self.t5.lm_head = CopyHead(self.t5.lm_head, config.d_model)
-        self.memory: NeighbourMemory | None = None
-        self._memory_ids: list[list[int]] | None = None
+
+    def _init_causal(self, decoder_config: dict | None) -> None:
+        config = self.config
+        if config.neighbours:
+            raise ValueError("a causal-LM decoder reads no neighbours; use decoder='t5'")
+        if config.subspace_dim < 1:
+            raise ValueError("a causal-LM decoder needs subspace_dim >= 1 (the trainer fits it)")
+        self.lm = load_causal_lm(config.decoder_init, decoder_config)
+        vocab = self.lm.get_input_embeddings().weight
+        if self.tokenizer is not None and len(self.tokenizer) > vocab.shape[0]:
+            raise CheckpointError(
+                f"the output tokenizer has {len(self.tokenizer)} tokens but the decoder LM "
+                f"embeds {vocab.shape[0]}; use the decoder's own tokenizer"
+            )
+        gen = self.lm.generation_config
+        gen.pad_token_id, gen.eos_token_id = config.pad_token_id, config.eos_token_id
+        gen.bos_token_id = None
+        hidden = vocab.shape[1]
+        self.embed = nn.Sequential(
+            nn.Linear(config.subspace_dim, config.embed_hidden),
+            nn.Dropout(config.dropout),
+            nn.GELU(),
+            nn.Linear(config.embed_hidden, config.prefix_length * hidden),
+        )
+        self.register_buffer("basis", torch.zeros(config.dim, config.subspace_dim))
+        self.register_buffer("feature_mean", torch.zeros(config.subspace_dim))
+        self.register_buffer("feature_std", torch.ones(config.subspace_dim))
+        # Prefix vectors get the mean norm of the LM's token embeddings: inputs of the size
+        # it was trained on, whatever the MLP's output scale.
+        self.register_buffer("prefix_norm", vocab.detach().float().norm(dim=1).mean())
+
+    @property
+    def causal(self) -> bool:
+        return self.config.decoder == "causal"
 
     # ------------------------------------------------------------------ features
-    def set_feature_stats(self, mean: np.ndarray, std: np.ndarray) -> None:
+    def set_feature_stats(
+        self, mean: np.ndarray, std: np.ndarray, basis: np.ndarray | None = None
+    ) -> None:
+        """Feature mean/std (per vector entry; per subspace coordinate with a `basis`)."""
+        if self.causal:
+            if basis is None:
+                raise ValueError("a causal-LM decoder's features need the subspace basis")
+            self.basis.copy_(torch.as_tensor(basis))
         self.feature_mean.copy_(torch.as_tensor(mean))
         self.feature_std.copy_(torch.as_tensor(std))
 
     def encode_inputs(self, vectors: torch.Tensor) -> torch.Tensor:
-        """Flat float32 `[B, dim]` log-probs -> pseudo-embeddings `[B, seq_len, d_model]`."""
+        """Flat float32 `[B, dim]` log-probs -> pseudo-embeddings `[B, seq_len, d_model]`
+        (causal decoder: the prefix `[B, prefix_length, hidden]`)."""
         x = vectors.to(self.feature_mean.device, torch.float32)
+        if self.causal:
+            coords = (
+                centre(x, self.config.steps) @ self.basis - self.feature_mean
+            ) / self.feature_std
+            prefix = self.embed(coords.to(self.embed[0].weight.dtype))
+            prefix = prefix.view(len(x), self.config.prefix_length, -1)
+            return prefix * (self.prefix_norm / prefix.norm(dim=-1, keepdim=True).clamp(min=1e-6))
         if self.config.normalization != "none":
             x = x - self.feature_mean
         if self.config.normalization == "standardize":
@@ -384,8 +456,13 @@ class Inverter(nn.Module):
         global batch across processes. Only real label positions go through the output
         projection: with a 49k-token vocabulary that projection dominates the step.
         """
-        encoded, decoded, copy_ids = self.teacher_forced(vectors, labels, neighbour_ids)
         keep = labels != -100
+        if self.causal:
+            states = teacher_forced_states(self.lm, self.encode_inputs(vectors), labels)
+            logits = self.lm.get_output_embeddings()(states[keep]).float()
+            nll = nn.functional.cross_entropy(logits, labels[keep], reduction="none")
+            return self._reduce(nll, keep, per_example)
+        encoded, decoded, copy_ids = self.teacher_forced(vectors, labels, neighbour_ids)
         head = self.t5.lm_head
         if not isinstance(head, CopyHead):
             logits = head(decoded[keep]).float()
@@ -398,15 +475,22 @@ class Inverter(nn.Module):
             hit = copy_ids[:, None, :] == labels[:, :, None]
             copied = (attn * hit).sum(-1)[keep]
             nll = -head.mix(gen, copied, gate[keep])
+        return self._reduce(nll, keep, per_example)
+
+    @staticmethod
+    def _reduce(nll: torch.Tensor, keep: torch.Tensor, per_example: bool) -> torch.Tensor:
         if not per_example:
             return nll.sum()
         rows = keep.nonzero()[:, 0]
-        return torch.zeros(len(labels), device=nll.device).index_add_(0, rows, nll)
+        return torch.zeros(len(keep), device=nll.device).index_add_(0, rows, nll)
 
     @torch.no_grad()
     def label_logprobs(self, vectors: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Log-probs over the output vocabulary `[B, T, V]` at every position of `labels`
         (padded with -100), each given the vector and the labels before it."""
+        if self.causal:
+            states = teacher_forced_states(self.lm, self.encode_inputs(vectors), labels)
+            return torch.log_softmax(self.lm.get_output_embeddings()(states).float(), -1)
         encoded, decoded, copy_ids = self.teacher_forced(vectors, labels)
         head = self.t5.lm_head
         if not isinstance(head, CopyHead):
@@ -438,6 +522,12 @@ class Inverter(nn.Module):
     def generate_ids(self, vectors: torch.Tensor, **generate_kwargs) -> torch.Tensor:
         from transformers.modeling_outputs import BaseModelOutput
 
+        if self.causal:
+            prefix = self.encode_inputs(vectors)
+            mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+            kwargs = {"max_new_tokens": self.config.max_length, **generate_kwargs}
+            # With only inputs_embeds, generate returns just the new tokens.
+            return self.lm.generate(inputs_embeds=prefix, attention_mask=mask, **kwargs)
         embeds, mask, copy_ids = self.encoder_inputs(vectors)
         encoded = self.t5.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         kwargs = {"max_new_tokens": self.config.max_length, **generate_kwargs}
@@ -538,6 +628,8 @@ class Inverter(nn.Module):
             (directory / TRAINING_ARGS_NAME).write_text(json.dumps(training_args, indent=1))
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)
+        if self.causal:
+            (directory / DECODER_CONFIG_NAME).write_text(self.lm.config.to_json_string())
         if self.memory is not None:
             self.memory.save(directory)
 
@@ -568,6 +660,14 @@ class Inverter(nn.Module):
             )
         config = InverterConfig.from_dict(raw)
         config.t5_init = None  # the weights below replace any pretrained init
+        decoder_config = None
+        if config.decoder == "causal":
+            try:
+                decoder_config = json.loads((directory / DECODER_CONFIG_NAME).read_text())
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(
+                    f"{directory}: decoder config missing or corrupted: {exc}"
+                ) from exc
         fingerprint = None
         if (directory / FINGERPRINT_NAME).is_file():
             fingerprint = TargetFingerprint.from_dict(
@@ -577,7 +677,7 @@ class Inverter(nn.Module):
             tokenizer = AutoTokenizer.from_pretrained(directory)
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{directory}: output tokenizer unreadable: {exc}") from exc
-        model = cls(config, tokenizer, fingerprint)
+        model = cls(config, tokenizer, fingerprint, decoder_config)
         try:
             missing, unexpected = load_model(model, str(directory / WEIGHTS_NAME), strict=False)
         except (SafetensorError, OSError, RuntimeError) as exc:

@@ -24,6 +24,7 @@ from .defenses import parse_defense
 from .distributed import accelerate_cpu
 from .errors import CheckpointError, StoreError
 from .inverter import Inverter, InverterConfig, encode_labels, pad_labels
+from .lm_decoder import default_decoder_init, fit_subspace
 from .metrics import score
 from .store import DistributionStore
 
@@ -45,6 +46,10 @@ class TrainConfig:
     preset: str = "small"
     normalization: str = "standardize"
     t5_init: str | None = None
+    # preset "prefix-lm": the causal LM to start the decoder from (default: the target's own
+    # weights) and its learning rate (pretrained weights want a smaller one than `lr`)
+    decoder_init: str | None = None
+    decoder_lr: float = 1e-4
     neighbours: int = 0  # >0: retrieval-augmented inverter reading this many nearest prompts
     neighbour_copy: bool = True  # with neighbours: pointer-generator output (copy or generate)
     output_tokenizer: str | None = None  # default: the target's own tokenizer
@@ -87,6 +92,15 @@ def _output_tokenizer(cfg: TrainConfig, store: DistributionStore):
             f"cannot load the tokenizer of target {name!r} to use as output tokenizer ({exc}); "
             "pass --output-tokenizer"
         ) from exc
+
+
+def _load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot load the tokenizer of {name!r}: {exc}") from exc
 
 
 def resolve_mixed_precision(choice: str) -> str:
@@ -167,16 +181,26 @@ class Trainer:
         )
         self.micro_per_epoch = len(self.train_idx) // self.global_micro
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+            self._param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay
         )
         self.scheduler = _schedule(self.optimizer, cfg)
         self.neighbour_rows: list[list[int]] | None = None  # retrieval-augmented only
         self.step = 0
         self.history: list[dict] = []
 
+    def _param_groups(self) -> list[dict]:
+        """A pretrained causal decoder learns at `decoder_lr`; everything else at `lr`."""
+        model = self.model
+        if not model.causal:
+            return [{"params": list(model.parameters())}]
+        lm = {id(p) for p in model.lm.parameters()}
+        return [
+            {"params": [p for p in model.parameters() if id(p) not in lm]},
+            {"params": list(model.lm.parameters()), "lr": self.cfg.decoder_lr},
+        ]
+
     def _new_model(self, fingerprint) -> Inverter:
         cfg = self.cfg
-        tokenizer = _output_tokenizer(cfg, self.store)
         config = InverterConfig.preset(
             cfg.preset,
             vocab_size=self.store.vocab_size,
@@ -187,8 +211,43 @@ class Trainer:
             neighbour_copy=cfg.neighbour_copy and cfg.neighbours > 0,
             **cfg.overrides,
         )
+        if config.decoder == "causal":
+            if cfg.output_tokenizer:
+                raise StoreError(
+                    "--output-tokenizer does not apply to a causal-LM decoder: it writes with "
+                    "its own tokenizer (choose the LM with --decoder-init)"
+                )
+            config.decoder_init = cfg.decoder_init or default_decoder_init(
+                self.store.fingerprint.name
+            )
+            tokenizer = _load_tokenizer(config.decoder_init)
+            self._subspace = self._fit_subspace(config.subspace_dim)
+            config.subspace_dim = self._subspace[0].shape[1]
+        else:
+            tokenizer = _output_tokenizer(cfg, self.store)
         torch.manual_seed(cfg.seed)
         return Inverter(config, tokenizer, fingerprint)
+
+    def _stats_sample(self) -> np.ndarray:
+        n = min(self.cfg.stats_sample, len(self.train_idx))
+        return np.sort(
+            np.random.default_rng(self.cfg.seed).choice(self.train_idx, n, replace=False)
+        )
+
+    def _fit_subspace(self, dims: int):
+        """Basis, coordinate mean/std of the (defended) training vectors' principal
+        directions, from the same seeded sample on every process."""
+        sample = self._stats_sample()
+        vectors = np.concatenate(
+            [
+                self._defended(
+                    torch.from_numpy(self.store.vectors(sample[i : i + READ_BATCH].tolist()))
+                ).numpy()
+                for i in range(0, len(sample), READ_BATCH)
+            ]
+        )
+        basis, mean, std, _ = fit_subspace(vectors, self.store.steps, dims)
+        return basis, mean, std
 
     def _check_init(self, model: Inverter) -> None:
         theirs = (model.config.vocab_size, model.config.steps)
@@ -263,10 +322,14 @@ class Trainer:
         """Mean/std of the training vectors (a seeded sample), identical on every process."""
         from .features import feature_stats
 
-        n = min(self.cfg.stats_sample, len(self.train_idx))
-        sample = np.sort(
-            np.random.default_rng(self.cfg.seed).choice(self.train_idx, n, replace=False)
-        )
+        if self.model.causal:
+            basis, mean, std = getattr(self, "_subspace", None) or self._fit_subspace(
+                self.model.config.subspace_dim
+            )
+            self.model.set_feature_stats(mean, std, basis)
+            return
+        sample = self._stats_sample()
+        n = len(sample)
         batches = (
             self._defended(
                 torch.from_numpy(self.store.vectors(sample[i : i + READ_BATCH].tolist()))
