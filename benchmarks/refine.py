@@ -23,10 +23,9 @@ import numpy as np
 from logit2prompt.inverter import Inverter
 from logit2prompt.metrics import (
     format_table,
-    per_example_scores,
+    paired_gain,
     score,
     sentence_bleu,
-    summarize,
 )
 from logit2prompt.refine import RefineConfig, Refined, nearest_start, propose, refine
 from logit2prompt.store import DistributionStore, write_json
@@ -34,13 +33,6 @@ from logit2prompt.targets import DEFAULT_TARGET, load_target
 
 RESULTS_DIR = Path(__file__).parent / "results"
 EXAMPLES = 20
-
-
-def paired_gain(predictions: list[str], baseline: list[str], refs: list[str]) -> dict:
-    """Per-prompt BLEU / token F1 / exact of `predictions` minus `baseline`, with 95% CIs."""
-    ours, base = per_example_scores(predictions, refs), per_example_scores(baseline, refs)
-    gains = {k: list(np.subtract(ours[k], base[k])) for k in ("bleu", "token_f1", "exact")}
-    return summarize(gains)
 
 
 def accepted_edits(before: list[str], after: list[str], refs: list[str]) -> dict:

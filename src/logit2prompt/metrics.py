@@ -119,6 +119,17 @@ def summarize(per_example: dict[str, Sequence[float]], *, ci: bool = True) -> di
     return out
 
 
+def paired_gain(
+    predictions: Sequence[str], baseline: Sequence[str], references: Sequence[str]
+) -> dict[str, dict]:
+    """Per-prompt BLEU / token F1 / exact of `predictions` minus `baseline` on the same
+    references, with 95% bootstrap CIs (tighter than comparing two unpaired intervals)."""
+    ours = per_example_scores(predictions, references)
+    base = per_example_scores(baseline, references)
+    gains = {k: list(np.subtract(ours[k], base[k])) for k in ("bleu", "token_f1", "exact")}
+    return summarize(gains)
+
+
 def score(
     predictions: Sequence[str], references: Sequence[str], *, ci: bool = True
 ) -> dict[str, dict]:
