@@ -118,10 +118,10 @@ def main() -> None:
     test_vectors = test.vectors(range(len(test)))
     refs = test.prompts
     results, trainings, examples = {}, {}, {}
+    preset = "" if args.preset == "small" else args.preset  # named where it is not the default
     for k in args.neighbours:
         model_dir = out / (
-            ("inverter" if k == 0 else f"inverter-nn{k}")
-            + ("" if args.preset == "small" else f"-{args.preset}")
+            ("inverter" if k == 0 else f"inverter-nn{k}") + (f"-{preset}" if preset else "")
         )
         cfg = TrainConfig(
             data=str(out / "train"),
@@ -163,7 +163,7 @@ def main() -> None:
             "inverter"
             if k == 0
             else f"retrieval-augmented inverter ({k} neighbours, pointer-generator)"
-        ) + ("" if args.preset == "small" else f" [{args.preset}]")
+        ) + (f" [{preset}]" if preset else "")
         t0 = time.perf_counter()
         predictions = invert_store(inverter, test)
         no_repeat = invert_store(inverter, test, no_repeat_ngram_size=NO_REPEAT_NGRAM)

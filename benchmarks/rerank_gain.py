@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 from logit2prompt.baselines import nearest_neighbour
+from logit2prompt.invert import target_for
 from logit2prompt.inverter import Inverter
 from logit2prompt.metrics import format_table, paired_gain, score
 from logit2prompt.rerank import DEFAULT_BEAMS, DEFAULT_NEIGHBOURS, inverter_with_neighbours
 from logit2prompt.store import DistributionStore, write_json
-from logit2prompt.targets import load_target
 
 RESULTS = Path(__file__).parent / "results" / "rerank_gain.json"
 NO_REPEAT_NGRAM = 3  # as in quality.py
@@ -41,8 +41,7 @@ def main() -> None:
     diffs = inverter.fingerprint.differences(test.fingerprint) if inverter.fingerprint else []
     if diffs:
         raise SystemExit(f"{args.test} comes from another target: {'; '.join(diffs)}")
-    f = test.fingerprint
-    target = load_target(f.name, dtype=f.dtype, mode=f.mode)
+    target = target_for(inverter)
     observed = test.vectors(range(len(test)))
     refs = test.prompts
     reranked = inverter_with_neighbours(
@@ -78,7 +77,7 @@ def main() -> None:
             "checkpoint": args.checkpoint,
             "train": args.train,
             "test": args.test,
-            "target": f.to_dict(),
+            "target": test.fingerprint.to_dict(),
             "results": results,
             "paired_gain_over_nearest_neighbour": gain,
             "wall_s": time.perf_counter() - started,

@@ -82,13 +82,6 @@ def load_causal_lm(init: str | None, config: dict | None = None):
         raise CheckpointError(f"cannot load the decoder LM {init!r}: {exc}") from exc
 
 
-def default_decoder_init(target_name: str) -> str:
-    """The target's own weights: always at hand where its vectors were collected."""
-    from .targets.embedded import DEFAULT_TARGET, converted_dir
-
-    return str(converted_dir()[0]) if target_name == DEFAULT_TARGET else target_name
-
-
 def teacher_forced_states(lm, prefix: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Hidden states `[B, T, H]` that predict `labels` `[B, T]` (-100 padded): the prefix's
     last position predicts the first label, each label position the next."""

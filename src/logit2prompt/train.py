@@ -24,9 +24,10 @@ from .defenses import parse_defense
 from .distributed import accelerate_cpu
 from .errors import CheckpointError, StoreError
 from .inverter import Inverter, InverterConfig, encode_labels, pad_labels
-from .lm_decoder import default_decoder_init, fit_subspace
+from .lm_decoder import fit_subspace
 from .metrics import score
 from .store import DistributionStore
+from .targets.embedded import target_weights
 
 CHECKPOINT_DIR = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
@@ -81,12 +82,8 @@ def _output_tokenizer(cfg: TrainConfig, store: DistributionStore):
     if cfg.output_tokenizer:
         return AutoTokenizer.from_pretrained(cfg.output_tokenizer)
     name = store.fingerprint.name
-    if name == "smollm2-135m-instruct":
-        from .targets.embedded import converted_dir
-
-        return AutoTokenizer.from_pretrained(converted_dir()[0])
     try:
-        return AutoTokenizer.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(target_weights(name))
     except (OSError, ValueError) as exc:
         raise StoreError(
             f"cannot load the tokenizer of target {name!r} to use as output tokenizer ({exc}); "
@@ -167,6 +164,7 @@ class Trainer:
             )
         self.defense = parse_defense(cfg.defense)
         fingerprint = self.store.fingerprint
+        self._subspace = None  # a causal decoder's subspace, fitted once when the model is built
         if self.defense:
             both = ",".join(d for d in (fingerprint.defense, self.defense.spec) if d)
             fingerprint = replace(fingerprint, defense=both)
@@ -217,9 +215,8 @@ class Trainer:
                     "--output-tokenizer does not apply to a causal-LM decoder: it writes with "
                     "its own tokenizer (choose the LM with --decoder-init)"
                 )
-            config.decoder_init = cfg.decoder_init or default_decoder_init(
-                self.store.fingerprint.name
-            )
+            # By default the target's own weights: at hand wherever its vectors were collected.
+            config.decoder_init = cfg.decoder_init or target_weights(self.store.fingerprint.name)
             tokenizer = _load_tokenizer(config.decoder_init)
             self._subspace = self._fit_subspace(config.subspace_dim)
             config.subspace_dim = self._subspace[0].shape[1]
@@ -228,24 +225,20 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         return Inverter(config, tokenizer, fingerprint)
 
-    def _stats_sample(self) -> np.ndarray:
+    def _stats_batches(self):
+        """Flat (defended) float32 arrays of a seeded sample of the training vectors, in
+        READ_BATCH pieces: the same sample on every process."""
         n = min(self.cfg.stats_sample, len(self.train_idx))
-        return np.sort(
+        sample = np.sort(
             np.random.default_rng(self.cfg.seed).choice(self.train_idx, n, replace=False)
         )
+        for i in range(0, n, READ_BATCH):
+            vectors = self.store.vectors(sample[i : i + READ_BATCH].tolist())
+            yield self._defended(torch.from_numpy(vectors)).numpy()
 
     def _fit_subspace(self, dims: int):
-        """Basis, coordinate mean/std of the (defended) training vectors' principal
-        directions, from the same seeded sample on every process."""
-        sample = self._stats_sample()
-        vectors = np.concatenate(
-            [
-                self._defended(
-                    torch.from_numpy(self.store.vectors(sample[i : i + READ_BATCH].tolist()))
-                ).numpy()
-                for i in range(0, len(sample), READ_BATCH)
-            ]
-        )
+        """Basis, coordinate mean/std of the training vectors' principal directions."""
+        vectors = np.concatenate(list(self._stats_batches()))
         basis, mean, std, _ = fit_subspace(vectors, self.store.steps, dims)
         return basis, mean, std
 
@@ -323,20 +316,10 @@ class Trainer:
         from .features import feature_stats
 
         if self.model.causal:
-            basis, mean, std = getattr(self, "_subspace", None) or self._fit_subspace(
-                self.model.config.subspace_dim
-            )
+            basis, mean, std = self._subspace or self._fit_subspace(self.model.config.subspace_dim)
             self.model.set_feature_stats(mean, std, basis)
             return
-        sample = self._stats_sample()
-        n = len(sample)
-        batches = (
-            self._defended(
-                torch.from_numpy(self.store.vectors(sample[i : i + READ_BATCH].tolist()))
-            ).numpy()
-            for i in range(0, n, READ_BATCH)
-        )
-        mean, std = feature_stats(batches, self.store.dim)
+        mean, std = feature_stats(self._stats_batches(), self.store.dim)
         self.model.set_feature_stats(mean, std)
 
     # ------------------------------------------------------------------ checkpoints

@@ -33,6 +33,12 @@ def gguf_path() -> Path:
     return path
 
 
+def target_weights(name: str) -> str:
+    """Where `from_pretrained` finds a target's model and tokenizer: the embedded default's
+    cached conversion, or the name itself (a directory or hub id)."""
+    return str(converted_dir()[0]) if name == DEFAULT_TARGET else name
+
+
 def converted_dir() -> tuple[Path, str]:
     """Directory of the cached safetensors conversion (made on first use) and the GGUF hash."""
     gguf = gguf_path()
