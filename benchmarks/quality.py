@@ -1,13 +1,16 @@
 """Inversion quality on the BIG-bench test split, beside nearest-neighbour and constant baselines.
 
     python benchmarks/quality.py [--corpus FILE] [--train-prompts N] [--train-minutes M]
-                                 [--neighbours 0,2]
+                                 [--neighbours 0,2] [--preset P] [--init-from DIR]
 
 Trains on the train split only (split rule of ../shared/data/README.md), picks the number of
 steps that fits the time budget from a short calibration run, then scores the whole test split
 (no length filter there, so every test prompt counts). One inverter per `--neighbours` value:
 0 is the paper's inverter, K > 0 the retrieval-augmented one that also reads the K nearest
-training prompts (each gets `--train-minutes`). Writes benchmarks/results/quality.json (or
+training prompts (each gets `--train-minutes`). `--init-from` fine-tunes a trained inverter
+instead of starting anew (a prefix-lm learns to read neighbours; its own training time counts
+too and is recorded). Each inverter's greedy output is also compared prompt by prompt with the
+nearest neighbour (paired gain with 95% CIs). Writes benchmarks/results/quality.json (or
 `--results`).
 Every stage is reused on a rerun (stores resume, a finished inverter is kept).
 """
@@ -29,7 +32,7 @@ from logit2prompt.bigbench import build_bigbench_corpus
 from logit2prompt.collect import collect
 from logit2prompt.invert import invert_store
 from logit2prompt.inverter import Inverter
-from logit2prompt.metrics import format_table, score
+from logit2prompt.metrics import format_table, paired_gain, score
 from logit2prompt.prompts import load_corpus
 from logit2prompt.rerank import inverter_with_neighbours
 from logit2prompt.store import DistributionStore
@@ -85,6 +88,14 @@ def main() -> None:
         "--decoder-lr", type=float, default=1e-4, help="preset prefix-lm: the pretrained LM's lr"
     )
     parser.add_argument(
+        "--init-from", help="fine-tune this trained inverter (e.g. add --neighbours to a prefix-lm)"
+    )
+    parser.add_argument(
+        "--no-rerank",
+        action="store_true",
+        help="skip re-ranking beams + neighbours with the target (the slowest stage)",
+    )
+    parser.add_argument(
         "--neighbours",
         type=lambda v: [int(x) for x in v.split(",")],
         default=[0, 2],
@@ -117,7 +128,7 @@ def main() -> None:
     train, test = DistributionStore(out / "train"), DistributionStore(out / "test")
     test_vectors = test.vectors(range(len(test)))
     refs = test.prompts
-    results, trainings, examples = {}, {}, {}
+    results, trainings, examples, gains, greedy = {}, {}, {}, {}, {}
     preset = "" if args.preset == "small" else args.preset  # named where it is not the default
     for k in args.neighbours:
         model_dir = out / (
@@ -132,6 +143,7 @@ def main() -> None:
             decoder_lr=args.decoder_lr,
             per_device_batch_size=args.batch_size,
             neighbours=k,
+            init_from=args.init_from,
         )
         if not is_trained(model_dir):
             step_s = calibrate(cfg)
@@ -155,27 +167,35 @@ def main() -> None:
                 "per_device_batch_size",
                 "mixed_precision",
                 "neighbours",
+                "init_from",
             )
         }
         history = training.get("history") or [{}]
         trainings[model_dir.name]["final_val_loss"] = history[-1].get("val_loss")
+        if args.init_from:  # the compute that went into the starting point counts too
+            before = json.loads((Path(args.init_from) / "training_args.json").read_text())
+            trainings[model_dir.name]["init_from_steps"] = before.get("max_steps")
+        copy = ", pointer-generator" if inverter.config.neighbour_copy else ""
         name = (
-            "inverter"
-            if k == 0
-            else f"retrieval-augmented inverter ({k} neighbours, pointer-generator)"
+            "inverter" if k == 0 else f"retrieval-augmented inverter ({k} neighbours{copy})"
         ) + (f" [{preset}]" if preset else "")
         t0 = time.perf_counter()
         predictions = invert_store(inverter, test)
         no_repeat = invert_store(inverter, test, no_repeat_ngram_size=NO_REPEAT_NGRAM)
         timings[f"invert_test_{model_dir.name}_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        reranked = inverter_with_neighbours(
-            inverter, target, train, test_vectors, no_repeat_ngram_size=NO_REPEAT_NGRAM
-        )
-        timings[f"rerank_test_{model_dir.name}_s"] = time.perf_counter() - t0
         results[f"{name} (greedy)"] = score(predictions, refs)
         results[f"{name} (greedy, no {NO_REPEAT_NGRAM}-gram repeat)"] = score(no_repeat, refs)
-        results[f"{name}: beams + 3 neighbours, re-ranked by the target"] = score(reranked, refs)
+        greedy[f"{name} (greedy)"] = predictions
+        greedy[f"{name} (greedy, no {NO_REPEAT_NGRAM}-gram repeat)"] = no_repeat
+        if not args.no_rerank:
+            t0 = time.perf_counter()
+            reranked = inverter_with_neighbours(
+                inverter, target, train, test_vectors, no_repeat_ngram_size=NO_REPEAT_NGRAM
+            )
+            timings[f"rerank_test_{model_dir.name}_s"] = time.perf_counter() - t0
+            results[f"{name}: beams + 3 neighbours, re-ranked by the target"] = score(
+                reranked, refs
+            )
         if inverter.memory is not None:
             # What the memory alone retrieves: the sketch's nearest neighbour.
             near = inverter.memory.search(torch.from_numpy(test_vectors).flatten(1), 1)
@@ -185,15 +205,20 @@ def main() -> None:
         examples[name] = [
             {"hidden": r, "recovered": p} for r, p in zip(refs[:20], no_repeat[:20], strict=True)
         ]
-    results.update(
-        {name: score(preds, refs) for name, preds in baseline_predictions(train, test).items()}
-    )
+    baselines = baseline_predictions(train, test)
+    results.update({name: score(preds, refs) for name, preds in baselines.items()})
+    for name, preds in greedy.items():
+        # Paired per-prompt differences: whether the inverter alone beats retrieval.
+        gains[name] = paired_gain(preds, baselines["nearest neighbour (train)"], refs)
+        gains[name]["n"] = {"mean": len(refs)}
     steps = ", ".join(f"{name} {t['max_steps']} steps" for name, t in trainings.items())
     print(
         f"BIG-bench test split ({len(refs)} prompts), target {target.fingerprint.describe()}, "
         f"trained on {len(train)} train prompts ({steps})"
     )
     print(format_table(results))
+    print("gain over nearest neighbour, paired per prompt (95% CI):")
+    print(format_table(gains))
     print(
         f"paper (Llama-2 7B, T5-base, 2.33M prompts): BLEU {PAPER['bleu']}, token F1 "
         f"{PAPER['token_f1']}, exact {PAPER['exact']}%"
@@ -209,6 +234,7 @@ def main() -> None:
                 "test_prompts": len(refs),
                 "training": trainings,
                 "results": results,
+                "gain_over_nearest_neighbour": gains,
                 "paper_llama2_7b": PAPER,
                 "timings_s": timings,
                 "wall_s": time.perf_counter() - started,

@@ -403,3 +403,47 @@ def test_causal_lm_decoder_refuses_a_foreign_output_tokenizer(tiny_store, tiny_l
     cfg = _cfg(tiny_store, tmp_path / "m", tiny_lm_dir, preset="prefix-lm")
     with pytest.raises(StoreError, match="own tokenizer"):
         Trainer(cfg)
+
+
+def test_causal_lm_decoder_learns_to_read_neighbours(tiny_store, tiny_lm_dir, tmp_path):
+    """--init-from a prefix-lm with --neighbours: the same weights now also read the nearest
+    training prompts (left-padded context); generation and teacher forcing agree."""
+    kw = dict(
+        preset="prefix-lm",
+        output_tokenizer=None,
+        decoder_lr=3e-3,
+        overrides={"max_length": 24, "prefix_length": 4, "embed_hidden": 64},
+    )
+    Trainer(_cfg(tiny_store, tmp_path / "m0", tiny_lm_dir, max_steps=20, **kw)).run()
+    cfg = _cfg(
+        tiny_store,
+        tmp_path / "m1",
+        tiny_lm_dir,
+        max_steps=150,
+        init_from=str(tmp_path / "m0"),
+        neighbours=2,
+        **kw,
+    )
+    trainer = Trainer(cfg)
+    assert trainer.model.config.neighbours == 2 and not trainer.model.config.neighbour_copy
+    model = trainer.run().eval()
+    store = DistributionStore(tiny_store)
+    x = torch.from_numpy(store.vectors(range(8)))[:, 0]
+    # Training reads each prompt's nearest *other* prompts (its own text is never in the
+    # memory at test time); given those, it reconstructs every memorised prompt.
+    near = model.neighbour_ids(trainer.neighbour_rows[:8])
+    out = model.generate_ids(x, near, output_scores=True, return_dict_in_generate=True)
+    ids = out.sequences
+    assert model.tokenizer.batch_decode(ids, skip_special_tokens=True) == store.prompts
+    # Neighbours of different lengths pad the context on the left: the positions generate
+    # derives from the mask must be the ones training used, or the scores disagree.
+    eos = ids == model.config.eos_token_id
+    labels = ids.masked_fill((eos.cumsum(1) - eos.long()) > 0, -100)  # all after the first EOS
+    real = labels != -100
+    scores = torch.log_softmax(torch.stack(out.scores, 1).float(), -1)
+    forced = model.label_logprobs(x, labels, near)
+    assert torch.allclose(forced[real], scores[real], atol=1e-4)
+    assert (near[:, :, 0] >= 0).all() and len(set((near >= 0).sum(-1).flatten().tolist())) > 1
+    loaded = Inverter.from_pretrained(tmp_path / "m1")
+    assert loaded.memory is not None and loaded.config.neighbours == 2
+    assert loaded.invert(x, num_beams=3) == model.invert(x, num_beams=3)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -315,8 +315,11 @@ class Inverter(nn.Module):
 
     def _init_causal(self, decoder_config: dict | None) -> None:
         config = self.config
-        if config.neighbours:
-            raise ValueError("a causal-LM decoder reads no neighbours; use decoder='t5'")
+        if config.neighbour_copy:
+            raise ValueError(
+                "a causal-LM decoder copies from its neighbours by attention; "
+                "set neighbour_copy=False"
+            )
         if config.subspace_dim < 1:
             raise ValueError("a causal-LM decoder needs subspace_dim >= 1 (the trainer fits it)")
         self.lm = load_causal_lm(config.decoder_init, decoder_config)
@@ -342,6 +345,23 @@ class Inverter(nn.Module):
         # Prefix vectors get the mean norm of the LM's token embeddings: inputs of the size
         # it was trained on, whatever the MLP's output scale.
         self.register_buffer("prefix_norm", vocab.detach().float().norm(dim=1).mean())
+        if config.neighbours:
+            # Zero at first: the neighbours read as plain text, marked by rank as training goes.
+            self.neighbour_rank = nn.Parameter(torch.zeros(config.neighbours, hidden))
+
+    def with_neighbours(self, neighbours: int) -> Inverter:
+        """A copy of this causal-decoder inverter that also reads `neighbours` nearest
+        training prompts (fine-tuning a plain prefix-lm into a retrieval-augmented one)."""
+        if not self.causal:
+            raise ValueError("only a causal-LM decoder can add neighbours to a trained inverter")
+        config = replace(self.config, neighbours=neighbours, neighbour_copy=False)
+        model = Inverter(config, self.tokenizer, self.fingerprint, self.lm.config.to_dict())
+        missing, unexpected = model.load_state_dict(self.state_dict(), strict=False)
+        if unexpected or set(missing) - {"neighbour_rank"}:
+            raise CheckpointError(
+                f"cannot carry the weights over: missing {missing}, unexpected {unexpected}"
+            )
+        return model
 
     @property
     def causal(self) -> bool:
@@ -406,6 +426,30 @@ class Inverter(nn.Module):
             )
         return self.neighbour_ids(self.memory.search(vectors.cpu(), self.config.neighbours))
 
+    def causal_context(
+        self, vectors: torch.Tensor, neighbour_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The causal decoder's context and its mask: the neighbours' tokens (each ending
+        with EOS, marked by rank), then the vector's prefix, left-padded so that every
+        example's prompt starts right after its prefix."""
+        prefix = self.encode_inputs(vectors)
+        ones = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+        if not self.config.neighbours:
+            return prefix, ones
+        if neighbour_ids is None:
+            neighbour_ids = self.find_neighbours(vectors)
+        ids = neighbour_ids.to(prefix.device)
+        tokens = self.lm.get_input_embeddings()(ids.clamp(min=0)).to(prefix.dtype)
+        tokens = (tokens + self.neighbour_rank[:, None].to(prefix.dtype)).flatten(1, 2)
+        real = (ids >= 0).flatten(1)
+        # Stable sort on "is real" moves each row's padding to the front, keeping token order.
+        order = torch.sort(real.int(), dim=1, stable=True).indices
+        width = max(int(real.sum(1).max()), 1)  # trim the common padding
+        order = order[:, -width:]
+        tokens = tokens.gather(1, order[..., None].expand(-1, -1, tokens.shape[-1]))
+        real = real.gather(1, order)
+        return torch.cat([tokens, prefix], 1), torch.cat([real.long(), ones], 1)
+
     def encoder_inputs(
         self, vectors: torch.Tensor, neighbour_ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -458,7 +502,8 @@ class Inverter(nn.Module):
         """
         keep = labels != -100
         if self.causal:
-            states = teacher_forced_states(self.lm, self.encode_inputs(vectors), labels)
+            context, mask = self.causal_context(vectors, neighbour_ids)
+            states = teacher_forced_states(self.lm, context, labels, mask)
             logits = self.lm.get_output_embeddings()(states[keep]).float()
             nll = nn.functional.cross_entropy(logits, labels[keep], reduction="none")
             return self._reduce(nll, keep, per_example)
@@ -485,13 +530,17 @@ class Inverter(nn.Module):
         return torch.zeros(len(keep), device=nll.device).index_add_(0, rows, nll)
 
     @torch.no_grad()
-    def label_logprobs(self, vectors: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def label_logprobs(
+        self, vectors: torch.Tensor, labels: torch.Tensor, neighbour_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Log-probs over the output vocabulary `[B, T, V]` at every position of `labels`
-        (padded with -100), each given the vector and the labels before it."""
+        (padded with -100), each given the vector and the labels before it (and the
+        neighbours: `neighbour_ids`, or the memory's nearest)."""
         if self.causal:
-            states = teacher_forced_states(self.lm, self.encode_inputs(vectors), labels)
+            context, mask = self.causal_context(vectors, neighbour_ids)
+            states = teacher_forced_states(self.lm, context, labels, mask)
             return torch.log_softmax(self.lm.get_output_embeddings()(states).float(), -1)
-        encoded, decoded, copy_ids = self.teacher_forced(vectors, labels)
+        encoded, decoded, copy_ids = self.teacher_forced(vectors, labels, neighbour_ids)
         head = self.t5.lm_head
         if not isinstance(head, CopyHead):
             return torch.log_softmax(head(decoded).float(), -1)
@@ -519,16 +568,20 @@ class Inverter(nn.Module):
         return check_vectors(x, shape, described)
 
     @torch.inference_mode()
-    def generate_ids(self, vectors: torch.Tensor, **generate_kwargs) -> torch.Tensor:
+    def generate_ids(
+        self, vectors: torch.Tensor, neighbour_ids: torch.Tensor | None = None, **generate_kwargs
+    ) -> torch.Tensor:
+        """Output token ids for flat vectors (retrieval-augmented: reading `neighbour_ids`,
+        or the memory's nearest prompts); keyword arguments go to `generate`."""
         from transformers.modeling_outputs import BaseModelOutput
 
         if self.causal:
-            prefix = self.encode_inputs(vectors)
-            mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+            context, mask = self.causal_context(vectors, neighbour_ids)
             kwargs = {"max_new_tokens": self.config.max_length, **generate_kwargs}
-            # With only inputs_embeds, generate returns just the new tokens.
-            return self.lm.generate(inputs_embeds=prefix, attention_mask=mask, **kwargs)
-        embeds, mask, copy_ids = self.encoder_inputs(vectors)
+            # With only inputs_embeds, generate returns just the new tokens; it derives the
+            # positions from the mask, as teacher_forced_states does.
+            return self.lm.generate(inputs_embeds=context, attention_mask=mask, **kwargs)
+        embeds, mask, copy_ids = self.encoder_inputs(vectors, neighbour_ids)
         encoded = self.t5.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         kwargs = {"max_new_tokens": self.config.max_length, **generate_kwargs}
         head = self.t5.lm_head

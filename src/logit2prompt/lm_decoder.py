@@ -82,20 +82,28 @@ def load_causal_lm(init: str | None, config: dict | None = None):
         raise CheckpointError(f"cannot load the decoder LM {init!r}: {exc}") from exc
 
 
-def teacher_forced_states(lm, prefix: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Hidden states `[B, T, H]` that predict `labels` `[B, T]` (-100 padded): the prefix's
-    last position predicts the first label, each label position the next."""
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip padding, as `generate` derives them from the attention mask:
+    a left-padded context then reads the same positions in training and in generation."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def teacher_forced_states(
+    lm, context: torch.Tensor, labels: torch.Tensor, context_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Hidden states `[B, T, H]` that predict `labels` `[B, T]` (-100 padded): the context's
+    last position predicts the first label, each label position the next. `context_mask`
+    marks the real positions of a left-padded context (default: all real)."""
     ids = labels.clamp(min=0)
-    tokens = lm.get_input_embeddings()(ids).to(prefix.dtype)
-    embeds = torch.cat([prefix, tokens], 1)
-    k = prefix.shape[1]
-    mask = torch.cat(
-        [
-            torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device),
-            (labels != -100).long(),
-        ],
-        1,
-    )
-    # Right padding with an explicit mask: padded positions are never read by real ones.
-    hidden = lm.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    tokens = lm.get_input_embeddings()(ids).to(context.dtype)
+    embeds = torch.cat([context, tokens], 1)
+    k = context.shape[1]
+    if context_mask is None:
+        context_mask = torch.ones(context.shape[:2], dtype=torch.long, device=context.device)
+    mask = torch.cat([context_mask.long(), (labels != -100).long()], 1)
+    # Right padding of the labels with an explicit mask: padded positions are never read by
+    # real ones.
+    hidden = lm.base_model(
+        inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask)
+    ).last_hidden_state
     return hidden[:, k - 1 : k - 1 + labels.shape[1]]

@@ -171,6 +171,9 @@ class Trainer:
         if cfg.init_from:
             self.model = Inverter.from_pretrained(cfg.init_from)
             self._check_init(self.model)
+            if cfg.neighbours != self.model.config.neighbours:
+                # A trained prefix-lm learns to read neighbours on top of what it knows.
+                self.model = self.model.with_neighbours(cfg.neighbours)
             self.model.fingerprint = fingerprint
         else:
             self.model = self._new_model(fingerprint)
@@ -210,6 +213,7 @@ class Trainer:
             **cfg.overrides,
         )
         if config.decoder == "causal":
+            config.neighbour_copy = False  # the LM copies from its context by attention
             if cfg.output_tokenizer:
                 raise StoreError(
                     "--output-tokenizer does not apply to a causal-LM decoder: it writes with "
