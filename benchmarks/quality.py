@@ -69,6 +69,13 @@ def calibrate(cfg: TrainConfig) -> float:
     return (time.perf_counter() - t0) / CALIBRATION_STEPS
 
 
+def steps_before(checkpoint: Path) -> int:
+    """Training steps that went into a checkpoint, through its chain of --init-from."""
+    args = json.loads((checkpoint / "training_args.json").read_text())
+    init = args.get("init_from")
+    return int(args.get("max_steps", 0)) + (steps_before(Path(init)) if init else 0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -89,6 +96,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--init-from", help="fine-tune this trained inverter (e.g. add --neighbours to a prefix-lm)"
+    )
+    parser.add_argument(
+        "--run-name", help="model directory name under --out (default from --neighbours/--preset)"
+    )
+    parser.add_argument(
+        "--greedy-only", action="store_true", help="skip the no-repeat-3-gram decoding pass"
     )
     parser.add_argument(
         "--no-rerank",
@@ -132,7 +145,8 @@ def main() -> None:
     preset = "" if args.preset == "small" else args.preset  # named where it is not the default
     for k in args.neighbours:
         model_dir = out / (
-            ("inverter" if k == 0 else f"inverter-nn{k}") + (f"-{preset}" if preset else "")
+            args.run_name
+            or ("inverter" if k == 0 else f"inverter-nn{k}") + (f"-{preset}" if preset else "")
         )
         cfg = TrainConfig(
             data=str(out / "train"),
@@ -173,20 +187,21 @@ def main() -> None:
         history = training.get("history") or [{}]
         trainings[model_dir.name]["final_val_loss"] = history[-1].get("val_loss")
         if args.init_from:  # the compute that went into the starting point counts too
-            before = json.loads((Path(args.init_from) / "training_args.json").read_text())
-            trainings[model_dir.name]["init_from_steps"] = before.get("max_steps")
+            trainings[model_dir.name]["init_from_steps"] = steps_before(Path(args.init_from))
         copy = ", pointer-generator" if inverter.config.neighbour_copy else ""
         name = (
             "inverter" if k == 0 else f"retrieval-augmented inverter ({k} neighbours{copy})"
         ) + (f" [{preset}]" if preset else "")
         t0 = time.perf_counter()
-        predictions = invert_store(inverter, test)
-        no_repeat = invert_store(inverter, test, no_repeat_ngram_size=NO_REPEAT_NGRAM)
+        decoded = {f"{name} (greedy)": invert_store(inverter, test)}
+        if not args.greedy_only:
+            decoded[f"{name} (greedy, no {NO_REPEAT_NGRAM}-gram repeat)"] = invert_store(
+                inverter, test, no_repeat_ngram_size=NO_REPEAT_NGRAM
+            )
+        shown = list(decoded.values())[-1]
         timings[f"invert_test_{model_dir.name}_s"] = time.perf_counter() - t0
-        results[f"{name} (greedy)"] = score(predictions, refs)
-        results[f"{name} (greedy, no {NO_REPEAT_NGRAM}-gram repeat)"] = score(no_repeat, refs)
-        greedy[f"{name} (greedy)"] = predictions
-        greedy[f"{name} (greedy, no {NO_REPEAT_NGRAM}-gram repeat)"] = no_repeat
+        results.update({method: score(preds, refs) for method, preds in decoded.items()})
+        greedy.update(decoded)
         if not args.no_rerank:
             t0 = time.perf_counter()
             reranked = inverter_with_neighbours(
@@ -203,7 +218,7 @@ def main() -> None:
                 [inverter.memory.prompts[row[0]] for row in near], refs
             )
         examples[name] = [
-            {"hidden": r, "recovered": p} for r, p in zip(refs[:20], no_repeat[:20], strict=True)
+            {"hidden": r, "recovered": p} for r, p in zip(refs[:20], shown[:20], strict=True)
         ]
     baselines = baseline_predictions(train, test)
     results.update({name: score(preds, refs) for name, preds in baselines.items()})

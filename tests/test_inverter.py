@@ -147,16 +147,22 @@ def test_resume_matches_uninterrupted(tiny_store, tiny_lm_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_accelerate_two_processes_match_one(tiny_store, tiny_lm_dir, tmp_path):
+@pytest.mark.parametrize("preset", ["tiny", "prefix-lm"])
+def test_accelerate_two_processes_match_one(tiny_store, tiny_lm_dir, tmp_path, preset):
     from safetensors.torch import load_file
 
+    # prefix-lm: the decoder is the store's own (tiny) target, found from its fingerprint.
+    model_args = (
+        ["--output-tokenizer", str(tiny_lm_dir)]
+        if preset == "tiny"
+        else ["--decoder-lr", "0.003", "--set", "prefix_length=4", "--set", "embed_hidden=64"]
+    )
     common = [
         "--data",
         str(tiny_store),
         "--preset",
-        "tiny",
-        "--output-tokenizer",
-        str(tiny_lm_dir),
+        preset,
+        *model_args,
         "--max-steps",
         "8",
         "--lr",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -205,6 +206,16 @@ class CopyHead(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         return self.gen.weight
+
+    @contextmanager
+    def reading(self, encoded: torch.Tensor, copy_ids: torch.Tensor):
+        """Let `forward` copy from these encoder states while the block runs (`generate`
+        calls the head with decoder states only)."""
+        self.context = (encoded, copy_ids)
+        try:
+            yield self
+        finally:
+            self.context = None
 
     def parts(self, hidden: torch.Tensor, encoded: torch.Tensor, copy_ids: torch.Tensor):
         """Copy attention `[B, T, L]` (zero off neighbour tokens) and the gate logit `[B, T]`.
@@ -544,11 +555,8 @@ class Inverter(nn.Module):
         head = self.t5.lm_head
         if not isinstance(head, CopyHead):
             return torch.log_softmax(head(decoded).float(), -1)
-        head.context = (encoded, copy_ids)
-        try:
+        with head.reading(encoded, copy_ids):
             return head(decoded)
-        finally:
-            head.context = None
 
     # ------------------------------------------------------------------ inversion
     def as_batch(self, logprobs) -> torch.Tensor:
@@ -585,17 +593,12 @@ class Inverter(nn.Module):
         encoded = self.t5.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         kwargs = {"max_new_tokens": self.config.max_length, **generate_kwargs}
         head = self.t5.lm_head
-        if isinstance(head, CopyHead):
-            head.context = (encoded, copy_ids)
-        try:
+        with head.reading(encoded, copy_ids) if isinstance(head, CopyHead) else nullcontext():
             return self.t5.generate(
                 encoder_outputs=BaseModelOutput(last_hidden_state=encoded),
                 attention_mask=mask,
                 **kwargs,
             )
-        finally:
-            if isinstance(head, CopyHead):
-                head.context = None
 
     def invert(
         self,

@@ -77,27 +77,20 @@ class TrainConfig:
 
 
 def _output_tokenizer(cfg: TrainConfig, store: DistributionStore):
-    from transformers import AutoTokenizer
-
+    """`--output-tokenizer`, by default the target's own (at hand wherever it was collected)."""
     if cfg.output_tokenizer:
-        return AutoTokenizer.from_pretrained(cfg.output_tokenizer)
-    name = store.fingerprint.name
-    try:
-        return AutoTokenizer.from_pretrained(target_weights(name))
-    except (OSError, ValueError) as exc:
-        raise StoreError(
-            f"cannot load the tokenizer of target {name!r} to use as output tokenizer ({exc}); "
-            "pass --output-tokenizer"
-        ) from exc
+        return _load_tokenizer(cfg.output_tokenizer)
+    target = target_weights(store.fingerprint.name)
+    return _load_tokenizer(target, " (the output tokenizer; pass --output-tokenizer)")
 
 
-def _load_tokenizer(name: str):
+def _load_tokenizer(name: str, hint: str = ""):
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot load the tokenizer of {name!r}: {exc}") from exc
+        raise StoreError(f"cannot load the tokenizer of {name!r}{hint}: {exc}") from exc
 
 
 def resolve_mixed_precision(choice: str) -> str:
