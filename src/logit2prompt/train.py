@@ -164,8 +164,9 @@ class Trainer:
         if cfg.init_from:
             self.model = Inverter.from_pretrained(cfg.init_from)
             self._check_init(self.model)
-            if cfg.neighbours != self.model.config.neighbours:
-                # A trained prefix-lm learns to read neighbours on top of what it knows.
+            if cfg.neighbours and cfg.neighbours != self.model.config.neighbours:
+                # A trained prefix-lm learns to read neighbours on top of what it knows
+                # (--neighbours 0, the default, keeps the checkpoint's own).
                 self.model = self.model.with_neighbours(cfg.neighbours)
             self.model.fingerprint = fingerprint
         else:
