@@ -9,9 +9,9 @@ steps that fits the time budget from a short calibration run, then scores the wh
 0 is the paper's inverter, K > 0 the retrieval-augmented one that also reads the K nearest
 training prompts (each gets `--train-minutes`). `--init-from` fine-tunes a trained inverter
 instead of starting anew (a prefix-lm learns to read neighbours; its own training time counts
-too and is recorded). Each inverter's greedy output is also compared prompt by prompt with the
-nearest neighbour (paired gain with 95% CIs). Writes benchmarks/results/quality.json (or
-`--results`).
+too and is recorded). Each inverter's own output (greedy, or `--num-beams`) is also compared
+prompt by prompt with the nearest neighbour (paired gain with 95% CIs). Writes
+benchmarks/results/quality.json (or `--results`).
 Every stage is reused on a rerun (stores resume, a finished inverter is kept).
 """
 
@@ -101,7 +101,10 @@ def main() -> None:
         "--run-name", help="model directory name under --out (default from --neighbours/--preset)"
     )
     parser.add_argument(
-        "--greedy-only", action="store_true", help="skip the no-repeat-3-gram decoding pass"
+        "--num-beams", type=int, default=1, help="beam search for the inverter's output (1: greedy)"
+    )
+    parser.add_argument(
+        "--skip-no-repeat", action="store_true", help="skip the no-repeat-3-gram decoding pass"
     )
     parser.add_argument(
         "--no-rerank",
@@ -193,10 +196,12 @@ def main() -> None:
             "inverter" if k == 0 else f"retrieval-augmented inverter ({k} neighbours{copy})"
         ) + (f" [{preset}]" if preset else "")
         t0 = time.perf_counter()
-        decoded = {f"{name} (greedy)": invert_store(inverter, test)}
-        if not args.greedy_only:
-            decoded[f"{name} (greedy, no {NO_REPEAT_NGRAM}-gram repeat)"] = invert_store(
-                inverter, test, no_repeat_ngram_size=NO_REPEAT_NGRAM
+        beams = args.num_beams
+        decoding = "greedy" if beams == 1 else f"{beams} beams"
+        decoded = {f"{name} ({decoding})": invert_store(inverter, test, num_beams=beams)}
+        if not args.skip_no_repeat:
+            decoded[f"{name} ({decoding}, no {NO_REPEAT_NGRAM}-gram repeat)"] = invert_store(
+                inverter, test, num_beams=beams, no_repeat_ngram_size=NO_REPEAT_NGRAM
             )
         shown = list(decoded.values())[-1]
         timings[f"invert_test_{model_dir.name}_s"] = time.perf_counter() - t0
