@@ -361,13 +361,15 @@ class Inverter(nn.Module):
             self.neighbour_rank = nn.Parameter(torch.zeros(config.neighbours, hidden))
 
     def with_neighbours(self, neighbours: int) -> Inverter:
-        """A copy of this causal-decoder inverter that also reads `neighbours` nearest
-        training prompts (fine-tuning a plain prefix-lm into a retrieval-augmented one)."""
+        """A copy of this causal-decoder inverter that reads `neighbours` nearest training
+        prompts (fine-tuning a plain prefix-lm into a retrieval-augmented one)."""
         if not self.causal:
             raise ValueError("only a causal-LM decoder can add neighbours to a trained inverter")
         config = replace(self.config, neighbours=neighbours, neighbour_copy=False)
         model = Inverter(config, self.tokenizer, self.fingerprint, self.lm.config.to_dict())
-        missing, unexpected = model.load_state_dict(self.state_dict(), strict=False)
+        # Rank embeddings (if any) restart at zero: their count changes.
+        state = {k: v for k, v in self.state_dict().items() if k != "neighbour_rank"}
+        missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or set(missing) - {"neighbour_rank"}:
             raise CheckpointError(
                 f"cannot carry the weights over: missing {missing}, unexpected {unexpected}"
