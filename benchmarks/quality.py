@@ -121,6 +121,8 @@ def main() -> None:
         "--results", type=Path, default=RESULTS, help="JSON to write (default: %(default)s)"
     )
     args = parser.parse_args()
+    if args.run_name and len(args.neighbours) > 1:
+        parser.error("--run-name names one inverter; give a single --neighbours value")
     corpus_path = args.corpus or str(build_bigbench_corpus())
     out = Path(args.out)
     started = time.perf_counter()
@@ -144,7 +146,7 @@ def main() -> None:
     train, test = DistributionStore(out / "train"), DistributionStore(out / "test")
     test_vectors = test.vectors(range(len(test)))
     refs = test.prompts
-    results, trainings, examples, gains, greedy = {}, {}, {}, {}, {}
+    results, trainings, examples, gains, own = {}, {}, {}, {}, {}
     preset = "" if args.preset == "small" else args.preset  # named where it is not the default
     for k in args.neighbours:
         model_dir = out / (
@@ -206,7 +208,7 @@ def main() -> None:
         shown = list(decoded.values())[-1]
         timings[f"invert_test_{model_dir.name}_s"] = time.perf_counter() - t0
         results.update({method: score(preds, refs) for method, preds in decoded.items()})
-        greedy.update(decoded)
+        own.update(decoded)  # the inverter's own output, no target queries
         if not args.no_rerank:
             t0 = time.perf_counter()
             reranked = inverter_with_neighbours(
@@ -227,7 +229,7 @@ def main() -> None:
         ]
     baselines = baseline_predictions(train, test)
     results.update({name: score(preds, refs) for name, preds in baselines.items()})
-    for name, preds in greedy.items():
+    for name, preds in own.items():
         # Paired per-prompt differences: whether the inverter alone beats retrieval.
         gains[name] = paired_gain(preds, baselines["nearest neighbour (train)"], refs)
         gains[name]["n"] = {"mean": len(refs)}
