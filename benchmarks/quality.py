@@ -34,7 +34,11 @@ from logit2prompt.invert import invert_store
 from logit2prompt.inverter import Inverter
 from logit2prompt.metrics import format_table, paired_gain, score
 from logit2prompt.prompts import load_corpus
-from logit2prompt.rerank import inverter_with_neighbours
+from logit2prompt.rerank import (
+    DEFAULT_NEIGHBOURS,
+    inverter_with_neighbours,
+    proposals_with_neighbours,
+)
 from logit2prompt.store import DistributionStore
 from logit2prompt.targets import DEFAULT_TARGET, load_target
 from logit2prompt.train import TrainConfig, Trainer, is_trained
@@ -74,6 +78,14 @@ def steps_before(checkpoint: Path) -> int:
     args = json.loads((checkpoint / "training_args.json").read_text())
     init = args.get("init_from")
     return int(args.get("max_steps", 0)) + (steps_before(Path(init)) if init else 0)
+
+
+def save_predictions(path: Path, refs: list[str], columns: dict[str, list]) -> None:
+    """JSONL, one row per test prompt: the hidden prompt and each method's output."""
+    with open(path, "w", encoding="utf-8") as f:
+        for i, ref in enumerate(refs):
+            row = {"hidden": ref, **{name: col[i] for name, col in columns.items()}}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def main() -> None:
@@ -146,7 +158,7 @@ def main() -> None:
     train, test = DistributionStore(out / "train"), DistributionStore(out / "test")
     test_vectors = test.vectors(range(len(test)))
     refs = test.prompts
-    results, trainings, examples, gains, own = {}, {}, {}, {}, {}
+    results, trainings, examples, gains, own, with_queries = {}, {}, {}, {}, {}, {}
     preset = "" if args.preset == "small" else args.preset  # named where it is not the default
     for k in args.neighbours:
         model_dir = out / (
@@ -200,7 +212,11 @@ def main() -> None:
         t0 = time.perf_counter()
         beams = args.num_beams
         decoding = "greedy" if beams == 1 else f"{beams} beams"
-        decoded = {f"{name} ({decoding})": invert_store(inverter, test, num_beams=beams)}
+        # Every beam is kept: the best is the inverter's own output, and the re-ranking below
+        # takes them all as candidates without decoding a second time.
+        rows = invert_store(inverter, test, num_beams=beams, num_return_sequences=beams)
+        rows = [row if isinstance(row, list) else [row] for row in rows]
+        decoded = {f"{name} ({decoding})": [row[0] for row in rows]}
         if not args.skip_no_repeat:
             decoded[f"{name} ({decoding}, no {NO_REPEAT_NGRAM}-gram repeat)"] = invert_store(
                 inverter, test, num_beams=beams, no_repeat_ngram_size=NO_REPEAT_NGRAM
@@ -209,15 +225,23 @@ def main() -> None:
         timings[f"invert_test_{model_dir.name}_s"] = time.perf_counter() - t0
         results.update({method: score(preds, refs) for method, preds in decoded.items()})
         own.update(decoded)  # the inverter's own output, no target queries
+        # Per prompt, so later analyses (and re-rankings) need not decode again.
+        predictions = model_dir / f"test_predictions_{decoding.replace(' ', '')}.jsonl"
+        save_predictions(predictions, refs, {**decoded, "beams": rows})
         if not args.no_rerank:
             t0 = time.perf_counter()
-            reranked = inverter_with_neighbours(
-                inverter, target, train, test_vectors, no_repeat_ngram_size=NO_REPEAT_NGRAM
-            )
+            if beams > 1:
+                method = f"{name}: its {beams} beams + {DEFAULT_NEIGHBOURS} neighbours, re-ranked"
+                reranked = proposals_with_neighbours(target, train, test_vectors, rows)
+            else:
+                method = f"{name}: beams + {DEFAULT_NEIGHBOURS} neighbours, re-ranked by the target"
+                reranked = inverter_with_neighbours(
+                    inverter, target, train, test_vectors, no_repeat_ngram_size=NO_REPEAT_NGRAM
+                )
             timings[f"rerank_test_{model_dir.name}_s"] = time.perf_counter() - t0
-            results[f"{name}: beams + 3 neighbours, re-ranked by the target"] = score(
-                reranked, refs
-            )
+            results[method] = score(reranked, refs)
+            with_queries[method] = reranked
+            save_predictions(predictions, refs, {**decoded, method: reranked, "beams": rows})
         if inverter.memory is not None:
             # What the memory alone retrieves: the sketch's nearest neighbour.
             near = inverter.memory.search(torch.from_numpy(test_vectors).flatten(1), 1)
@@ -229,8 +253,9 @@ def main() -> None:
         ]
     baselines = baseline_predictions(train, test)
     results.update({name: score(preds, refs) for name, preds in baselines.items()})
-    for name, preds in own.items():
-        # Paired per-prompt differences: whether the inverter alone beats retrieval.
+    for name, preds in {**own, **with_queries}.items():
+        # Paired per-prompt differences: whether the inverter beats retrieval, alone and with
+        # target queries.
         gains[name] = paired_gain(preds, baselines["nearest neighbour (train)"], refs)
         gains[name]["n"] = {"mean": len(refs)}
     steps = ", ".join(f"{name} {t['max_steps']} steps" for name, t in trainings.items())

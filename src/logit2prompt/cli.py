@@ -297,7 +297,9 @@ def cmd_invert(args) -> None:
 
         store = DistributionStore(args.data)
         references = store.prompts
-        predictions = invert_store(inverter, store, batch_size=args.batch_size, **generate)
+        predictions = invert_store(
+            inverter, store, batch_size=args.batch_size, progress=not args.no_progress, **generate
+        )
     if references is not None and args.out:
         means = write_predictions(args.out, references, predictions)
         print(
@@ -517,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_invert)
 
     p = sub.add_parser("quickstart", help="corpus -> collect -> train -> evaluate, on the default")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .errors import VectorError
 from .inverter import Inverter
@@ -85,7 +86,11 @@ def save_vectors(path: str | Path, vectors: np.ndarray, fingerprint: TargetFinge
 
 
 def invert_store(
-    inverter: Inverter, store: DistributionStore, batch_size: int = 64, **generate
+    inverter: Inverter,
+    store: DistributionStore,
+    batch_size: int = 64,
+    progress: bool = True,
+    **generate,
 ) -> list[str]:
     """Invert every vector of a store (refused if the store's target differs)."""
     diffs = inverter.fingerprint.differences(store.fingerprint) if inverter.fingerprint else []
@@ -95,8 +100,13 @@ def invert_store(
             f"was trained on {inverter.fingerprint.describe()}: {'; '.join(diffs)}"
         )
     out: list[str] = []
-    for _, _, vectors in store.batches(batch_size):
-        out.extend(inverter.invert(torch.from_numpy(vectors), batch_size=batch_size, **generate))
+    # Beam search over a whole test split takes tens of minutes on a CPU.
+    with tqdm(total=len(store), unit="prompt", desc="invert", disable=not progress) as bar:
+        for _, _, vectors in store.batches(batch_size):
+            out.extend(
+                inverter.invert(torch.from_numpy(vectors), batch_size=batch_size, **generate)
+            )
+            bar.update(len(vectors))
     return out
 
 

@@ -102,7 +102,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     _log("evaluating on the test split")
     test = stores["test"]
     references = test.prompts
-    predictions = invert_store(inverter, test)
+    predictions = invert_store(inverter, test, progress=cfg.progress)
     results = {
         "inverter": score(predictions, references),
         **{

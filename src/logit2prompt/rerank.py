@@ -69,10 +69,23 @@ def inverter_with_neighbours(
         no_repeat_ngram_size=no_repeat_ngram_size,
         batch_size=batch_size,
     )
+    return proposals_with_neighbours(target, train, observed, beams_out, neighbours, batch_size)
+
+
+def proposals_with_neighbours(
+    target,
+    train: DistributionStore,
+    observed: np.ndarray,
+    proposals: Sequence[Sequence[str]],
+    neighbours: int = DEFAULT_NEIGHBOURS,
+    batch_size: int = 32,
+) -> list[str]:
+    """Per row, already decoded `proposals` plus the nearest training prompts, re-ranked by the
+    target (for callers that decoded beams once and keep them as their own output too)."""
     near = nearest_neighbours(train, observed, neighbours)
     known = {train.prompts[i]: train.vector(i) for row in near for i in row}
     candidates = [
-        [*b, *(train.prompts[i] for i in row)] for b, row in zip(beams_out, near, strict=True)
+        [*p, *(train.prompts[i] for i in row)] for p, row in zip(proposals, near, strict=True)
     ]
     return rerank(target, observed, candidates, known, batch_size)
 
