@@ -6,8 +6,10 @@
 The quality benchmark reports each method's own confidence interval; this scores the same test
 prompts both ways and bootstraps the per-prompt difference. Candidates per prompt: the
 inverter's beams (no repeated 3-grams) and the nearest training prompts, re-ranked by the target
-(`rerank.inverter_with_neighbours`, as in quality.py). Writes benchmarks/results/rerank_gain.json
-and every prediction to `<checkpoint>/rerank_gain_predictions.jsonl`.
+(`rerank.inverter_with_neighbours`, as in quality.py). `--proposals FILE` re-ranks candidates
+already decoded instead (the `beams` column of quality.py's `test_predictions_*.jsonl`), which
+costs only the target queries. Writes benchmarks/results/rerank_gain.json and every prediction
+to `<checkpoint>/rerank_gain_predictions.jsonl`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,12 @@ from logit2prompt.baselines import nearest_neighbour
 from logit2prompt.invert import target_for
 from logit2prompt.inverter import Inverter
 from logit2prompt.metrics import format_table, paired_gain, score
-from logit2prompt.rerank import DEFAULT_BEAMS, DEFAULT_NEIGHBOURS, inverter_with_neighbours
+from logit2prompt.rerank import (
+    DEFAULT_BEAMS,
+    DEFAULT_NEIGHBOURS,
+    inverter_with_neighbours,
+    proposals_with_neighbours,
+)
 from logit2prompt.store import DistributionStore, write_json
 
 RESULTS = Path(__file__).parent / "results" / "rerank_gain.json"
@@ -32,6 +39,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--train", required=True, help="training store (the neighbours)")
+    parser.add_argument(
+        "--proposals",
+        type=Path,
+        help="quality.py's test_predictions_*.jsonl: re-rank its `beams` instead of decoding",
+    )
     parser.add_argument("--test", required=True, help="store of the hidden prompts")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -44,14 +56,21 @@ def main() -> None:
     target = target_for(inverter)
     observed = test.vectors(range(len(test)))
     refs = test.prompts
-    reranked = inverter_with_neighbours(
-        inverter, target, train, observed, no_repeat_ngram_size=NO_REPEAT_NGRAM
-    )
+    if args.proposals:
+        rows = [json.loads(line) for line in args.proposals.read_text().splitlines()]
+        if [row["hidden"] for row in rows] != refs:
+            raise SystemExit(f"{args.proposals} holds other prompts than {args.test}")
+        method = f"{args.proposals.name} + {DEFAULT_NEIGHBOURS} neighbours, re-ranked by the target"
+        proposals = [row["beams"] for row in rows]
+        reranked = proposals_with_neighbours(target, train, observed, proposals)
+    else:
+        method = f"{DEFAULT_BEAMS} beams + {DEFAULT_NEIGHBOURS} neighbours, re-ranked by the target"
+        reranked = inverter_with_neighbours(
+            inverter, target, train, observed, no_repeat_ngram_size=NO_REPEAT_NGRAM
+        )
     nearest = nearest_neighbour(train, observed)
     results = {
-        f"{DEFAULT_BEAMS} beams + {DEFAULT_NEIGHBOURS} neighbours, re-ranked by the target": score(
-            reranked, refs
-        ),
+        method: score(reranked, refs),
         "nearest training prompt": score(nearest, refs),
     }
     gain = paired_gain(reranked, nearest, refs)
