@@ -10,8 +10,10 @@ steps that fits the time budget from a short calibration run, then scores the wh
 training prompts (each gets `--train-minutes`). `--init-from` fine-tunes a trained inverter
 instead of starting anew (a prefix-lm learns to read neighbours; its own training time counts
 too and is recorded). Each inverter's own output (greedy, or `--num-beams`) is also compared
-prompt by prompt with the nearest neighbour (paired gain with 95% CIs). Writes
-benchmarks/results/quality.json (or `--results`).
+prompt by prompt with the nearest neighbour (paired gain with 95% CIs), and so is its output
+re-ranked by the target (with `--num-beams` its own beams are the candidates, no second decode).
+Writes benchmarks/results/quality.json (or `--results`) and each inverter's per-prompt outputs
+to `<out>/<inverter>/test_predictions_<decoding>.jsonl` (`rerank_gain.py --proposals` reads them).
 Every stage is reused on a rerun (stores resume, a finished inverter is kept).
 """
 
