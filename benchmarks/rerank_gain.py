@@ -60,6 +60,8 @@ def main() -> None:
         rows = [json.loads(line) for line in args.proposals.read_text().splitlines()]
         if [row["hidden"] for row in rows] != refs:
             raise SystemExit(f"{args.proposals} holds other prompts than {args.test}")
+        if any("beams" not in row for row in rows):
+            raise SystemExit(f"{args.proposals} has no `beams` column (write it with quality.py)")
         method = f"{args.proposals.name} + {DEFAULT_NEIGHBOURS} neighbours, re-ranked by the target"
         proposals = [row["beams"] for row in rows]
         reranked = proposals_with_neighbours(target, train, observed, proposals)
