@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from logit2prompt.baselines import nearest_neighbour
+from logit2prompt.baselines import nearest_neighbours
 from logit2prompt.invert import target_for
 from logit2prompt.inverter import Inverter
 from logit2prompt.metrics import format_table, paired_gain, score
@@ -56,6 +56,8 @@ def main() -> None:
     target = target_for(inverter)
     observed = test.vectors(range(len(test)))
     refs = test.prompts
+    # One pass over the training store: the baseline is the first column.
+    near = nearest_neighbours(train, observed, DEFAULT_NEIGHBOURS)
     if args.proposals:
         rows = [json.loads(line) for line in args.proposals.read_text().splitlines()]
         if [row["hidden"] for row in rows] != refs:
@@ -64,13 +66,13 @@ def main() -> None:
             raise SystemExit(f"{args.proposals} has no `beams` column (write it with quality.py)")
         method = f"{args.proposals.name} + {DEFAULT_NEIGHBOURS} neighbours, re-ranked by the target"
         proposals = [row["beams"] for row in rows]
-        reranked = proposals_with_neighbours(target, train, observed, proposals)
+        reranked = proposals_with_neighbours(target, train, observed, proposals, near=near)
     else:
         method = f"{DEFAULT_BEAMS} beams + {DEFAULT_NEIGHBOURS} neighbours, re-ranked by the target"
         reranked = inverter_with_neighbours(
-            inverter, target, train, observed, no_repeat_ngram_size=NO_REPEAT_NGRAM
+            inverter, target, train, observed, no_repeat_ngram_size=NO_REPEAT_NGRAM, near=near
         )
-    nearest = nearest_neighbour(train, observed)
+    nearest = [train.prompts[row[0]] for row in near]
     results = {
         method: score(reranked, refs),
         "nearest training prompt": score(nearest, refs),

@@ -234,7 +234,7 @@ def test_text_only_baseline_trains_saves_and_evaluates(checkpoint, tmp_path):
 def test_rerank_by_the_target_finds_a_candidate_that_matches(checkpoint, user_target):
     from logit2prompt.collect import collect_vectors
     from logit2prompt.inverter import Inverter
-    from logit2prompt.rerank import inverter_with_neighbours, rerank
+    from logit2prompt.rerank import inverter_with_neighbours, proposals_with_neighbours, rerank
     from logit2prompt.store import DistributionStore
 
     observed = collect_vectors(user_target, TEST[:3], 1, 8)
@@ -245,6 +245,13 @@ def test_rerank_by_the_target_finds_a_candidate_that_matches(checkpoint, user_ta
     seen = collect_vectors(user_target, TRAIN[:4], 1, 8)
     # Prompts from the training store are their own nearest neighbours.
     assert inverter_with_neighbours(inverter, user_target, train, seen, beams=2) == TRAIN[:4]
+    # A caller's own neighbour search is used as given, not redone: with no proposals, each row
+    # gets the (deliberately wrong) neighbour it was handed.
+    shifted = [[(i + 1) % 4, i] for i in range(4)]
+    got = proposals_with_neighbours(user_target, train, seen, [[]] * 4, neighbours=1, near=shifted)
+    assert got == [TRAIN[(i + 1) % 4] for i in range(4)]
+    with pytest.raises(ValueError, match="near needs 3 indices"):
+        proposals_with_neighbours(user_target, train, seen, [[]] * 4, near=shifted)
 
 
 def test_evaluate_random_sample_is_seeded(checkpoint, tmp_path):

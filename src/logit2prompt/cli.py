@@ -272,6 +272,7 @@ def cmd_invert(args) -> None:
         "temperature": args.temperature,
         "top_p": args.top_p,
         "no_repeat_ngram_size": args.no_repeat_ngram_size,
+        "bf16": args.bf16,
     }
     references = None
     if args.text is not None:
@@ -516,6 +517,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="forbid repeating any n-gram of this size (0: off)",
+    )
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="decode under bf16 autocast (1.6-1.8x faster on a CPU; see decode_precision.py)",
     )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None)

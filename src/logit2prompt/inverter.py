@@ -614,11 +614,13 @@ class Inverter(nn.Module):
         no_repeat_ngram_size: int = 0,
         batch_size: int = 64,
         fingerprint: TargetFingerprint | None = None,
+        bf16: bool = False,
     ) -> list[str] | list[list[str]]:
         """Recover prompts from log-prob vectors `[vocab]`, `[B, vocab]` or `[B, steps, vocab]`.
 
         Returns one string per vector, or a list of `num_return_sequences` strings per vector.
-        A `fingerprint` that differs from the checkpoint's target is refused.
+        A `fingerprint` that differs from the checkpoint's target is refused. `bf16` decodes
+        under bf16 autocast (faster; benchmarks/decode_precision.py measures what it costs).
         """
         if self.tokenizer is None:
             raise CheckpointError(
@@ -645,9 +647,12 @@ class Inverter(nn.Module):
             # An undertrained inverter loops ("the remaining the remaining ..."); blocking
             # repeated n-grams is the usual seq2seq remedy.
             kwargs["no_repeat_ngram_size"] = no_repeat_ngram_size
+        device = self.feature_mean.device.type
+        precision = torch.autocast(device, dtype=torch.bfloat16) if bf16 else nullcontext()
         texts: list[str] = []
         for start in range(0, len(x), batch_size):
-            ids = self.generate_ids(x[start : start + batch_size], **kwargs)
+            with precision:
+                ids = self.generate_ids(x[start : start + batch_size], **kwargs)
             texts.extend(self.tokenizer.batch_decode(ids, skip_special_tokens=True))
         self.train(was_training)
         texts = [t.strip() for t in texts]

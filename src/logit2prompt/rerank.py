@@ -60,8 +60,10 @@ def inverter_with_neighbours(
     neighbours: int = DEFAULT_NEIGHBOURS,
     no_repeat_ngram_size: int = 0,
     batch_size: int = 32,
+    near: list[list[int]] | None = None,
 ) -> list[str]:
-    """The inverter's beams plus the nearest training prompts, re-ranked by the target."""
+    """The inverter's beams plus the nearest training prompts, re-ranked by the target
+    (`near`: the nearest training indices per row, if the caller searched already)."""
     beams_out = inverter.invert(
         torch.from_numpy(observed),
         num_beams=beams,
@@ -69,7 +71,9 @@ def inverter_with_neighbours(
         no_repeat_ngram_size=no_repeat_ngram_size,
         batch_size=batch_size,
     )
-    return proposals_with_neighbours(target, train, observed, beams_out, neighbours, batch_size)
+    return proposals_with_neighbours(
+        target, train, observed, beams_out, neighbours, batch_size, near=near
+    )
 
 
 def proposals_with_neighbours(
@@ -79,10 +83,22 @@ def proposals_with_neighbours(
     proposals: Sequence[Sequence[str]],
     neighbours: int = DEFAULT_NEIGHBOURS,
     batch_size: int = 32,
+    near: list[list[int]] | None = None,
 ) -> list[str]:
     """Per row, already decoded `proposals` plus the nearest training prompts, re-ranked by the
-    target (for callers that decoded beams once and keep them as their own output too)."""
-    near = nearest_neighbours(train, observed, neighbours)
+    target (for callers that decoded beams once and keep them as their own output too).
+
+    `near` (nearest training indices per row, closest first, at least `neighbours` each) spares
+    a second pass over the training store when the caller searched already.
+    """
+    if near is None:
+        near = nearest_neighbours(train, observed, neighbours)
+    elif len(near) != len(observed) or any(len(row) < neighbours for row in near):
+        raise ValueError(
+            f"near needs {neighbours} indices for each of {len(observed)} rows; "
+            f"got {len(near)} rows, the shortest with {min(map(len, near), default=0)}"
+        )
+    near = [row[:neighbours] for row in near]
     known = {train.prompts[i]: train.vector(i) for row in near for i in row}
     candidates = [
         [*p, *(train.prompts[i] for i in row)] for p, row in zip(proposals, near, strict=True)
