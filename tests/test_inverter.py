@@ -337,6 +337,36 @@ def test_invert_cli_every_source(trained, tiny_store, tiny_lm_dir, tmp_path, cap
     assert code == 2 and "come from" in err and "mode" in err
 
 
+def test_invert_cli_rerank_with_a_store(trained, raw_target, tiny_lm_dir, tmp_path, capsys):
+    """`--rerank-with STORE` adds the store's nearest prompts to the beams and lets the target
+    choose: prompts the inverter never saw come back exactly when the store holds them."""
+    from logit2prompt.cli import main
+
+    out, _ = trained
+    unseen = FIXTURE_PROMPTS[8:11]
+    extra = _store(raw_target, tmp_path / "extra", unseen)
+    corpus = tmp_path / "unseen.txt"
+    corpus.write_text("\n".join(unseen))
+    base = ["invert", "--checkpoint", str(out), "--num-beams", "2"]
+    assert main([*base, "--prompts", str(corpus), "--out", str(tmp_path / "plain.jsonl")]) == 0
+    plain = [json.loads(line) for line in (tmp_path / "plain.jsonl").read_text().splitlines()]
+    assert not all(r["exact"] == 1.0 for r in plain)  # the inverter alone does not know them
+    for source in (["--prompts", str(corpus)], ["--data", str(extra)]):
+        preds = tmp_path / "reranked.jsonl"
+        args = [*base, *source, "--rerank-with", str(extra), "--out", str(preds), "--no-progress"]
+        assert main(args) == 0
+        rows = [json.loads(line) for line in preds.read_text().splitlines()]
+        assert [r["recovered"] for r in rows] == unseen
+    capsys.readouterr()
+    assert main([*base, "--text", unseen[0], "--rerank-with", str(extra), "--sample"]) == 2
+    assert "drop --sample" in capsys.readouterr().err
+    user = load_target(str(tiny_lm_dir), mode="user")
+    foreign = _store(user, tmp_path / "user_store", unseen[:1])
+    assert main([*base, "--text", unseen[0], "--rerank-with", str(foreign)]) == 2
+    err = capsys.readouterr().err
+    assert "collected from" in err and "mode" in err
+
+
 def test_info_summarises_stores_and_checkpoints(trained, tiny_store, capsys):
     from logit2prompt.cli import main
 

@@ -13,6 +13,8 @@ from .store import DEFAULT_SHARD_SIZE, DEFAULT_STORE_DTYPE, STORE_DTYPES
 from .targets import DEFAULT_TARGET, PROMPT_MODES
 
 BUILTIN_CORPORA = ("bigbench",)
+# Vectors re-ranked per call: each call reads the whole neighbour store once.
+RERANK_CHUNK = 512
 
 
 def resolve_corpus(name: str) -> str:
@@ -274,25 +276,42 @@ def cmd_invert(args) -> None:
         "no_repeat_ngram_size": args.no_repeat_ngram_size,
         "bf16": args.bf16,
     }
+    if args.rerank_with:
+        run, chunk = _reranker(args, inverter), RERANK_CHUNK
+    else:
+        run, chunk = (lambda v: inverter.invert(v, **generate)), args.batch_size
     references = None
     if args.text is not None:
         target = target_for(inverter, device=args.device)
-        predictions = inverter.invert(
-            target.next_token_logprobs([args.text], steps=_steps(inverter)), **generate
-        )
+        predictions = run(target.next_token_logprobs([args.text], steps=_steps(inverter)))
         references = [args.text]
     elif args.vectors is not None:
         vectors, fp = load_vectors(args.vectors)
-        predictions = inverter.invert(vectors, fingerprint=fp, **generate)
+        inverter.ensure_fingerprint(fp)
+        predictions = run(vectors)
     elif args.prompts is not None:
         target = target_for(inverter, device=args.device, batch_size=args.batch_size)
         corpus = load_cli_corpus(args, target)
         references = corpus.texts
         predictions = []
-        for start in range(0, len(references), args.batch_size):
-            chunk = references[start : start + args.batch_size]
-            vectors = target.next_token_logprobs(chunk, steps=_steps(inverter))
-            predictions.extend(inverter.invert(vectors, **generate))
+        for start in range(0, len(references), chunk):
+            texts = references[start : start + chunk]
+            predictions.extend(run(target.next_token_logprobs(texts, steps=_steps(inverter))))
+    elif args.rerank_with:
+        from tqdm.auto import tqdm
+
+        from .invert import ensure_same_target
+        from .store import DistributionStore
+
+        store = DistributionStore(args.data)
+        ensure_same_target(inverter, store)
+        references, predictions = store.prompts, []
+        with tqdm(
+            total=len(store), unit="prompt", desc="invert + re-rank", disable=args.no_progress
+        ) as bar:
+            for _, _, vectors in store.batches(chunk):
+                predictions.extend(run(vectors))
+                bar.update(len(vectors))
     else:
         from .store import DistributionStore
 
@@ -316,6 +335,40 @@ def cmd_invert(args) -> None:
         for i, pred in enumerate(predictions[:20]):
             hidden = f"{references[i]!r} -> " if references else ""
             print(f"{hidden}{pred!r}" if not isinstance(pred, list) else f"{hidden}{pred}")
+
+
+def _reranker(args, inverter):
+    """`--rerank-with STORE`: a function from vectors to the inverter's beams plus the STORE's
+    nearest prompts, re-ranked by the target (one prompt per vector)."""
+    from .invert import ensure_same_target, target_for
+    from .rerank import DEFAULT_NEIGHBOURS, inverter_with_neighbours
+    from .store import DistributionStore
+
+    if args.sample or args.num_return_sequences > 1:
+        raise Logit2PromptError(
+            "--rerank-with picks one prompt per vector among the beams and neighbours; "
+            "drop --sample and --num-return-sequences (use --num-beams for more candidates)"
+        )
+    train = DistributionStore(args.rerank_with)
+    ensure_same_target(inverter, train)
+    target = target_for(inverter, device=args.device, batch_size=args.batch_size)
+    shape = (inverter.config.steps, inverter.config.vocab_size)
+
+    def run(vectors) -> list[str]:
+        observed = inverter.as_batch(vectors).reshape(-1, *shape).numpy()
+        return inverter_with_neighbours(
+            inverter,
+            target,
+            train,
+            observed,
+            beams=args.num_beams,
+            neighbours=DEFAULT_NEIGHBOURS,
+            no_repeat_ngram_size=args.no_repeat_ngram_size,
+            batch_size=args.batch_size,
+            bf16=args.bf16,
+        )
+
+    return run
 
 
 def _steps(inverter) -> int | None:
@@ -522,6 +575,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--bf16",
         action="store_true",
         help="decode under bf16 autocast (1.6-1.8x faster on a CPU; see decode_precision.py)",
+    )
+    p.add_argument(
+        "--rerank-with",
+        metavar="STORE",
+        help="add the STORE's 3 nearest prompts to the inverter's --num-beams beams and keep the "
+        "candidate whose target distribution is nearest (queries the target; one per vector)",
     )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None)

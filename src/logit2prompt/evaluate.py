@@ -97,10 +97,14 @@ def method_predictions(cfg: EvalConfig, inverter, target, references, vectors) -
             raise Logit2PromptError(
                 f"--train-data {cfg.train_data} comes from another target: {'; '.join(diffs)}"
             )
+    nearest = None
     if cfg.rerank:
-        from .rerank import inverter_with_neighbours
+        from .baselines import nearest_neighbours
+        from .rerank import DEFAULT_NEIGHBOURS, inverter_with_neighbours
 
         say("re-ranking inverter beams and neighbours with the target", flush=True)
+        near = nearest_neighbours(train, vectors, DEFAULT_NEIGHBOURS)
+        nearest = [train.prompts[row[0]] for row in near]  # the baseline, same search
         preds[RERANKED] = inverter_with_neighbours(
             inverter,
             target,
@@ -108,8 +112,8 @@ def method_predictions(cfg: EvalConfig, inverter, target, references, vectors) -
             vectors,
             no_repeat_ngram_size=cfg.no_repeat_ngram_size,
             batch_size=cfg.batch_size,
+            near=near,
         )
-    nearest = None
     if cfg.refine_rounds:
         from .refine import RefineConfig, refine_nearest
 
@@ -124,7 +128,7 @@ def method_predictions(cfg: EvalConfig, inverter, target, references, vectors) -
         )
         preds[REFINED] = refined.prompts
     if "nn" in cfg.baselines:
-        if nearest is None:  # else refinement started from it: already found
+        if nearest is None:  # else re-ranking or refinement found it already
             say("nearest neighbour", flush=True)
             nearest = nearest_neighbour(train, vectors)
         preds["nearest neighbour"] = nearest

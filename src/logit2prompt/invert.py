@@ -85,6 +85,16 @@ def save_vectors(path: str | Path, vectors: np.ndarray, fingerprint: TargetFinge
     )
 
 
+def ensure_same_target(inverter: Inverter, store: DistributionStore) -> None:
+    """VectorError naming both targets if `store` was not collected from the inverter's."""
+    diffs = inverter.fingerprint.differences(store.fingerprint) if inverter.fingerprint else []
+    if diffs:
+        raise VectorError(
+            f"{store.path} was collected from {store.fingerprint.describe()} but the inverter "
+            f"was trained on {inverter.fingerprint.describe()}: {'; '.join(diffs)}"
+        )
+
+
 def invert_store(
     inverter: Inverter,
     store: DistributionStore,
@@ -93,12 +103,7 @@ def invert_store(
     **generate,
 ) -> list[str]:
     """Invert every vector of a store (refused if the store's target differs)."""
-    diffs = inverter.fingerprint.differences(store.fingerprint) if inverter.fingerprint else []
-    if diffs:
-        raise VectorError(
-            f"{store.path} was collected from {store.fingerprint.describe()} but the inverter "
-            f"was trained on {inverter.fingerprint.describe()}: {'; '.join(diffs)}"
-        )
+    ensure_same_target(inverter, store)
     out: list[str] = []
     # Beam search over a whole test split takes tens of minutes on a CPU.
     with tqdm(total=len(store), unit="prompt", desc="invert", disable=not progress) as bar:

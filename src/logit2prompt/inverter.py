@@ -602,6 +602,17 @@ class Inverter(nn.Module):
                 **kwargs,
             )
 
+    def ensure_fingerprint(self, fingerprint: TargetFingerprint | None) -> None:
+        """VectorError naming both targets if vectors from `fingerprint` are not this
+        inverter's (nothing to check when either is unknown)."""
+        if fingerprint is not None and self.fingerprint is not None:
+            diffs = self.fingerprint.differences(fingerprint)
+            if diffs:
+                raise VectorError(
+                    f"these vectors come from {fingerprint.describe()} but the inverter was "
+                    f"trained on {self.fingerprint.describe()}: {'; '.join(diffs)}"
+                )
+
     def invert(
         self,
         logprobs,
@@ -626,13 +637,7 @@ class Inverter(nn.Module):
             raise CheckpointError(
                 "this inverter has no output tokenizer; load it from a checkpoint"
             )
-        if fingerprint is not None and self.fingerprint is not None:
-            diffs = self.fingerprint.differences(fingerprint)
-            if diffs:
-                raise VectorError(
-                    f"these vectors come from {fingerprint.describe()} but the inverter was "
-                    f"trained on {self.fingerprint.describe()}: {'; '.join(diffs)}"
-                )
+        self.ensure_fingerprint(fingerprint)
         x = self.as_batch(logprobs)
         was_training = self.training
         self.eval()

@@ -61,16 +61,20 @@ def inverter_with_neighbours(
     no_repeat_ngram_size: int = 0,
     batch_size: int = 32,
     near: list[list[int]] | None = None,
+    bf16: bool = False,
 ) -> list[str]:
     """The inverter's beams plus the nearest training prompts, re-ranked by the target
-    (`near`: the nearest training indices per row, if the caller searched already)."""
+    (`near`: the nearest training indices per row, if the caller searched already; `bf16`:
+    decode the beams under bf16 autocast)."""
     beams_out = inverter.invert(
         torch.from_numpy(observed),
         num_beams=beams,
         num_return_sequences=beams,
         no_repeat_ngram_size=no_repeat_ngram_size,
         batch_size=batch_size,
+        bf16=bf16,
     )
+    beams_out = [row if isinstance(row, list) else [row] for row in beams_out]
     return proposals_with_neighbours(
         target, train, observed, beams_out, neighbours, batch_size, near=near
     )
