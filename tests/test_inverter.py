@@ -358,6 +358,10 @@ def test_invert_cli_rerank_with_a_store(trained, raw_target, tiny_lm_dir, tmp_pa
         rows = [json.loads(line) for line in preds.read_text().splitlines()]
         assert [r["recovered"] for r in rows] == unseen
     capsys.readouterr()
+    # Greedy (one candidate from the inverter) works too.
+    greedy = ["invert", "--checkpoint", str(out), "--text", unseen[1], "--rerank-with", str(extra)]
+    assert main(greedy) == 0
+    assert repr(unseen[1]) in capsys.readouterr().out
     assert main([*base, "--text", unseen[0], "--rerank-with", str(extra), "--sample"]) == 2
     assert "drop --sample" in capsys.readouterr().err
     user = load_target(str(tiny_lm_dir), mode="user")
