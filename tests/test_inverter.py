@@ -307,7 +307,7 @@ def test_invert_cli_every_source(trained, tiny_store, tiny_lm_dir, tmp_path, cap
     assert repr(MEMORISE[2]) in capsys.readouterr().out
 
     corpus = tmp_path / "p.txt"
-    corpus.write_text("\n".join(MEMORISE[:3]))
+    corpus.write_text("\n".join([*MEMORISE[:3], "word " * 200]))  # the last one is over-long
     assert (
         main(
             [
@@ -322,7 +322,9 @@ def test_invert_cli_every_source(trained, tiny_store, tiny_lm_dir, tmp_path, cap
         )
         == 0
     )
-    assert "exact 100.0%" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "wrote 3 predictions" in captured.out and "exact 100.0%" in captured.out
+    assert "skipped 1 prompts" in captured.err and "too_long" in captured.err
 
     np.save(tmp_path / "v.npy", store.vectors([1, 2])[:, 0])
     assert main(["invert", "--checkpoint", str(out), "--vectors", str(tmp_path / "v.npy")]) == 0

@@ -292,6 +292,13 @@ def cmd_invert(args) -> None:
     elif args.prompts is not None:
         target = target_for(inverter, device=args.device, batch_size=args.batch_size)
         corpus = load_cli_corpus(args, target)
+        skipped = {k: v for k, v in corpus.dropped.items() if v}
+        if skipped:  # predictions are only for the kept prompts: say which were left out
+            print(
+                f"skipped {sum(skipped.values())} prompts of {args.prompts} ({skipped}; "
+                f"--max-tokens is {args.max_tokens})",
+                file=sys.stderr,
+            )
         references = corpus.texts
         predictions = []
         for start in range(0, len(references), chunk):
