@@ -276,13 +276,14 @@ def cmd_invert(args) -> None:
         "no_repeat_ngram_size": args.no_repeat_ngram_size,
         "bf16": args.bf16,
     }
+    target = None
     if args.rerank_with:
-        run, chunk = _reranker(args, inverter), RERANK_CHUNK
+        (run, target), chunk = _reranker(args, inverter), RERANK_CHUNK
     else:
         run, chunk = (lambda v: inverter.invert(v, **generate)), args.batch_size
     references = None
     if args.text is not None:
-        target = target_for(inverter, device=args.device)
+        target = target or target_for(inverter, device=args.device)
         predictions = run(target.next_token_logprobs([args.text], steps=_steps(inverter)))
         references = [args.text]
     elif args.vectors is not None:
@@ -290,7 +291,7 @@ def cmd_invert(args) -> None:
         inverter.ensure_fingerprint(fp)
         predictions = run(vectors)
     elif args.prompts is not None:
-        target = target_for(inverter, device=args.device, batch_size=args.batch_size)
+        target = target or target_for(inverter, device=args.device, batch_size=args.batch_size)
         corpus = load_cli_corpus(args, target)
         skipped = {k: v for k, v in corpus.dropped.items() if v}
         if skipped:  # predictions are only for the kept prompts: say which were left out
@@ -346,7 +347,8 @@ def cmd_invert(args) -> None:
 
 def _reranker(args, inverter):
     """`--rerank-with STORE`: a function from vectors to the inverter's beams plus the STORE's
-    nearest prompts, re-ranked by the target (one prompt per vector)."""
+    nearest prompts, re-ranked by the target (one prompt per vector), and the target. Bad
+    arguments and a foreign store are refused before the target is loaded."""
     from .invert import ensure_same_target, target_for
     from .rerank import DEFAULT_NEIGHBOURS, inverter_with_neighbours
     from .store import DistributionStore
@@ -375,7 +377,7 @@ def _reranker(args, inverter):
             bf16=args.bf16,
         )
 
-    return run
+    return run, target
 
 
 def _steps(inverter) -> int | None:
