@@ -11,7 +11,6 @@ losing quality, before any default changes. Writes benchmarks/results/decode_pre
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import time
 from pathlib import Path
@@ -23,10 +22,7 @@ from logit2prompt.metrics import format_table, paired_gain, score
 from logit2prompt.store import DistributionStore, write_json
 
 RESULTS = Path(__file__).parent / "results" / "decode_precision.json"
-PRECISIONS = {
-    "fp32": contextlib.nullcontext,
-    "bf16 autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
-}
+PRECISIONS = {"fp32": False, "bf16 autocast": True}  # Inverter.invert(bf16=...)
 
 
 def main() -> None:
@@ -46,12 +42,11 @@ def main() -> None:
     results, rows = {}, []
     for beams in args.beams:
         outputs, seconds = {}, {}
-        for precision, context in PRECISIONS.items():
+        for precision, bf16 in PRECISIONS.items():
             t0 = time.perf_counter()
-            with context():
-                outputs[precision] = inverter.invert(
-                    vectors, num_beams=beams, batch_size=args.batch_size
-                )
+            outputs[precision] = inverter.invert(
+                vectors, num_beams=beams, batch_size=args.batch_size, bf16=bf16
+            )
             seconds[precision] = time.perf_counter() - t0
             results[f"{beams} beam(s), {precision}"] = score(outputs[precision], refs)
         same = sum(a == b for a, b in zip(*outputs.values(), strict=True)) / n

@@ -305,28 +305,13 @@ def cmd_invert(args) -> None:
         for start in range(0, len(references), chunk):
             texts = references[start : start + chunk]
             predictions.extend(run(target.next_token_logprobs(texts, steps=_steps(inverter))))
-    elif args.rerank_with:
-        from tqdm.auto import tqdm
-
-        from .invert import ensure_same_target
-        from .store import DistributionStore
-
-        store = DistributionStore(args.data)
-        ensure_same_target(inverter, store)
-        references, predictions = store.prompts, []
-        with tqdm(
-            total=len(store), unit="prompt", desc="invert + re-rank", disable=args.no_progress
-        ) as bar:
-            for _, _, vectors in store.batches(chunk):
-                predictions.extend(run(vectors))
-                bar.update(len(vectors))
     else:
         from .store import DistributionStore
 
         store = DistributionStore(args.data)
         references = store.prompts
         predictions = invert_store(
-            inverter, store, batch_size=args.batch_size, progress=not args.no_progress, **generate
+            inverter, store, batch_size=chunk, progress=not args.no_progress, invert=run
         )
     if references is not None and args.out:
         means = write_predictions(args.out, references, predictions)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -100,17 +101,22 @@ def invert_store(
     store: DistributionStore,
     batch_size: int = 64,
     progress: bool = True,
+    invert: Callable[[torch.Tensor], list] | None = None,
     **generate,
 ) -> list[str]:
-    """Invert every vector of a store (refused if the store's target differs)."""
+    """Invert every vector of a store (refused if the store's target differs), `batch_size`
+    at a time, with `inverter.invert(**generate)` or the given `invert` (e.g. a re-ranker)."""
     ensure_same_target(inverter, store)
+    if invert is None:
+
+        def invert(vectors: torch.Tensor) -> list:
+            return inverter.invert(vectors, batch_size=batch_size, **generate)
+
     out: list[str] = []
     # Beam search over a whole test split takes tens of minutes on a CPU.
     with tqdm(total=len(store), unit="prompt", desc="invert", disable=not progress) as bar:
         for _, _, vectors in store.batches(batch_size):
-            out.extend(
-                inverter.invert(torch.from_numpy(vectors), batch_size=batch_size, **generate)
-            )
+            out.extend(invert(torch.from_numpy(vectors)))
             bar.update(len(vectors))
     return out
 
