@@ -220,8 +220,9 @@ def main() -> None:
         decoding = "greedy" if beams == 1 else f"{beams} beams"
         # Every beam is kept: the best is the inverter's own output, and the re-ranking below
         # takes them all as candidates without decoding a second time.
-        rows = invert_store(inverter, test, num_beams=beams, num_return_sequences=beams)
-        rows = [row if isinstance(row, list) else [row] for row in rows]
+        rows = invert_store(
+            inverter, test, num_beams=beams, num_return_sequences=beams, grouped=True
+        )
         decoded = {f"{name} ({decoding})": [row[0] for row in rows]}
         if not args.skip_no_repeat:
             decoded[f"{name} ({decoding}, no {NO_REPEAT_NGRAM}-gram repeat)"] = invert_store(

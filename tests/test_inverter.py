@@ -101,6 +101,8 @@ def test_beams_and_sampling_return_several(trained, tiny_store):
     assert len(beams) == 2 and all(len(b) == 3 for b in beams)
     sampled = model.invert(x, do_sample=True, num_return_sequences=2, temperature=1.5)
     assert len(sampled) == 2 and all(len(s) == 2 for s in sampled)
+    greedy = model.invert(x)
+    assert model.invert(x, grouped=True) == [[g] for g in greedy]
     seen = {}
     real = model.generate_ids
 

@@ -626,10 +626,12 @@ class Inverter(nn.Module):
         batch_size: int = 64,
         fingerprint: TargetFingerprint | None = None,
         bf16: bool = False,
+        grouped: bool = False,
     ) -> list[str] | list[list[str]]:
         """Recover prompts from log-prob vectors `[vocab]`, `[B, vocab]` or `[B, steps, vocab]`.
 
-        Returns one string per vector, or a list of `num_return_sequences` strings per vector.
+        Returns one string per vector, or a list of `num_return_sequences` strings per vector
+        (always a list per vector with `grouped`, so callers need not special-case one).
         A `fingerprint` that differs from the checkpoint's target is refused. `bf16` decodes
         under bf16 autocast (faster; benchmarks/decode_precision.py measures what it costs).
         """
@@ -661,7 +663,7 @@ class Inverter(nn.Module):
             texts.extend(self.tokenizer.batch_decode(ids, skip_special_tokens=True))
         self.train(was_training)
         texts = [t.strip() for t in texts]
-        if num_return_sequences == 1:
+        if num_return_sequences == 1 and not grouped:
             return texts
         k = num_return_sequences
         return [texts[i : i + k] for i in range(0, len(texts), k)]

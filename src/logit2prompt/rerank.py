@@ -73,8 +73,8 @@ def inverter_with_neighbours(
         no_repeat_ngram_size=no_repeat_ngram_size,
         batch_size=batch_size,
         bf16=bf16,
+        grouped=True,
     )
-    beams_out = [row if isinstance(row, list) else [row] for row in beams_out]
     return proposals_with_neighbours(
         target, train, observed, beams_out, neighbours, batch_size, near=near
     )
