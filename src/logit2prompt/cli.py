@@ -374,7 +374,13 @@ def cmd_quickstart(args) -> None:
 
     run_quickstart(
         QuickstartConfig(
-            out=args.out, scale=args.scale, dtype=args.dtype, progress=not args.no_progress
+            out=args.out,
+            scale=args.scale,
+            dtype=args.dtype,
+            progress=not args.no_progress,
+            corpus=args.prompts,
+            preset=args.preset,
+            neighbours=args.neighbours,
         )
     )
 
@@ -590,6 +596,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="multiply corpus size and training steps (default: %(default)s)",
     )
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
+    p.add_argument(
+        "--prompts", default=None, help="a corpus file (default: BIG-bench, built on first use)"
+    )
+    p.add_argument("--preset", default="prefix-lm", help="inverter preset (default: %(default)s)")
+    p.add_argument(
+        "--neighbours", type=int, default=2, help="nearest training prompts the inverter reads"
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_quickstart)
 

@@ -1,0 +1,66 @@
+"""The README's main command, end to end at toy size: a synthetic corpus, the tiny target, the
+default recipe (prefix-lm reading 2 neighbours, then the target's re-ranking)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from logit2prompt.errors import CheckpointError
+from logit2prompt.quickstart import QuickstartConfig, run_quickstart
+from logit2prompt.store import DistributionStore
+
+
+@pytest.fixture
+def synthetic_corpus(tmp_path):
+    # Enough rows that the hash split leaves a handful of test and validation prompts.
+    path = tmp_path / "prompts.jsonl"
+    with open(path, "w") as f:
+        for i in range(500):
+            f.write(json.dumps({"prompt": f"Question {i}: what is {i} plus {i % 7}?"}) + "\n")
+    return path
+
+
+def test_quickstart_runs_and_reuses_its_steps(synthetic_corpus, tiny_lm_dir, tmp_path, capsys):
+    from logit2prompt.cli import main
+
+    out = tmp_path / "qs"
+    cfg = QuickstartConfig(
+        out=str(out),
+        scale=0.001,
+        target=str(tiny_lm_dir),
+        corpus=str(synthetic_corpus),
+        progress=False,
+    )
+    assert cfg.preset == "prefix-lm" and cfg.neighbours == 2  # the defaults under test
+    first = run_quickstart(cfg)
+    test = DistributionStore(out / "stores" / "test")
+    train = DistributionStore(out / "stores" / "train")
+    assert len(test) > 0 and len(train) == cfg.train_prompts
+    methods = set(first["results"])
+    assert {"inverter", "nearest neighbour (train)", "constant guess (train)"} < methods
+    assert any("re-ranked by the target" in m for m in methods)
+    assert all(r["n"]["mean"] == len(test) for r in first["results"].values())
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["hidden"] for r in rows] == test.prompts
+    # The re-ranked answer is one of its candidates: the inverter's output or a train prompt.
+    assert all(r["reranked"] in {r["recovered"], *train.prompts} for r in rows)
+    trained = json.loads((out / "inverter" / "training_args.json").read_text())
+    assert trained["preset"] == "prefix-lm" and trained["neighbours"] == 2
+    weights = out / "inverter" / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    printed = capsys.readouterr().out
+    assert "Test split" in printed and "examples across the BLEU range" in printed
+
+    second = run_quickstart(cfg)  # every step reused: no retraining, same answers
+    assert "reusing the trained inverter" in capsys.readouterr().out
+    assert weights.stat().st_mtime_ns == mtime
+    assert second["results"] == first["results"]
+
+    other = QuickstartConfig(**{**cfg.__dict__, "preset": "tiny"})
+    with pytest.raises(CheckpointError, match="prefix-lm.*remove that folder"):
+        run_quickstart(other)
+
+    # The README's next step after the quickstart.
+    assert main(["invert", "--checkpoint", str(out / "inverter"), "--text", "Question 3"]) == 0
