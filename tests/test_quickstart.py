@@ -48,6 +48,7 @@ def test_quickstart_runs_and_reuses_its_steps(synthetic_corpus, tiny_lm_dir, tmp
     assert all(r["reranked"] in {r["recovered"], *train.prompts} for r in rows)
     trained = json.loads((out / "inverter" / "training_args.json").read_text())
     assert trained["preset"] == "prefix-lm" and trained["neighbours"] == 2
+    assert not (out / "inverter" / "checkpoints").exists()  # resume state pruned once done
     weights = out / "inverter" / "model.safetensors"
     mtime = weights.stat().st_mtime_ns
     printed = capsys.readouterr().out
@@ -61,6 +62,13 @@ def test_quickstart_runs_and_reuses_its_steps(synthetic_corpus, tiny_lm_dir, tmp
     other = QuickstartConfig(**{**cfg.__dict__, "preset": "tiny"})
     with pytest.raises(CheckpointError, match="prefix-lm.*remove that folder"):
         run_quickstart(other)
+
+    t5 = run_quickstart(QuickstartConfig(**{**other.__dict__, "out": str(tmp_path / "t5")}))
+    t5_args = json.loads((tmp_path / "t5" / "inverter" / "training_args.json").read_text())
+    assert t5_args["preset"] == "tiny" and t5_args["per_device_batch_size"] == 32
+    assert (
+        t5["results"]["nearest neighbour (train)"] == first["results"]["nearest neighbour (train)"]
+    )
 
     # The README's next step after the quickstart.
     assert main(["invert", "--checkpoint", str(out / "inverter"), "--text", "Question 3"]) == 0

@@ -10,6 +10,7 @@ output beside those neighbours.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,12 +28,15 @@ from .prompts import load_corpus
 from .rerank import proposals_with_neighbours
 from .store import DistributionStore
 from .targets import DEFAULT_TARGET, load_target
-from .train import TrainConfig, Trainer, is_trained
+from .train import CHECKPOINT_DIR, TrainConfig, Trainer, is_trained
 
 # Sized for about 20 minutes on a 2-core CPU at scale 1 (see README for measured times): a
-# prefix-lm step of 16 examples with 2 neighbours takes ~10 s there.
+# prefix-lm step of 16 examples with 2 neighbours takes ~10 s there, a `small` T5 step of 32 ~1 s.
 BASE_TRAIN_PROMPTS = 4000
-BASE_STEPS = 60
+BASE_STEPS = {"prefix-lm": 60}
+BASE_STEPS_T5 = 600
+TRAIN_BATCH = {"prefix-lm": 16}
+TRAIN_BATCH_T5 = 32
 VAL_PROMPTS = 128
 TEST_PROMPTS = 256
 RERANK_NEIGHBOURS = 3  # training prompts the target weighs against the inverter's output
@@ -53,8 +57,8 @@ class QuickstartConfig:
     corpus: str | None = None  # default: the BIG-bench corpus, built on first use
     preset: str = "prefix-lm"
     neighbours: int = 2
-    train_batch_size: int = 16
-    base_steps: int = BASE_STEPS  # at scale 1
+    train_batch_size: int | None = None  # default: 16 for prefix-lm, 32 for T5 presets
+    base_steps: int | None = None  # at scale 1; default: 60 for prefix-lm, 600 for T5 presets
     bf16_decoding: bool = True  # 1.8x faster on CPU, no measurable loss (decode_precision.py)
 
     @property
@@ -63,7 +67,12 @@ class QuickstartConfig:
 
     @property
     def steps(self) -> int:
-        return max(10, int(self.base_steps * self.scale))
+        base = self.base_steps or BASE_STEPS.get(self.preset, BASE_STEPS_T5)
+        return max(10, int(base * self.scale))
+
+    @property
+    def batch(self) -> int:
+        return self.train_batch_size or TRAIN_BATCH.get(self.preset, TRAIN_BATCH_T5)
 
 
 def _check_reusable(model_dir: Path, train_cfg: TrainConfig) -> None:
@@ -126,7 +135,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         neighbours=cfg.neighbours,
         # A prefix-lm reads its neighbours as text and copies by attention (README).
         neighbour_copy=cfg.preset != "prefix-lm",
-        per_device_batch_size=cfg.train_batch_size,
+        per_device_batch_size=cfg.batch,
         max_steps=cfg.steps,
         eval_every=max(cfg.steps // 2, 1),
         save_every=max(cfg.steps // 3, 1),
@@ -139,6 +148,9 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     else:
         _log(f"training the inverter ({cfg.preset}) for {cfg.steps} steps -> {model_dir}")
         Trainer(train_cfg).run(resume=True)
+        # Resume checkpoints hold the optimizer state too (~1.9 GB each for a prefix-lm) and
+        # are of no use once the final weights are written.
+        shutil.rmtree(model_dir / CHECKPOINT_DIR, ignore_errors=True)
     inverter = Inverter.from_pretrained(model_dir)
 
     _log("evaluating on the test split")
