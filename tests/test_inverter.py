@@ -18,7 +18,7 @@ from logit2prompt.inverter import Inverter, encode_labels, pad_labels
 from logit2prompt.prompts import Corpus, PromptRecord
 from logit2prompt.store import DistributionStore
 from logit2prompt.targets import load_target
-from logit2prompt.train import TrainConfig, Trainer
+from logit2prompt.train import TrainConfig, Trainer, is_trained
 
 from .conftest import FIXTURE_PROMPTS, accelerate_launch, tiny_train_config
 
@@ -78,6 +78,24 @@ def test_training_loss_falls_by_a_large_factor(tiny_store, tiny_lm_dir, tmp_path
     with torch.no_grad():
         after = (model(vectors, labels) / (labels != -100).sum()).item()
     assert after < before / 20
+
+
+def test_trainers_with_different_precisions_in_one_process(tiny_store, tiny_lm_dir, tmp_path):
+    """Accelerate keeps one mixed-precision setting per process; a second Trainer asking for
+    another (a notebook, or the quickstart after another run) must still train."""
+    for i, (precision, accum) in enumerate((("no", 1), ("bf16", 2), ("no", 1))):
+        cfg = _cfg(
+            tiny_store,
+            tmp_path / str(i),
+            tiny_lm_dir,
+            max_steps=2,
+            mixed_precision=precision,
+            grad_accum=accum,
+        )
+        trainer = Trainer(cfg)
+        assert trainer.accelerator.mixed_precision == precision
+        trainer.run()
+        assert is_trained(tmp_path / str(i))
 
 
 def test_save_load_round_trip_is_identical(trained, tiny_store, tmp_path):

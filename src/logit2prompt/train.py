@@ -133,6 +133,13 @@ class Trainer:
         from accelerate.utils import ProjectConfiguration
 
         self.cfg = cfg
+        if accelerator is None:
+            # Accelerate keeps one mixed-precision setting per process and refuses a second
+            # Trainer (a notebook, the quickstart after another run) that asks for another.
+            # Only that part is reset; the distributed setup (PartialState) stays.
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = accelerator or Accelerator(
             cpu=accelerate_cpu(),
             mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
