@@ -1,7 +1,8 @@
 """The inverter and every baseline on the BIG-bench test split and three out-of-domain sets.
 
     python benchmarks/leaderboard.py [--run runs/quality] [--sample 100]
-        [--baselines nn,constant,extraction,fewshot,text]
+        [--baselines nn,constant,extraction,fewshot,text] [--checkpoint inverter]
+        [--num-beams 1] [--no-repeat-ngram-size 3] [--results FILE]
 
 Uses the inverter and training store of benchmarks/quality.py (run it first) and runs
 `logit2prompt evaluate` on each set: the BIG-bench test split (never trained or tuned on) and
@@ -42,8 +43,14 @@ def main() -> None:
         "--text-checkpoint", default=None, help="default: <run>/text-inverter (train-text)"
     )
     parser.add_argument("--no-repeat-ngram-size", type=int, default=3)
+    parser.add_argument("--checkpoint", default="inverter", help="inverter folder under --run")
+    parser.add_argument(
+        "--num-beams", type=int, default=1, help="4 decodes once for inverter and re-ranking"
+    )
+    parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args()
     run, data = Path(args.run), Path(args.data)
+    results_path = Path(args.results)
     table: dict[str, dict] = {}
     seconds = {}
     for name, file, split in SETS:
@@ -51,7 +58,7 @@ def main() -> None:
         print(f"== {name}", flush=True)
         results = evaluate(
             EvalConfig(
-                checkpoint=str(run / "inverter"),
+                checkpoint=str(run / args.checkpoint),
                 prompts=str(data / file),
                 out=str(Path(args.out) / name.replace(" ", "-")),
                 baselines=tuple(b for b in args.baselines.split(",") if b),
@@ -59,6 +66,7 @@ def main() -> None:
                 split=split,
                 sample=args.sample,
                 no_repeat_ngram_size=args.no_repeat_ngram_size,
+                num_beams=args.num_beams,
                 text_checkpoint=args.text_checkpoint or str(run / "text-inverter"),
                 rerank=True,
             )
@@ -86,12 +94,13 @@ def main() -> None:
                 f"{s.get('top1', {'mean': float('nan')})['mean']:4.1f}"
             )
         print(f"{m:{width}} " + " ".join(f"{c:>26}" for c in cells))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(
         json.dumps(
             {
                 "command": "python benchmarks/leaderboard.py " + " ".join(sys.argv[1:]),
-                "checkpoint": str(run / "inverter"),
+                "checkpoint": str(run / args.checkpoint),
+                "num_beams": args.num_beams,
                 "sample": args.sample,
                 "sets": table,
                 "seconds": seconds,
@@ -99,7 +108,7 @@ def main() -> None:
             indent=1,
         )
     )
-    print(f"wrote {RESULTS}")
+    print(f"wrote {results_path}")
 
 
 if __name__ == "__main__":

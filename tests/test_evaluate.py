@@ -397,3 +397,34 @@ def test_refine_only_keeps_edits_that_bring_the_target_closer(checkpoint, user_t
         refine_nearest(inverter, user_target, train, bad, progress=False)
     with pytest.raises(VectorError, match="do not fit"):
         refine_nearest(inverter, user_target, train, observed[:, :, :-1], progress=False)
+
+
+def test_rerank_at_its_beam_count_decodes_once(checkpoint, user_target):
+    """evaluate --rerank --num-beams 4: one beam search gives the inverter's answer (top beam)
+    and the re-ranker's candidates, with the same answers as decoding each separately."""
+    from logit2prompt.collect import collect_vectors
+    from logit2prompt.evaluate import INVERTER, RERANKED, EvalConfig, method_predictions
+    from logit2prompt.inverter import Inverter
+    from logit2prompt.rerank import DEFAULT_BEAMS, inverter_with_neighbours
+    from logit2prompt.store import DistributionStore
+
+    inverter = Inverter.from_pretrained(checkpoint / "inv")
+    vectors = collect_vectors(user_target, TEST, 1, 8)
+    calls = []
+    real = inverter.invert
+    inverter.invert = lambda *a, **k: calls.append(k) or real(*a, **k)
+    cfg = EvalConfig(
+        checkpoint=str(checkpoint / "inv"),
+        prompts="-",
+        out="-",
+        baselines=(),
+        train_data=str(checkpoint / "train"),
+        num_beams=DEFAULT_BEAMS,
+        rerank=True,
+        progress=False,
+    )
+    preds = method_predictions(cfg, inverter, user_target, TEST, vectors)
+    assert len(calls) == 1 and calls[0]["num_return_sequences"] == DEFAULT_BEAMS
+    train = DistributionStore(checkpoint / "train")
+    assert preds[INVERTER] == real(vectors, num_beams=DEFAULT_BEAMS)
+    assert preds[RERANKED] == inverter_with_neighbours(inverter, user_target, train, vectors)

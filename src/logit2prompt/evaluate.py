@@ -82,13 +82,21 @@ def method_predictions(cfg: EvalConfig, inverter, target, references, vectors) -
 
     preds: dict[str, list[str]] = {}
     say = print if cfg.progress else (lambda *a, **k: None)
+    from .rerank import DEFAULT_BEAMS, DEFAULT_NEIGHBOURS, proposals_with_neighbours
+
     say(f"inverting {len(references)} prompts", flush=True)
-    preds[INVERTER] = inverter.invert(
+    # With --rerank at the re-ranker's beam count, one beam search serves both: its top beam
+    # is the inverter's answer and all its beams are the re-ranker's candidates.
+    shared = cfg.rerank and cfg.num_beams == DEFAULT_BEAMS
+    beams = inverter.invert(
         torch.from_numpy(vectors),
         num_beams=cfg.num_beams,
+        num_return_sequences=cfg.num_beams if shared else 1,
         no_repeat_ngram_size=cfg.no_repeat_ngram_size,
         batch_size=cfg.batch_size,
+        grouped=True,
     )
+    preds[INVERTER] = [row[0] for row in beams]
     train = None
     if cfg.train_data:
         train = DistributionStore(cfg.train_data)
@@ -100,20 +108,25 @@ def method_predictions(cfg: EvalConfig, inverter, target, references, vectors) -
     nearest = None
     if cfg.rerank:
         from .baselines import nearest_neighbours
-        from .rerank import DEFAULT_NEIGHBOURS, inverter_with_neighbours
+        from .rerank import inverter_with_neighbours
 
         say("re-ranking inverter beams and neighbours with the target", flush=True)
         near = nearest_neighbours(train, vectors, DEFAULT_NEIGHBOURS)
         nearest = [train.prompts[row[0]] for row in near]  # the baseline, same search
-        preds[RERANKED] = inverter_with_neighbours(
-            inverter,
-            target,
-            train,
-            vectors,
-            no_repeat_ngram_size=cfg.no_repeat_ngram_size,
-            batch_size=cfg.batch_size,
-            near=near,
-        )
+        if shared:
+            preds[RERANKED] = proposals_with_neighbours(
+                target, train, vectors, beams, DEFAULT_NEIGHBOURS, cfg.batch_size, near=near
+            )
+        else:
+            preds[RERANKED] = inverter_with_neighbours(
+                inverter,
+                target,
+                train,
+                vectors,
+                no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+                batch_size=cfg.batch_size,
+                near=near,
+            )
     if cfg.refine_rounds:
         from .refine import RefineConfig, refine_nearest
 
