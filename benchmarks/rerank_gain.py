@@ -8,8 +8,10 @@ prompts both ways and bootstraps the per-prompt difference. Candidates per promp
 inverter's beams (no repeated 3-grams) and the nearest training prompts, re-ranked by the target
 (`rerank.inverter_with_neighbours`, as in quality.py). `--proposals FILE` re-ranks candidates
 already decoded instead (the `beams` column of quality.py's `test_predictions_*.jsonl`), which
-costs only the target queries. Writes benchmarks/results/rerank_gain.json and every prediction
-to `<checkpoint>/rerank_gain_predictions.jsonl`.
+costs only the target queries; it also scores the top proposal alone and, per prompt, the better
+of it and the nearest neighbour by BLEU against the hidden prompt: an upper bound on any rule that
+chooses between the two without querying the target. Writes benchmarks/results/rerank_gain.json
+and every prediction to `<checkpoint>/rerank_gain_predictions.jsonl`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 from logit2prompt.baselines import nearest_neighbours
 from logit2prompt.invert import target_for
 from logit2prompt.inverter import Inverter
-from logit2prompt.metrics import format_table, paired_gain, score
+from logit2prompt.metrics import format_table, paired_gain, score, sentence_bleu
 from logit2prompt.rerank import (
     DEFAULT_BEAMS,
     DEFAULT_NEIGHBOURS,
@@ -32,6 +34,7 @@ from logit2prompt.rerank import (
 from logit2prompt.store import DistributionStore, write_json
 
 RESULTS = Path(__file__).parent / "results" / "rerank_gain.json"
+ORACLE = "upper bound: per prompt, the better of the top proposal and the nearest by BLEU"
 NO_REPEAT_NGRAM = 3  # as in quality.py
 
 
@@ -77,6 +80,16 @@ def main() -> None:
         method: score(reranked, refs),
         "nearest training prompt": score(nearest, refs),
     }
+    if args.proposals:
+        top = [p[0] for p in proposals]
+        results["top proposal alone (no target queries)"] = score(top, refs)
+        results[ORACLE] = score(
+            [
+                max((t, n), key=lambda c, r=r: sentence_bleu(c, r))
+                for t, n, r in zip(top, nearest, refs, strict=True)
+            ],
+            refs,
+        )
     gain = paired_gain(reranked, nearest, refs)
     print(format_table(results))
     print(
