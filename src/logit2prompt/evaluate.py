@@ -77,13 +77,17 @@ def _check_baselines(cfg: EvalConfig) -> None:
 
 def method_predictions(cfg: EvalConfig, inverter, target, references, vectors) -> dict:
     """Every method's prediction for every reference, keyed by the name the report shows."""
-    from .baselines import constant_guess, nearest_neighbour
+    from .baselines import constant_guess, nearest_neighbour, nearest_neighbours
+    from .rerank import (
+        DEFAULT_BEAMS,
+        DEFAULT_NEIGHBOURS,
+        inverter_with_neighbours,
+        proposals_with_neighbours,
+    )
     from .store import DistributionStore
 
     preds: dict[str, list[str]] = {}
     say = print if cfg.progress else (lambda *a, **k: None)
-    from .rerank import DEFAULT_BEAMS, DEFAULT_NEIGHBOURS, proposals_with_neighbours
-
     say(f"inverting {len(references)} prompts", flush=True)
     # With --rerank at the re-ranker's beam count, one beam search serves both: its top beam
     # is the inverter's answer and all its beams are the re-ranker's candidates.
@@ -107,9 +111,6 @@ def method_predictions(cfg: EvalConfig, inverter, target, references, vectors) -
             )
     nearest = None
     if cfg.rerank:
-        from .baselines import nearest_neighbours
-        from .rerank import inverter_with_neighbours
-
         say("re-ranking inverter beams and neighbours with the target", flush=True)
         near = nearest_neighbours(train, vectors, DEFAULT_NEIGHBOURS)
         nearest = [train.prompts[row[0]] for row in near]  # the baseline, same search

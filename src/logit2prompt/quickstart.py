@@ -25,7 +25,7 @@ from .invert import invert_store
 from .inverter import Inverter
 from .metrics import format_table, per_example_scores, score
 from .prompts import load_corpus
-from .rerank import proposals_with_neighbours
+from .rerank import DEFAULT_NEIGHBOURS, proposals_with_neighbours
 from .store import DistributionStore
 from .targets import DEFAULT_TARGET, load_target
 from .train import CHECKPOINT_DIR, TrainConfig, Trainer, is_trained
@@ -39,7 +39,6 @@ TRAIN_BATCH = {"prefix-lm": 16}
 TRAIN_BATCH_T5 = 32
 VAL_PROMPTS = 128
 TEST_PROMPTS = 256
-RERANK_NEIGHBOURS = 3  # training prompts the target weighs against the inverter's output
 NUM_EXAMPLES = 10
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 # Training settings the reuse check compares: a checkpoint trained otherwise is not reused.
@@ -157,21 +156,21 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     train, test = stores["train"], stores["test"]
     references = test.prompts
     predictions = invert_store(inverter, test, progress=cfg.progress, bf16=cfg.bf16_decoding)
-    _log(f"the target re-ranks each output beside the {RERANK_NEIGHBOURS} nearest train prompts")
+    _log(f"the target re-ranks each output beside the {DEFAULT_NEIGHBOURS} nearest train prompts")
     vectors = test.vectors(range(len(test)))
-    near = nearest_neighbours(train, vectors, RERANK_NEIGHBOURS)
+    near = nearest_neighbours(train, vectors, DEFAULT_NEIGHBOURS)
     reranked = proposals_with_neighbours(
         target,
         train,
         vectors,
         [[p] for p in predictions],
-        RERANK_NEIGHBOURS,
+        DEFAULT_NEIGHBOURS,
         cfg.batch_size,
         near=near,
     )
     results = {
         "inverter": score(predictions, references),
-        f"inverter + {RERANK_NEIGHBOURS} nearest, re-ranked by the target": score(
+        f"inverter + {DEFAULT_NEIGHBOURS} nearest, re-ranked by the target": score(
             reranked, references
         ),
         **{
