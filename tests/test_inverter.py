@@ -159,6 +159,14 @@ def test_resume_matches_uninterrupted(tiny_store, tiny_lm_dir, tmp_path):
     with pytest.raises(Killed):
         interrupted.run()
     assert (tmp_path / "b" / "checkpoints" / "step-10").is_dir()
+    # Another recipe is refused before it touches the checkpoint, naming the difference.
+    other = Trainer(_cfg(tiny_store, tmp_path / "b", tiny_lm_dir, save_every=10, lr=3e-4))
+    with pytest.raises(CheckpointError, match=r"lr 0\.003 there, 0\.0003 here"):
+        other.run(resume=True)
+    bigger = _cfg(tiny_store, tmp_path / "b", tiny_lm_dir, save_every=10, grad_accum=2)
+    with pytest.raises(CheckpointError, match="global batch"):
+        Trainer(bigger).run(resume=True)
+    assert (tmp_path / "b" / "checkpoints" / "step-10").is_dir()
     resumed_trainer = Trainer(_cfg(tiny_store, tmp_path / "b", tiny_lm_dir, save_every=10))
     resumed = resumed_trainer.run(resume=True)
     assert resumed_trainer.step == 20
@@ -426,6 +434,19 @@ def test_likelihood_picks_the_memorised_prompt_among_candidates(trained, tiny_st
         assert pick_by_likelihood(store, rows, nll, counts, mean) == store.prompts
 
 
+def test_pick_by_inverter_rules():
+    from logit2prompt.rerank import pick_by_inverter
+
+    nll, tokens = np.array([2.0, 3.0, 10.0]), np.array([2, 6, 10])
+    neighbour = np.array([False, True, True])
+    assert pick_by_inverter(nll, tokens, neighbour, "summed") == 0
+    assert pick_by_inverter(nll, tokens, neighbour, "per-token") == 1  # 1.0, 0.5, 1.0
+    assert pick_by_inverter(nll, tokens, neighbour, "summed", bonus=1.5) == 1  # 2.0 vs 1.5
+    assert pick_by_inverter(nll, tokens, neighbour, "summed", bonus=0.5) == 0  # 2.0 vs 2.5
+    with pytest.raises(ValueError, match="rule must be one of"):
+        pick_by_inverter(nll, tokens, neighbour, "mean")
+
+
 def test_causal_lm_decoder_overfits_and_round_trips(tiny_store, tiny_lm_dir, tmp_path):
     """preset prefix-lm: the target's own LM (here the tiny one, found from the store's
     fingerprint) writes the prompt from a prefix made of the vector's subspace coordinates."""
@@ -511,3 +532,22 @@ def test_causal_lm_decoder_learns_to_read_neighbours(tiny_store, tiny_lm_dir, tm
     loaded = Inverter.from_pretrained(tmp_path / "m1")
     assert loaded.memory is not None and loaded.config.neighbours == 2
     assert loaded.invert(x, num_beams=3) == model.invert(x, num_beams=3)
+    # Scoring candidates without the target (rerank.candidate_likelihoods) matches teacher
+    # forcing one candidate at a time: ragged rows, length-sorted batches, the memory's
+    # neighbours looked up once per row.
+    from logit2prompt.rerank import candidate_likelihoods
+
+    obs = store.vectors(range(3))
+    p = store.prompts
+    cands = [[p[0], p[5]], [p[1]], [p[4], p[2], p[2][:-3]]]
+    nll, tokens = candidate_likelihoods(loaded, obs, cands, batch_size=2, progress=False)
+    flat = torch.from_numpy(obs)[:, 0]
+    near = loaded.find_neighbours(flat)
+    for i, row in enumerate(cands):
+        assert len(nll[i]) == len(tokens[i]) == len(row)
+        for j, c in enumerate(row):
+            labels = pad_labels(encode_labels(loaded.tokenizer, [c], loaded.config.max_length))
+            with torch.no_grad():
+                one = loaded(flat[i : i + 1], labels, near[i : i + 1], per_example=True)
+            assert nll[i][j] == pytest.approx(float(one[0]), rel=1e-4, abs=1e-4)
+            assert tokens[i][j] == int((labels != -100).sum())

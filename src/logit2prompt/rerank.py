@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .baselines import nearest_neighbours, sq_distances
 from .collect import collect_vectors
@@ -23,6 +24,7 @@ from .store import DistributionStore
 DEFAULT_BEAMS = 4
 DEFAULT_NEIGHBOURS = 3
 LIKELIHOOD_CANDIDATES = 10
+SELF_RERANK_RULES = ("summed", "per-token")
 
 
 def rerank(
@@ -111,6 +113,49 @@ def proposals_with_neighbours(
 
 
 @torch.no_grad()
+def candidate_likelihoods(
+    inverter,
+    observed: np.ndarray,
+    candidates: Sequence[Sequence[str]],
+    batch_size: int = 32,
+    progress: bool = True,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """How well the inverter says each candidate prompt explains its row of `observed`: per row,
+    (summed NLL, token count) arrays aligned with that row's candidates.
+
+    No target queries: teacher forcing through the inverter alone. A retrieval-augmented
+    inverter reads the same memory neighbours as when it decodes, looked up once per row.
+    """
+    if len(candidates) != len(observed):
+        raise ValueError(f"{len(candidates)} candidate rows for {len(observed)} vectors")
+    flat = torch.from_numpy(np.asarray(observed, dtype=np.float32)).flatten(1)
+    neighbour_ids = inverter.find_neighbours(flat) if inverter.config.neighbours else None
+    texts = sorted({c for row in candidates for c in row})
+    encoded = encode_labels(inverter.tokenizer, texts, inverter.config.max_length)
+    labels = dict(zip(texts, encoded, strict=True))
+    pairs = [(i, c) for i, row in enumerate(candidates) for c in row]
+    # Similar lengths share a batch: less padding through the decoder.
+    order = sorted(range(len(pairs)), key=lambda p: len(labels[pairs[p][1]]))
+    nll = np.zeros(len(pairs))
+    was_training = inverter.training
+    inverter.eval()
+    # Thousands of candidates take tens of minutes on a CPU.
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc="score candidates", unit="batch", disable=not progress):
+        chunk = order[start : start + batch_size]
+        rows = [pairs[p][0] for p in chunk]
+        padded = pad_labels([labels[pairs[p][1]] for p in chunk])
+        near = neighbour_ids[rows] if neighbour_ids is not None else None
+        nll[chunk] = inverter(flat[rows], padded, near, per_example=True).float().numpy()
+    inverter.train(was_training)
+    counts = np.array([len(labels[c]) for _, c in pairs], dtype=np.float64)
+    bounds = np.cumsum([0, *map(len, candidates)])
+    return (
+        [nll[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)],
+        [counts[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)],
+    )
+
+
 def neighbour_likelihoods(
     inverter,
     train: DistributionStore,
@@ -127,24 +172,9 @@ def neighbour_likelihoods(
     """
     if near is None:
         near = nearest_neighbours(train, observed, k)
-    flat = torch.from_numpy(np.asarray(observed, dtype=np.float32)).flatten(1)
-    wanted = sorted({j for row in near for j in row})
-    encoded = encode_labels(
-        inverter.tokenizer, [train.prompts[j] for j in wanted], inverter.config.max_length
-    )
-    labels = dict(zip(wanted, encoded, strict=True))
-    pairs = [(i, j) for i, row in enumerate(near) for j in row]
-    nll = np.zeros(len(pairs))
-    was_training = inverter.training
-    inverter.eval()
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        vectors = flat[[i for i, _ in chunk]]
-        padded = pad_labels([labels[j] for _, j in chunk])
-        nll[start : start + len(chunk)] = inverter(vectors, padded, per_example=True).numpy()
-    inverter.train(was_training)
-    counts = np.array([len(labels[j]) for _, j in pairs], dtype=np.float64)
-    return near, nll.reshape(len(near), -1), counts.reshape(len(near), -1)
+    candidates = [[train.prompts[j] for j in row] for row in near]
+    nll, counts = candidate_likelihoods(inverter, observed, candidates, batch_size)
+    return near, np.stack(nll), np.stack(counts)
 
 
 def pick_by_likelihood(
@@ -153,3 +183,15 @@ def pick_by_likelihood(
     """Per row, the candidate with the lowest NLL (summed, or per token with `mean`)."""
     score = nll / counts if mean else nll
     return [train.prompts[row[int(np.argmin(s))]] for row, s in zip(near, score, strict=True)]
+
+
+def pick_by_inverter(
+    nll: np.ndarray, tokens: np.ndarray, neighbour: np.ndarray, rule: str, bonus: float = 0.0
+) -> int:
+    """Index of the candidate the inverter prefers: lowest NLL, summed or per token (`rule`),
+    after lowering each training neighbour's (`neighbour` mask) by `bonus`. The bonus offsets
+    beam search's head start: the beams were chosen to maximise this very likelihood."""
+    if rule not in SELF_RERANK_RULES:
+        raise ValueError(f"rule must be one of {SELF_RERANK_RULES}, not {rule!r}")
+    score = nll / np.maximum(tokens, 1) if rule == "per-token" else np.asarray(nll, dtype=float)
+    return int(np.argmin(score - bonus * np.asarray(neighbour, dtype=float)))

@@ -116,6 +116,30 @@ def _schedule(optimizer, cfg: TrainConfig):
     )
 
 
+# What a resumed run must share with the checkpoint for "continues exactly" to hold: the model,
+# its inputs, the optimizer and the data order. Left out on purpose: paths (a run directory may
+# move), max_steps (extending a run is a common, deliberate choice), precision and logging.
+RECIPE_FIELDS = (
+    "preset",
+    "normalization",
+    "t5_init",
+    "decoder_init",
+    "decoder_lr",
+    "neighbours",
+    "neighbour_copy",
+    "output_tokenizer",
+    "init_from",
+    "defense",
+    "lr",
+    "weight_decay",
+    "warmup_steps",
+    "schedule",
+    "max_grad_norm",
+    "seed",
+    "overrides",
+)
+
+
 def latest_checkpoint(out: str | Path) -> Path | None:
     """The newest complete checkpoint under out/checkpoints (complete = has trainer_state)."""
     root = Path(out) / CHECKPOINT_DIR
@@ -350,9 +374,13 @@ class Trainer:
         torch.save(rng, tmp / RNG_STATE.format(acc.process_index))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            (tmp / TRAINER_STATE).write_text(
-                json.dumps({"step": self.step, "history": self.history}, indent=1)
-            )
+            state = {
+                "step": self.step,
+                "history": self.history,
+                "global_batch": self.global_micro * self.cfg.grad_accum,
+                "train_prompts": len(self.train_idx),
+            }
+            (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
             shutil.rmtree(path, ignore_errors=True)
             os.replace(tmp, path)  # a checkpoint appears whole or not at all
             old = sorted(
@@ -370,6 +398,7 @@ class Trainer:
         acc = self.accelerator
         try:
             state = json.loads((path / TRAINER_STATE).read_text())
+            self.ensure_same_recipe(path, state)
             load_model(acc.unwrap_model(self.model), str(path / "model.safetensors"))
             opt = torch.load(path / OPTIMIZER_STATE, map_location="cpu", weights_only=True)
             rng = torch.load(path / RNG_STATE.format(acc.process_index), weights_only=True)
@@ -382,6 +411,32 @@ class Trainer:
             torch.cuda.set_rng_state(rng["cuda"])
         self.step = int(state["step"])
         self.history = state.get("history", [])
+
+    def ensure_same_recipe(self, path: Path, state: dict) -> None:
+        """CheckpointError naming each difference if the checkpoint at `path` was written by a
+        run with other settings (RECIPE_FIELDS, global batch, training prompts): resuming it
+        would silently train a mixture of two recipes."""
+        saved = json.loads((path / "training_args.json").read_text())
+        now = asdict(self.cfg)
+        diffs = [
+            f"{k} {saved[k]!r} there, {now[k]!r} here"
+            for k in RECIPE_FIELDS
+            if k in saved and saved[k] != now[k]
+        ]
+        mine = {
+            "global_batch": self.global_micro * self.cfg.grad_accum,
+            "train_prompts": len(self.train_idx),
+        }
+        diffs += [
+            f"{k.replace('_', ' ')} {state[k]} there, {v} here"
+            for k, v in mine.items()
+            if k in state and state[k] != v
+        ]
+        if diffs:
+            raise CheckpointError(
+                f"{path} was written by a run with other settings ({'; '.join(diffs)}); "
+                f"resume with the same ones, or train into another --out"
+            )
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:
