@@ -401,6 +401,40 @@ def test_invert_cli_rerank_with_a_store(trained, raw_target, tiny_lm_dir, tmp_pa
     assert "collected from" in err and "mode" in err
 
 
+def test_invert_cli_fallback_to_a_store(trained, tiny_store, raw_target, tmp_path, monkeypatch):
+    """`--fallback-to STORE` keeps the inverter's output where it is confident and answers
+    with the store's nearest prompt elsewhere, never loading the target."""
+    import logit2prompt.invert
+    from logit2prompt.cli import main
+
+    def no_target(*_, **__):
+        raise AssertionError("--fallback-to must not query the target")
+
+    monkeypatch.setattr(logit2prompt.invert, "target_for", no_target)
+    out, _ = trained
+    unseen = FIXTURE_PROMPTS[8:11]
+    extra = _store(raw_target, tmp_path / "extra", unseen)
+
+    def recovered(data, *flags) -> list[str]:
+        preds = tmp_path / "preds.jsonl"
+        args = ["invert", "--checkpoint", str(out), "--data", str(data), "--no-progress"]
+        assert main([*args, *flags, "--out", str(preds)]) == 0
+        return [json.loads(line)["recovered"] for line in preds.read_text().splitlines()]
+
+    own = recovered(extra)
+    assert own != unseen  # the inverter alone does not know these prompts
+    fallback = ["--fallback-to", str(extra)]
+    # Never confident: every answer is the store's nearest prompt (here the prompt itself).
+    assert recovered(extra, *fallback, "--confidence-nats", "-1") == unseen
+    assert recovered(extra, *fallback, "--confidence-nats", "1e9") == own
+    # The memorised prompts are written with near-zero NLL: the default keeps them.
+    assert recovered(tiny_store, *fallback) == MEMORISE
+    both = ["--rerank-with", str(extra), *fallback]
+    assert main(["invert", "--checkpoint", str(out), "--data", str(extra), *both]) == 2
+    sampled = [*fallback, "--sample"]
+    assert main(["invert", "--checkpoint", str(out), "--data", str(extra), *sampled]) == 2
+
+
 def test_info_summarises_stores_and_checkpoints(trained, tiny_store, capsys):
     from logit2prompt.cli import main
 

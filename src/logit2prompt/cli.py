@@ -9,11 +9,12 @@ from pathlib import Path
 
 from .errors import Logit2PromptError
 from .prompts import DEFAULT_FIELD, DEFAULT_MAX_TOKENS, SPLITS
+from .rerank import DEFAULT_CONFIDENCE_NATS
 from .store import DEFAULT_SHARD_SIZE, DEFAULT_STORE_DTYPE, STORE_DTYPES
 from .targets import DEFAULT_TARGET, PROMPT_MODES
 
 BUILTIN_CORPORA = ("bigbench",)
-# Vectors re-ranked per call: each call reads the whole neighbour store once.
+# Vectors per call of --rerank-with / --fallback-to: each call reads the whole store once.
 RERANK_CHUNK = 512
 
 
@@ -277,8 +278,8 @@ def cmd_invert(args) -> None:
         "bf16": args.bf16,
     }
     target = None
-    if args.rerank_with:
-        (run, target), chunk = _reranker(args, inverter), RERANK_CHUNK
+    if args.rerank_with or args.fallback_to:
+        (run, target), chunk = _with_store(args, inverter), RERANK_CHUNK
     else:
         run, chunk = (lambda v: inverter.invert(v, **generate)), args.batch_size
     references = None
@@ -330,25 +331,53 @@ def cmd_invert(args) -> None:
             print(f"{hidden}{pred!r}" if not isinstance(pred, list) else f"{hidden}{pred}")
 
 
-def _reranker(args, inverter):
-    """`--rerank-with STORE`: a function from vectors to the inverter's beams plus the STORE's
-    nearest prompts, re-ranked by the target (one prompt per vector), and the target. Bad
-    arguments and a foreign store are refused before the target is loaded."""
+def _with_store(args, inverter):
+    """`--rerank-with STORE` or `--fallback-to STORE`: a function from vectors to one prompt
+    each, chosen between the inverter's output and the STORE's nearest prompts, and the target
+    (None for `--fallback-to`, which never queries it). Bad arguments and a foreign store are
+    refused before anything is loaded."""
+    import torch
+
     from .invert import ensure_same_target, target_for
-    from .rerank import DEFAULT_NEIGHBOURS, inverter_with_neighbours
+    from .rerank import DEFAULT_NEIGHBOURS, confident_or_nearest, inverter_with_neighbours
     from .store import DistributionStore
 
+    if args.rerank_with and args.fallback_to:
+        raise Logit2PromptError("--rerank-with and --fallback-to are two ways to pick; use one")
+    flag = "--rerank-with" if args.rerank_with else "--fallback-to"
     if args.sample or args.num_return_sequences > 1:
         raise Logit2PromptError(
-            "--rerank-with picks one prompt per vector among the beams and neighbours; "
-            "drop --sample and --num-return-sequences (use --num-beams for more candidates)"
+            f"{flag} picks one prompt per vector among the inverter's output and the store's "
+            "prompts; drop --sample and --num-return-sequences (use --num-beams for more "
+            "candidates)"
         )
-    train = DistributionStore(args.rerank_with)
+    train = DistributionStore(args.rerank_with or args.fallback_to)
     ensure_same_target(inverter, train)
-    target = target_for(inverter, device=args.device, batch_size=args.batch_size)
     shape = (inverter.config.steps, inverter.config.vocab_size)
+    decoding = {
+        "no_repeat_ngram_size": args.no_repeat_ngram_size,
+        "batch_size": args.batch_size,
+        "bf16": args.bf16,
+    }
+    if args.fallback_to:
 
-    def run(vectors) -> list[str]:
+        def fallback(vectors) -> list[str]:
+            observed = inverter.as_batch(vectors).reshape(-1, *shape).numpy()
+            top = inverter.invert(torch.from_numpy(observed), num_beams=args.num_beams, **decoding)
+            return confident_or_nearest(
+                inverter,
+                train,
+                observed,
+                top,
+                args.confidence_nats,
+                batch_size=args.batch_size,
+                progress=False,
+            )
+
+        return fallback, None
+    target = target_for(inverter, device=args.device, batch_size=args.batch_size)
+
+    def rerank(vectors) -> list[str]:
         observed = inverter.as_batch(vectors).reshape(-1, *shape).numpy()
         return inverter_with_neighbours(
             inverter,
@@ -357,12 +386,10 @@ def _reranker(args, inverter):
             observed,
             beams=args.num_beams,
             neighbours=DEFAULT_NEIGHBOURS,
-            no_repeat_ngram_size=args.no_repeat_ngram_size,
-            batch_size=args.batch_size,
-            bf16=args.bf16,
+            **decoding,
         )
 
-    return run, target
+    return rerank, target
 
 
 def _steps(inverter) -> int | None:
@@ -581,6 +608,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="STORE",
         help="add the STORE's 3 nearest prompts to the inverter's --num-beams beams and keep the "
         "candidate whose target distribution is nearest (queries the target; one per vector)",
+    )
+    p.add_argument(
+        "--fallback-to",
+        metavar="STORE",
+        help="answer with the STORE's nearest prompt wherever the inverter is unsure of its own "
+        "output (summed NLL of at least --confidence-nats); no target queries",
+    )
+    p.add_argument(
+        "--confidence-nats",
+        type=float,
+        default=DEFAULT_CONFIDENCE_NATS,
+        help="see --fallback-to (default %(default)s: chosen on a validation split by "
+        "benchmarks/self_rerank.py)",
     )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None)

@@ -195,3 +195,33 @@ def pick_by_inverter(
         raise ValueError(f"rule must be one of {SELF_RERANK_RULES}, not {rule!r}")
     score = nll / np.maximum(tokens, 1) if rule == "per-token" else np.asarray(nll, dtype=float)
     return int(np.argmin(score - bonus * np.asarray(neighbour, dtype=float)))
+
+
+# The top beam's summed NLL (nats) below which the inverter's own answer is trusted over the
+# nearest training prompt: chosen on the 48k quality run's validation split
+# (benchmarks/self_rerank.py; benchmarks/results/self_rerank-48k-nn2.json).
+DEFAULT_CONFIDENCE_NATS = 2.0
+
+
+def confident_or_nearest(
+    inverter,
+    train: DistributionStore,
+    observed: np.ndarray,
+    proposals: Sequence[str],
+    nats: float = DEFAULT_CONFIDENCE_NATS,
+    near: list[list[int]] | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> list[str]:
+    """Per row, the inverter's `proposals` entry where the inverter is confident of it (summed
+    NLL below `nats`), else the nearest training prompt. No target queries: one teacher-forced
+    pass per row. `near` spares a second pass over the training store."""
+    if near is None:
+        near = nearest_neighbours(train, observed, 1)
+    nll, _ = candidate_likelihoods(
+        inverter, observed, [[p] for p in proposals], batch_size, progress
+    )
+    return [
+        p if float(n[0]) < nats else train.prompts[row[0]]
+        for p, n, row in zip(proposals, nll, near, strict=True)
+    ]
