@@ -46,6 +46,12 @@ def test_quickstart_runs_and_reuses_its_steps(synthetic_corpus, tiny_lm_dir, tmp
     assert [r["hidden"] for r in rows] == test.prompts
     # The re-ranked answer is one of its candidates: the inverter's output or a train prompt.
     assert all(r["reranked"] in {r["recovered"], *train.prompts} for r in rows)
+    assert all(r["fallback"] in {r["recovered"], *train.prompts} for r in rows)
+    # Rows that kept the inverter's own output answer with it; only the others may differ.
+    assert 0 <= first["fallback_kept_own"] <= len(rows)
+    changed = sum(r["fallback"] != r["recovered"] for r in rows)
+    assert changed <= len(rows) - first["fallback_kept_own"]
+    assert any("no target queries" in m for m in methods)
     trained = json.loads((out / "inverter" / "training_args.json").read_text())
     assert trained["preset"] == "prefix-lm" and trained["neighbours"] == 2
     assert not (out / "inverter" / "checkpoints").exists()  # resume state pruned once done

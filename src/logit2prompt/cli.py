@@ -364,7 +364,7 @@ def _with_store(args, inverter):
         def fallback(vectors) -> list[str]:
             observed = inverter.as_batch(vectors).reshape(-1, *shape).numpy()
             top = inverter.invert(torch.from_numpy(observed), num_beams=args.num_beams, **decoding)
-            return confident_or_nearest(
+            answers, _ = confident_or_nearest(
                 inverter,
                 train,
                 observed,
@@ -373,6 +373,7 @@ def _with_store(args, inverter):
                 batch_size=args.batch_size,
                 progress=False,
             )
+            return answers
 
         return fallback, None
     target = target_for(inverter, device=args.device, batch_size=args.batch_size)

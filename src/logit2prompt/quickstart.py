@@ -4,7 +4,8 @@ Each step writes to its own directory under `out` and is reused on a second run:
 resumes shard by shard, training resumes from its last checkpoint, evaluation reruns.
 The recipe is the CPU's best in small (README, *Quality*): the target's own LM as the
 decoder (`prefix-lm`) reading the 2 nearest training prompts, then the target re-ranking its
-output beside those neighbours.
+output beside those neighbours; a row beside it keeps the inverter's output only where the
+inverter is confident of it and answers with the nearest train prompt elsewhere (no queries).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .invert import invert_store
 from .inverter import Inverter
 from .metrics import format_table, per_example_scores, score
 from .prompts import load_corpus
-from .rerank import DEFAULT_NEIGHBOURS, proposals_with_neighbours
+from .rerank import DEFAULT_NEIGHBOURS, confident_or_nearest, proposals_with_neighbours
 from .store import DistributionStore
 from .targets import DEFAULT_TARGET, load_target
 from .train import CHECKPOINT_DIR, TrainConfig, Trainer, is_trained
@@ -168,8 +169,14 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         cfg.batch_size,
         near=near,
     )
+    _log("and the inverter falls back to the nearest train prompt where it is unsure")
+    fallback, kept = confident_or_nearest(
+        inverter, train, vectors, predictions, near=near, progress=cfg.progress
+    )
+    _log(f"the inverter was confident of {int(kept.sum())} of its {len(kept)} outputs")
     results = {
         "inverter": score(predictions, references),
+        "inverter, else the nearest where unsure (no target queries)": score(fallback, references),
         f"inverter + {DEFAULT_NEIGHBOURS} nearest, re-ranked by the target": score(
             reranked, references
         ),
@@ -199,14 +206,15 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         "results": results,
         "examples": examples,
         "seconds": elapsed,
+        "fallback_kept_own": int(kept.sum()),
         "checkpoint": str(model_dir),
         "target": target.fingerprint.to_dict(),
     }
     (out / "results.json").write_text(json.dumps(report, indent=1))
     (out / "predictions.jsonl").write_text(
         "".join(
-            json.dumps({"hidden": r, "recovered": p, "reranked": q}) + "\n"
-            for r, p, q in zip(references, predictions, reranked, strict=True)
+            json.dumps({"hidden": r, "recovered": p, "fallback": f, "reranked": q}) + "\n"
+            for r, p, f, q in zip(references, predictions, fallback, reranked, strict=True)
         )
     )
     print()

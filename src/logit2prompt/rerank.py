@@ -212,16 +212,18 @@ def confident_or_nearest(
     near: list[list[int]] | None = None,
     batch_size: int = 32,
     progress: bool = True,
-) -> list[str]:
+) -> tuple[list[str], np.ndarray]:
     """Per row, the inverter's `proposals` entry where the inverter is confident of it (summed
-    NLL below `nats`), else the nearest training prompt. No target queries: one teacher-forced
-    pass per row. `near` spares a second pass over the training store."""
+    NLL below `nats`), else the nearest training prompt; and the boolean mask of rows that kept
+    the inverter's own. No target queries: one teacher-forced pass per row. `near` spares a
+    second pass over the training store."""
     if near is None:
         near = nearest_neighbours(train, observed, 1)
-    nll, _ = candidate_likelihoods(
-        inverter, observed, [[p] for p in proposals], batch_size, progress
-    )
-    return [
-        p if float(n[0]) < nats else train.prompts[row[0]]
-        for p, n, row in zip(proposals, nll, near, strict=True)
+    candidates = [[p] for p in proposals]
+    nll, _ = candidate_likelihoods(inverter, observed, candidates, batch_size, progress)
+    kept = np.array([float(n[0]) < nats for n in nll], dtype=bool)
+    answers = [
+        p if keep else train.prompts[row[0]]
+        for p, keep, row in zip(proposals, kept, near, strict=True)
     ]
+    return answers, kept
