@@ -11,7 +11,9 @@ inverter is confident of it and answers with the nearest train prompt elsewhere 
 from __future__ import annotations
 
 import json
+import resource
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -93,8 +95,17 @@ def _check_reusable(model_dir: Path, train_cfg: TrainConfig) -> None:
         )
 
 
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far (GB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Bytes on macOS, kB on Linux (as /usr/bin/time prints it; the README divides by 1e6 too).
+    return peak / 1e9 if sys.platform == "darwin" else peak / 1e6
+
+
 def _log(msg: str) -> None:
-    print(f"[quickstart {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    # The peak so far tells a user with less memory which step needs it.
+    stamp = f"{time.strftime('%H:%M:%S')}, peak {peak_rss_gb():.1f} GB"
+    print(f"[quickstart {stamp}] {msg}", flush=True)
 
 
 def run_quickstart(cfg: QuickstartConfig) -> dict:
@@ -207,6 +218,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         "examples": examples,
         "seconds": elapsed,
         "fallback_kept_own": int(kept.sum()),
+        "peak_rss_gb": peak_rss_gb(),
         "checkpoint": str(model_dir),
         "target": target.fingerprint.to_dict(),
     }
