@@ -1,0 +1,89 @@
+"""Peak memory of each training phase, in a fresh process: where a prefix-lm's RAM goes.
+
+    python benchmarks/train_memory.py --data runs/quickstart/stores/train \\
+        --val-data runs/quickstart/stores/validation
+
+The quickstart's recipe (prefix-lm, 2 neighbours, batch 16) for a few steps, with an evaluation
+and a checkpoint on the way; the process's peak resident memory is read after each phase
+(the subspace fit happens while the Trainer is built). Writes
+benchmarks/results/train_memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from logit2prompt.quickstart import peak_rss_gb
+from logit2prompt.train import TrainConfig, Trainer
+
+RESULTS = Path(__file__).parent / "results" / "train_memory.json"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--val-data", required=True)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    phases: list[tuple[str, float]] = [("start", peak_rss_gb())]
+    with tempfile.TemporaryDirectory() as out:
+        cfg = TrainConfig(
+            data=args.data,
+            val_data=args.val_data,
+            out=out,
+            preset="prefix-lm",
+            neighbours=2,
+            neighbour_copy=False,
+            per_device_batch_size=16,
+            max_steps=args.steps,
+            eval_every=args.steps // 2,
+            save_every=args.steps // 2,
+            warmup_steps=1,
+            progress=False,
+        )
+        trainer = Trainer(cfg)
+        phases.append(("Trainer built (decoder loaded, subspace fitted)", peak_rss_gb()))
+
+        def watched(method, name):
+            def wrapper(*a, **k):
+                result = method(*a, **k)
+                phases.append((f"{name}, step {trainer.step}", peak_rss_gb()))
+                return result
+
+            return wrapper
+
+        for attr, name in (
+            ("prepare", "memory built, Accelerate prepared"),
+            ("train_step", "train step"),
+            ("evaluate", "validation (loss + greedy decoding)"),
+            ("save_checkpoint", "checkpoint saved"),
+        ):
+            setattr(trainer, attr, watched(getattr(trainer, attr), name))
+        trainer.run()
+    print(f"{'phase':<55} peak RSS so far (GB)")
+    for name, gb in phases:
+        print(f"{name:<55} {gb:.2f}")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(
+        json.dumps(
+            {
+                "benchmark": "train_memory",
+                "data": args.data,
+                "steps": args.steps,
+                "phases": [{"phase": n, "peak_rss_gb": gb} for n, gb in phases],
+                "wall_s": time.perf_counter() - started,
+            },
+            indent=1,
+        )
+    )
+    print(f"wrote {args.results}")
+
+
+if __name__ == "__main__":
+    main()
