@@ -433,6 +433,8 @@ def test_invert_cli_fallback_to_a_store(trained, tiny_store, raw_target, tmp_pat
     assert main(["invert", "--checkpoint", str(out), "--data", str(extra), *both]) == 2
     sampled = [*fallback, "--sample"]
     assert main(["invert", "--checkpoint", str(out), "--data", str(extra), *sampled]) == 2
+    alone = ["--confidence-nats", "3"]
+    assert main(["invert", "--checkpoint", str(out), "--data", str(extra), *alone]) == 2
 
 
 def test_info_summarises_stores_and_checkpoints(trained, tiny_store, capsys):

@@ -267,6 +267,8 @@ def cmd_invert(args) -> None:
     from .invert import invert_store, load_vectors, target_for, write_predictions
     from .inverter import Inverter
 
+    if args.confidence_nats != DEFAULT_CONFIDENCE_NATS and not args.fallback_to:
+        raise Logit2PromptError("--confidence-nats is the threshold of --fallback-to; add it")
     inverter = Inverter.from_pretrained(args.checkpoint, device=args.device)
     generate = {
         "num_beams": args.num_beams,

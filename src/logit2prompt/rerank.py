@@ -137,6 +137,7 @@ def candidate_likelihoods(
     # Similar lengths share a batch: less padding through the decoder.
     order = sorted(range(len(pairs)), key=lambda p: len(labels[pairs[p][1]]))
     nll = np.zeros(len(pairs))
+    device = inverter.feature_mean.device
     was_training = inverter.training
     inverter.eval()
     # Thousands of candidates take tens of minutes on a CPU.
@@ -145,8 +146,9 @@ def candidate_likelihoods(
         chunk = order[start : start + batch_size]
         rows = [pairs[p][0] for p in chunk]
         padded = pad_labels([labels[pairs[p][1]] for p in chunk])
-        near = neighbour_ids[rows] if neighbour_ids is not None else None
-        nll[chunk] = inverter(flat[rows], padded, near, per_example=True).float().numpy()
+        near = neighbour_ids[rows].to(device) if neighbour_ids is not None else None
+        out = inverter(flat[rows].to(device), padded.to(device), near, per_example=True)
+        nll[chunk] = out.float().cpu().numpy()
     inverter.train(was_training)
     counts = np.array([len(labels[c]) for _, c in pairs], dtype=np.float64)
     bounds = np.cumsum([0, *map(len, candidates)])

@@ -117,8 +117,9 @@ def _schedule(optimizer, cfg: TrainConfig):
 
 
 # What a resumed run must share with the checkpoint for "continues exactly" to hold: the model,
-# its inputs, the optimizer and the data order. Left out on purpose: paths (a run directory may
-# move), max_steps (extending a run is a common, deliberate choice), precision and logging.
+# its inputs, the optimizer and the data order. Left out on purpose: the data and output paths
+# (a run directory may move; the number of training prompts is compared instead), max_steps
+# (extending a run is a common, deliberate choice), precision and logging.
 RECIPE_FIELDS = (
     "preset",
     "normalization",
