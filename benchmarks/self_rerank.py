@@ -74,6 +74,8 @@ def scored_candidates(
 ) -> list[dict]:
     """Per prompt: candidates (beams, then neighbours; with `top_only` the top beam and the
     nearest), which are neighbours, summed NLL and token counts; cached in `cache`."""
+    if top_only:
+        proposals = [p[:1] for p in proposals]
     if cache.is_file():
         rows = [json.loads(line) for line in cache.read_text().splitlines()]
         if [row["hidden"] for row in rows] == store.prompts and all(
@@ -83,7 +85,7 @@ def scored_candidates(
     observed = store.vectors(range(len(store)))
     near = nearest_neighbours(train, observed, DEFAULT_NEIGHBOURS)
     if top_only:
-        proposals, near = [p[:1] for p in proposals], [row[:1] for row in near]
+        near = [row[:1] for row in near]
     rows = []
     for hidden, beams, row in zip(store.prompts, proposals, near, strict=True):
         neighbours = [train.prompts[j] for j in row if train.prompts[j] not in beams]
