@@ -22,6 +22,7 @@ import numpy as np
 
 from logit2prompt.inverter import Inverter
 from logit2prompt.metrics import (
+    format_gain,
     format_table,
     paired_gain,
     score,
@@ -133,13 +134,7 @@ def main() -> None:
     gain = paired_gain(final, start, refs)
     print(f"BIG-bench {args.split} split ({n} prompts), proposals from {args.inverter}")
     print(format_table(results))
-    print(
-        "paired gain over nearest neighbour: "
-        + ", ".join(
-            f"{k} {v['mean']:+.2f} [{v['ci95'][0]:+.2f},{v['ci95'][1]:+.2f}]"
-            for k, v in gain.items()
-        )
-    )
+    print(f"paired gain over nearest neighbour: {format_gain(gain)}")
     for r, e in enumerate(edits):
         print(
             f"round {r + 1}: {e['changed']} prompts edited (each nearer the observed vector); "

@@ -24,7 +24,7 @@ from pathlib import Path
 from logit2prompt.baselines import nearest_neighbours
 from logit2prompt.invert import target_for
 from logit2prompt.inverter import Inverter
-from logit2prompt.metrics import format_table, paired_gain, score, sentence_bleu
+from logit2prompt.metrics import format_gain, format_table, paired_gain, score, sentence_bleu
 from logit2prompt.rerank import (
     DEFAULT_BEAMS,
     DEFAULT_NEIGHBOURS,
@@ -92,13 +92,7 @@ def main() -> None:
         )
     gain = paired_gain(reranked, nearest, refs)
     print(format_table(results))
-    print(
-        "paired gain over nearest neighbour: "
-        + ", ".join(
-            f"{k} {v['mean']:+.2f} [{v['ci95'][0]:+.2f}, {v['ci95'][1]:+.2f}]"
-            for k, v in gain.items()
-        )
-    )
+    print(f"paired gain over nearest neighbour: {format_gain(gain)}")
     Path(args.checkpoint, "rerank_gain_predictions.jsonl").write_text(
         "".join(
             json.dumps({"hidden": r, "reranked": p, "nearest": n}) + "\n"

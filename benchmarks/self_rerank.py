@@ -33,7 +33,7 @@ import numpy as np
 from logit2prompt.baselines import nearest_neighbours
 from logit2prompt.invert import ensure_same_target, invert_store
 from logit2prompt.inverter import Inverter
-from logit2prompt.metrics import format_table, paired_gain, per_example_scores, score
+from logit2prompt.metrics import format_gain, format_table, paired_gain, per_example_scores, score
 from logit2prompt.rerank import (
     DEFAULT_CONFIDENCE_NATS,
     DEFAULT_NEIGHBOURS,
@@ -186,7 +186,8 @@ def main() -> None:
     test = splits["test"]
     refs = [r["hidden"] for r in test]
     nearest = [r["nearest"] for r in test]
-    chosen = pick(test, family, rule, value)
+    picks = choose(test, family, rule, value)
+    chosen = [r["candidates"][i] for r, i in zip(test, picks, strict=True)]
     pool = (
         "the top beam and the nearest"
         if args.top_only
@@ -212,16 +213,8 @@ def main() -> None:
     gain = paired_gain(chosen, nearest, refs)
     print(f"test split ({len(test)} prompts):")
     print(format_table(results))
-    print(
-        "paired gain over nearest neighbour: "
-        + ", ".join(
-            f"{k} {v['mean']:+.2f} [{v['ci95'][0]:+.2f}, {v['ci95'][1]:+.2f}]"
-            for k, v in gain.items()
-        )
-    )
-    picked_neighbour = np.mean(
-        [r["neighbour"][i] for r, i in zip(test, choose(test, family, rule, value), strict=True)]
-    )
+    print(f"paired gain over nearest neighbour: {format_gain(gain)}")
+    picked_neighbour = np.mean([r["neighbour"][i] for r, i in zip(test, picks, strict=True)])
     print(f"the chosen rule answers with a training prompt for {100 * picked_neighbour:.1f}%")
     args.results.parent.mkdir(parents=True, exist_ok=True)
     write_json(

@@ -54,3 +54,10 @@ def test_score_table_and_refusals():
         score(["a", "b"], ["a"])
     with pytest.raises(Logit2PromptError, match="empty"):
         score([], [])
+
+
+def test_format_gain_one_line_per_metric():
+    from logit2prompt.metrics import format_gain
+
+    gain = {"bleu": {"mean": 1.234, "ci95": [0.5, 2.0]}, "exact": {"mean": -0.1, "ci95": [-1, 0.8]}}
+    assert format_gain(gain) == "bleu +1.23 [+0.50, +2.00], exact -0.10 [-1.00, +0.80]"

@@ -156,6 +156,13 @@ def format_cell(entry: dict, fmt: str) -> str:
     return f"{mean} [{format(ci[0], fmt)},{format(ci[1], fmt)}]" if ci else mean
 
 
+def format_gain(gain: dict[str, dict]) -> str:
+    """`paired_gain`'s result on one line: each metric's mean difference and its 95% CI."""
+    return ", ".join(
+        f"{k} {v['mean']:+.2f} [{v['ci95'][0]:+.2f}, {v['ci95'][1]:+.2f}]" for k, v in gain.items()
+    )
+
+
 def format_table(rows: dict[str, dict[str, dict]]) -> str:
     """A plain-text table: one row per method; BLEU / token F1 / exact (and cosine, KL, top-1
     when present), each with its 95% CI."""
