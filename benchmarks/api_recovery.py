@@ -36,10 +36,10 @@ from pathlib import Path
 
 import torch
 
-from logit2prompt.server import free_port, server_process
 from logit2prompt.targets import DEFAULT_TARGET, load_target
+from logit2prompt.targets.api.target import OpenAITarget
 from logit2prompt.targets.embedded import gguf_path
-from logit2prompt.targets.openai_api import OpenAITarget
+from logit2prompt.testing import free_port, server_process
 
 RESULTS = Path(__file__).parent / "results"
 PROMPTS = [
@@ -74,7 +74,7 @@ def sample_ids(vocab: int, must: list[int], n: int, seed: int) -> list[int]:
 
 def run_setting(label, flags, full, args, white, tmp) -> dict:
     port = free_port()
-    cmd = [sys.executable, "-m", "logit2prompt.cli", "serve", "--port", str(port)]
+    cmd = [sys.executable, "-m", "logit2prompt.cli.main", "serve", "--port", str(port)]
     cmd += ["--model-name", DEFAULT_TARGET, *flags]
     url = f"http://127.0.0.1:{port}/v1"
     with server_process(cmd, url + "/models", timeout=300):

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from logit2prompt.cli import resolve_corpus
-from logit2prompt.collect import collect, collect_vectors
-from logit2prompt.prompts import load_corpus
+from logit2prompt.cli.main import resolve_corpus
+from logit2prompt.data.collect import collect, collect_vectors
+from logit2prompt.data.corpus import load_corpus
 from logit2prompt.targets import DEFAULT_TARGET, load_target
 
 RESULTS = Path(__file__).parent / "results" / "collect_throughput.json"
@@ -86,7 +86,7 @@ def child_peak_rss(args, n: int, dtype: str) -> float:
         cmd = [
             sys.executable,
             "-m",
-            "logit2prompt.cli",
+            "logit2prompt.cli.main",
             "collect",
             "--target",
             args.target,

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from logit2prompt.inverter import Inverter
-from logit2prompt.metrics import format_table, paired_gain, score
-from logit2prompt.store import DistributionStore, write_json
+from logit2prompt.data.store import DistributionStore, write_json
+from logit2prompt.evaluation.metrics import format_table, paired_gain, score
+from logit2prompt.models.inverter import Inverter
 
 RESULTS = Path(__file__).parent / "results" / "decode_precision.json"
 PRECISIONS = {"fp32": False, "bf16 autocast": True}  # Inverter.invert(bf16=...)

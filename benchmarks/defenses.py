@@ -15,7 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
-from logit2prompt.defense_sweep import DEFAULT_SPECS, SweepConfig, best_tradeoff, run_sweep
+from logit2prompt.defenses.sweep import DEFAULT_SPECS, SweepConfig, best_tradeoff, run_sweep
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from logit2prompt.evaluate import EvalConfig, evaluate
+from logit2prompt.evaluation.evaluate import EvalConfig, evaluate
 
 RESULTS = Path(__file__).parent / "results" / "leaderboard.json"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -19,11 +19,11 @@ import json
 import time
 from pathlib import Path
 
-from logit2prompt.baselines import nearest_neighbours
-from logit2prompt.inverter import Inverter
-from logit2prompt.metrics import format_table, score, sentence_bleu
-from logit2prompt.rerank import neighbour_likelihoods, pick_by_likelihood
-from logit2prompt.store import DistributionStore
+from logit2prompt.attacks.nearest import nearest_neighbours
+from logit2prompt.attacks.rerank import neighbour_likelihoods, pick_by_likelihood
+from logit2prompt.data.store import DistributionStore
+from logit2prompt.evaluation.metrics import format_table, score, sentence_bleu
+from logit2prompt.models.inverter import Inverter
 
 RESULTS = Path(__file__).parent / "results" / "neighbour_choice.json"
 UPPER_BOUND = "upper bound: the best of the {k} nearest by BLEU vs the hidden prompt"

@@ -15,8 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from logit2prompt.features import NORMALIZATIONS
-from logit2prompt.train import TrainConfig, Trainer
+from logit2prompt.models.features import NORMALIZATIONS
+from logit2prompt.training.trainer import TrainConfig, Trainer
 
 RESULTS = Path(__file__).parent / "results" / "normalization.json"
 

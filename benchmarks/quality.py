@@ -29,21 +29,21 @@ from pathlib import Path
 
 import torch
 
-from logit2prompt.baselines import baseline_predictions, nearest_neighbours
-from logit2prompt.bigbench import build_bigbench_corpus
-from logit2prompt.collect import collect
-from logit2prompt.invert import invert_store
-from logit2prompt.inverter import Inverter
-from logit2prompt.metrics import format_table, paired_gain, score
-from logit2prompt.prompts import load_corpus
-from logit2prompt.rerank import (
+from logit2prompt.attacks.invert import invert_store
+from logit2prompt.attacks.nearest import baseline_predictions, nearest_neighbours
+from logit2prompt.attacks.rerank import (
     DEFAULT_NEIGHBOURS,
     inverter_with_neighbours,
     proposals_with_neighbours,
 )
-from logit2prompt.store import DistributionStore
+from logit2prompt.data.bigbench import build_bigbench_corpus
+from logit2prompt.data.collect import collect
+from logit2prompt.data.corpus import load_corpus
+from logit2prompt.data.store import DistributionStore
+from logit2prompt.evaluation.metrics import format_table, paired_gain, score
+from logit2prompt.models.inverter import Inverter
 from logit2prompt.targets import DEFAULT_TARGET, load_target
-from logit2prompt.train import TrainConfig, Trainer, is_trained
+from logit2prompt.training.trainer import TrainConfig, Trainer, is_trained
 
 RESULTS = Path(__file__).parent / "results" / "quality.json"
 SHARED_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "bigbench_prompts.jsonl"

@@ -20,16 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
-from logit2prompt.inverter import Inverter
-from logit2prompt.metrics import (
+from logit2prompt.attacks.refine import RefineConfig, Refined, nearest_start, propose, refine
+from logit2prompt.data.store import DistributionStore, write_json
+from logit2prompt.evaluation.metrics import (
     format_gain,
     format_table,
     paired_gain,
     score,
     sentence_bleu,
 )
-from logit2prompt.refine import RefineConfig, Refined, nearest_start, propose, refine
-from logit2prompt.store import DistributionStore, write_json
+from logit2prompt.models.inverter import Inverter
 from logit2prompt.targets import DEFAULT_TARGET, load_target
 
 RESULTS_DIR = Path(__file__).parent / "results"

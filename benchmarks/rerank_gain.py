@@ -21,17 +21,23 @@ import json
 import time
 from pathlib import Path
 
-from logit2prompt.baselines import nearest_neighbours
-from logit2prompt.invert import target_for
-from logit2prompt.inverter import Inverter
-from logit2prompt.metrics import format_gain, format_table, paired_gain, score, sentence_bleu
-from logit2prompt.rerank import (
+from logit2prompt.attacks.invert import target_for
+from logit2prompt.attacks.nearest import nearest_neighbours
+from logit2prompt.attacks.rerank import (
     DEFAULT_BEAMS,
     DEFAULT_NEIGHBOURS,
     inverter_with_neighbours,
     proposals_with_neighbours,
 )
-from logit2prompt.store import DistributionStore, write_json
+from logit2prompt.data.store import DistributionStore, write_json
+from logit2prompt.evaluation.metrics import (
+    format_gain,
+    format_table,
+    paired_gain,
+    score,
+    sentence_bleu,
+)
+from logit2prompt.models.inverter import Inverter
 
 RESULTS = Path(__file__).parent / "results" / "rerank_gain.json"
 ORACLE = "upper bound: per prompt, the better of the top proposal and the nearest by BLEU"

@@ -30,18 +30,24 @@ from pathlib import Path
 
 import numpy as np
 
-from logit2prompt.baselines import nearest_neighbours
-from logit2prompt.invert import ensure_same_target, invert_store
-from logit2prompt.inverter import Inverter
-from logit2prompt.metrics import format_gain, format_table, paired_gain, per_example_scores, score
-from logit2prompt.rerank import (
+from logit2prompt.attacks.invert import ensure_same_target, invert_store
+from logit2prompt.attacks.nearest import nearest_neighbours
+from logit2prompt.attacks.rerank import (
     DEFAULT_CONFIDENCE_NATS,
     DEFAULT_NEIGHBOURS,
     SELF_RERANK_RULES,
     candidate_likelihoods,
     pick_by_inverter,
 )
-from logit2prompt.store import DistributionStore, write_json
+from logit2prompt.data.store import DistributionStore, write_json
+from logit2prompt.evaluation.metrics import (
+    format_gain,
+    format_table,
+    paired_gain,
+    per_example_scores,
+    score,
+)
+from logit2prompt.models.inverter import Inverter
 
 RESULTS = Path(__file__).parent / "results" / "self_rerank.json"
 # Value grids per NLL scale (bonus or gate threshold): up to about what separates a good beam

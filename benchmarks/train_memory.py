@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from logit2prompt.quickstart import peak_rss_gb
-from logit2prompt.train import TrainConfig, Trainer
+from logit2prompt.recipes.quickstart import peak_rss_gb
+from logit2prompt.training.trainer import TrainConfig, Trainer
 
 RESULTS = Path(__file__).parent / "results" / "train_memory.json"
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from logit2prompt.train import TrainConfig, Trainer
+from logit2prompt.training.trainer import TrainConfig, Trainer
 
 RESULTS = Path(__file__).parent / "results" / "train_throughput.json"
 

@@ -119,7 +119,7 @@ def accelerate_launch(*module_args: str) -> list[str]:
 def tiny_train_config(data, out, tokenizer_dir, **overrides):
     """A TrainConfig for the 'tiny' preset that trains in seconds: fp32, no progress bar,
     no periodic evaluation or checkpoints unless asked, short outputs."""
-    from logit2prompt.train import TrainConfig
+    from logit2prompt.training.trainer import TrainConfig
 
     base = dict(
         data=str(data),

@@ -17,14 +17,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 from logit2prompt.errors import TargetError
-from logit2prompt.server import ServerConfig, create_app, free_port, server_process
+from logit2prompt.server.app import ServerConfig, create_app
 from logit2prompt.targets import HFTarget
-from logit2prompt.targets.openai_api import (
+from logit2prompt.targets.api.target import (
     OpenAITarget,
     QueryBudgetExceeded,
     parse_openai_spec,
 )
 from logit2prompt.targets.vocab import token_bytes
+from logit2prompt.testing import free_port, server_process
 
 PROMPTS = ["What is the capital of France?", "List three prime numbers."]
 MODEL = "tiny"
@@ -47,7 +48,7 @@ def http(method: str, url: str, body: bytes | None = None, json_body=None) -> tu
 def running_server(model_dir, *args: str):
     """`logit2prompt serve` in a real subprocess on a free loopback port; yields the base URL."""
     port = free_port()
-    cmd = [sys.executable, "-m", "logit2prompt.cli", "serve", "--target", str(model_dir)]
+    cmd = [sys.executable, "-m", "logit2prompt.cli.main", "serve", "--target", str(model_dir)]
     cmd += ["--port", str(port), "--model-name", MODEL, *args]
     with server_process(cmd, f"http://127.0.0.1:{port}/openapi.json", timeout=90):
         yield f"http://127.0.0.1:{port}/v1"
@@ -203,7 +204,7 @@ def test_bad_requests_get_4xx(after_server):
 
 
 def test_server_binds_loopback_by_default():
-    from logit2prompt.cli import build_parser
+    from logit2prompt.cli.main import build_parser
 
     args = build_parser().parse_args(["serve"])
     assert args.host == "127.0.0.1"
@@ -296,9 +297,9 @@ def test_interrupted_recovery_resumes_without_asking_again(after_server, white_b
 
 
 def test_collect_from_an_api_target(after_server, white_box, tmp_path):
-    from logit2prompt.collect import collect
-    from logit2prompt.prompts import Corpus, PromptRecord
-    from logit2prompt.store import DistributionStore
+    from logit2prompt.data.collect import collect
+    from logit2prompt.data.corpus import Corpus, PromptRecord
+    from logit2prompt.data.store import DistributionStore
 
     target = api_target(after_server, white_box, tmp_path)
     store_dir = tmp_path / "store"
@@ -336,8 +337,8 @@ def test_unreachable_endpoint_is_a_clear_error(white_box, tmp_path):
 
 
 def test_collect_cli_through_an_api(after_server, tiny_lm_dir, corpus_file, tmp_path, capsys):
-    from logit2prompt.cli import main
-    from logit2prompt.store import DistributionStore
+    from logit2prompt.cli.main import main
+    from logit2prompt.data.store import DistributionStore
 
     out = tmp_path / "api-store"
     args = ["collect", "--target", f"openai:{after_server}:{MODEL}", "--tokenizer"]
@@ -349,7 +350,7 @@ def test_collect_cli_through_an_api(after_server, tiny_lm_dir, corpus_file, tmp_
 
 
 def test_rate_limiter_spaces_request_starts(monkeypatch):
-    from logit2prompt.targets import openai_api
+    from logit2prompt.targets.api import target as openai_api
 
     clock = {"t": 100.0}
     monkeypatch.setattr(openai_api.time, "monotonic", lambda: clock["t"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from logit2prompt.store import DistributionStore
+from logit2prompt.data.store import DistributionStore
 
 from .conftest import accelerate_launch
 
@@ -26,7 +26,7 @@ def _corpus(tmp_path: Path, n: int) -> Path:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "logit2prompt.cli", *args]
+    return [sys.executable, "-m", "logit2prompt.cli.main", *args]
 
 
 def _collect_args(tiny_lm_dir, corpus, out, shard_size=4) -> list[str]:
@@ -91,7 +91,7 @@ def test_accelerate_two_processes_make_one_store(tiny_lm_dir, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run(_cli(*_collect_args(tiny_lm_dir, corpus, one)), check=True, capture_output=True)
     launch = accelerate_launch(
-        "logit2prompt.cli",
+        "logit2prompt.cli.main",
         *_collect_args(tiny_lm_dir, corpus, two),
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from logit2prompt.collect import collect
-from logit2prompt.defenses import FLOOR, DefenseError, parse_defense
+from logit2prompt.data.collect import collect
+from logit2prompt.data.corpus import Corpus, PromptRecord
+from logit2prompt.data.store import DistributionStore, read_manifest
+from logit2prompt.defenses.chain import FLOOR, DefenseError, parse_defense
 from logit2prompt.errors import StoreError
-from logit2prompt.prompts import Corpus, PromptRecord
-from logit2prompt.store import DistributionStore, read_manifest
 from logit2prompt.targets import load_target
 from logit2prompt.targets.defended import DefendedTarget
 
@@ -138,7 +138,7 @@ def test_defended_collection_is_recorded_and_never_mixed(tiny_lm_dir, tmp_path):
 
 
 def test_collect_cli_defense_flag(tiny_lm_dir, tmp_path, capsys):
-    from logit2prompt.cli import main
+    from logit2prompt.cli.main import main
 
     corpus = tmp_path / "p.txt"
     corpus.write_text("one prompt\nanother prompt\n")
@@ -162,8 +162,8 @@ def test_defend_sweep_end_to_end(tiny_lm_dir, tmp_path):
     """Tiny inverter, two defenses: results, plot and a parseable HTML report with both rows."""
     from html.parser import HTMLParser
 
-    from logit2prompt.defense_sweep import SweepConfig, run_sweep, utility_cost
-    from logit2prompt.train import Trainer
+    from logit2prompt.defenses.sweep import SweepConfig, run_sweep, utility_cost
+    from logit2prompt.training.trainer import Trainer
 
     from .conftest import FIXTURE_PROMPTS
 
@@ -230,7 +230,7 @@ def test_defend_sweep_end_to_end(tiny_lm_dir, tmp_path):
 
 def test_defended_generation_samples_the_defended_distribution(tiny_lm_dir):
     """With top-1 truncation, sampling must equal greedy decoding; without it, it need not."""
-    from logit2prompt.defenses import DefenseLogitsProcessor
+    from logit2prompt.defenses.chain import DefenseLogitsProcessor
 
     target = load_target(str(tiny_lm_dir), mode="raw")
     from .conftest import FIXTURE_PROMPTS
@@ -247,7 +247,7 @@ def test_defended_generation_samples_the_defended_distribution(tiny_lm_dir):
 
 def test_laplace_noise_is_always_finite():
     """Regression: a uniform draw of exactly 0 gave -inf Laplace noise (found by the sweep)."""
-    from logit2prompt.defenses import laplace_from_uniform
+    from logit2prompt.defenses.chain import laplace_from_uniform
 
     edge = laplace_from_uniform(torch.tensor([0.0, 1e-30, 0.5, 0.9999999]), 3.0)
     assert torch.isfinite(edge).all() and edge[2] == 0

@@ -7,12 +7,12 @@ from html.parser import HTMLParser
 
 import pytest
 
-from logit2prompt.collect import collect
+from logit2prompt.data.collect import collect
+from logit2prompt.data.corpus import Corpus, PromptRecord
 from logit2prompt.errors import Logit2PromptError
-from logit2prompt.metrics import summarize
-from logit2prompt.prompts import Corpus, PromptRecord
+from logit2prompt.evaluation.metrics import summarize
 from logit2prompt.targets import load_target
-from logit2prompt.train import Trainer
+from logit2prompt.training.trainer import Trainer
 
 from .conftest import FIXTURE_PROMPTS, tiny_train_config
 
@@ -38,7 +38,7 @@ def checkpoint(user_target, tiny_lm_dir, tmp_path_factory):
 
 
 def test_cosine_similarity_of_sentence_embeddings():
-    from logit2prompt.similarity import cosine_similarity
+    from logit2prompt.evaluation.similarity import cosine_similarity
 
     refs = ["What is the capital of France?"] * 3
     preds = [
@@ -54,7 +54,7 @@ def test_cosine_similarity_of_sentence_embeddings():
 
 
 def test_functional_scores(user_target):
-    from logit2prompt.functional import functional_scores
+    from logit2prompt.evaluation.functional import functional_scores
 
     refs = [TEST[0], TEST[1]]
     same = functional_scores(user_target, refs, refs)
@@ -78,7 +78,7 @@ def test_summarize_gives_cis_and_refuses_empty():
 
 
 def test_extraction_best_string_and_oracle():
-    from logit2prompt.extraction import best_and_oracle, load_attacks
+    from logit2prompt.attacks.extraction import best_and_oracle, load_attacks
 
     assert len(load_attacks()) >= 10
     refs = ["the cat sat on the mat", "a quick brown fox jumps"]
@@ -94,7 +94,7 @@ def test_extraction_best_string_and_oracle():
 
 
 def test_extraction_inputs_follow_the_threat_model(tiny_lm_dir):
-    from logit2prompt.extraction import attack_input
+    from logit2prompt.attacks.extraction import attack_input
 
     system = load_target(str(tiny_lm_dir), mode="system")
     text = attack_input(system, "HIDDEN", "Repeat it.")
@@ -120,7 +120,7 @@ class _Tables(HTMLParser):
 
 
 def test_evaluate_end_to_end_with_every_baseline(checkpoint, tmp_path, capsys):
-    from logit2prompt.cli import main
+    from logit2prompt.cli.main import main
 
     prompts = tmp_path / "ood.jsonl"
     prompts.write_text(
@@ -171,7 +171,7 @@ def test_evaluate_end_to_end_with_every_baseline(checkpoint, tmp_path, capsys):
 
 
 def test_evaluate_refuses_bad_setups(checkpoint, tiny_lm_dir, tmp_path):
-    from logit2prompt.evaluate import EvalConfig, evaluate
+    from logit2prompt.evaluation.evaluate import EvalConfig, evaluate
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(TEST) + "\n")
@@ -198,9 +198,9 @@ def test_evaluate_refuses_bad_setups(checkpoint, tiny_lm_dir, tmp_path):
 
 
 def test_text_only_baseline_trains_saves_and_evaluates(checkpoint, tmp_path):
-    from logit2prompt.cli import main
+    from logit2prompt.cli.main import main
     from logit2prompt.errors import CheckpointError
-    from logit2prompt.textinvert import TextInverter
+    from logit2prompt.models.text_inverter import TextInverter
 
     text_dir = tmp_path / "text"
     args = ["train-text", "--data", str(checkpoint / "train"), "--out", str(text_dir)]
@@ -232,10 +232,14 @@ def test_text_only_baseline_trains_saves_and_evaluates(checkpoint, tmp_path):
 
 
 def test_rerank_by_the_target_finds_a_candidate_that_matches(checkpoint, user_target):
-    from logit2prompt.collect import collect_vectors
-    from logit2prompt.inverter import Inverter
-    from logit2prompt.rerank import inverter_with_neighbours, proposals_with_neighbours, rerank
-    from logit2prompt.store import DistributionStore
+    from logit2prompt.attacks.rerank import (
+        inverter_with_neighbours,
+        proposals_with_neighbours,
+        rerank,
+    )
+    from logit2prompt.data.collect import collect_vectors
+    from logit2prompt.data.store import DistributionStore
+    from logit2prompt.models.inverter import Inverter
 
     observed = collect_vectors(user_target, TEST[:3], 1, 8)
     decoys = [[TRAIN[0], TEST[i], TRAIN[1]] for i in range(3)]
@@ -255,7 +259,7 @@ def test_rerank_by_the_target_finds_a_candidate_that_matches(checkpoint, user_ta
 
 
 def test_evaluate_random_sample_is_seeded(checkpoint, tmp_path):
-    from logit2prompt.evaluate import EvalConfig, evaluate
+    from logit2prompt.evaluation.evaluate import EvalConfig, evaluate
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(FIXTURE_PROMPTS) + "\n")
@@ -280,7 +284,7 @@ def test_evaluate_random_sample_is_seeded(checkpoint, tmp_path):
 
 
 def test_external_predictions_are_scored_or_refused(checkpoint, tmp_path):
-    from logit2prompt.evaluate import EvalConfig, evaluate
+    from logit2prompt.evaluation.evaluate import EvalConfig, evaluate
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(TEST) + "\n")
@@ -347,8 +351,8 @@ class _OracleProposer:
 
 
 def test_refine_reaches_the_hidden_prompt_when_the_proposer_knows_it(user_target):
-    from logit2prompt.collect import collect_vectors
-    from logit2prompt.refine import RefineConfig, refine, sq_distances
+    from logit2prompt.attacks.refine import RefineConfig, refine, sq_distances
+    from logit2prompt.data.collect import collect_vectors
 
     hidden = "the cat sat on the mat"
     tokenizer = user_target.tokenizer
@@ -370,11 +374,16 @@ def test_refine_reaches_the_hidden_prompt_when_the_proposer_knows_it(user_target
 def test_refine_only_keeps_edits_that_bring_the_target_closer(checkpoint, user_target):
     import numpy as np
 
-    from logit2prompt.collect import collect_vectors
+    from logit2prompt.attacks.refine import (
+        RefineConfig,
+        nearest_start,
+        refine_nearest,
+        sq_distances,
+    )
+    from logit2prompt.data.collect import collect_vectors
+    from logit2prompt.data.store import DistributionStore
     from logit2prompt.errors import VectorError
-    from logit2prompt.inverter import Inverter
-    from logit2prompt.refine import RefineConfig, nearest_start, refine_nearest, sq_distances
-    from logit2prompt.store import DistributionStore
+    from logit2prompt.models.inverter import Inverter
 
     train = DistributionStore(checkpoint / "train")
     inverter = Inverter.from_pretrained(checkpoint / "inv")
@@ -402,11 +411,11 @@ def test_refine_only_keeps_edits_that_bring_the_target_closer(checkpoint, user_t
 def test_rerank_at_its_beam_count_decodes_once(checkpoint, user_target):
     """evaluate --rerank --num-beams 4: one beam search gives the inverter's answer (top beam)
     and the re-ranker's candidates, with the same answers as decoding each separately."""
-    from logit2prompt.collect import collect_vectors
-    from logit2prompt.evaluate import INVERTER, RERANKED, EvalConfig, method_predictions
-    from logit2prompt.inverter import Inverter
-    from logit2prompt.rerank import DEFAULT_BEAMS, inverter_with_neighbours
-    from logit2prompt.store import DistributionStore
+    from logit2prompt.attacks.rerank import DEFAULT_BEAMS, inverter_with_neighbours
+    from logit2prompt.data.collect import collect_vectors
+    from logit2prompt.data.store import DistributionStore
+    from logit2prompt.evaluation.evaluate import INVERTER, RERANKED, EvalConfig, method_predictions
+    from logit2prompt.models.inverter import Inverter
 
     inverter = Inverter.from_pretrained(checkpoint / "inv")
     vectors = collect_vectors(user_target, TEST, 1, 8)

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from logit2prompt.collect import collect
+from logit2prompt.attacks.invert import invert_store
+from logit2prompt.data.collect import collect
+from logit2prompt.data.corpus import Corpus, PromptRecord
+from logit2prompt.data.store import DistributionStore
 from logit2prompt.errors import CheckpointError, VectorError
-from logit2prompt.invert import invert_store
-from logit2prompt.inverter import Inverter, encode_labels, pad_labels
-from logit2prompt.prompts import Corpus, PromptRecord
-from logit2prompt.store import DistributionStore
+from logit2prompt.models.inverter import Inverter, encode_labels, pad_labels
 from logit2prompt.targets import load_target
-from logit2prompt.train import TrainConfig, Trainer, is_trained
+from logit2prompt.training.trainer import TrainConfig, Trainer, is_trained
 
 from .conftest import FIXTURE_PROMPTS, accelerate_launch, tiny_train_config
 
@@ -210,7 +210,7 @@ def test_accelerate_two_processes_match_one(tiny_store, tiny_lm_dir, tmp_path, p
     one = [
         sys.executable,
         "-m",
-        "logit2prompt.cli",
+        "logit2prompt.cli.main",
         "train",
         "--out",
         str(tmp_path / "one"),
@@ -219,7 +219,7 @@ def test_accelerate_two_processes_match_one(tiny_store, tiny_lm_dir, tmp_path, p
         *common,
     ]
     two = accelerate_launch(
-        "logit2prompt.cli",
+        "logit2prompt.cli.main",
         "train",
         "--out",
         str(tmp_path / "two"),
@@ -317,8 +317,8 @@ def test_pretrained_t5_init_round_trips(tiny_store, tiny_lm_dir, tmp_path):
 
 
 def test_invert_cli_every_source(trained, tiny_store, tiny_lm_dir, tmp_path, capsys):
-    from logit2prompt.cli import main
-    from logit2prompt.invert import save_vectors
+    from logit2prompt.attacks.invert import save_vectors
+    from logit2prompt.cli.main import main
 
     out, _ = trained
     store = DistributionStore(tiny_store)
@@ -370,7 +370,7 @@ def test_invert_cli_every_source(trained, tiny_store, tiny_lm_dir, tmp_path, cap
 def test_invert_cli_rerank_with_a_store(trained, raw_target, tiny_lm_dir, tmp_path, capsys):
     """`--rerank-with STORE` adds the store's nearest prompts to the beams and lets the target
     choose: prompts the inverter never saw come back exactly when the store holds them."""
-    from logit2prompt.cli import main
+    from logit2prompt.cli.main import main
 
     out, _ = trained
     unseen = FIXTURE_PROMPTS[8:11]
@@ -404,13 +404,13 @@ def test_invert_cli_rerank_with_a_store(trained, raw_target, tiny_lm_dir, tmp_pa
 def test_invert_cli_fallback_to_a_store(trained, tiny_store, raw_target, tmp_path, monkeypatch):
     """`--fallback-to STORE` keeps the inverter's output where it is confident and answers
     with the store's nearest prompt elsewhere, never loading the target."""
-    import logit2prompt.invert
-    from logit2prompt.cli import main
+    import logit2prompt.attacks.invert
+    from logit2prompt.cli.main import main
 
     def no_target(*_, **__):
         raise AssertionError("--fallback-to must not query the target")
 
-    monkeypatch.setattr(logit2prompt.invert, "target_for", no_target)
+    monkeypatch.setattr(logit2prompt.attacks.invert, "target_for", no_target)
     out, _ = trained
     unseen = FIXTURE_PROMPTS[8:11]
     extra = _store(raw_target, tmp_path / "extra", unseen)
@@ -438,7 +438,7 @@ def test_invert_cli_fallback_to_a_store(trained, tiny_store, raw_target, tmp_pat
 
 
 def test_info_summarises_stores_and_checkpoints(trained, tiny_store, capsys):
-    from logit2prompt.cli import main
+    from logit2prompt.cli.main import main
 
     assert main(["info", str(tiny_store)]) == 0
     assert json.loads(capsys.readouterr().out)["num_prompts"] == len(MEMORISE)
@@ -451,7 +451,7 @@ def test_info_summarises_stores_and_checkpoints(trained, tiny_store, capsys):
 
 
 def test_likelihood_picks_the_memorised_prompt_among_candidates(trained, tiny_store):
-    from logit2prompt.rerank import neighbour_likelihoods, pick_by_likelihood
+    from logit2prompt.attacks.rerank import neighbour_likelihoods, pick_by_likelihood
 
     model = Inverter.from_pretrained(trained[0])
     store = DistributionStore(tiny_store)
@@ -471,7 +471,7 @@ def test_likelihood_picks_the_memorised_prompt_among_candidates(trained, tiny_st
 
 
 def test_pick_by_inverter_rules():
-    from logit2prompt.rerank import pick_by_inverter
+    from logit2prompt.attacks.rerank import pick_by_inverter
 
     nll, tokens = np.array([2.0, 3.0, 10.0]), np.array([2, 6, 10])
     neighbour = np.array([False, True, True])
@@ -571,7 +571,7 @@ def test_causal_lm_decoder_learns_to_read_neighbours(tiny_store, tiny_lm_dir, tm
     # Scoring candidates without the target (rerank.candidate_likelihoods) matches teacher
     # forcing one candidate at a time: ragged rows, length-sorted batches, the memory's
     # neighbours looked up once per row.
-    from logit2prompt.rerank import candidate_likelihoods
+    from logit2prompt.attacks.rerank import candidate_likelihoods
 
     obs = store.vectors(range(3))
     p = store.prompts

@@ -14,9 +14,9 @@ import sys
 
 import pytest
 
-from logit2prompt.server import free_port, server_process
+from logit2prompt.targets.api.target import OpenAITarget
 from logit2prompt.targets.embedded import gguf_path
-from logit2prompt.targets.openai_api import OpenAITarget
+from logit2prompt.testing import free_port, server_process
 
 pytestmark = [pytest.mark.llamacpp, pytest.mark.embedded, pytest.mark.slow]
 PROMPT = "What is the capital of France?"

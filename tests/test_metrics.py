@@ -7,7 +7,13 @@ import math
 import pytest
 
 from logit2prompt.errors import Logit2PromptError
-from logit2prompt.metrics import bootstrap_ci, exact_match, score, sentence_bleu, token_f1
+from logit2prompt.evaluation.metrics import (
+    bootstrap_ci,
+    exact_match,
+    score,
+    sentence_bleu,
+    token_f1,
+)
 
 
 def test_token_f1_is_set_based():
@@ -57,7 +63,7 @@ def test_score_table_and_refusals():
 
 
 def test_format_gain_one_line_per_metric():
-    from logit2prompt.metrics import format_gain
+    from logit2prompt.evaluation.metrics import format_gain
 
     gain = {"bleu": {"mean": 1.234, "ci95": [0.5, 2.0]}, "exact": {"mean": -0.1, "ci95": [-1, 0.8]}}
     assert format_gain(gain) == "bleu +1.23 [+0.50, +2.00], exact -0.10 [-1.00, +0.80]"

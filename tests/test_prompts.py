@@ -7,8 +7,8 @@ import json
 
 import pytest
 
+from logit2prompt.data.corpus import clean, load_corpus, normalise, read_rows, split_of
 from logit2prompt.errors import CorpusError
-from logit2prompt.prompts import clean, load_corpus, normalise, read_rows, split_of
 
 ROWS = [
     "  What is  the capital\nof France? ",

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from logit2prompt.data.store import DistributionStore
 from logit2prompt.errors import CheckpointError
-from logit2prompt.quickstart import QuickstartConfig, run_quickstart
-from logit2prompt.store import DistributionStore
+from logit2prompt.recipes.quickstart import QuickstartConfig, run_quickstart
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def synthetic_corpus(tmp_path):
 
 
 def test_quickstart_runs_and_reuses_its_steps(synthetic_corpus, tiny_lm_dir, tmp_path, capsys):
-    from logit2prompt.cli import main
+    from logit2prompt.cli.main import main
 
     out = tmp_path / "qs"
     cfg = QuickstartConfig(

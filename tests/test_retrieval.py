@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from logit2prompt.data.store import DistributionStore
 from logit2prompt.errors import CheckpointError, VectorError
-from logit2prompt.inverter import CopyHead, Inverter
-from logit2prompt.retrieval import MEMORY_WEIGHTS, NeighbourMemory
-from logit2prompt.store import DistributionStore
-from logit2prompt.train import Trainer
+from logit2prompt.models.inverter import CopyHead, Inverter
+from logit2prompt.models.retrieval import MEMORY_WEIGHTS, NeighbourMemory
+from logit2prompt.training.trainer import Trainer
 
 from .conftest import FIXTURE_PROMPTS, tiny_train_config
 from .test_inverter import _store

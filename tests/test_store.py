@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from logit2prompt.collect import collect
+from logit2prompt.data.collect import collect
+from logit2prompt.data.corpus import Corpus, PromptRecord
+from logit2prompt.data.store import DistributionStore, StorePlan, StoreWriter, read_manifest
 from logit2prompt.errors import StoreError, VectorError
-from logit2prompt.prompts import Corpus, PromptRecord
-from logit2prompt.store import DistributionStore, StorePlan, StoreWriter, read_manifest
 from logit2prompt.targets import load_target
 
 
@@ -92,7 +92,7 @@ def test_nan_vector_is_refused_and_nothing_written(raw_target, tmp_path):
 
 
 def test_disk_full_keeps_finished_shards(raw_target, tmp_path, monkeypatch):
-    import logit2prompt.store as store_mod
+    import logit2prompt.data.store as store_mod
 
     out = tmp_path / "s"
     real_save = np.save

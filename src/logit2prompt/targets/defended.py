@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import torch
 
-from ..defenses import DefenseChain
+from ..defenses.chain import DefenseChain
 from .base import Target
 
 

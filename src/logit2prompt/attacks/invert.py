@@ -1,0 +1,134 @@
+"""Inversion as users run it: from text (via the target), vector files, corpora or stores."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..data.store import DistributionStore
+from ..errors import VectorError
+from ..evaluation.metrics import per_example_scores
+from ..models.inverter import Inverter
+from ..targets.base import TargetFingerprint
+
+VECTOR_KEY = "logprobs"
+
+
+def target_for(inverter: Inverter, device: str | None = None, batch_size: int | None = None):
+    """Load the target that produced the inverter's training data, and check it is the same."""
+    if inverter.fingerprint is None:
+        raise VectorError("this checkpoint records no target; pass vectors instead of text")
+    return target_from_fingerprint(inverter.fingerprint, device, batch_size)
+
+
+def target_from_fingerprint(
+    fp: TargetFingerprint, device: str | None = None, batch_size: int | None = None
+):
+    """Load the target a fingerprint names, refusing it if it no longer matches."""
+    from ..targets import load_target
+
+    target = load_target(
+        fp.name, mode=fp.mode, dtype=fp.dtype, device=device, batch_size=batch_size
+    )
+    # A custom system prompt is part of the template: reproduce it if the name alone did not.
+    diffs = fp.differences(target.fingerprint)
+    if diffs:
+        raise VectorError(
+            f"the target loaded as {fp.name!r} is not the recorded target: {'; '.join(diffs)}"
+        )
+    return target
+
+
+def load_vectors(path: str | Path) -> tuple[np.ndarray, TargetFingerprint | None]:
+    """Vectors from .npy or .safetensors (key 'logprobs'; metadata may hold a fingerprint)."""
+    path = Path(path)
+    if not path.is_file():
+        raise VectorError(f"vector file {path} does not exist")
+    if path.suffix == ".npy":
+        try:
+            return np.load(path, allow_pickle=False), None
+        except ValueError as exc:
+            raise VectorError(f"{path} is not a numeric .npy array: {exc}") from exc
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="np") as f:
+                keys = list(f.keys())
+                key = VECTOR_KEY if VECTOR_KEY in keys else (keys[0] if len(keys) == 1 else None)
+                if key is None:
+                    raise VectorError(f"{path} holds {keys}; name the vectors {VECTOR_KEY!r}")
+                meta = f.metadata() or {}
+                fp = (
+                    TargetFingerprint.from_dict(json.loads(meta["fingerprint"]))
+                    if "fingerprint" in meta
+                    else None
+                )
+                return f.get_tensor(key), fp
+        except SafetensorError as exc:
+            raise VectorError(f"{path} is not a readable safetensors file: {exc}") from exc
+    raise VectorError(f"{path}: vectors must be .npy or .safetensors")
+
+
+def save_vectors(path: str | Path, vectors: np.ndarray, fingerprint: TargetFingerprint) -> None:
+    """Write vectors as safetensors with the target fingerprint in the metadata."""
+    from safetensors.numpy import save_file
+
+    save_file(
+        {VECTOR_KEY: np.ascontiguousarray(vectors, dtype=np.float32)},
+        str(path),
+        metadata={"fingerprint": json.dumps(fingerprint.to_dict())},
+    )
+
+
+def ensure_same_target(inverter: Inverter, store: DistributionStore) -> None:
+    """VectorError naming both targets if `store` was not collected from the inverter's."""
+    diffs = inverter.fingerprint.differences(store.fingerprint) if inverter.fingerprint else []
+    if diffs:
+        raise VectorError(
+            f"{store.path} was collected from {store.fingerprint.describe()} but the inverter "
+            f"was trained on {inverter.fingerprint.describe()}: {'; '.join(diffs)}"
+        )
+
+
+def invert_store(
+    inverter: Inverter,
+    store: DistributionStore,
+    batch_size: int = 64,
+    progress: bool = True,
+    invert: Callable[[torch.Tensor], list] | None = None,
+    **generate,
+) -> list[str]:
+    """Invert every vector of a store (refused if the store's target differs), `batch_size`
+    at a time, with `inverter.invert(**generate)` or the given `invert` (e.g. a re-ranker)."""
+    ensure_same_target(inverter, store)
+    if invert is None:
+
+        def invert(vectors: torch.Tensor) -> list:
+            return inverter.invert(vectors, batch_size=batch_size, **generate)
+
+    out: list[str] = []
+    # Beam search over a whole test split takes tens of minutes on a CPU.
+    with tqdm(total=len(store), unit="prompt", desc="invert", disable=not progress) as bar:
+        for _, _, vectors in store.batches(batch_size):
+            out.extend(invert(torch.from_numpy(vectors)))
+            bar.update(len(vectors))
+    return out
+
+
+def write_predictions(path: str | Path, references: list[str], predictions: list) -> dict:
+    """JSONL of {hidden, recovered, bleu, token_f1, exact}; returns the mean scores."""
+    firsts = [p[0] if isinstance(p, list) else p for p in predictions]
+    per = per_example_scores(firsts, references)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for i, (ref, pred) in enumerate(zip(references, predictions, strict=True)):
+            row = {"hidden": ref, "recovered": pred, **{k: v[i] for k, v in per.items()}}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return {k: float(np.mean(v)) for k, v in per.items()}

@@ -1,0 +1,78 @@
+"""Baselines that need no trained inverter: nearest neighbour and a constant guess."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import torch
+
+from ..data.store import DistributionStore
+from ..evaluation.metrics import token_f1
+
+NN_CHUNK = 1024  # training vectors compared per block, bounds memory
+MEDOID_SAMPLE = 500
+
+
+def nearest_neighbours(
+    train: DistributionStore, queries: np.ndarray, k: int = 1, indices: list[int] | None = None
+) -> list[list[int]]:
+    """For each query vector, the store indices of the k closest training vectors (L2),
+    closest first."""
+    q = torch.from_numpy(np.asarray(queries, dtype=np.float32).reshape(len(queries), -1))
+    q_sq = (q * q).sum(1, keepdim=True)
+    best = torch.full((len(q), k), float("inf"))
+    best_idx = torch.zeros((len(q), k), dtype=torch.long)
+    pool = indices if indices is not None else list(range(len(train)))
+    for start in range(0, len(pool), NN_CHUNK):
+        block_idx = torch.tensor(pool[start : start + NN_CHUNK])
+        t = torch.from_numpy(train.vectors(block_idx.tolist()).reshape(len(block_idx), -1))
+        dist = q_sq - 2 * q @ t.T + (t * t).sum(1)[None]
+        merged = torch.cat([best, dist], dim=1)
+        merged_idx = torch.cat([best_idx, block_idx[None].expand(len(q), -1)], dim=1)
+        best, order = merged.topk(min(k, merged.shape[1]), dim=1, largest=False)
+        best_idx = merged_idx.gather(1, order)
+    return best_idx.tolist()
+
+
+def sq_distances(observed: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """Squared L2 distance (float32) of each row of `vectors` to `observed`: one vector for
+    all rows, or one per row."""
+    rows = np.asarray(vectors, np.float32).reshape(len(vectors), -1)
+    diff = rows - np.asarray(observed, np.float32).reshape(-1, rows.shape[1])
+    return np.einsum("ij,ij->i", diff, diff)
+
+
+def nearest_neighbour(
+    train: DistributionStore, queries: np.ndarray, indices: list[int] | None = None
+) -> list[str]:
+    """For each query vector, the training prompt whose log-prob vector is closest (L2)."""
+    return [train.prompts[row[0]] for row in nearest_neighbours(train, queries, 1, indices)]
+
+
+def constant_guess(prompts: list[str], seed: int = 0) -> str:
+    """The most frequent training prompt; if all are unique, the medoid under token F1
+    (the single guess that scores best against a sample of the training prompts)."""
+    counts = Counter(prompts)
+    top, n = counts.most_common(1)[0]
+    if n > 1:
+        return top
+    rng = np.random.default_rng(seed)
+    sample = [
+        prompts[i]
+        for i in rng.choice(len(prompts), min(MEDOID_SAMPLE, len(prompts)), replace=False)
+    ]
+    return max(sample, key=lambda c: sum(token_f1(c, other) for other in sample))
+
+
+def baseline_predictions(
+    train: DistributionStore, test: DistributionStore, near: list[list[int]] | None = None
+) -> dict[str, list[str]]:
+    """Both baselines' predictions for every test prompt, keyed by the name reports use
+    (`near`: each test prompt's nearest training indices, closest first, if searched already)."""
+    if near is None:
+        near = nearest_neighbours(train, test.vectors(range(len(test))), 1)
+    return {
+        "nearest neighbour (train)": [train.prompts[row[0]] for row in near],
+        "constant guess (train)": [constant_guess(train.prompts)] * len(test),
+    }

@@ -1,0 +1,305 @@
+"""The on-disk distribution store: sharded, memory-mappable (prompt, log-prob vector) pairs.
+
+Layout of a store directory::
+
+    manifest.json          target fingerprint, dtype, steps, corpus identity, shard size
+    shards/000000.npy      log-probs [n, steps, vocab] in the store dtype
+    shards/000000.json     the shard's prompts and metadata; written last, so it marks the
+                           shard complete (a shard without it is ignored and rewritten)
+
+Shard k always holds prompts [k * shard_size, (k + 1) * shard_size) of the planned list, so a
+store is the same whoever wrote which shard, in one process or many, in one run or several.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import StoreError, VectorError
+from ..targets.base import TargetFingerprint
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_DIR = "shards"
+STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
+DEFAULT_STORE_DTYPE = "float16"
+DEFAULT_SHARD_SIZE = 256
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via a temporary file, fsync, and rename, so readers never see a partial file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(
+            f"could not write {path}: {exc}. Completed shards are kept; fix the cause "
+            "(disk space, permissions) and rerun the same command to resume."
+        ) from exc
+
+
+def write_json(path: Path, obj) -> None:
+    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, ensure_ascii=False).encode()))
+
+
+def check_finite(vectors: np.ndarray, prompts: Sequence[str]) -> None:
+    """Raise VectorError naming the first prompt whose vector has NaN or inf."""
+    bad = ~np.isfinite(vectors.reshape(len(vectors), -1)).all(axis=1)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise VectorError(
+            f"the log-prob vector of prompt {i} ({prompts[i][:60]!r}) contains NaN or inf; "
+            "nothing was written for its shard"
+        )
+
+
+@dataclass
+class StorePlan:
+    """What a store holds: written once to the manifest and checked on every append."""
+
+    fingerprint: TargetFingerprint
+    dtype: str
+    steps: int
+    shard_size: int
+    num_prompts: int
+    corpus: dict  # source, sha256, split, counts, dropped
+
+    def to_manifest(self, complete: bool = False) -> dict:
+        return {
+            "format": "logit2prompt-distribution-store",
+            "format_version": FORMAT_VERSION,
+            "fingerprint": self.fingerprint.to_dict(),
+            "dtype": self.dtype,
+            "steps": self.steps,
+            "vocab_size": self.fingerprint.vocab_size,
+            "shard_size": self.shard_size,
+            "num_prompts": self.num_prompts,
+            "num_shards": self.num_shards,
+            "corpus": self.corpus,
+            "complete": complete,
+        }
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_prompts // self.shard_size)
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of a store directory, validated; StoreError if missing or foreign."""
+    file = Path(path) / MANIFEST
+    if not file.is_file():
+        raise StoreError(f"{path} is not a distribution store (no {MANIFEST})")
+    try:
+        manifest = json.loads(file.read_text())
+    except (ValueError, OSError) as exc:
+        raise StoreError(f"{file} is unreadable or corrupted: {exc}") from exc
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != "logit2prompt-distribution-store"
+    ):
+        raise StoreError(f"{file} is not a logit2prompt distribution store manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise StoreError(
+            f"{path} has store format version {manifest.get('format_version')}; "
+            f"this logit2prompt reads version {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+class StoreWriter:
+    """Creates or reopens a store for a plan; writes shards atomically."""
+
+    def __init__(self, path: str | Path, plan: StorePlan, *, create: bool = True):
+        self.path = Path(path)
+        self.plan = plan
+        if plan.dtype not in STORE_DTYPES:
+            raise StoreError(f"unknown store dtype {plan.dtype!r}; choose float16 or float32")
+        self.shard_dir = self.path / SHARD_DIR
+        if (self.path / MANIFEST).exists():
+            self._check_compatible(read_manifest(self.path))
+            if create:
+                # A run killed mid-write leaves its temporary file; only the process that
+                # creates the writer (the main one, before any shard is written) removes them.
+                for stale in self.shard_dir.glob(".*.tmp*"):
+                    stale.unlink(missing_ok=True)
+        elif create:
+            try:
+                self.shard_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create store directory {self.path}: {exc}") from exc
+            write_json(self.path / MANIFEST, plan.to_manifest())
+
+    def _check_compatible(self, manifest: dict) -> None:
+        theirs = TargetFingerprint.from_dict(manifest["fingerprint"])
+        diffs = self.plan.fingerprint.differences(theirs)
+        if diffs:
+            raise StoreError(
+                f"{self.path} was collected from a different target "
+                f"({theirs.describe()}, this run: {self.plan.fingerprint.describe()}); "
+                f"differences: {'; '.join(diffs)}. Use a new --out directory."
+            )
+        for key, ours in (
+            ("dtype", self.plan.dtype),
+            ("steps", self.plan.steps),
+            ("shard_size", self.plan.shard_size),
+        ):
+            if manifest.get(key) != ours:
+                raise StoreError(
+                    f"{self.path} stores {key}={manifest.get(key)!r} but this run asks for "
+                    f"{key}={ours!r}; use a new --out directory or the store's setting"
+                )
+        if manifest["corpus"].get("sha256") != self.plan.corpus.get("sha256"):
+            raise StoreError(
+                f"{self.path} was collected from a different prompt list "
+                f"({manifest['corpus'].get('source')}, split {manifest['corpus'].get('split')}, "
+                f"{manifest.get('num_prompts')} prompts); this run has "
+                f"{self.plan.corpus.get('source')}, split {self.plan.corpus.get('split')}, "
+                f"{self.plan.num_prompts} prompts. Use a new --out directory."
+            )
+
+    def shard_range(self, k: int) -> range:
+        start = k * self.plan.shard_size
+        return range(start, min(start + self.plan.shard_size, self.plan.num_prompts))
+
+    def shard_done(self, k: int) -> bool:
+        """A shard is done when its index JSON exists and its array has the right shape."""
+        index = self.shard_dir / f"{k:06d}.json"
+        array = self.shard_dir / f"{k:06d}.npy"
+        if not (index.is_file() and array.is_file()):
+            return False
+        try:
+            arr = np.load(array, mmap_mode="r")
+        except (ValueError, OSError):
+            return False
+        return arr.shape[0] == len(self.shard_range(k))
+
+    def write_shard(
+        self, k: int, vectors: np.ndarray, prompts: list[str], meta: list[dict]
+    ) -> None:
+        """Write shard k: the array first, then the index that marks it complete."""
+        expected = len(self.shard_range(k))
+        if len(vectors) != expected or len(prompts) != expected:
+            raise StoreError(f"shard {k} must hold {expected} prompts, got {len(vectors)}")
+        check_finite(vectors, prompts)
+        arr = np.ascontiguousarray(vectors, dtype=STORE_DTYPES[self.plan.dtype])
+        # float16 overflows to inf below -65504; real log-probs are far above that, but be sure.
+        check_finite(arr, prompts)
+        _atomic_write(self.shard_dir / f"{k:06d}.npy", lambda f: np.save(f, arr))
+        write_json(
+            self.shard_dir / f"{k:06d}.json",
+            {"index": k, "start": self.shard_range(k).start, "prompts": prompts, "meta": meta},
+        )
+
+    def finalise(self) -> None:
+        """Mark the store complete once every shard is on disk."""
+        missing = [k for k in range(self.plan.num_shards) if not self.shard_done(k)]
+        if missing:
+            raise StoreError(f"{self.path}: shards {missing[:5]} are missing; rerun collect")
+        write_json(self.path / MANIFEST, self.plan.to_manifest(complete=True))
+
+
+class DistributionStore:
+    """Random access to a store without loading it into memory (shards are memory-mapped)."""
+
+    def __init__(self, path: str | Path, *, allow_incomplete: bool = False):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        if not self.manifest.get("complete") and not allow_incomplete:
+            raise StoreError(
+                f"{self.path} is incomplete (collection was interrupted); rerun the same "
+                "collect command to finish it"
+            )
+        self.fingerprint = TargetFingerprint.from_dict(self.manifest["fingerprint"])
+        self.steps = int(self.manifest["steps"])
+        self.vocab_size = int(self.manifest["vocab_size"])
+        self.prompts: list[str] = []
+        self.meta: list[dict] = []
+        self._shard_of: list[tuple[int, int]] = []  # global index -> (shard, row)
+        self._shard_files: list[Path] = []
+        self._arrays: dict[int, np.ndarray] = {}
+        shard_dir = self.path / SHARD_DIR
+        for k in range(int(self.manifest["num_shards"])):
+            index = shard_dir / f"{k:06d}.json"
+            if not index.is_file():
+                if allow_incomplete:
+                    continue
+                raise StoreError(f"{self.path}: shard {k} is missing ({index})")
+            try:
+                info = json.loads(index.read_text())
+            except (ValueError, OSError) as exc:
+                raise StoreError(f"{index} is corrupted: {exc}") from exc
+            slot = len(self._shard_files)
+            self._shard_files.append(shard_dir / f"{k:06d}.npy")
+            for row, (p, m) in enumerate(zip(info["prompts"], info["meta"], strict=True)):
+                self.prompts.append(p)
+                self.meta.append(m)
+                self._shard_of.append((slot, row))
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def dim(self) -> int:
+        """Length of one flattened example vector: steps * vocab."""
+        return self.steps * self.vocab_size
+
+    def _array(self, slot: int) -> np.ndarray:
+        arr = self._arrays.get(slot)
+        if arr is None:
+            try:
+                arr = np.load(self._shard_files[slot], mmap_mode="r")
+            except (ValueError, OSError) as exc:
+                raise StoreError(f"{self._shard_files[slot]} is corrupted: {exc}") from exc
+            if arr.ndim != 3 or arr.shape[1:] != (self.steps, self.vocab_size):
+                raise StoreError(
+                    f"{self._shard_files[slot]} has shape {arr.shape}, expected "
+                    f"[n, {self.steps}, {self.vocab_size}]"
+                )
+            self._arrays[slot] = arr
+        return arr
+
+    def vector(self, i: int) -> np.ndarray:
+        """Float32 log-probs of prompt i, `[steps, vocab]`."""
+        slot, row = self._shard_of[i]
+        return np.asarray(self._array(slot)[row], dtype=np.float32)
+
+    def vectors(self, indices: Sequence[int]) -> np.ndarray:
+        """Float32 log-probs `[len(indices), steps, vocab]`."""
+        out = np.empty((len(indices), self.steps, self.vocab_size), dtype=np.float32)
+        for j, i in enumerate(indices):
+            slot, row = self._shard_of[i]
+            out[j] = self._array(slot)[row]
+        return out
+
+    def indices(self, split: str | None = None) -> list[int]:
+        """Indices of one split (recorded per prompt at collection), or all."""
+        if split in (None, "all"):
+            return list(range(len(self)))
+        return [i for i, m in enumerate(self.meta) if m.get("split") == split]
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        indices: Sequence[int] | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+    ) -> Iterator[tuple[list[int], list[str], np.ndarray]]:
+        """Yield (indices, prompts, float32 vectors) batches; memory stays one batch."""
+        order = np.asarray(indices if indices is not None else range(len(self)))
+        if shuffle:
+            order = np.random.default_rng(seed).permutation(order)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size].tolist()
+            yield idx, [self.prompts[i] for i in idx], self.vectors(idx)

@@ -1,0 +1,254 @@
+"""Text-only inversion baseline (output2prompt-style): the same T5 sizes, but the encoder reads
+the target's greedy *output text* instead of its next-token distribution.
+
+This is what an attacker without log-probs can do. Trained with the same preset, batch size,
+learning rate and number of steps as the log-prob inverter it is compared with.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from .inverter import InverterConfig, decode_labels, encode_labels, new_t5, pad_labels
+
+FORMAT = "logit2prompt-text-inverter"
+META_NAME = "text_inverter.json"
+OUTPUT_TOKENS = 32  # greedy reply tokens the attacker sees
+WARMUP_FRACTION = 0.05
+CLIP_NORM = 1.0
+
+
+def target_outputs(
+    target, prompts: Sequence[str], max_new_tokens: int = OUTPUT_TOKENS
+) -> list[str]:
+    """The target's greedy reply to each prompt, rendered by its threat model."""
+    return target.complete([target.render(p) for p in prompts], max_new_tokens)
+
+
+class TextInverter(nn.Module):
+    """T5 from the inverter preset's sizes; input and output share the target's tokenizer."""
+
+    def __init__(self, config: InverterConfig, tokenizer, fingerprint: dict | None = None):
+        super().__init__()
+        self.config, self.tokenizer, self.fingerprint = config, tokenizer, fingerprint
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else pad
+        # Same sizes and initialisation as the log-prob inverter, so the comparison is fair.
+        self.t5 = new_t5(config, len(tokenizer), pad, eos, pad)
+
+    def _inputs(self, texts: Sequence[str]) -> dict:
+        enc = self.tokenizer(
+            [t or " " for t in texts],
+            add_special_tokens=False,
+            truncation=True,
+            max_length=OUTPUT_TOKENS * 2,
+            padding=True,
+            return_tensors="pt",
+        )
+        device = next(self.parameters()).device
+        return {
+            "input_ids": enc["input_ids"].to(device),
+            "attention_mask": enc["attention_mask"].to(device),
+        }
+
+    def loss(self, outputs: Sequence[str], prompts: Sequence[str]) -> torch.Tensor:
+        """Mean token cross-entropy; like the inverter, only real label positions go through
+        the 49k-wide output projection (it dominates the step)."""
+        labels = pad_labels(encode_labels(self.tokenizer, prompts, self.config.max_length))
+        labels = labels.to(next(self.parameters()).device)
+        inputs = self._inputs(outputs)
+        encoded = self.t5.encoder(**inputs).last_hidden_state
+        decoded = decode_labels(self.t5, encoded, inputs["attention_mask"], labels)
+        keep = labels != -100
+        logits = self.t5.lm_head(decoded[keep]).float()
+        return nn.functional.cross_entropy(logits, labels[keep])
+
+    @torch.inference_mode()
+    def invert(self, outputs: Sequence[str], batch_size: int = 64) -> list[str]:
+        """Recovered prompts from the target's output texts (greedy decoding)."""
+        self.eval()
+        out: list[str] = []
+        for start in range(0, len(outputs), batch_size):
+            ids = self.t5.generate(
+                **self._inputs(outputs[start : start + batch_size]),
+                max_new_tokens=self.config.max_length,
+                do_sample=False,
+            )
+            out.extend(self.tokenizer.batch_decode(ids, skip_special_tokens=True))
+        return [x.strip() for x in out]
+
+    def save_pretrained(self, directory: str | Path, training: dict | None = None) -> None:
+        directory = Path(directory)
+        self.t5.save_pretrained(directory / "t5", safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+        meta = {
+            "format": FORMAT,
+            "config": self.config.to_dict(),
+            "fingerprint": self.fingerprint,
+            "training": training or {},
+        }
+        (directory / META_NAME).write_text(json.dumps(meta, indent=1))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> TextInverter:
+        from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+        directory = Path(directory)
+        meta_path = directory / META_NAME
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{directory} is not a text-inverter checkpoint: {exc}") from exc
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"{meta_path} is not a {FORMAT} checkpoint")
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        model = cls(InverterConfig.from_dict(meta["config"]), tokenizer, meta.get("fingerprint"))
+        try:
+            model.t5 = T5ForConditionalGeneration.from_pretrained(str(directory / "t5"))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{directory}/t5 is missing or corrupted: {exc}") from exc
+        return model.eval()
+
+
+def train_text_inverter(
+    outputs: Sequence[str],
+    prompts: Sequence[str],
+    config: InverterConfig,
+    tokenizer,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    warmup_steps: int | None = None,
+    weight_decay: float = 0.01,
+    mixed_precision: str = "auto",
+    seed: int = 0,
+    fingerprint: dict | None = None,
+    progress: bool = True,
+) -> TextInverter:
+    """AdamW, linear warmup then cosine decay, gradient clipping: the inverter's recipe."""
+    from contextlib import nullcontext
+
+    from tqdm.auto import tqdm
+
+    from ..training.trainer import resolve_mixed_precision
+
+    if len(outputs) != len(prompts) or not prompts:
+        raise CheckpointError("text inversion needs as many outputs as prompts, and at least one")
+    torch.manual_seed(seed)
+    model = TextInverter(config, tokenizer, fingerprint).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    warmup = max(1, warmup_steps if warmup_steps is not None else int(steps * WARMUP_FRACTION))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    # The same precision rule as the log-prob inverter's trainer (bf16 where native).
+    device = next(model.parameters()).device.type
+    autocast = (
+        torch.autocast(device, dtype=torch.bfloat16)
+        if resolve_mixed_precision(mixed_precision) == "bf16"
+        else nullcontext()
+    )
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    bar = tqdm(range(steps), desc="train text inverter", disable=not progress, dynamic_ncols=True)
+    for _ in bar:
+        if len(order) < batch_size:
+            order += rng.permutation(len(prompts)).tolist()
+        idx, order = order[:batch_size], order[batch_size:]
+        with autocast:
+            loss = model.loss([outputs[i] for i in idx], [prompts[i] for i in idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval()
+
+
+def build_text_inverter(
+    data: str,
+    out: str,
+    *,
+    like: str,
+    steps: int | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+) -> TextInverter:
+    """Generate the target's replies to a store's prompts (cached in out/outputs.jsonl) and
+    train a text inverter with the budget of the log-prob inverter at `like`."""
+    from ..attacks.invert import target_from_fingerprint
+    from ..data.store import DistributionStore
+    from .inverter import Inverter
+
+    store = DistributionStore(data)
+    reference = Inverter.from_pretrained(like)
+    training = json.loads((Path(like) / "training_args.json").read_text())
+    prompts = store.prompts[:limit] if limit else store.prompts
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache = out_dir / "outputs.jsonl"
+    done: dict[str, str] = {}
+    if cache.is_file():
+        for line in cache.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            done[row["prompt"]] = row["output"]
+    todo = [p for p in prompts if p not in done]
+    if todo:
+        target = target_from_fingerprint(store.fingerprint)
+        chunk = 256  # append as we go: a killed run keeps what it generated
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="target replies", disable=not progress)
+        with open(cache, "a", encoding="utf-8") as f:
+            for start in range(0, len(todo), chunk):
+                batch = todo[start : start + chunk]
+                for p, o in zip(batch, target_outputs(target, batch), strict=True):
+                    done[p] = o
+                    f.write(json.dumps({"prompt": p, "output": o}, ensure_ascii=False) + "\n")
+                f.flush()
+                bar.update(len(batch))
+        bar.close()
+    config = InverterConfig.from_dict(reference.config.to_dict())
+    n_steps = steps or int(training["max_steps"])
+    # The global batch of a single-process run (multi-process runs record the same per-device
+    # size; pass --steps to adjust).
+    batch = int(training["per_device_batch_size"]) * int(training.get("grad_accum", 1))
+    model = train_text_inverter(
+        [done[p] for p in prompts],
+        prompts,
+        config,
+        reference.tokenizer,
+        steps=n_steps,
+        batch_size=batch,
+        lr=float(training["lr"]),
+        warmup_steps=int(training.get("warmup_steps", 0)) if steps is None else None,
+        weight_decay=float(training.get("weight_decay", 0.01)),
+        mixed_precision=str(training.get("mixed_precision", "auto")),
+        fingerprint=store.fingerprint.to_dict(),
+        progress=progress,
+    )
+    model.save_pretrained(
+        out_dir,
+        {
+            "steps": n_steps,
+            "batch_size": batch,
+            "lr": training["lr"],
+            "like": like,
+            "prompts": len(prompts),
+        },
+    )
+    return model

@@ -1,0 +1,1 @@
+"""Pipelines wired from the components: the method registry and the quickstart."""

@@ -1,0 +1,590 @@
+"""Training the inverter on a distribution store, with Hugging Face Accelerate.
+
+The same code runs on one CPU, one GPU, or under `accelerate launch` on several GPUs or nodes.
+Every process draws the same seeded permutation of the training set each epoch and takes its
+own slice of each global batch, so the data position is a pure function of the step: resuming
+needs only the step, the weights, the optimizer, the scheduler and the RNG state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..data.store import DistributionStore
+from ..defenses.chain import parse_defense
+from ..distributed import accelerate_cpu
+from ..errors import CheckpointError, StoreError
+from ..evaluation.metrics import score
+from ..models.inverter import Inverter, InverterConfig, encode_labels, pad_labels
+from ..models.lm_decoder import fit_subspace
+from ..targets.embedded import target_weights
+
+CHECKPOINT_DIR = "checkpoints"
+TRAINER_STATE = "trainer_state.json"
+OPTIMIZER_STATE = "optimizer.pt"
+RNG_STATE = "rng_state_{}.pt"
+FINAL_MARKER = "TRAINING_COMPLETE"
+READ_BATCH = 256  # vectors read from the store at a time for statistics and the memory
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting; the CLI fills it and the checkpoint records it."""
+
+    data: str
+    out: str
+    val_data: str | None = None
+    preset: str = "small"
+    normalization: str = "standardize"
+    t5_init: str | None = None
+    # preset "prefix-lm": the causal LM to start the decoder from (default: the target's own
+    # weights) and its learning rate (pretrained weights want a smaller one than `lr`)
+    decoder_init: str | None = None
+    decoder_lr: float = 1e-4
+    neighbours: int = 0  # >0: retrieval-augmented inverter reading this many nearest prompts
+    neighbour_copy: bool = True  # with neighbours: pointer-generator output (copy or generate)
+    output_tokenizer: str | None = None  # default: the target's own tokenizer
+    init_from: str | None = None  # an inverter checkpoint to fine-tune (weights and stats)
+    defense: str | None = None  # defense spec applied to every vector (adaptive attacker)
+    per_device_batch_size: int = 32
+    grad_accum: int = 1
+    max_steps: int = 2000
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    max_grad_norm: float = 1.0
+    eval_every: int = 250
+    eval_samples: int = 64
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    mixed_precision: str = "auto"  # auto: bf16 on GPUs that support it, else fp32
+    stats_sample: int = 4096
+    progress: bool = True
+    overrides: dict = field(default_factory=dict)  # InverterConfig fields over the preset
+
+
+def _output_tokenizer(cfg: TrainConfig, store: DistributionStore):
+    """`--output-tokenizer`, by default the target's own (at hand wherever it was collected)."""
+    if cfg.output_tokenizer:
+        return _load_tokenizer(cfg.output_tokenizer)
+    target = target_weights(store.fingerprint.name)
+    return _load_tokenizer(target, " (the output tokenizer; pass --output-tokenizer)")
+
+
+def _load_tokenizer(name: str, hint: str = ""):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"cannot load the tokenizer of {name!r}{hint}: {exc}") from exc
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    """'auto': bf16 autocast where the hardware runs it natively (Ampere+ GPUs, CPUs with
+    AVX512-BF16 or AMX, measured ~1.5x faster per step here), else fp32."""
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    cpu = getattr(torch, "cpu", None)
+    native = any(
+        getattr(cpu, name, lambda: False)()
+        for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
+    return "bf16" if native else "no"
+
+
+def _schedule(optimizer, cfg: TrainConfig):
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        cfg.schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
+    )
+
+
+# What a resumed run must share with the checkpoint for "continues exactly" to hold: the model,
+# its inputs, the optimizer and the data order. Left out on purpose: the data and output paths
+# (a run directory may move; the number of training prompts is compared instead), max_steps
+# (extending a run is a common, deliberate choice), precision and logging.
+RECIPE_FIELDS = (
+    "preset",
+    "normalization",
+    "t5_init",
+    "decoder_init",
+    "decoder_lr",
+    "neighbours",
+    "neighbour_copy",
+    "output_tokenizer",
+    "init_from",
+    "defense",
+    "lr",
+    "weight_decay",
+    "warmup_steps",
+    "schedule",
+    "max_grad_norm",
+    "seed",
+    "overrides",
+)
+
+
+def latest_checkpoint(out: str | Path) -> Path | None:
+    """The newest complete checkpoint under out/checkpoints (complete = has trainer_state)."""
+    root = Path(out) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return None
+    done = [p for p in root.glob("step-*") if (p / TRAINER_STATE).is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+class Trainer:
+    """Wires store, inverter, optimizer and Accelerate together; `run()` trains."""
+
+    def __init__(self, cfg: TrainConfig, accelerator=None):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        self.cfg = cfg
+        if accelerator is None:
+            # Accelerate keeps one mixed-precision setting per process and refuses a second
+            # Trainer (a notebook, the quickstart after another run) that asks for another.
+            # Only that part is reset; the distributed setup (PartialState) stays.
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state(reset_partial_state=False)
+        self.accelerator = accelerator or Accelerator(
+            cpu=accelerate_cpu(),
+            mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
+            log_with="tensorboard",
+            project_config=ProjectConfiguration(
+                project_dir=cfg.out, logging_dir=os.path.join(cfg.out, "logs")
+            ),
+        )
+        acc = self.accelerator
+        self.store = DistributionStore(cfg.data)
+        self.train_idx = np.asarray(self.store.indices(), dtype=np.int64)
+        self.val_store = DistributionStore(cfg.val_data) if cfg.val_data else None
+        if self.val_store is not None:
+            diffs = self.store.fingerprint.differences(self.val_store.fingerprint)
+            if diffs:
+                raise StoreError(f"--val-data comes from another target: {'; '.join(diffs)}")
+        self.global_micro = cfg.per_device_batch_size * acc.num_processes
+        if len(self.train_idx) < self.global_micro:
+            raise StoreError(
+                f"{cfg.data} has {len(self.train_idx)} prompts, fewer than one global batch "
+                f"({self.global_micro}); lower --batch-size"
+            )
+        self.defense = parse_defense(cfg.defense)
+        fingerprint = self.store.fingerprint
+        self._subspace = None  # a causal decoder's subspace, fitted once when the model is built
+        if self.defense:
+            both = ",".join(d for d in (fingerprint.defense, self.defense.spec) if d)
+            fingerprint = replace(fingerprint, defense=both)
+        if cfg.init_from:
+            self.model = Inverter.from_pretrained(cfg.init_from)
+            self._check_init(self.model)
+            if cfg.neighbours and cfg.neighbours != self.model.config.neighbours:
+                # A trained prefix-lm learns to read neighbours on top of what it knows
+                # (--neighbours 0, the default, keeps the checkpoint's own).
+                self.model = self.model.with_neighbours(cfg.neighbours)
+            self.model.fingerprint = fingerprint
+        else:
+            self.model = self._new_model(fingerprint)
+        self.labels = encode_labels(
+            self.model.tokenizer, self.store.prompts, self.model.config.max_length
+        )
+        self.micro_per_epoch = len(self.train_idx) // self.global_micro
+        self.optimizer = torch.optim.AdamW(
+            self._param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+        self.scheduler = _schedule(self.optimizer, cfg)
+        self.neighbour_rows: list[list[int]] | None = None  # retrieval-augmented only
+        self.step = 0
+        self.history: list[dict] = []
+
+    def _param_groups(self) -> list[dict]:
+        """A pretrained causal decoder learns at `decoder_lr`; everything else at `lr`."""
+        model = self.model
+        if not model.causal:
+            return [{"params": list(model.parameters())}]
+        lm = {id(p) for p in model.lm.parameters()}
+        return [
+            {"params": [p for p in model.parameters() if id(p) not in lm]},
+            {"params": list(model.lm.parameters()), "lr": self.cfg.decoder_lr},
+        ]
+
+    def _new_model(self, fingerprint) -> Inverter:
+        cfg = self.cfg
+        config = InverterConfig.preset(
+            cfg.preset,
+            vocab_size=self.store.vocab_size,
+            steps=self.store.steps,
+            normalization=cfg.normalization,
+            t5_init=cfg.t5_init,
+            neighbours=cfg.neighbours,
+            neighbour_copy=cfg.neighbour_copy and cfg.neighbours > 0,
+            **cfg.overrides,
+        )
+        if config.decoder == "causal":
+            config.neighbour_copy = False  # the LM copies from its context by attention
+            if cfg.output_tokenizer:
+                raise StoreError(
+                    "--output-tokenizer does not apply to a causal-LM decoder: it writes with "
+                    "its own tokenizer (choose the LM with --decoder-init)"
+                )
+            # By default the target's own weights: at hand wherever its vectors were collected.
+            config.decoder_init = cfg.decoder_init or target_weights(self.store.fingerprint.name)
+            tokenizer = _load_tokenizer(config.decoder_init)
+            self._subspace = self._fit_subspace(config.subspace_dim)
+            config.subspace_dim = self._subspace[0].shape[1]
+        else:
+            tokenizer = _output_tokenizer(cfg, self.store)
+        torch.manual_seed(cfg.seed)
+        return Inverter(config, tokenizer, fingerprint)
+
+    def _stats_batches(self):
+        """Flat (defended) float32 arrays of a seeded sample of the training vectors, in
+        READ_BATCH pieces: the same sample on every process."""
+        n = min(self.cfg.stats_sample, len(self.train_idx))
+        sample = np.sort(
+            np.random.default_rng(self.cfg.seed).choice(self.train_idx, n, replace=False)
+        )
+        for i in range(0, n, READ_BATCH):
+            vectors = self.store.vectors(sample[i : i + READ_BATCH].tolist())
+            yield self._defended(torch.from_numpy(vectors)).numpy()
+
+    def _fit_subspace(self, dims: int):
+        """Basis, coordinate mean/std of the training vectors' principal directions."""
+        vectors = np.concatenate(list(self._stats_batches()))
+        basis, mean, std, _ = fit_subspace(vectors, self.store.steps, dims)
+        return basis, mean, std
+
+    def _check_init(self, model: Inverter) -> None:
+        theirs = (model.config.vocab_size, model.config.steps)
+        ours = (self.store.vocab_size, self.store.steps)
+        if theirs != ours:
+            raise CheckpointError(
+                f"--init-from {self.cfg.init_from} reads (vocab, steps) = {theirs} but "
+                f"{self.cfg.data} holds {ours}"
+            )
+        if model.fingerprint is not None:
+            diffs = replace(model.fingerprint, defense="").differences(
+                replace(self.store.fingerprint, defense="")
+            )
+            if diffs:
+                raise CheckpointError(
+                    f"--init-from {self.cfg.init_from} was trained on another target: "
+                    + "; ".join(diffs)
+                )
+
+    # ------------------------------------------------------------------ data
+    def _global_batch(self, micro_index: int) -> np.ndarray:
+        epoch, j = divmod(micro_index, self.micro_per_epoch)
+        perm = np.random.default_rng(self.cfg.seed + epoch).permutation(self.train_idx)
+        return perm[j * self.global_micro : (j + 1) * self.global_micro]
+
+    def _batch_tensors(self, indices: np.ndarray, device) -> tuple:
+        """The model's inputs for these store indices: (vectors, labels[, neighbour ids])."""
+        vectors = self._defended(torch.from_numpy(self.store.vectors(indices.tolist())))
+        padded = pad_labels([self.labels[i] for i in indices])
+        if self.neighbour_rows is None:
+            return vectors.to(device), padded.to(device)
+        model = self.accelerator.unwrap_model(self.model)
+        ids = model.neighbour_ids([self.neighbour_rows[i] for i in indices])
+        return vectors.to(device), padded.to(device), ids.to(device)
+
+    def build_memory(self) -> None:
+        """Retrieval-augmented inverters: sketch the (defended) training store into the
+        model's neighbour memory, and find each training example's neighbours, itself and
+        copies of its text excluded (a test prompt is never in the memory either)."""
+        from ..models.retrieval import NeighbourMemory
+
+        model = self.accelerator.unwrap_model(self.model)
+        batches = (
+            self._defended(torch.from_numpy(vectors)).numpy()
+            for _, _, vectors in self.store.batches(READ_BATCH)
+        )
+        memory = NeighbourMemory.build(
+            self.store.prompts,
+            tqdm(
+                batches,
+                total=-(-len(self.store) // READ_BATCH),
+                desc="neighbour memory",
+                disable=not (self.cfg.progress and self.accelerator.is_main_process),
+            ),
+            self.store.dim,
+            dims=model.config.neighbour_dims,
+            seed=self.cfg.seed,
+        )
+        model.set_memory(memory)
+        rows = list(range(len(self.store)))
+        self.neighbour_rows = memory.search_sketches(
+            memory.keys, model.config.neighbours, exclude=rows
+        )
+
+    def _defended(self, vectors: torch.Tensor) -> torch.Tensor:
+        """`[n, steps, vocab]` -> flat `[n, dim]`, through the defense when one is set."""
+        if self.defense:
+            vectors = self.defense.apply(vectors)
+        return vectors.reshape(len(vectors), -1)
+
+    def fit_feature_stats(self) -> None:
+        """Mean/std of the training vectors (a seeded sample), identical on every process."""
+        from ..models.features import feature_stats
+
+        if self.model.causal:
+            basis, mean, std = self._subspace or self._fit_subspace(self.model.config.subspace_dim)
+            self.model.set_feature_stats(mean, std, basis)
+            return
+        mean, std = feature_stats(self._stats_batches(), self.store.dim)
+        self.model.set_feature_stats(mean, std)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        acc = self.accelerator
+        path = Path(self.cfg.out) / CHECKPOINT_DIR / f"step-{self.step}"
+        tmp = path.with_name(path.name + ".tmp")
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            acc.unwrap_model(self.model).save_pretrained(tmp, training_args=asdict(self.cfg))
+            torch.save(
+                {
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                },
+                tmp / OPTIMIZER_STATE,
+            )
+        acc.wait_for_everyone()
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, tmp / RNG_STATE.format(acc.process_index))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = {
+                "step": self.step,
+                "history": self.history,
+                "global_batch": self.global_micro * self.cfg.grad_accum,
+                "train_prompts": len(self.train_idx),
+            }
+            (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)  # a checkpoint appears whole or not at all
+            old = sorted(
+                (p for p in path.parent.glob("step-*") if p.suffix != ".tmp"),
+                key=lambda p: int(p.name.split("-")[1]),
+            )
+            for stale in old[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(stale, ignore_errors=True)
+        acc.wait_for_everyone()
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        from safetensors.torch import load_model
+
+        acc = self.accelerator
+        try:
+            state = json.loads((path / TRAINER_STATE).read_text())
+            self.ensure_same_recipe(path, state)
+            load_model(acc.unwrap_model(self.model), str(path / "model.safetensors"))
+            opt = torch.load(path / OPTIMIZER_STATE, map_location="cpu", weights_only=True)
+            rng = torch.load(path / RNG_STATE.format(acc.process_index), weights_only=True)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"cannot resume from {path}: {exc}") from exc
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        self.step = int(state["step"])
+        self.history = state.get("history", [])
+
+    def ensure_same_recipe(self, path: Path, state: dict) -> None:
+        """CheckpointError naming each difference if the checkpoint at `path` was written by a
+        run with other settings (RECIPE_FIELDS, global batch, training prompts): resuming it
+        would silently train a mixture of two recipes."""
+        saved = json.loads((path / "training_args.json").read_text())
+        now = asdict(self.cfg)
+        diffs = [
+            f"{k} {saved[k]!r} there, {now[k]!r} here"
+            for k in RECIPE_FIELDS
+            if k in saved and saved[k] != now[k]
+        ]
+        mine = {
+            "global_batch": self.global_micro * self.cfg.grad_accum,
+            "train_prompts": len(self.train_idx),
+        }
+        diffs += [
+            f"{k.replace('_', ' ')} {state[k]} there, {v} here"
+            for k, v in mine.items()
+            if k in state and state[k] != v
+        ]
+        if diffs:
+            raise CheckpointError(
+                f"{path} was written by a run with other settings ({'; '.join(diffs)}); "
+                f"resume with the same ones, or train into another --out"
+            )
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict:
+        """Validation loss and greedy BLEU / token F1 / exact on a fixed validation sample."""
+        model = self.accelerator.unwrap_model(self.model)
+        store = self.val_store
+        if store is None:
+            return {}
+        idx = list(range(min(self.cfg.eval_samples, len(store))))
+        vectors = self._defended(torch.from_numpy(store.vectors(idx)))
+        refs = [store.prompts[i] for i in idx]
+        padded = pad_labels(encode_labels(model.tokenizer, refs, model.config.max_length))
+        device = next(model.parameters()).device
+        model.eval()
+        with torch.no_grad():
+            loss = (model(vectors.to(device), padded.to(device)) / (padded != -100).sum()).item()
+        predictions = model.invert(vectors)
+        model.train()
+        metrics = score(predictions, refs, ci=False)
+        return {
+            "val_loss": loss,
+            "val_bleu": metrics["bleu"]["mean"],
+            "val_token_f1": metrics["token_f1"]["mean"],
+            "val_exact": metrics["exact"]["mean"],
+            "examples": [
+                {"hidden": r, "recovered": p}
+                for r, p in zip(refs[:3], predictions[:3], strict=True)
+            ],
+        }
+
+    # ------------------------------------------------------------------ loop
+    def micro_batches(self, step: int) -> list[np.ndarray]:
+        """The global micro-batches of optimizer step `step` (a pure function of the step)."""
+        accum = self.cfg.grad_accum
+        return [self._global_batch(step * accum + a) for a in range(accum)]
+
+    def train_step(self, batches: list[np.ndarray] | None = None, tensors=None):
+        """One optimizer step over this process's share of the global batch.
+
+        `tensors` (a list of model inputs per micro-batch, already on the device) skips
+        the data loading; the throughput benchmark uses it to measure the bare model step.
+        Returns (summed loss on this process, global token count, gradient norm).
+        """
+        cfg, acc = self.cfg, self.accelerator
+        batches = batches if batches is not None else self.micro_batches(self.step)
+        total_tokens = sum(len(self.labels[i]) for b in batches for i in b)
+        loss_sum = torch.zeros((), device=acc.device)
+        r = acc.process_index
+        for a, batch in enumerate(batches):
+            if tensors is None:
+                mine = batch[r * cfg.per_device_batch_size : (r + 1) * cfg.per_device_batch_size]
+                inputs = self._batch_tensors(mine, acc.device)
+            else:
+                inputs = tensors[a]
+            sync = a == len(batches) - 1
+            ctx = contextlib.nullcontext() if sync else acc.no_sync(self.model)
+            with ctx, acc.autocast():
+                batch_loss = self.model(*inputs)
+                # DDP averages over processes; scaling by num_processes / global token count
+                # makes the update the exact token mean of the global batch.
+                acc.backward(batch_loss * (acc.num_processes / total_tokens))
+            loss_sum += batch_loss.detach()
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum, total_tokens, grad_norm
+
+    def prepare(self, resume: bool = False) -> None:
+        """Feature statistics (or a checkpoint), then wrap model and optimizer for Accelerate."""
+        checkpoint = latest_checkpoint(self.cfg.out) if resume else None
+        if checkpoint is not None:
+            self.load_checkpoint(checkpoint)
+        elif not self.cfg.init_from or self.defense:
+            # A fine-tuned inverter keeps its checkpoint's statistics, unless it adapts to a
+            # defense: defended vectors (floors of -100, flattened or noisy rows) standardised
+            # with clean statistics land far outside anything it has seen.
+            self.fit_feature_stats()
+        if self.model.config.neighbours:
+            self.build_memory()
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+
+    def run(self, resume: bool = False) -> Inverter:
+        cfg, acc = self.cfg, self.accelerator
+        self.prepare(resume)
+        if acc.is_main_process:
+            acc.init_trackers(
+                "train",
+                config={
+                    k: v for k, v in asdict(cfg).items() if isinstance(v, (int, float, str, bool))
+                },
+            )
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            disable=not (cfg.progress and acc.is_main_process),
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+        )
+        self.model.train()
+        t0, examples = time.perf_counter(), 0
+        while self.step < cfg.max_steps:
+            loss_sum, total_tokens, grad_norm = self.train_step()
+            self.step += 1
+            examples += self.global_micro * cfg.grad_accum
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                train_loss = (acc.reduce(loss_sum, "sum") / total_tokens).item()
+                logs = {
+                    "train_loss": train_loss,
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                    "examples_per_s": examples / (time.perf_counter() - t0),
+                }
+                acc.log(logs, step=self.step)
+                bar.set_postfix(loss=f"{train_loss:.3f}")
+            if self.val_store is not None and (
+                self.step % cfg.eval_every == 0 or self.step == cfg.max_steps
+            ):
+                if acc.is_main_process:
+                    metrics = self.evaluate()
+                    self.history.append(
+                        {"step": self.step, **{k: v for k, v in metrics.items() if k != "examples"}}
+                    )
+                    acc.log({k: v for k, v in metrics.items() if k != "examples"}, step=self.step)
+                    bar.write(
+                        f"step {self.step}: val loss {metrics['val_loss']:.3f}, BLEU "
+                        f"{metrics['val_bleu']:.1f}, F1 {metrics['val_token_f1']:.1f}, exact "
+                        f"{metrics['val_exact']:.1f}% | {metrics['examples'][0]['hidden']!r}"
+                        f" -> {metrics['examples'][0]['recovered']!r}"
+                    )
+                acc.wait_for_everyone()
+            if self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                self.save_checkpoint()
+        bar.close()
+        self.save_checkpoint()
+        model = acc.unwrap_model(self.model)
+        if acc.is_main_process:
+            model.save_pretrained(
+                cfg.out, training_args={**asdict(self.cfg), "history": self.history}
+            )
+            (Path(cfg.out) / FINAL_MARKER).write_text(str(self.step))
+        acc.wait_for_everyone()
+        acc.end_training()
+        return model
+
+
+def is_trained(out: str | Path) -> bool:
+    return (Path(out) / FINAL_MARKER).is_file()
