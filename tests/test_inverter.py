@@ -546,7 +546,9 @@ def test_causal_lm_decoder_learns_to_read_neighbours(tiny_store, tiny_lm_dir, tm
         **kw,
     )
     trainer = Trainer(cfg)
-    assert trainer.model.config.neighbours == 2 and not trainer.model.config.neighbour_copy
+    # A prefix-lm copies by attention: its config has no copy head to switch on.
+    assert trainer.model.config.neighbours == 2
+    assert not hasattr(trainer.model.config, "neighbour_copy")
     model = trainer.run().eval()
     store = DistributionStore(tiny_store)
     x = torch.from_numpy(store.vectors(range(8)))[:, 0]

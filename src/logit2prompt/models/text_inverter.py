@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from .inverter import InverterConfig, decode_labels, encode_labels, new_t5, pad_labels
+from .config import InverterConfig, T5InverterConfig
+from .inverter import encode_labels, pad_labels
+from .t5_inverter import decode_labels, new_t5
 
 FORMAT = "logit2prompt-text-inverter"
 META_NAME = "text_inverter.json"
@@ -33,10 +35,21 @@ def target_outputs(
     return target.complete([target.render(p) for p in prompts], max_new_tokens)
 
 
+def text_config(config: InverterConfig) -> T5InverterConfig:
+    """The T5 sizes of a log-prob inverter's config; a prefix-lm has none, so it gets the T5
+    defaults (the `small` preset's sizes, which version-1 prefix-lm configs carried)."""
+    if isinstance(config, T5InverterConfig):
+        return T5InverterConfig(**config.to_dict())
+    shared = {
+        k: v for k, v in config.to_dict().items() if k in T5InverterConfig.__dataclass_fields__
+    }
+    return T5InverterConfig(**{**shared, "decoder": "t5"})
+
+
 class TextInverter(nn.Module):
     """T5 from the inverter preset's sizes; input and output share the target's tokenizer."""
 
-    def __init__(self, config: InverterConfig, tokenizer, fingerprint: dict | None = None):
+    def __init__(self, config: T5InverterConfig, tokenizer, fingerprint: dict | None = None):
         super().__init__()
         self.config, self.tokenizer, self.fingerprint = config, tokenizer, fingerprint
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -110,7 +123,8 @@ class TextInverter(nn.Module):
         if meta.get("format") != FORMAT:
             raise CheckpointError(f"{meta_path} is not a {FORMAT} checkpoint")
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        model = cls(InverterConfig.from_dict(meta["config"]), tokenizer, meta.get("fingerprint"))
+        config = text_config(InverterConfig.from_dict(meta["config"]))
+        model = cls(config, tokenizer, meta.get("fingerprint"))
         try:
             model.t5 = T5ForConditionalGeneration.from_pretrained(str(directory / "t5"))
         except (OSError, ValueError) as exc:
@@ -121,7 +135,7 @@ class TextInverter(nn.Module):
 def train_text_inverter(
     outputs: Sequence[str],
     prompts: Sequence[str],
-    config: InverterConfig,
+    config: T5InverterConfig,
     tokenizer,
     *,
     steps: int,
@@ -222,7 +236,7 @@ def build_text_inverter(
                 f.flush()
                 bar.update(len(batch))
         bar.close()
-    config = InverterConfig.from_dict(reference.config.to_dict())
+    config = text_config(reference.config)
     n_steps = steps or int(training["max_steps"])
     # The global batch of a single-process run (multi-process runs record the same per-device
     # size; pass --steps to adjust).

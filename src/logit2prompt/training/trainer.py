@@ -25,8 +25,9 @@ from ..defenses.chain import parse_defense
 from ..distributed import accelerate_cpu
 from ..errors import CheckpointError, StoreError
 from ..evaluation.metrics import score
-from ..models.inverter import Inverter, InverterConfig, encode_labels, pad_labels
-from ..models.lm_decoder import fit_subspace
+from ..models.config import CAUSAL, PRESETS, InverterConfig
+from ..models.inverter import Inverter, encode_labels, pad_labels
+from ..models.prefix_lm import fit_subspace
 from ..targets.embedded import target_weights
 
 CHECKPOINT_DIR = "checkpoints"
@@ -41,39 +42,82 @@ READ_BATCH = 256  # vectors read from the store at a time for statistics and the
 class TrainConfig:
     """Every training setting; the CLI fills it and the checkpoint records it."""
 
-    data: str
-    out: str
-    val_data: str | None = None
-    preset: str = "small"
-    normalization: str = "standardize"
-    t5_init: str | None = None
+    data: str = field(metadata={"help": "training store"})
+    out: str = field(metadata={"help": "output directory (checkpoints, logs, final)"})
+    val_data: str | None = field(
+        default=None,
+        metadata={"help": "validation store, scored every --eval-every steps (default: none)"},
+    )
+    preset: str = field(
+        default="small",
+        metadata={"help": "inverter preset: tiny, small, prefix-lm, base (models/config.py)"},
+    )
+    normalization: str = field(
+        default="standardize",
+        metadata={"help": "log-prob normalization: mean, standardize or none"},
+    )
+    t5_init: str | None = field(
+        default=None,
+        metadata={"help": "hub id or directory of a pretrained T5 to start from (default: random)"},
+    )
     # preset "prefix-lm": the causal LM to start the decoder from (default: the target's own
     # weights) and its learning rate (pretrained weights want a smaller one than `lr`)
-    decoder_init: str | None = None
-    decoder_lr: float = 1e-4
-    neighbours: int = 0  # >0: retrieval-augmented inverter reading this many nearest prompts
-    neighbour_copy: bool = True  # with neighbours: pointer-generator output (copy or generate)
-    output_tokenizer: str | None = None  # default: the target's own tokenizer
-    init_from: str | None = None  # an inverter checkpoint to fine-tune (weights and stats)
-    defense: str | None = None  # defense spec applied to every vector (adaptive attacker)
-    per_device_batch_size: int = 32
-    grad_accum: int = 1
-    max_steps: int = 2000
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    schedule: str = "cosine"
-    max_grad_norm: float = 1.0
-    eval_every: int = 250
-    eval_samples: int = 64
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    seed: int = 0
-    mixed_precision: str = "auto"  # auto: bf16 on GPUs that support it, else fp32
-    stats_sample: int = 4096
-    progress: bool = True
-    overrides: dict = field(default_factory=dict)  # InverterConfig fields over the preset
+    decoder_init: str | None = field(
+        default=None,
+        metadata={"help": "prefix-lm: the decoder's causal LM (default: the target's own weights)"},
+    )
+    decoder_lr: float = field(
+        default=1e-4, metadata={"help": "prefix-lm: the decoder's learning rate"}
+    )
+    neighbours: int = field(
+        default=0,
+        metadata={"help": "read this many nearest training prompts (retrieval-augmented; 0: off)"},
+    )
+    neighbour_copy: bool = field(
+        default=True,
+        metadata={"help": "with --neighbours: pointer-generator output (copy or generate)"},
+    )
+    output_tokenizer: str | None = field(
+        default=None,
+        metadata={"help": "tokenizer of the recovered text (default: the target's own)"},
+    )
+    init_from: str | None = field(
+        default=None, metadata={"help": "an inverter checkpoint to fine-tune (weights and stats)"}
+    )
+    defense: str | None = field(
+        default=None, metadata={"help": "defense spec applied to every vector (adaptive attacker)"}
+    )
+    per_device_batch_size: int = field(
+        default=32, metadata={"help": "examples per process per micro-batch"}
+    )
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    max_steps: int = field(default=2000, metadata={"help": "optimizer steps"})
+    lr: float = field(default=1e-3, metadata={"help": "learning rate"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=100, metadata={"help": "learning-rate warmup steps"})
+    schedule: str = field(
+        default="cosine",
+        metadata={"help": "learning-rate schedule (a transformers scheduler name)"},
+    )
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    eval_every: int = field(default=250, metadata={"help": "validate every N steps"})
+    eval_samples: int = field(default=64, metadata={"help": "validation prompts scored"})
+    save_every: int = field(default=500, metadata={"help": "save a checkpoint every N steps"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept"})
+    log_every: int = field(default=10, metadata={"help": "log every N steps"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    mixed_precision: str = field(
+        default="auto",
+        metadata={"help": "no, fp16, bf16, or auto: bf16 where the hardware runs it natively"},
+    )
+    stats_sample: int = field(
+        default=4096, metadata={"help": "training vectors sampled for the normalization statistics"}
+    )
+    progress: bool = field(default=True, metadata={"help": "progress bars"})
+    overrides: dict = field(
+        default_factory=dict,
+        metadata={"help": "InverterConfig fields over the preset (--set KEY=VALUE)"},
+    )
 
 
 def _output_tokenizer(cfg: TrainConfig, store: DistributionStore):
@@ -185,7 +229,7 @@ class Trainer:
         if len(self.train_idx) < self.global_micro:
             raise StoreError(
                 f"{cfg.data} has {len(self.train_idx)} prompts, fewer than one global batch "
-                f"({self.global_micro}); lower --batch-size"
+                f"({self.global_micro}); lower --per-device-batch-size"
             )
         self.defense = parse_defense(cfg.defense)
         fingerprint = self.store.fingerprint
@@ -228,18 +272,28 @@ class Trainer:
 
     def _new_model(self, fingerprint) -> Inverter:
         cfg = self.cfg
+        causal = PRESETS.get(cfg.preset, {}).get("decoder") == CAUSAL
+        if causal and cfg.t5_init:
+            raise StoreError(f"--t5-init does not apply to preset {cfg.preset!r} (no T5 in it)")
+        # A causal LM copies from its context by attention: no copy head, no T5 to start from.
+        family = (
+            {}
+            if causal
+            else {
+                "t5_init": cfg.t5_init,
+                "neighbour_copy": cfg.neighbour_copy and cfg.neighbours > 0,
+            }
+        )
         config = InverterConfig.preset(
             cfg.preset,
             vocab_size=self.store.vocab_size,
             steps=self.store.steps,
             normalization=cfg.normalization,
-            t5_init=cfg.t5_init,
             neighbours=cfg.neighbours,
-            neighbour_copy=cfg.neighbour_copy and cfg.neighbours > 0,
+            **family,
             **cfg.overrides,
         )
-        if config.decoder == "causal":
-            config.neighbour_copy = False  # the LM copies from its context by attention
+        if causal:
             if cfg.output_tokenizer:
                 raise StoreError(
                     "--output-tokenizer does not apply to a causal-LM decoder: it writes with "
@@ -253,7 +307,7 @@ class Trainer:
         else:
             tokenizer = _output_tokenizer(cfg, self.store)
         torch.manual_seed(cfg.seed)
-        return Inverter(config, tokenizer, fingerprint)
+        return Inverter.from_config(config, tokenizer, fingerprint)
 
     def _stats_batches(self):
         """Flat (defended) float32 arrays of a seeded sample of the training vectors, in

@@ -1,0 +1,168 @@
+"""Inverter configurations: the fields every inverter shares, and one subclass per architecture.
+
+`InverterConfig.preset(name, ...)` returns the architecture's config; `InverterConfig.from_dict`
+reads a checkpoint's, including those of checkpoint version 1, which stored the fields of both
+architectures in one class (the other architecture's fields are dropped).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from ..errors import CheckpointError
+from .features import num_chunks
+
+T5 = "t5"
+CAUSAL = "causal"
+DECODERS = (T5, CAUSAL)
+
+
+@dataclass
+class InverterConfig:
+    """What every inverter has: the observation's shape, the output side and the neighbours."""
+
+    vocab_size: int  # of the target: entries per distribution
+    steps: int = 1  # distributions per prompt (PILS-style multi-step uses > 1)
+    embed_hidden: int = 1024  # hidden width of the observation -> embedding MLP
+    dropout: float = 0.0
+    normalization: str = "standardize"
+    max_length: int = 64  # output tokens (the paper's prompts have at most 64 tokens)
+    output_vocab_size: int = 0  # of the output tokenizer; filled from it
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    decoder_start_token_id: int = 0
+    # Retrieval augmentation (not in the paper): the inverter also reads the token ids of the
+    # `neighbours` training prompts whose vectors are nearest (see retrieval.py).
+    neighbours: int = 0
+    neighbour_dims: int = 1024  # count-sketch width of the neighbour memory's keys
+    decoder: str = T5  # which architecture: set by the subclass, recorded in checkpoints
+
+    @property
+    def dim(self) -> int:
+        return self.steps * self.vocab_size
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> InverterConfig:
+        """'tiny' (tests), 'small' (CPU, T5), 'base' (T5-base sizes, for GPUs), 'prefix-lm'
+        (the target's own LM as decoder). Overrides that belong to the other architecture are
+        refused unless they are unset (None/False), so one call site can serve both."""
+        sizes = PRESETS.get(name)
+        if sizes is None:
+            raise ValueError(
+                f"unknown inverter preset {name!r}; choose one of {', '.join(PRESETS)}"
+            )
+        config_cls = config_class(sizes.get("decoder", T5))
+        known = {f.name for f in fields(config_cls)}
+        foreign = {k: v for k, v in overrides.items() if k not in known}
+        bad = {k: v for k, v in foreign.items() if v not in (None, False)}
+        if bad:
+            raise ValueError(
+                f"preset {name!r} ({config_cls.__name__}) has no setting "
+                f"{', '.join(sorted(bad))}; it belongs to another architecture"
+            )
+        kept = {k: v for k, v in overrides.items() if k in known}
+        return config_cls(**{**sizes, **kept})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> InverterConfig:
+        """The right subclass for a saved config; CheckpointError on unknown fields."""
+        decoder = d.get("decoder", T5)
+        if decoder not in DECODERS:
+            raise CheckpointError(f"inverter config names an unknown decoder {decoder!r}")
+        config_cls = config_class(decoder)
+        known = {f.name for f in fields(config_cls)}
+        # Version-1 checkpoints stored every architecture's fields; the others are dropped.
+        every = known | {f.name for c in (T5InverterConfig, PrefixLMConfig) for f in fields(c)}
+        unknown = set(d) - every
+        if unknown:
+            raise CheckpointError(f"inverter config has unknown fields {sorted(unknown)}")
+        return config_cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class T5InverterConfig(InverterConfig):
+    """The paper's architecture: the vector unrolled into chunks, an MLP to pseudo-embeddings,
+    a T5 encoder-decoder."""
+
+    chunk_width: int = 1024  # d: entries of the vector per encoder position
+    d_model: int = 256
+    d_ff: int = 1024
+    d_kv: int = 64
+    num_heads: int = 4
+    num_layers: int = 4
+    num_decoder_layers: int = 4
+    feed_forward_proj: str = "gated-gelu"
+    tie_word_embeddings: bool = False
+    t5_init: str | None = None  # hub id or directory of a pretrained T5 to start from
+    # Pointer-generator output: each token is either generated or copied from a neighbour.
+    neighbour_copy: bool = False
+
+    def __post_init__(self) -> None:
+        if self.decoder != T5:
+            raise ValueError(f"T5InverterConfig has decoder {T5!r}, not {self.decoder!r}")
+
+    @property
+    def seq_len(self) -> int:
+        return num_chunks(self.dim, self.chunk_width)
+
+
+@dataclass
+class PrefixLMConfig(InverterConfig):
+    """A pretrained causal LM (`decoder_init`, by default the target's own weights) reads
+    `prefix_length` pseudo-embeddings made from the vector's coordinates in its `subspace_dim`
+    principal directions (see prefix_lm.py)."""
+
+    decoder: str = CAUSAL
+    embed_hidden: int = 2048
+    decoder_init: str | None = None
+    prefix_length: int = 16
+    subspace_dim: int = 0  # filled by the trainer from the training vectors' rank
+
+    def __post_init__(self) -> None:
+        if self.decoder != CAUSAL:
+            raise ValueError(f"PrefixLMConfig has decoder {CAUSAL!r}, not {self.decoder!r}")
+
+
+def config_class(decoder: str) -> type[InverterConfig]:
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, not {decoder!r}")
+    return PrefixLMConfig if decoder == CAUSAL else T5InverterConfig
+
+
+PRESETS = {
+    "tiny": dict(
+        chunk_width=64,
+        embed_hidden=64,
+        d_model=32,
+        d_ff=64,
+        d_kv=8,
+        num_heads=4,
+        num_layers=2,
+        num_decoder_layers=2,
+    ),
+    "small": dict(
+        chunk_width=1024,
+        embed_hidden=1024,
+        d_model=256,
+        d_ff=1024,
+        d_kv=64,
+        num_heads=4,
+        num_layers=4,
+        num_decoder_layers=4,
+    ),
+    "prefix-lm": dict(decoder=CAUSAL, embed_hidden=2048, prefix_length=16),
+    "base": dict(
+        chunk_width=768,
+        embed_hidden=768,
+        d_model=768,
+        d_ff=3072,
+        d_kv=64,
+        num_heads=12,
+        num_layers=12,
+        num_decoder_layers=12,
+        dropout=0.1,
+    ),
+}

@@ -1,0 +1,261 @@
+"""The prefix-lm inverter (not in the paper; preset `prefix-lm`): a pretrained causal LM as the
+inverter's decoder.
+
+The paper starts from a pretrained T5; none is available offline, and a T5 trained from scratch
+on a CPU budget never learns enough English to beat retrieval. The target itself is a pretrained
+LM that is always at hand, so the inverter can read the vector as a *prefix* of pseudo-token
+embeddings in front of the prompt and let that LM write the prompt (as ClipCap does for images):
+
+    log-probs -> centre over the vocabulary -> project on the training vectors' principal
+    directions (PILS: they span only hidden-size dimensions) -> standardise -> MLP ->
+    `prefix_length` embeddings -> causal LM -> prompt tokens
+
+The projection is lossless for the full vectors of a softmax LM (Nazir et al. 2025) and turns a
+49k-entry vector into a few hundred coordinates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, VectorError
+from ..targets.base import TargetFingerprint
+from .config import PrefixLMConfig
+from .inverter import Inverter
+
+DECODER_CONFIG_NAME = "decoder_config.json"  # architecture of the decoder LM (no download)
+
+
+# The centred vectors of a softmax LM span hidden-size directions; beyond them the spectrum is
+# a flat floor of rounding noise (bf16 target, fp16 store). When the sample is over twice the
+# rank, the median singular value sits on that floor, and directions above FLOOR_FACTOR times it
+# are signal (SmolLM2-135M, hidden size 576: the quality run fitted 576).
+FLOOR_FACTOR = 2.0
+REL_TOL = 1e-6  # exact-arithmetic zeros, when there is no noise floor at all
+
+
+def centre(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """Subtract each distribution's mean over the vocabulary: log-softmax's normaliser is
+    the same for every token, so it carries nothing but leaves the vector off the subspace."""
+    rows = x.reshape(len(x), steps, -1)
+    return (rows - rows.mean(-1, keepdim=True)).reshape(len(x), -1)
+
+
+def fit_subspace(
+    vectors: np.ndarray, steps: int, dims: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Principal directions of centred training vectors `[n, dim]` (float32).
+
+    Returns (basis `[dim, r]`, coordinate mean `[r]`, coordinate std `[r]`, singular values).
+    `dims` = 0 keeps the directions above the noise floor (see `FLOOR_FACTOR`).
+    """
+    x = centre(torch.as_tensor(np.asarray(vectors, dtype=np.float32)), steps).double()
+    if len(x) < 2:
+        raise VectorError("need at least 2 training vectors to fit the subspace")
+    # Eigen-decomposition of the n x n Gram matrix: n (thousands) << dim (the vocabulary).
+    gram = x @ x.T
+    evals, evecs = torch.linalg.eigh(gram)
+    evals, evecs = evals.flip(0).clamp(min=0), evecs.flip(1)
+    sing = evals.sqrt()
+    floor = max(FLOOR_FACTOR * float(sing.median()), REL_TOL * float(sing[0]))
+    rank = int((sing > floor).sum())
+    r = min(dims, len(x)) if dims else rank
+    if r < 1:
+        raise VectorError("the training vectors are all constant; no subspace to project on")
+    basis = (x.T @ evecs[:, :r]) / sing[:r].clamp(min=1e-12)
+    coords = x @ basis
+    mean, std = coords.mean(0), coords.std(0).clamp(min=1e-6)
+    as_np = lambda t: t.float().numpy()  # noqa: E731
+    return as_np(basis), as_np(mean), as_np(std), as_np(sing)
+
+
+def load_causal_lm(init: str | None, config: dict | None = None):
+    """The decoder LM: pretrained weights from `init` (hub id or directory), or an empty model
+    of `config` (a checkpoint's own copy; its weights come from the checkpoint)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if config is not None:
+        cfg = dict(config)
+        model_type = cfg.pop("model_type", None)
+        if model_type is None:
+            raise CheckpointError("the decoder config in this checkpoint has no model_type")
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg))
+    if not init:
+        raise CheckpointError("a causal decoder needs decoder_init (a hub id or directory)")
+    try:
+        return AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot load the decoder LM {init!r}: {exc}") from exc
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip padding, as `generate` derives them from the attention mask:
+    a left-padded context then reads the same positions in training and in generation."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def teacher_forced_states(
+    lm, context: torch.Tensor, labels: torch.Tensor, context_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Hidden states `[B, T, H]` that predict `labels` `[B, T]` (-100 padded): the context's
+    last position predicts the first label, each label position the next. `context_mask`
+    marks the real positions of a left-padded context (default: all real)."""
+    ids = labels.clamp(min=0)
+    tokens = lm.get_input_embeddings()(ids).to(context.dtype)
+    embeds = torch.cat([context, tokens], 1)
+    k = context.shape[1]
+    if context_mask is None:
+        context_mask = torch.ones(context.shape[:2], dtype=torch.long, device=context.device)
+    mask = torch.cat([context_mask.long(), (labels != -100).long()], 1)
+    # Right padding of the labels with an explicit mask: padded positions are never read by
+    # real ones.
+    hidden = lm.base_model(
+        inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask)
+    ).last_hidden_state
+    return hidden[:, k - 1 : k - 1 + labels.shape[1]]
+
+
+class PrefixLMInverter(Inverter):
+    """Subspace coordinates of the vector -> MLP -> `prefix_length` pseudo-token embeddings ->
+    a pretrained causal LM that continues with the prompt (and, retrieval-augmented, reads the
+    nearest training prompts as text before the prefix)."""
+
+    config: PrefixLMConfig
+
+    def __init__(
+        self,
+        config: PrefixLMConfig,
+        tokenizer=None,
+        fingerprint: TargetFingerprint | None = None,
+        decoder_config: dict | None = None,
+    ):
+        super().__init__(config, tokenizer, fingerprint)
+        if config.subspace_dim < 1:
+            raise ValueError("a causal-LM decoder needs subspace_dim >= 1 (the trainer fits it)")
+        self.lm = load_causal_lm(config.decoder_init, decoder_config)
+        vocab = self.lm.get_input_embeddings().weight
+        if self.tokenizer is not None and len(self.tokenizer) > vocab.shape[0]:
+            raise CheckpointError(
+                f"the output tokenizer has {len(self.tokenizer)} tokens but the decoder LM "
+                f"embeds {vocab.shape[0]}; use the decoder's own tokenizer"
+            )
+        gen = self.lm.generation_config
+        gen.pad_token_id, gen.eos_token_id = config.pad_token_id, config.eos_token_id
+        gen.bos_token_id = None
+        hidden = vocab.shape[1]
+        self.embed = nn.Sequential(
+            nn.Linear(config.subspace_dim, config.embed_hidden),
+            nn.Dropout(config.dropout),
+            nn.GELU(),
+            nn.Linear(config.embed_hidden, config.prefix_length * hidden),
+        )
+        self.register_buffer("basis", torch.zeros(config.dim, config.subspace_dim))
+        self.register_buffer("feature_mean", torch.zeros(config.subspace_dim))
+        self.register_buffer("feature_std", torch.ones(config.subspace_dim))
+        # Prefix vectors get the mean norm of the LM's token embeddings: inputs of the size
+        # it was trained on, whatever the MLP's output scale.
+        self.register_buffer("prefix_norm", vocab.detach().float().norm(dim=1).mean())
+        if config.neighbours:
+            # Zero at first: the neighbours read as plain text, marked by rank as training goes.
+            self.neighbour_rank = nn.Parameter(torch.zeros(config.neighbours, hidden))
+
+    def with_neighbours(self, neighbours: int) -> PrefixLMInverter:
+        """A copy of this inverter that reads `neighbours` nearest training prompts
+        (fine-tuning a plain prefix-lm into a retrieval-augmented one)."""
+        config = replace(self.config, neighbours=neighbours)
+        model = PrefixLMInverter(config, self.tokenizer, self.fingerprint, self.lm.config.to_dict())
+        # Rank embeddings (if any) restart at zero: their count changes.
+        state = {k: v for k, v in self.state_dict().items() if k != "neighbour_rank"}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - {"neighbour_rank"}:
+            raise CheckpointError(
+                f"cannot carry the weights over: missing {missing}, unexpected {unexpected}"
+            )
+        return model
+
+    def save_extra(self, directory: Path) -> None:
+        """The decoder's architecture, so loading needs no download."""
+        (directory / DECODER_CONFIG_NAME).write_text(self.lm.config.to_json_string())
+
+    # ------------------------------------------------------------------ features
+    def set_feature_stats(
+        self, mean: np.ndarray, std: np.ndarray, basis: np.ndarray | None = None
+    ) -> None:
+        """The subspace `basis` `[dim, r]` and the coordinates' mean/std."""
+        if basis is None:
+            raise ValueError("a causal-LM decoder's features need the subspace basis")
+        self.basis.copy_(torch.as_tensor(basis))
+        self.feature_mean.copy_(torch.as_tensor(mean))
+        self.feature_std.copy_(torch.as_tensor(std))
+
+    def encode_inputs(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Flat float32 `[B, dim]` log-probs -> the prefix `[B, prefix_length, hidden]`."""
+        x = vectors.to(self.feature_mean.device, torch.float32)
+        coords = (centre(x, self.config.steps) @ self.basis - self.feature_mean) / self.feature_std
+        prefix = self.embed(coords.to(self.embed[0].weight.dtype))
+        prefix = prefix.view(len(x), self.config.prefix_length, -1)
+        return prefix * (self.prefix_norm / prefix.norm(dim=-1, keepdim=True).clamp(min=1e-6))
+
+    def causal_context(
+        self, vectors: torch.Tensor, neighbour_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's context and its mask: the neighbours' tokens (each ending with EOS,
+        marked by rank), then the vector's prefix, left-padded so that every example's prompt
+        starts right after its prefix."""
+        prefix = self.encode_inputs(vectors)
+        ones = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+        if not self.config.neighbours:
+            return prefix, ones
+        if neighbour_ids is None:
+            neighbour_ids = self.find_neighbours(vectors)
+        ids = neighbour_ids.to(prefix.device)
+        tokens = self.lm.get_input_embeddings()(ids.clamp(min=0)).to(prefix.dtype)
+        tokens = (tokens + self.neighbour_rank[:, None].to(prefix.dtype)).flatten(1, 2)
+        real = (ids >= 0).flatten(1)
+        # Stable sort on "is real" moves each row's padding to the front, keeping token order.
+        order = torch.sort(real.int(), dim=1, stable=True).indices
+        width = max(int(real.sum(1).max()), 1)  # trim the common padding
+        order = order[:, -width:]
+        tokens = tokens.gather(1, order[..., None].expand(-1, -1, tokens.shape[-1]))
+        real = real.gather(1, order)
+        return torch.cat([tokens, prefix], 1), torch.cat([real.long(), ones], 1)
+
+    # ------------------------------------------------------------------ loss and decoding
+    def forward(
+        self,
+        vectors: torch.Tensor,
+        labels: torch.Tensor,
+        neighbour_ids: torch.Tensor | None = None,
+        per_example: bool = False,
+    ) -> torch.Tensor:
+        keep = labels != -100
+        context, mask = self.causal_context(vectors, neighbour_ids)
+        states = teacher_forced_states(self.lm, context, labels, mask)
+        logits = self.lm.get_output_embeddings()(states[keep]).float()
+        nll = nn.functional.cross_entropy(logits, labels[keep], reduction="none")
+        return self._reduce(nll, keep, per_example)
+
+    forward.__doc__ = Inverter.forward.__doc__
+
+    @torch.no_grad()
+    def label_logprobs(
+        self, vectors: torch.Tensor, labels: torch.Tensor, neighbour_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        context, mask = self.causal_context(vectors, neighbour_ids)
+        states = teacher_forced_states(self.lm, context, labels, mask)
+        return torch.log_softmax(self.lm.get_output_embeddings()(states).float(), -1)
+
+    @torch.inference_mode()
+    def generate_ids(
+        self, vectors: torch.Tensor, neighbour_ids: torch.Tensor | None = None, **generate_kwargs
+    ) -> torch.Tensor:
+        context, mask = self.causal_context(vectors, neighbour_ids)
+        kwargs = {"max_new_tokens": self.config.max_length, **generate_kwargs}
+        # With only inputs_embeds, generate returns just the new tokens; it derives the
+        # positions from the mask, as teacher_forced_states does.
+        return self.lm.generate(inputs_embeds=context, attention_mask=mask, **kwargs)

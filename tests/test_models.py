@@ -1,0 +1,103 @@
+"""The two inverter architectures on their shared base: configs, dispatch, checkpoints
+(including version 1, which stored one config class with both architectures' fields)."""
+
+import json
+from dataclasses import fields
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from logit2prompt.errors import CheckpointError
+from logit2prompt.models import (
+    Inverter,
+    InverterConfig,
+    PrefixLMConfig,
+    PrefixLMInverter,
+    T5Inverter,
+    T5InverterConfig,
+)
+from logit2prompt.models.checkpoint import CONFIG_NAME
+from logit2prompt.models.inverter import encode_labels, pad_labels
+
+VOCAB = 40
+
+
+def test_presets_give_each_architecture_its_own_config():
+    t5 = InverterConfig.preset("tiny", vocab_size=VOCAB, t5_init=None, neighbour_copy=True)
+    assert isinstance(t5, T5InverterConfig) and t5.neighbour_copy and t5.d_model == 32
+    lm = InverterConfig.preset("prefix-lm", vocab_size=VOCAB, t5_init=None, neighbour_copy=False)
+    assert isinstance(lm, PrefixLMConfig) and lm.decoder == "causal" and lm.embed_hidden == 2048
+    assert not hasattr(lm, "d_model")
+    with pytest.raises(ValueError, match="d_model.*another architecture"):
+        InverterConfig.preset("prefix-lm", vocab_size=VOCAB, d_model=64)
+    with pytest.raises(ValueError, match="prefix_length"):
+        InverterConfig.preset("small", vocab_size=VOCAB, prefix_length=4)
+    with pytest.raises(ValueError, match="unknown inverter preset"):
+        InverterConfig.preset("huge", vocab_size=VOCAB)
+
+
+def test_from_dict_reads_either_architecture_and_refuses_unknown_fields():
+    union = {f.name for c in (T5InverterConfig, PrefixLMConfig) for f in fields(c)}
+    old = {**T5InverterConfig(vocab_size=VOCAB).to_dict(), **PrefixLMConfig(VOCAB).to_dict()}
+    assert set(old) == union
+    # A version-1 prefix-lm config carried the T5 sizes too: they are dropped.
+    assert isinstance(InverterConfig.from_dict({**old, "decoder": "causal"}), PrefixLMConfig)
+    assert isinstance(InverterConfig.from_dict({**old, "decoder": "t5"}), T5InverterConfig)
+    with pytest.raises(CheckpointError, match="unknown fields"):
+        InverterConfig.from_dict({**old, "decoder": "t5", "frobnicate": 1})
+    with pytest.raises(CheckpointError, match="unknown decoder"):
+        InverterConfig.from_dict({"vocab_size": VOCAB, "decoder": "rnn"})
+
+
+def _t5(tokenizer) -> Inverter:
+    config = InverterConfig.preset("tiny", vocab_size=VOCAB)
+    torch.manual_seed(0)
+    return Inverter.from_config(config, tokenizer)
+
+
+def _prefix_lm(tokenizer, lm_dir) -> Inverter:
+    config = PrefixLMConfig(
+        vocab_size=VOCAB, subspace_dim=4, decoder_init=str(lm_dir), embed_hidden=16, prefix_length=2
+    )
+    torch.manual_seed(0)
+    model = Inverter.from_config(config, tokenizer)
+    model.set_feature_stats(torch.zeros(4), torch.ones(4), torch.randn(VOCAB, 4))
+    return model
+
+
+def _as_version_1(directory) -> None:
+    """Rewrite a checkpoint's config as logit2prompt 0.1 wrote it: every field of both."""
+    path = directory / CONFIG_NAME
+    saved = json.loads(path.read_text())
+    union = {**T5InverterConfig(vocab_size=VOCAB).to_dict(), **PrefixLMConfig(VOCAB).to_dict()}
+    path.write_text(json.dumps({**union, **saved, "version": 1}))
+
+
+@pytest.mark.parametrize("arch", ["t5", "prefix-lm"])
+def test_version_1_checkpoints_load_and_give_the_same_outputs(arch, tiny_lm_dir, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    model = _t5(tokenizer) if arch == "t5" else _prefix_lm(tokenizer, tiny_lm_dir)
+    cls = T5Inverter if arch == "t5" else PrefixLMInverter
+    assert type(model) is cls
+    model.save_pretrained(tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / CONFIG_NAME).read_text())["version"] == 2
+    _as_version_1(tmp_path / "ckpt")
+    loaded = Inverter.from_pretrained(tmp_path / "ckpt")
+    assert type(loaded) is cls and loaded.config == model.config
+    x = torch.randn(3, VOCAB).log_softmax(-1)
+    labels = pad_labels(encode_labels(tokenizer, ["a b", "c", "d e f"], 8))
+    with torch.no_grad():
+        assert torch.allclose(loaded(x, labels), model.eval()(x, labels))
+    other = PrefixLMInverter if arch == "t5" else T5Inverter
+    with pytest.raises(CheckpointError, match=f"not a {other.__name__}"):
+        other.from_pretrained(tmp_path / "ckpt")
+
+
+def test_future_checkpoint_versions_are_refused(tiny_lm_dir, tmp_path):
+    model = _t5(AutoTokenizer.from_pretrained(tiny_lm_dir))
+    model.save_pretrained(tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / CONFIG_NAME
+    path.write_text(json.dumps({**json.loads(path.read_text()), "version": 9}))
+    with pytest.raises(CheckpointError, match="version 9"):
+        Inverter.from_pretrained(tmp_path / "ckpt")
