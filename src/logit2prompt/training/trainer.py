@@ -4,6 +4,9 @@ The same code runs on one CPU, one GPU, or under `accelerate launch` on several 
 Every process draws the same seeded permutation of the training set each epoch and takes its
 own slice of each global batch, so the data position is a pure function of the step: resuming
 needs only the step, the weights, the optimizer, the scheduler and the RNG state.
+
+The settings live in config.py. This module stays one file (~480 lines) because the loop, its
+checkpoints and the exact-resume checks share the Trainer's state and are read together.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,7 @@ from ..models.config import CAUSAL, PRESETS, InverterConfig
 from ..models.inverter import Inverter, encode_labels, pad_labels
 from ..models.prefix_lm import fit_subspace
 from ..targets.embedded import target_weights
+from .config import RECIPE_FIELDS, TrainConfig, resolve_mixed_precision
 
 CHECKPOINT_DIR = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
@@ -36,88 +40,6 @@ OPTIMIZER_STATE = "optimizer.pt"
 RNG_STATE = "rng_state_{}.pt"
 FINAL_MARKER = "TRAINING_COMPLETE"
 READ_BATCH = 256  # vectors read from the store at a time for statistics and the memory
-
-
-@dataclass
-class TrainConfig:
-    """Every training setting; the CLI fills it and the checkpoint records it."""
-
-    data: str = field(metadata={"help": "training store"})
-    out: str = field(metadata={"help": "output directory (checkpoints, logs, final)"})
-    val_data: str | None = field(
-        default=None,
-        metadata={"help": "validation store, scored every --eval-every steps (default: none)"},
-    )
-    preset: str = field(
-        default="small",
-        metadata={"help": "inverter preset: tiny, small, prefix-lm, base (models/config.py)"},
-    )
-    normalization: str = field(
-        default="standardize",
-        metadata={"help": "log-prob normalization: mean, standardize or none"},
-    )
-    t5_init: str | None = field(
-        default=None,
-        metadata={"help": "hub id or directory of a pretrained T5 to start from (default: random)"},
-    )
-    # preset "prefix-lm": the causal LM to start the decoder from (default: the target's own
-    # weights) and its learning rate (pretrained weights want a smaller one than `lr`)
-    decoder_init: str | None = field(
-        default=None,
-        metadata={"help": "prefix-lm: the decoder's causal LM (default: the target's own weights)"},
-    )
-    decoder_lr: float = field(
-        default=1e-4, metadata={"help": "prefix-lm: the decoder's learning rate"}
-    )
-    neighbours: int = field(
-        default=0,
-        metadata={"help": "read this many nearest training prompts (retrieval-augmented; 0: off)"},
-    )
-    neighbour_copy: bool = field(
-        default=True,
-        metadata={"help": "with --neighbours: pointer-generator output (copy or generate)"},
-    )
-    output_tokenizer: str | None = field(
-        default=None,
-        metadata={"help": "tokenizer of the recovered text (default: the target's own)"},
-    )
-    init_from: str | None = field(
-        default=None, metadata={"help": "an inverter checkpoint to fine-tune (weights and stats)"}
-    )
-    defense: str | None = field(
-        default=None, metadata={"help": "defense spec applied to every vector (adaptive attacker)"}
-    )
-    per_device_batch_size: int = field(
-        default=32, metadata={"help": "examples per process per micro-batch"}
-    )
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    max_steps: int = field(default=2000, metadata={"help": "optimizer steps"})
-    lr: float = field(default=1e-3, metadata={"help": "learning rate"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
-    warmup_steps: int = field(default=100, metadata={"help": "learning-rate warmup steps"})
-    schedule: str = field(
-        default="cosine",
-        metadata={"help": "learning-rate schedule (a transformers scheduler name)"},
-    )
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
-    eval_every: int = field(default=250, metadata={"help": "validate every N steps"})
-    eval_samples: int = field(default=64, metadata={"help": "validation prompts scored"})
-    save_every: int = field(default=500, metadata={"help": "save a checkpoint every N steps"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept"})
-    log_every: int = field(default=10, metadata={"help": "log every N steps"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    mixed_precision: str = field(
-        default="auto",
-        metadata={"help": "no, fp16, bf16, or auto: bf16 where the hardware runs it natively"},
-    )
-    stats_sample: int = field(
-        default=4096, metadata={"help": "training vectors sampled for the normalization statistics"}
-    )
-    progress: bool = field(default=True, metadata={"help": "progress bars"})
-    overrides: dict = field(
-        default_factory=dict,
-        metadata={"help": "InverterConfig fields over the preset (--set KEY=VALUE)"},
-    )
 
 
 def _output_tokenizer(cfg: TrainConfig, store: DistributionStore):
@@ -137,52 +59,12 @@ def _load_tokenizer(name: str, hint: str = ""):
         raise StoreError(f"cannot load the tokenizer of {name!r}{hint}: {exc}") from exc
 
 
-def resolve_mixed_precision(choice: str) -> str:
-    """'auto': bf16 autocast where the hardware runs it natively (Ampere+ GPUs, CPUs with
-    AVX512-BF16 or AMX, measured ~1.5x faster per step here), else fp32."""
-    if choice != "auto":
-        return choice
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    cpu = getattr(torch, "cpu", None)
-    native = any(
-        getattr(cpu, name, lambda: False)()
-        for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    )
-    return "bf16" if native else "no"
-
-
 def _schedule(optimizer, cfg: TrainConfig):
     from transformers import get_scheduler
 
     return get_scheduler(
         cfg.schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
     )
-
-
-# What a resumed run must share with the checkpoint for "continues exactly" to hold: the model,
-# its inputs, the optimizer and the data order. Left out on purpose: the data and output paths
-# (a run directory may move; the number of training prompts is compared instead), max_steps
-# (extending a run is a common, deliberate choice), precision and logging.
-RECIPE_FIELDS = (
-    "preset",
-    "normalization",
-    "t5_init",
-    "decoder_init",
-    "decoder_lr",
-    "neighbours",
-    "neighbour_copy",
-    "output_tokenizer",
-    "init_from",
-    "defense",
-    "lr",
-    "weight_decay",
-    "warmup_steps",
-    "schedule",
-    "max_grad_norm",
-    "seed",
-    "overrides",
-)
 
 
 def latest_checkpoint(out: str | Path) -> Path | None:
