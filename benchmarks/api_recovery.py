@@ -24,10 +24,7 @@ Writes benchmarks/results/api_recovery.json.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
 import random
 import sys
 import tempfile
@@ -36,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from logit2prompt.evaluation.results import write_results
 from logit2prompt.targets import DEFAULT_TARGET, load_target
 from logit2prompt.targets.api.target import OpenAITarget
 from logit2prompt.targets.embedded import gguf_path
@@ -234,20 +232,16 @@ def main() -> None:
             f"{llama['max_abs_err_vs_reported']:.2e}; median |recovered - transformers| "
             f"{llama['median_abs_diff_vs_transformers']:.3f}; unresolved {llama['unresolved']}"
         )
-    RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "api_recovery.json"
-    out.write_text(
-        json.dumps(
-            {
-                "command": "python benchmarks/api_recovery.py " + " ".join(sys.argv[1:]),
-                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
-                "vocab": white.vocab_size,
-                "bisection_steps": math.ceil(math.log2(100 / 1e-3)),
-                "settings": results,
-                "llamacpp": llama,
-            },
-            indent=1,
-        )
+    write_results(
+        out,
+        {
+            "vocab": white.vocab_size,
+            "bisection_steps": math.ceil(math.log2(100 / 1e-3)),
+            "settings": results,
+            "llamacpp": llama,
+        },
+        command=["python", *sys.argv],
     )
     print(f"wrote {out}")
 

@@ -13,9 +13,6 @@ and N prompts: it must not grow with corpus size. Writes benchmarks/results/coll
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -27,6 +24,7 @@ import torch
 from logit2prompt.cli.main import resolve_corpus
 from logit2prompt.data.collect import collect, collect_vectors
 from logit2prompt.data.corpus import load_corpus
+from logit2prompt.evaluation.results import write_results
 from logit2prompt.targets import DEFAULT_TARGET, load_target
 
 RESULTS = Path(__file__).parent / "results" / "collect_throughput.json"
@@ -178,24 +176,16 @@ def main() -> None:
             f"{r['pipeline_vs_bare']:9.2f} {r['pipeline_vs_bare_shared']:11.2f} "
             f"{r['pipeline_vs_naive']:10.2f}  {rss}"
         )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "benchmark": "collect_throughput",
-                "target": args.target,
-                "batch_size": args.batch_size,
-                "machine": {
-                    "cpu_count": os.cpu_count(),
-                    "platform": platform.platform(),
-                    "torch": torch.__version__,
-                    "threads": torch.get_num_threads(),
-                },
-                "peak_rss_note": "ru_maxrss of a fresh collect process",
-                "rows": rows,
-            },
-            indent=1,
-        )
+    write_results(
+        RESULTS,
+        {
+            "benchmark": "collect_throughput",
+            "target": args.target,
+            "batch_size": args.batch_size,
+            "peak_rss_note": "ru_maxrss of a fresh collect process",
+            "rows": rows,
+        },
+        command=["python", *sys.argv],
     )
     print(f"wrote {RESULTS}")
 

@@ -11,14 +11,15 @@ losing quality, before any default changes. Writes benchmarks/results/decode_pre
 from __future__ import annotations
 
 import argparse
-import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from logit2prompt.data.store import DistributionStore, write_json
+from logit2prompt.data.store import DistributionStore
 from logit2prompt.evaluation.metrics import format_table, paired_gain, score
+from logit2prompt.evaluation.results import write_results
 from logit2prompt.models.inverter import Inverter
 
 RESULTS = Path(__file__).parent / "results" / "decode_precision.json"
@@ -70,7 +71,7 @@ def main() -> None:
             f"(x{row['speedup']:.2f}); identical outputs {100 * row['identical_outputs']:.0f}%; "
             f"BLEU bf16 - fp32 {g['mean']:+.2f} [{g['ci95'][0]:+.2f}, {g['ci95'][1]:+.2f}]"
         )
-    write_json(
+    write_results(
         args.results,
         {
             "benchmark": "decode_precision",
@@ -79,8 +80,8 @@ def main() -> None:
             "prompts": n,
             "results": results,
             "side_by_side": rows,
-            "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__},
         },
+        command=["python", *sys.argv],
     )
     print(f"wrote {args.results}")
 

@@ -11,11 +11,12 @@ and writes benchmarks/results/defenses.json and defenses.png.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
+import sys
 from pathlib import Path
 
 from logit2prompt.defenses.sweep import DEFAULT_SPECS, SweepConfig, best_tradeoff, run_sweep
+from logit2prompt.evaluation.results import write_results
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -64,7 +65,7 @@ def main() -> None:
         print(f"most adaptive-BLEU removed per unit of total variation: {best['spec']}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     results["best_tradeoff"] = best["spec"] if best else None
-    (RESULTS / "defenses.json").write_text(json.dumps(results, indent=1))
+    write_results(RESULTS / "defenses.json", results, command=["python", *sys.argv])
     shutil.copy(run / "defenses" / "leakage_vs_utility.png", RESULTS / "defenses.png")
     print(f"wrote {RESULTS / 'defenses.json'} and {RESULTS / 'defenses.png'}")
 

@@ -14,12 +14,12 @@ benchmarks/results/leaderboard.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 from logit2prompt.evaluation.evaluate import EvalConfig, evaluate
+from logit2prompt.evaluation.results import write_results
 
 RESULTS = Path(__file__).parent / "results" / "leaderboard.json"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -94,19 +94,16 @@ def main() -> None:
                 f"{s.get('top1', {'mean': float('nan')})['mean']:4.1f}"
             )
         print(f"{m:{width}} " + " ".join(f"{c:>26}" for c in cells))
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    results_path.write_text(
-        json.dumps(
-            {
-                "command": "python benchmarks/leaderboard.py " + " ".join(sys.argv[1:]),
-                "checkpoint": str(run / args.checkpoint),
-                "num_beams": args.num_beams,
-                "sample": args.sample,
-                "sets": table,
-                "seconds": seconds,
-            },
-            indent=1,
-        )
+    write_results(
+        results_path,
+        {
+            "checkpoint": str(run / args.checkpoint),
+            "num_beams": args.num_beams,
+            "sample": args.sample,
+            "sets": table,
+            "seconds": seconds,
+        },
+        command=["python", *sys.argv],
     )
     print(f"wrote {results_path}")
 

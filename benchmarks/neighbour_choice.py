@@ -15,7 +15,7 @@ Writes benchmarks/results/neighbour_choice.json.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from logit2prompt.attacks.nearest import nearest_neighbours
 from logit2prompt.attacks.rerank import neighbour_likelihoods, pick_by_likelihood
 from logit2prompt.data.store import DistributionStore
 from logit2prompt.evaluation.metrics import format_table, score, sentence_bleu
+from logit2prompt.evaluation.results import write_results
 from logit2prompt.models.inverter import Inverter
 
 RESULTS = Path(__file__).parent / "results" / "neighbour_choice.json"
@@ -75,20 +76,18 @@ def main() -> None:
     }
     print(f"\ntest split ({len(test)} prompts):")
     print(format_table(test_scores))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "benchmark": "neighbour_choice",
-                "k": args.k,
-                "train_prompts": len(train),
-                "chosen_on_validation": chosen,
-                "validation": val_scores,
-                "test": test_scores,
-                "wall_s": time.perf_counter() - started,
-            },
-            indent=1,
-        )
+    write_results(
+        RESULTS,
+        {
+            "benchmark": "neighbour_choice",
+            "k": args.k,
+            "train_prompts": len(train),
+            "chosen_on_validation": chosen,
+            "validation": val_scores,
+            "test": test_scores,
+            "wall_s": time.perf_counter() - started,
+        },
+        command=["python", *sys.argv],
     )
     print(f"wrote {RESULTS}")
 

@@ -10,11 +10,12 @@ Writes benchmarks/results/normalization.json; the winner on validation loss is t
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+from logit2prompt.evaluation.results import write_results
 from logit2prompt.models.features import NORMALIZATIONS
 from logit2prompt.training.trainer import TrainConfig, Trainer
 
@@ -65,18 +66,16 @@ def main() -> None:
         )
     best = min(rows, key=lambda r: r["val_loss"])["normalization"]
     print(f"best on validation loss: {best}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "benchmark": "normalization",
-                "data": args.data,
-                "val_data": args.val_data,
-                "rows": rows,
-                "best": best,
-            },
-            indent=1,
-        )
+    write_results(
+        RESULTS,
+        {
+            "benchmark": "normalization",
+            "data": args.data,
+            "val_data": args.val_data,
+            "rows": rows,
+            "best": best,
+        },
+        command=["python", *sys.argv],
     )
     print(f"wrote {RESULTS}")
 

@@ -29,19 +29,15 @@ from pathlib import Path
 
 import torch
 
-from logit2prompt.attacks.invert import invert_store
-from logit2prompt.attacks.nearest import baseline_predictions, nearest_neighbours
-from logit2prompt.attacks.rerank import (
-    DEFAULT_NEIGHBOURS,
-    inverter_with_neighbours,
-    proposals_with_neighbours,
-)
+from logit2prompt.attacks.invert import ensure_same_target
+from logit2prompt.attacks.rerank import DEFAULT_BEAMS, DEFAULT_NEIGHBOURS
 from logit2prompt.data.bigbench import build_bigbench_corpus
 from logit2prompt.data.collect import collect
 from logit2prompt.data.corpus import load_corpus
 from logit2prompt.data.store import DistributionStore
 from logit2prompt.evaluation.metrics import format_table, paired_gain, score
 from logit2prompt.models.inverter import Inverter
+from logit2prompt.recipes.methods import NEAREST, MethodContext, run_methods
 from logit2prompt.targets import DEFAULT_TARGET, load_target
 from logit2prompt.training.trainer import TrainConfig, Trainer, is_trained
 
@@ -50,6 +46,9 @@ SHARED_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "bigbe
 CALIBRATION_STEPS = 8
 NO_REPEAT_NGRAM = 3
 PAPER = {"bleu": 59.0, "token_f1": 78.0, "exact": 27.0}  # Llama-2 7B, Morris et al. 2023
+DECODE_BATCH = 64  # the inverter's own decodes (that of `invert_store`, used before the registry)
+TARGET_BATCH = 32
+# The baselines' rows keep the names of the committed results files, so they stay comparable.
 
 
 def calibrate(cfg: TrainConfig) -> float:
@@ -162,7 +161,7 @@ def main() -> None:
     refs = test.prompts
     # One pass over the training store serves the baseline (first column) and every re-ranking.
     t0 = time.perf_counter()
-    near = nearest_neighbours(train, test_vectors, DEFAULT_NEIGHBOURS)
+    near = MethodContext(None, test_vectors, train=train).nearest(DEFAULT_NEIGHBOURS)
     timings["nearest_neighbours_s"] = time.perf_counter() - t0
     results, trainings, examples, gains, own, with_queries = {}, {}, {}, {}, {}, {}
     preset = "" if args.preset == "small" else args.preset  # named where it is not the default
@@ -218,16 +217,28 @@ def main() -> None:
         t0 = time.perf_counter()
         beams = args.num_beams
         decoding = "greedy" if beams == 1 else f"{beams} beams"
-        # Every beam is kept: the best is the inverter's own output, and the re-ranking below
-        # takes them all as candidates without decoding a second time.
-        rows = invert_store(
-            inverter, test, num_beams=beams, num_return_sequences=beams, grouped=True
+        ensure_same_target(inverter, test)
+        settings = dict(
+            target=target,
+            train=train,
+            num_beams=beams,
+            batch_size=TARGET_BATCH,
+            decode_batch_size=DECODE_BATCH,
+            near=near,
         )
-        decoded = {f"{name} ({decoding})": [row[0] for row in rows]}
+        # Every beam is kept: the best is the inverter's own output, and with --num-beams the
+        # re-ranking takes them all as candidates without decoding a second time.
+        own_ctx = MethodContext(inverter, test_vectors, **settings, rerank_beams=beams)
+        own_ctx.keep_beams = True
+        rows = own_ctx.beams()
+        decoded = {f"{name} ({decoding})": run_methods(["inverter"], own_ctx)["inverter"]}
         if not args.skip_no_repeat:
-            decoded[f"{name} ({decoding}, no {NO_REPEAT_NGRAM}-gram repeat)"] = invert_store(
-                inverter, test, num_beams=beams, no_repeat_ngram_size=NO_REPEAT_NGRAM
+            no_repeat = MethodContext(
+                inverter, test_vectors, **settings, no_repeat_ngram_size=NO_REPEAT_NGRAM
             )
+            decoded[f"{name} ({decoding}, no {NO_REPEAT_NGRAM}-gram repeat)"] = run_methods(
+                ["inverter"], no_repeat
+            )["inverter"]
         shown = list(decoded.values())[-1]
         timings[f"invert_test_{model_dir.name}_s"] = time.perf_counter() - t0
         results.update({method: score(preds, refs) for method, preds in decoded.items()})
@@ -239,17 +250,18 @@ def main() -> None:
             t0 = time.perf_counter()
             if beams > 1:
                 method = f"{name}: its {beams} beams + {DEFAULT_NEIGHBOURS} neighbours, re-ranked"
-                reranked = proposals_with_neighbours(target, train, test_vectors, rows, near=near)
+                rerank_ctx = own_ctx  # its beams are the candidates
             else:
                 method = f"{name}: beams + {DEFAULT_NEIGHBOURS} neighbours, re-ranked by the target"
-                reranked = inverter_with_neighbours(
+                # A decode of its own: DEFAULT_BEAMS beams, no repeated 3-grams, target batches.
+                rerank_ctx = MethodContext(
                     inverter,
-                    target,
-                    train,
                     test_vectors,
+                    **{**settings, "decode_batch_size": None},
                     no_repeat_ngram_size=NO_REPEAT_NGRAM,
-                    near=near,
+                    rerank_beams=DEFAULT_BEAMS,
                 )
+            (reranked,) = run_methods(["rerank"], rerank_ctx).values()
             timings[f"rerank_test_{model_dir.name}_s"] = time.perf_counter() - t0
             results[method] = score(reranked, refs)
             with_queries[method] = reranked
@@ -263,12 +275,14 @@ def main() -> None:
         examples[name] = [
             {"hidden": r, "recovered": p} for r, p in zip(refs[:20], shown[:20], strict=True)
         ]
-    baselines = baseline_predictions(train, test, near)
+    base_ctx = MethodContext(None, test_vectors, train=train, near=near)
+    # Row names from the registry (results files before the redesign said "... (train)").
+    baselines = run_methods(["nn", "constant"], base_ctx)
     results.update({name: score(preds, refs) for name, preds in baselines.items()})
     for name, preds in {**own, **with_queries}.items():
         # Paired per-prompt differences: whether the inverter beats retrieval, alone and with
         # target queries.
-        gains[name] = paired_gain(preds, baselines["nearest neighbour (train)"], refs)
+        gains[name] = paired_gain(preds, baselines[NEAREST], refs)
         gains[name]["n"] = {"mean": len(refs)}
     steps = ", ".join(f"{name} {t['max_steps']} steps" for name, t in trainings.items())
     print(

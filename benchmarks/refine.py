@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +30,9 @@ from logit2prompt.evaluation.metrics import (
     score,
     sentence_bleu,
 )
+from logit2prompt.evaluation.results import write_results
 from logit2prompt.models.inverter import Inverter
+from logit2prompt.recipes.methods import NEAREST
 from logit2prompt.targets import DEFAULT_TARGET, load_target
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -120,7 +123,7 @@ def main() -> None:
             state["converged"] = True
             write_json(state_path, {"settings": settings, **state})
     start, rounds = state["start"], state["rounds"][: cfg.rounds]
-    results = {"nearest neighbour (train)": score(start, refs)}
+    results = {NEAREST: score(start, refs)}
     for r, prompts in enumerate(rounds):
         results[f"nearest neighbour refined, round {r + 1}"] = score(prompts, refs)
     edits = [
@@ -143,8 +146,7 @@ def main() -> None:
         )
     print(f"target queries: {state['queries']} ({state['queries'] / max(n, 1):.0f} per prompt)")
     name = "refine.json" if args.split == "test" else f"refine-{args.split}.json"
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    write_json(
+    write_results(
         RESULTS_DIR / name,
         {
             "benchmark": "refine",
@@ -164,6 +166,7 @@ def main() -> None:
                 for h, s, p in list(zip(refs, start, final, strict=True))[:EXAMPLES]
             ],
         },
+        command=["python", *sys.argv],
     )
     print(f"wrote {RESULTS_DIR / name}")
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from logit2prompt.attacks.rerank import (
     inverter_with_neighbours,
     proposals_with_neighbours,
 )
-from logit2prompt.data.store import DistributionStore, write_json
+from logit2prompt.data.store import DistributionStore
 from logit2prompt.evaluation.metrics import (
     format_gain,
     format_table,
@@ -37,6 +38,7 @@ from logit2prompt.evaluation.metrics import (
     score,
     sentence_bleu,
 )
+from logit2prompt.evaluation.results import write_results
 from logit2prompt.models.inverter import Inverter
 
 RESULTS = Path(__file__).parent / "results" / "rerank_gain.json"
@@ -105,8 +107,7 @@ def main() -> None:
             for r, p, n in zip(refs, reranked, nearest, strict=True)
         )
     )
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    write_json(
+    write_results(
         args.results,
         {
             "benchmark": "rerank_gain",
@@ -118,6 +119,7 @@ def main() -> None:
             "paired_gain_over_nearest_neighbour": gain,
             "wall_s": time.perf_counter() - started,
         },
+        command=["python", *sys.argv],
     )
     print(f"wrote {args.results}")
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from logit2prompt.attacks.rerank import (
     candidate_likelihoods,
     pick_by_inverter,
 )
-from logit2prompt.data.store import DistributionStore, write_json
+from logit2prompt.data.store import DistributionStore
 from logit2prompt.evaluation.metrics import (
     format_gain,
     format_table,
@@ -47,6 +48,7 @@ from logit2prompt.evaluation.metrics import (
     per_example_scores,
     score,
 )
+from logit2prompt.evaluation.results import write_results
 from logit2prompt.models.inverter import Inverter
 
 RESULTS = Path(__file__).parent / "results" / "self_rerank.json"
@@ -222,8 +224,7 @@ def main() -> None:
     print(f"paired gain over nearest neighbour: {format_gain(gain)}")
     picked_neighbour = np.mean([r["neighbour"][i] for r, i in zip(test, picks, strict=True)])
     print(f"the chosen rule answers with a training prompt for {100 * picked_neighbour:.1f}%")
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    write_json(
+    write_results(
         args.results,
         {
             "benchmark": "self_rerank",
@@ -249,6 +250,7 @@ def main() -> None:
             "answers_with_training_prompt_pct": 100 * picked_neighbour,
             "wall_s": time.perf_counter() - started,
         },
+        command=["python", *sys.argv],
     )
     print(f"wrote {args.results}")
 

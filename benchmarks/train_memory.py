@@ -12,11 +12,12 @@ benchmarks/results/train_memory.json.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+from logit2prompt.evaluation.results import write_results
 from logit2prompt.recipes.quickstart import peak_rss_gb
 from logit2prompt.training.trainer import TrainConfig, Trainer
 
@@ -69,18 +70,16 @@ def main() -> None:
     print(f"{'phase':<55} peak RSS so far (GB)")
     for name, gb in phases:
         print(f"{name:<55} {gb:.2f}")
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(
-        json.dumps(
-            {
-                "benchmark": "train_memory",
-                "data": args.data,
-                "steps": args.steps,
-                "phases": [{"phase": n, "peak_rss_gb": gb} for n, gb in phases],
-                "wall_s": time.perf_counter() - started,
-            },
-            indent=1,
-        )
+    write_results(
+        args.results,
+        {
+            "benchmark": "train_memory",
+            "data": args.data,
+            "steps": args.steps,
+            "phases": [{"phase": n, "peak_rss_gb": gb} for n, gb in phases],
+            "wall_s": time.perf_counter() - started,
+        },
+        command=["python", *sys.argv],
     )
     print(f"wrote {args.results}")
 

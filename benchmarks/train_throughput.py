@@ -16,15 +16,12 @@ Writes benchmarks/results/train_throughput.json (or `--results`).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
+from logit2prompt.evaluation.results import write_results
 from logit2prompt.training.trainer import TrainConfig, Trainer
 
 RESULTS = Path(__file__).parent / "results" / "train_throughput.json"
@@ -88,22 +85,14 @@ def main() -> None:
         f"{row['full_examples_per_s']:10.2f} {row['bare_examples_per_s']:10.2f} "
         f"{row['full_vs_bare']:9.3f}"
     )
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(
-        json.dumps(
-            {
-                "benchmark": "train_throughput",
-                "data": args.data,
-                "machine": {
-                    "cpu_count": os.cpu_count(),
-                    "platform": platform.platform(),
-                    "torch": torch.__version__,
-                    "cuda": torch.cuda.is_available(),
-                },
-                "rows": [row],
-            },
-            indent=1,
-        )
+    write_results(
+        args.results,
+        {
+            "benchmark": "train_throughput",
+            "data": args.data,
+            "rows": [row],
+        },
+        command=["python", *sys.argv],
     )
     print(f"wrote {args.results}")
 

@@ -350,12 +350,12 @@ def test_collect_cli_through_an_api(after_server, tiny_lm_dir, corpus_file, tmp_
 
 
 def test_rate_limiter_spaces_request_starts(monkeypatch):
-    from logit2prompt.targets.api import target as openai_api
+    from logit2prompt.targets.api import transport
 
     clock = {"t": 100.0}
-    monkeypatch.setattr(openai_api.time, "monotonic", lambda: clock["t"])
-    monkeypatch.setattr(openai_api.time, "sleep", lambda s: clock.__setitem__("t", clock["t"] + s))
-    limiter = openai_api.RateLimiter(4.0)  # 4 per second
+    monkeypatch.setattr(transport.time, "monotonic", lambda: clock["t"])
+    monkeypatch.setattr(transport.time, "sleep", lambda s: clock.__setitem__("t", clock["t"] + s))
+    limiter = transport.RateLimiter(4.0)  # 4 per second
     starts = []
     for _ in range(5):
         limiter.wait()

@@ -204,7 +204,9 @@ def test_text_only_baseline_trains_saves_and_evaluates(checkpoint, tmp_path):
 
     text_dir = tmp_path / "text"
     args = ["train-text", "--data", str(checkpoint / "train"), "--out", str(text_dir)]
-    assert main([*args, "--like", str(checkpoint / "inv"), "--steps", "15", "--no-progress"]) == 0
+    assert (
+        main([*args, "--like", str(checkpoint / "inv"), "--max-steps", "15", "--no-progress"]) == 0
+    )
     replies = [json.loads(x) for x in (text_dir / "outputs.jsonl").read_text().splitlines()]
     assert sorted(r["prompt"] for r in replies) == sorted(TRAIN)
     model = TextInverter.from_pretrained(text_dir)

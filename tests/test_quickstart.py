@@ -4,12 +4,13 @@ default recipe (prefix-lm reading 2 neighbours, then the target's re-ranking).""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
 from logit2prompt.data.store import DistributionStore
 from logit2prompt.errors import CheckpointError
-from logit2prompt.recipes.quickstart import QuickstartConfig, run_quickstart
+from logit2prompt.recipes.quickstart import QuickstartConfig, format_report, run_quickstart
 
 
 @pytest.fixture
@@ -22,9 +23,10 @@ def synthetic_corpus(tmp_path):
     return path
 
 
-def test_quickstart_runs_and_reuses_its_steps(synthetic_corpus, tiny_lm_dir, tmp_path, capsys):
+def test_quickstart_runs_and_reuses_its_steps(synthetic_corpus, tiny_lm_dir, tmp_path, caplog):
     from logit2prompt.cli.main import main
 
+    caplog.set_level(logging.INFO, logger="logit2prompt.recipes.quickstart")
     out = tmp_path / "qs"
     cfg = QuickstartConfig(
         out=str(out),
@@ -39,7 +41,7 @@ def test_quickstart_runs_and_reuses_its_steps(synthetic_corpus, tiny_lm_dir, tmp
     train = DistributionStore(out / "stores" / "train")
     assert len(test) > 0 and len(train) == cfg.train_prompts
     methods = set(first["results"])
-    assert {"inverter", "nearest neighbour (train)", "constant guess (train)"} < methods
+    assert {"inverter", "nearest neighbour", "constant guess"} < methods
     assert any("re-ranked by the target" in m for m in methods)
     assert all(r["n"]["mean"] == len(test) for r in first["results"].values())
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
@@ -57,11 +59,14 @@ def test_quickstart_runs_and_reuses_its_steps(synthetic_corpus, tiny_lm_dir, tmp
     assert not (out / "inverter" / "checkpoints").exists()  # resume state pruned once done
     weights = out / "inverter" / "model.safetensors"
     mtime = weights.stat().st_mtime_ns
-    printed = capsys.readouterr().out
-    assert "Test split" in printed and "examples across the BLEU range" in printed
+    printed = format_report(first)
+    assert f"Test split: {len(test)} hidden prompts" in printed
+    assert "examples across the BLEU range" in printed and first["examples"][0]["hidden"] in printed
+    assert all(m in printed for m in methods)  # the table has a row per method
+    caplog.clear()
 
     second = run_quickstart(cfg)  # every step reused: no retraining, same answers
-    assert "reusing the trained inverter" in capsys.readouterr().out
+    assert "reusing the trained inverter" in caplog.text
     assert weights.stat().st_mtime_ns == mtime
     assert second["results"] == first["results"]
 
@@ -72,9 +77,7 @@ def test_quickstart_runs_and_reuses_its_steps(synthetic_corpus, tiny_lm_dir, tmp
     t5 = run_quickstart(QuickstartConfig(**{**other.__dict__, "out": str(tmp_path / "t5")}))
     t5_args = json.loads((tmp_path / "t5" / "inverter" / "training_args.json").read_text())
     assert t5_args["preset"] == "tiny" and t5_args["per_device_batch_size"] == 32
-    assert (
-        t5["results"]["nearest neighbour (train)"] == first["results"]["nearest neighbour (train)"]
-    )
+    assert t5["results"]["nearest neighbour"] == first["results"]["nearest neighbour"]
 
     # The README's next step after the quickstart.
     assert main(["invert", "--checkpoint", str(out / "inverter"), "--text", "Question 3"]) == 0

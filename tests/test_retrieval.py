@@ -9,8 +9,8 @@ import torch
 from logit2prompt.data.store import DistributionStore
 from logit2prompt.errors import CheckpointError, VectorError
 from logit2prompt.models.inverter import Inverter
-from logit2prompt.models.t5_inverter import CopyHead
 from logit2prompt.models.retrieval import MEMORY_WEIGHTS, NeighbourMemory
+from logit2prompt.models.t5_inverter import CopyHead
 from logit2prompt.training.trainer import Trainer
 
 from .conftest import FIXTURE_PROMPTS, tiny_train_config

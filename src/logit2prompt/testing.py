@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 
-from .server.app import ServerError
+from .server.schemas import ServerError
 
 
 def free_port() -> int:

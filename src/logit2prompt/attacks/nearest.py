@@ -63,16 +63,3 @@ def constant_guess(prompts: list[str], seed: int = 0) -> str:
         for i in rng.choice(len(prompts), min(MEDOID_SAMPLE, len(prompts)), replace=False)
     ]
     return max(sample, key=lambda c: sum(token_f1(c, other) for other in sample))
-
-
-def baseline_predictions(
-    train: DistributionStore, test: DistributionStore, near: list[list[int]] | None = None
-) -> dict[str, list[str]]:
-    """Both baselines' predictions for every test prompt, keyed by the name reports use
-    (`near`: each test prompt's nearest training indices, closest first, if searched already)."""
-    if near is None:
-        near = nearest_neighbours(train, test.vectors(range(len(test))), 1)
-    return {
-        "nearest neighbour (train)": [train.prompts[row[0]] for row in near],
-        "constant guess (train)": [constant_guess(train.prompts)] * len(test),
-    }

@@ -17,7 +17,7 @@ import html
 import io
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,18 +52,37 @@ DISPLAY_ONLY = ("expose", "round")
 
 @dataclass
 class SweepConfig:
-    checkpoint: str
-    train_data: str
-    test_data: str
-    out: str
-    specs: tuple[str, ...] = DEFAULT_SPECS
-    finetune_steps: int = 60
-    finetune_lr: float = 3e-4
-    test_limit: int = 128
-    batch_size: int = 32
-    mixed_precision: str = "auto"  # must match any Trainer already made in this process
-    reply_prompts: int = 32  # prompts whose sampled replies are compared (0: skip)
-    semantic: bool = True  # MiniLM cosine beside BLEU / token F1 / exact
+    checkpoint: str = field(metadata={"help": "an inverter trained on clean data"})
+    train_data: str = field(metadata={"help": "clean training store (adaptive attacker)"})
+    test_data: str = field(metadata={"help": "clean test store"})
+    out: str = field(metadata={"help": "output directory"})
+    specs: tuple[str, ...] = field(
+        default=DEFAULT_SPECS,
+        metadata={
+            "help": 'defense specs separated by ";" (default: a grid of every defense)',
+            "sep": ";",
+        },
+    )
+    finetune_steps: int = field(
+        default=60, metadata={"help": "the adaptive attacker's fine-tuning steps per defense"}
+    )
+    finetune_lr: float = field(
+        default=3e-4, metadata={"help": "the adaptive attacker's learning rate"}
+    )
+    test_limit: int = field(default=128, metadata={"help": "test prompts scored"})
+    batch_size: int = field(
+        default=32, metadata={"help": "vectors per batch (inversion, fine-tuning, the target)"}
+    )
+    # must match any Trainer already made in this process
+    mixed_precision: str = field(
+        default="auto", metadata={"help": "fine-tuning precision: no, fp16, bf16 or auto"}
+    )
+    reply_prompts: int = field(
+        default=32, metadata={"help": "prompts whose sampled replies are compared (0: skip)"}
+    )
+    semantic: bool = field(
+        default=True, metadata={"help": "MiniLM cosine beside BLEU / token F1 / exact"}
+    )
 
 
 def utility_cost(clean: torch.Tensor, defended: torch.Tensor, display_only: bool) -> dict:

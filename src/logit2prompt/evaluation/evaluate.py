@@ -7,100 +7,131 @@ prompt length and by task/source -> results.json, predictions.jsonl and report.h
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..errors import Logit2PromptError
+from ..recipes import methods
+from ..recipes.methods import INVERTER, REFINED, RERANKED  # noqa: F401 (their row names)
 from .metrics import per_example_scores, summarize
 
-BASELINES = ("nn", "constant", "extraction", "fewshot", "text")
+logger = logging.getLogger(__name__)
+
+BASELINES = ("nn", "constant", "extraction", "fewshot", "text")  # built in; see baseline_keys
+# Methods an EvalConfig field selects (the inverter always runs); --baselines names the rest.
+FLAGGED = {
+    "inverter": lambda cfg: True,
+    "fallback": lambda cfg: cfg.fallback,
+    "rerank": lambda cfg: cfg.rerank,
+    "refine": lambda cfg: cfg.refine_rounds > 0,
+}
 GROUP_FIELDS = ("task", "source", "category", "type")  # the first one a corpus has is used
 LENGTH_BUCKETS = ((1, 5), (6, 10), (11, 15), (16, 20), (21, 30), (31, 10_000))
 MAX_GROUPS = 30
 EXAMPLES_PER_KIND = 5
-INVERTER = "inverter"
-RERANKED = "inverter + neighbours, re-ranked by the target"
-REFINED = "nearest neighbour, refined by the target"
 
 
 @dataclass
 class EvalConfig:
     """What to evaluate, on which prompts, against which baselines."""
 
-    checkpoint: str
+    checkpoint: str = dataclasses.field(metadata={"help": "the inverter checkpoint"})
     prompts: str
-    out: str
-    baselines: tuple[str, ...] = ("nn", "constant")
-    train_data: str | None = None  # the training store: nearest neighbour, constant, few-shot
+    out: str = dataclasses.field(
+        metadata={"help": "output directory (results.json, predictions.jsonl, report.html)"}
+    )
+    baselines: tuple[str, ...] = dataclasses.field(
+        default=("nn", "constant"),
+        metadata={"help": "comma-separated: nn, constant, extraction, fewshot, text, or ''"},
+    )
+    train_data: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "the training store (nn, constant, fewshot, --rerank, --refine-rounds)"},
+    )
     field: str = "prompt"
     split: str | None = None
     limit: int | None = None  # the first N prompts
-    sample: int | None = None  # a seeded random N prompts (after --limit)
+    sample: int | None = dataclasses.field(
+        default=None, metadata={"help": "a seeded random N of the prompts (after --limit)"}
+    )
     num_beams: int = 1
     no_repeat_ngram_size: int = 0
-    attacks: str | None = None  # JSON file of extraction strings (default: the built-in list)
-    text_checkpoint: str | None = None  # a text-only inverter (`logit2prompt train-text`)
-    rerank: bool = False  # add: inverter beams + nearest neighbours, re-ranked by the target
-    refine_rounds: int = 0  # add: the nearest neighbour, refined by the target (refine.py)
-    predictions: tuple[str, ...] = ()  # JSONL files of other methods' predictions to score
-    semantic: bool = True
-    functional: bool = True
-    batch_size: int = 32
+    attacks: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "JSON file of extraction attack strings (default: the built-in list)"},
+    )
+    text_checkpoint: str | None = dataclasses.field(
+        default=None, metadata={"help": "a text-only inverter (`logit2prompt train-text`)"}
+    )
+    rerank: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "also score inverter beams + nearest neighbours re-ranked by the target"},
+    )
+    refine_rounds: int = dataclasses.field(
+        default=0,
+        metadata={"help": "also score the nearest neighbour refined by the target (refine.py)"},
+    )
+    # `field` is a field name here, so the dataclasses function goes by its module.
+    fallback: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "also score the inverter's output where it is confident, else the nearest "
+            "training prompt (no target queries; needs --train-data)"
+        },
+    )
+    predictions: tuple[str, ...] = dataclasses.field(
+        default=(),
+        metadata={
+            "help": "JSONL files of other methods' predictions ({hidden, recovered})",
+            "sep": None,
+        },
+    )
+    semantic: bool = dataclasses.field(default=True, metadata={"help": "MiniLM cosine"})
+    functional: bool = dataclasses.field(default=True, metadata={"help": "KL / top-1 agreement"})
+    batch_size: int = dataclasses.field(default=32, metadata={"help": "target batch"})
     progress: bool = True
 
 
+def baseline_keys() -> tuple[str, ...]:
+    """What --baselines may name: every registered method no EvalConfig field selects."""
+    return tuple(k for k in methods.method_keys() if k not in FLAGGED)
+
+
+def selected_methods(cfg: EvalConfig) -> list[str]:
+    """The registry keys this evaluation runs, in run (and report) order."""
+    chosen = {k for k, on in FLAGGED.items() if on(cfg)} | set(cfg.baselines)
+    return [k for k in methods.method_keys() if k in chosen]
+
+
 def _check_baselines(cfg: EvalConfig) -> None:
-    unknown = [b for b in cfg.baselines if b not in BASELINES]
+    choices = baseline_keys()
+    unknown = [b for b in cfg.baselines if b not in choices]
     if unknown:
-        raise Logit2PromptError(f"unknown baseline(s) {unknown}; choose from {BASELINES}")
-    if "text" in cfg.baselines and not cfg.text_checkpoint:
-        raise Logit2PromptError(
-            "the text baseline needs a text-only inverter: pass --text-checkpoint "
-            "(train one with `logit2prompt train-text`)"
-        )
-    needs_train = {"nn", "constant", "fewshot"} & set(cfg.baselines)
-    if cfg.rerank:
-        needs_train.add("rerank")
+        raise Logit2PromptError(f"unknown baseline(s) {unknown}; choose from {choices}")
     if cfg.refine_rounds < 0:
         raise Logit2PromptError(f"refine rounds must be >= 0, got {cfg.refine_rounds}")
-    if cfg.refine_rounds:
-        needs_train.add("refine")
-    if needs_train and not cfg.train_data:
-        raise Logit2PromptError(
-            f"baseline(s) {sorted(needs_train)} need the training store: pass --train-data"
-        )
+    available = {"inverter", "target", "references"}
+    if cfg.train_data:
+        available.add("train")
+    if cfg.text_checkpoint:
+        available.add("text_checkpoint")
+    hints = {
+        "train": "pass --train-data",
+        "text_checkpoint": "pass --text-checkpoint (train one with `logit2prompt train-text`)",
+    }
+    methods.check_requirements(selected_methods(cfg), available, hints)
 
 
-def method_predictions(cfg: EvalConfig, inverter, target, references, vectors) -> dict:
-    """Every method's prediction for every reference, keyed by the name the report shows."""
-    from ..attacks.nearest import constant_guess, nearest_neighbour, nearest_neighbours
-    from ..attacks.rerank import (
-        DEFAULT_BEAMS,
-        DEFAULT_NEIGHBOURS,
-        inverter_with_neighbours,
-        proposals_with_neighbours,
-    )
+def method_context(cfg: EvalConfig, inverter, target, references, vectors) -> methods.MethodContext:
+    """The methods' shared context for this evaluation (the training store loaded and checked
+    to come from the inverter's target)."""
     from ..data.store import DistributionStore
 
-    preds: dict[str, list[str]] = {}
-    say = print if cfg.progress else (lambda *a, **k: None)
-    say(f"inverting {len(references)} prompts", flush=True)
-    # With --rerank at the re-ranker's beam count, one beam search serves both: its top beam
-    # is the inverter's answer and all its beams are the re-ranker's candidates.
-    shared = cfg.rerank and cfg.num_beams == DEFAULT_BEAMS
-    beams = inverter.invert(
-        torch.from_numpy(vectors),
-        num_beams=cfg.num_beams,
-        num_return_sequences=cfg.num_beams if shared else 1,
-        no_repeat_ngram_size=cfg.no_repeat_ngram_size,
-        batch_size=cfg.batch_size,
-        grouped=True,
-    )
-    preds[INVERTER] = [row[0] for row in beams]
     train = None
     if cfg.train_data:
         train = DistributionStore(cfg.train_data)
@@ -109,75 +140,27 @@ def method_predictions(cfg: EvalConfig, inverter, target, references, vectors) -
             raise Logit2PromptError(
                 f"--train-data {cfg.train_data} comes from another target: {'; '.join(diffs)}"
             )
-    nearest = None
-    if cfg.rerank:
-        say("re-ranking inverter beams and neighbours with the target", flush=True)
-        near = nearest_neighbours(train, vectors, DEFAULT_NEIGHBOURS)
-        nearest = [train.prompts[row[0]] for row in near]  # the baseline, same search
-        if shared:
-            preds[RERANKED] = proposals_with_neighbours(
-                target, train, vectors, beams, DEFAULT_NEIGHBOURS, cfg.batch_size, near=near
-            )
-        else:
-            preds[RERANKED] = inverter_with_neighbours(
-                inverter,
-                target,
-                train,
-                vectors,
-                no_repeat_ngram_size=cfg.no_repeat_ngram_size,
-                batch_size=cfg.batch_size,
-                near=near,
-            )
-    if cfg.refine_rounds:
-        from ..attacks.refine import RefineConfig, refine_nearest
+    return methods.MethodContext(
+        inverter,
+        vectors,
+        target=target,
+        train=train,
+        references=references,
+        num_beams=cfg.num_beams,
+        no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+        batch_size=cfg.batch_size,
+        refine_rounds=cfg.refine_rounds,
+        attacks=cfg.attacks,
+        text_checkpoint=cfg.text_checkpoint,
+        progress=cfg.progress,
+    )
 
-        say(f"refining nearest neighbours with the target ({cfg.refine_rounds} rounds)", flush=True)
-        nearest, refined = refine_nearest(
-            inverter,
-            target,
-            train,
-            vectors,
-            RefineConfig(rounds=cfg.refine_rounds, target_batch=cfg.batch_size),
-            cfg.progress,
-        )
-        preds[REFINED] = refined.prompts
-    if "nn" in cfg.baselines:
-        if nearest is None:  # else re-ranking or refinement found it already
-            say("nearest neighbour", flush=True)
-            nearest = nearest_neighbour(train, vectors)
-        preds["nearest neighbour"] = nearest
-    if "constant" in cfg.baselines:
-        preds["constant guess"] = [constant_guess(train.prompts)] * len(references)
-    if "extraction" in cfg.baselines:
-        from ..attacks.extraction import best_and_oracle, extraction_predictions, load_attacks
 
-        attacks = load_attacks(cfg.attacks)
-        say(f"extraction attacks: {len(attacks)} strings", flush=True)
-        replies = extraction_predictions(target, references, attacks)
-        best, best_preds, oracle = best_and_oracle(replies, references)
-        preds["extraction (best string)"] = best_preds
-        preds["extraction (oracle)"] = oracle
-        preds["_best_attack"] = best  # type: ignore[assignment]
-    if "fewshot" in cfg.baselines:
-        from ..attacks.fewshot import DEFAULT_SHOTS, fewshot_predictions
-
-        say("few-shot prompting", flush=True)
-        rng = np.random.default_rng(0)
-        idx = sorted(rng.choice(len(train), DEFAULT_SHOTS, replace=False).tolist())
-        shots = [(train.prompts[i], torch.from_numpy(train.vectors([i])[0, 0])) for i in idx]
-        preds["few-shot"] = fewshot_predictions(target, torch.from_numpy(vectors[:, 0]), shots)
-    if "text" in cfg.baselines:
-        from ..models.text_inverter import TextInverter, target_outputs
-
-        model = TextInverter.from_pretrained(cfg.text_checkpoint)
-        if model.fingerprint and model.fingerprint.get("id") != target.fingerprint.id:
-            raise Logit2PromptError(
-                f"the text inverter {cfg.text_checkpoint} was trained on another target "
-                f"({model.fingerprint.get('name')}, id {model.fingerprint.get('id')})"
-            )
-        say("text-only inversion: generating the target's replies", flush=True)
-        preds["text-only inversion"] = model.invert(target_outputs(target, references))
-    return preds
+def method_predictions(cfg: EvalConfig, inverter, target, references, vectors) -> dict:
+    """Every selected method's prediction for every reference, keyed by the row name the
+    report shows."""
+    ctx = method_context(cfg, inverter, target, references, vectors)
+    return methods.run_methods(selected_methods(cfg), ctx)
 
 
 PREDICTION_FIELDS = ("recovered", "prediction")
@@ -325,11 +308,11 @@ def evaluate(cfg: EvalConfig) -> dict:
         records = [records[i] for i in keep]
     references = [r.text for r in records]
     metas = [r.meta for r in records]
-    if cfg.progress:
-        print(f"{len(references)} prompts from {cfg.prompts}; collecting vectors", flush=True)
+    logger.info("%d prompts from %s; collecting vectors", len(references), cfg.prompts)
     vectors = collect_vectors(target, references, inverter.config.steps, cfg.batch_size)
-    preds = method_predictions(cfg, inverter, target, references, vectors)
-    best_attack = preds.pop("_best_attack", None)
+    ctx = method_context(cfg, inverter, target, references, vectors)
+    preds = methods.run_methods(selected_methods(cfg), ctx)
+    best_attack = ctx.notes.get("best_attack")
     for path in cfg.predictions:
         preds[Path(path).stem] = read_predictions(path, references)
     per = score_methods(cfg, target, preds, references, vectors)

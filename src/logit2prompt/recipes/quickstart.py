@@ -11,18 +11,17 @@ inverter is confident of it and answers with the nearest train prompt elsewhere 
 from __future__ import annotations
 
 import json
+import logging
 import resource
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..attacks.invert import invert_store
-from ..attacks.nearest import baseline_predictions, nearest_neighbours
-from ..attacks.rerank import DEFAULT_NEIGHBOURS, confident_or_nearest, proposals_with_neighbours
+from ..attacks.invert import ensure_same_target
 from ..data.bigbench import build_bigbench_corpus
 from ..data.collect import collect
 from ..data.corpus import load_corpus
@@ -31,7 +30,11 @@ from ..errors import CheckpointError
 from ..evaluation.metrics import format_table, per_example_scores, score
 from ..models.inverter import Inverter
 from ..targets import DEFAULT_TARGET, load_target
+from ..targets.base import TargetFingerprint
 from ..training.trainer import CHECKPOINT_DIR, TrainConfig, Trainer, is_trained
+from .methods import FALLBACK, RERANKED, MethodContext, run_methods
+
+logger = logging.getLogger(__name__)
 
 # Sized for about 20 minutes on a 2-core CPU at scale 1 (see README for measured times): a
 # prefix-lm step of 16 examples with 2 neighbours takes ~10 s there, a `small` T5 step of 32 ~1 s.
@@ -44,24 +47,50 @@ VAL_PROMPTS = 128
 TEST_PROMPTS = 256
 NUM_EXAMPLES = 10
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+# The rows the quickstart reports (registry keys, see methods.py), and its inverter's decode
+# batch (that of `invert_store`, which it decoded with before the registry).
+METHODS = ("inverter", "fallback", "rerank", "nn", "constant")
+DECODE_BATCH = 64
 # Training settings the reuse check compares: a checkpoint trained otherwise is not reused.
 RECIPE_KEYS = ("preset", "neighbours", "max_steps")
 
 
 @dataclass
 class QuickstartConfig:
-    out: str = "runs/quickstart"
-    scale: float = 1.0
-    dtype: str = "bf16"  # the target's weights, for collection and re-ranking
-    target: str = DEFAULT_TARGET
-    batch_size: int = 32  # target batch (collection, re-ranking)
-    progress: bool = True
-    corpus: str | None = None  # default: the BIG-bench corpus, built on first use
-    preset: str = "prefix-lm"
-    neighbours: int = 2
-    train_batch_size: int | None = None  # default: 16 for prefix-lm, 32 for T5 presets
-    base_steps: int | None = None  # at scale 1; default: 60 for prefix-lm, 600 for T5 presets
-    bf16_decoding: bool = True  # 1.8x faster on CPU, no measurable loss (decode_precision.py)
+    out: str = field(
+        default="runs/quickstart",
+        metadata={"help": "run directory, one subdirectory per step (rerun to reuse)"},
+    )
+    scale: float = field(default=1.0, metadata={"help": "multiply corpus size and training steps"})
+    dtype: str = field(
+        default="bf16",
+        metadata={"help": "target weights (collection, re-ranking)", "choices": tuple(DTYPES)},
+    )
+    target: str = field(
+        default=DEFAULT_TARGET,
+        metadata={"help": "built-in name, local directory, .gguf file or hub id"},
+    )
+    batch_size: int = field(default=32, metadata={"help": "target batch (collection, re-ranking)"})
+    progress: bool = field(default=True, metadata={"help": "progress bars"})
+    corpus: str | None = field(
+        default=None, metadata={"help": "a corpus file (default: BIG-bench, built on first use)"}
+    )
+    preset: str = field(default="prefix-lm", metadata={"help": "inverter preset"})
+    neighbours: int = field(
+        default=2, metadata={"help": "nearest training prompts the inverter reads"}
+    )
+    train_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "training batch (default: 16 for prefix-lm, 32 for T5 presets)"},
+    )
+    base_steps: int | None = field(
+        default=None,
+        metadata={"help": "training steps at scale 1 (default: 60 for prefix-lm, 600 for T5)"},
+    )
+    bf16_decoding: bool = field(
+        default=True,
+        metadata={"help": "decode in bf16: 1.8x faster on CPU, no loss (decode_precision.py)"},
+    )
 
     @property
     def train_prompts(self) -> int:
@@ -105,11 +134,35 @@ def peak_rss_gb() -> float:
 def _log(msg: str) -> None:
     # The peak so far tells a user with less memory which step needs it.
     stamp = f"{time.strftime('%H:%M:%S')}, peak {peak_rss_gb():.1f} GB"
-    print(f"[quickstart {stamp}] {msg}", flush=True)
+    logger.info("[quickstart %s] %s", stamp, msg)
+
+
+def format_report(report: dict) -> str:
+    """The metrics table, examples across the BLEU range and the next command to try, as the
+    quickstart command prints them."""
+    target = TargetFingerprint.from_dict(report["target"]).describe()
+    n = report["results"]["inverter"]["n"]["mean"]
+    lines = [
+        "",
+        f"Test split: {n} hidden prompts; target {target}",
+        format_table(report["results"]),
+        "",
+        f"{len(report['examples'])} examples across the BLEU range (hidden -> recovered):",
+        *(
+            f"  [{ex['bleu']:5.1f}] {ex['hidden']!r}\n          -> {ex['recovered']!r}"
+            for ex in report["examples"]
+        ),
+        "",
+        f"results in {Path(report['config']['out']) / 'results.json'}",
+        f"Try: logit2prompt invert --checkpoint {report['checkpoint']} "
+        '--text "What is the capital of France?"',
+    ]
+    return "\n".join(lines)
 
 
 def run_quickstart(cfg: QuickstartConfig) -> dict:
-    """Run every step (reusing finished ones) and print the metrics table and examples."""
+    """Run every step (reusing finished ones); the report's table and examples are logged and
+    `format_report` renders them."""
     out = Path(cfg.out)
     t0 = time.perf_counter()
     if cfg.corpus:
@@ -167,36 +220,26 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     _log("evaluating on the test split")
     train, test = stores["train"], stores["test"]
     references = test.prompts
-    predictions = invert_store(inverter, test, progress=cfg.progress, bf16=cfg.bf16_decoding)
-    _log(f"the target re-ranks each output beside the {DEFAULT_NEIGHBOURS} nearest train prompts")
-    vectors = test.vectors(range(len(test)))
-    near = nearest_neighbours(train, vectors, DEFAULT_NEIGHBOURS)
-    reranked = proposals_with_neighbours(
-        target,
-        train,
-        vectors,
-        [[p] for p in predictions],
-        DEFAULT_NEIGHBOURS,
-        cfg.batch_size,
-        near=near,
+    ensure_same_target(inverter, test)
+    # The inverter decodes greedily; the target re-ranks that output beside the nearest train
+    # prompts, and the fallback row keeps it only where the inverter is confident.
+    ctx = MethodContext(
+        inverter,
+        test.vectors(range(len(test))),
+        target=target,
+        train=train,
+        references=references,
+        num_beams=1,
+        rerank_beams=1,
+        batch_size=cfg.batch_size,
+        decode_batch_size=DECODE_BATCH,
+        bf16=cfg.bf16_decoding,
+        progress=cfg.progress,
     )
-    _log("and the inverter falls back to the nearest train prompt where it is unsure")
-    fallback, kept = confident_or_nearest(
-        inverter, train, vectors, predictions, near=near, progress=cfg.progress
-    )
-    _log(f"the inverter was confident of {int(kept.sum())} of its {len(kept)} outputs")
-    results = {
-        "inverter": score(predictions, references),
-        "inverter, else the nearest where unsure (no target queries)": score(fallback, references),
-        f"inverter + {DEFAULT_NEIGHBOURS} nearest, re-ranked by the target": score(
-            reranked, references
-        ),
-        **{
-            name: score(preds, references)
-            for name, preds in baseline_predictions(train, test, near=near).items()
-        },
-    }
-    table = format_table(results)
+    preds = run_methods(METHODS, ctx)
+    kept = ctx.notes["fallback_kept"]
+    predictions, fallback, reranked = preds["inverter"], preds[FALLBACK], preds[RERANKED]
+    results = {name: score(p, references) for name, p in preds.items()}
     per = per_example_scores(predictions, references)
     order = np.argsort(per["bleu"])[::-1]
     picks = order[:: max(1, len(order) // NUM_EXAMPLES)][:NUM_EXAMPLES].tolist()  # best first
@@ -204,13 +247,6 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         {"hidden": references[i], "recovered": predictions[i], "bleu": per["bleu"][i]}
         for i in picks
     ]
-    print()
-    print(f"Test split: {len(references)} hidden prompts; target {target.fingerprint.describe()}")
-    print(table)
-    print()
-    print(f"{NUM_EXAMPLES} examples across the BLEU range (hidden -> recovered):")
-    for ex in examples:
-        print(f"  [{ex['bleu']:5.1f}] {ex['hidden']!r}\n          -> {ex['recovered']!r}")
     elapsed = time.perf_counter() - t0
     report = {
         "config": asdict(cfg),
@@ -229,9 +265,5 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
             for r, p, f, q in zip(references, predictions, fallback, reranked, strict=True)
         )
     )
-    print()
     _log(f"done in {elapsed / 60:.1f} min; results in {out / 'results.json'}")
-    print(
-        f'Try: logit2prompt invert --checkpoint {model_dir} --text "What is the capital of France?"'
-    )
     return report

@@ -1,0 +1,280 @@
+"""The subcommands: each turns parsed flags into a call of the library (and prints a summary;
+the library itself logs). `invert` lives in main.py."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..data.corpus import resolve_corpus
+from .args import config_from_args
+
+if TYPE_CHECKING:  # annotations only: each command imports what it runs when it runs
+    from ..defenses.sweep import SweepConfig
+    from ..evaluation.evaluate import EvalConfig
+    from ..recipes.quickstart import QuickstartConfig
+    from ..training.config import TrainConfig
+
+
+def load_cli_target(args, device: str | None = None):
+    """The target of the shared target flags: a local model, or an API endpoint (probed)."""
+    from ..targets import load_target
+
+    if args.target.startswith("openai:"):
+        import os
+
+        from ..targets.api.target import resolve_api_target
+
+        target = resolve_api_target(
+            args.target,
+            tokenizer=args.tokenizer,
+            api_key=os.environ.get(args.api_key_env),
+            mode=args.mode,
+            system_prompt=args.system_prompt,
+            strategy=args.api_strategy,
+            top_k=args.api_top_k,
+            concurrency=args.api_concurrency,
+            rate_limit=args.api_rate_limit,
+            progress=not getattr(args, "no_progress", False),
+        )
+        strategy, k = target.probe()
+        print(
+            f"API target {target.base_url} ({target.model}): strategy {strategy}, top-{k}, "
+            f"{target.query_cost(strategy, k)} queries per distribution",
+            file=sys.stderr,
+        )
+        return target
+    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[args.dtype]
+    return load_target(
+        args.target,
+        mode=args.mode,
+        dtype=dtype,
+        device=device or args.device,
+        system_prompt=args.system_prompt,
+        batch_size=args.batch_size,
+    )
+
+
+def load_cli_corpus(args, target):
+    """The prompts of the shared corpus flags, their length counted in the target's tokens."""
+    from ..data.corpus import load_corpus
+
+    return load_corpus(
+        resolve_corpus(args.prompts),
+        field_name=args.field,
+        count_tokens=target.count_tokens,
+        max_tokens=args.max_tokens,
+        split=args.split,
+        limit=args.limit,
+    )
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_data(args) -> None:
+    from ..data.bigbench import build_bigbench_corpus
+    from ..data.corpus import clean, read_rows
+
+    path = build_bigbench_corpus(args.out, force=args.force)
+    corpus = clean(read_rows(str(path)), str(path), max_tokens=None)
+    print(f"default corpus: {path}")
+    print(f"  {len(corpus)} prompts; splits: {corpus.split_counts()}")
+
+
+def cmd_collect(args) -> None:
+    from ..data.collect import collect
+    from ..defenses.chain import parse_defense
+    from ..distributed import partial_state
+    from ..targets.defended import DefendedTarget
+
+    state = partial_state()
+    device = str(state.device) if state.num_processes > 1 else None
+    target = load_cli_target(args, device=device)
+    chain = parse_defense(args.defense)
+    if chain:
+        target = DefendedTarget(target, chain)
+    corpus = load_cli_corpus(args, target)
+    if state.is_main_process:
+        print(f"target: {target.fingerprint.describe()}")
+        print(
+            f"corpus: {corpus.source}: {len(corpus)} prompts (split {args.split}); "
+            f"dropped {corpus.dropped}"
+        )
+    result = collect(
+        target,
+        corpus,
+        args.out,
+        split=args.split,
+        steps=args.steps,
+        store_dtype=args.store_dtype,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        process_index=state.process_index,
+        num_processes=state.num_processes,
+        wait_for_everyone=state.wait_for_everyone,
+        progress=not args.no_progress,
+    )
+    if state.is_main_process:
+        print(
+            f"stored {result.num_prompts} prompts in {result.path} "
+            f"({result.shards_written} shards written, {result.shards_skipped} resumed, "
+            f"{result.dropped_over_context} over the target's context; "
+            f"{result.prompts_per_second:.1f} prompts/s on process 0)"
+        )
+
+
+def _parse_overrides(items: list[str]) -> dict:
+    """`--set KEY=VALUE` pairs; a VALUE that reads as JSON is taken as such (numbers, lists)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def train_config(args) -> TrainConfig:
+    from ..training.config import TrainConfig
+
+    overrides = _parse_overrides(args.set)
+    return config_from_args(TrainConfig, args, overrides=overrides, progress=not args.no_progress)
+
+
+def cmd_train(args) -> None:
+    from ..training.trainer import Trainer
+
+    cfg = train_config(args)
+    trainer = Trainer(cfg)
+    if trainer.accelerator.is_main_process:
+        c = trainer.model.config
+        shape = (
+            f"{c.subspace_dim} subspace coordinates -> {c.prefix_length}-token prefix of "
+            f"{c.decoder_init}"
+            if c.decoder == "causal"
+            else f"{c.seq_len} chunks of {c.chunk_width}, d_model {c.d_model}"
+        )
+        print(
+            f"training on {len(trainer.train_idx)} prompts from {cfg.data} "
+            f"({trainer.store.fingerprint.describe()}); inverter: {shape}, "
+            f"{sum(p.numel() for p in trainer.model.parameters()) / 1e6:.1f}M parameters"
+        )
+    trainer.run(resume=args.resume)
+    if trainer.accelerator.is_main_process:
+        print(f"saved inverter to {cfg.out}")
+
+
+def quickstart_config(args) -> QuickstartConfig:
+    from ..recipes.quickstart import QuickstartConfig
+
+    return config_from_args(QuickstartConfig, args, progress=not args.no_progress)
+
+
+def cmd_quickstart(args) -> None:
+    from ..recipes.quickstart import format_report, run_quickstart
+
+    print(format_report(run_quickstart(quickstart_config(args))))
+
+
+def sweep_config(args) -> SweepConfig:
+    from ..defenses.sweep import DEFAULT_SPECS, SweepConfig
+
+    # `--defenses ''` has always meant the default grid, as leaving the flag out does
+    return config_from_args(SweepConfig, args, specs=args.specs or DEFAULT_SPECS)
+
+
+def cmd_defend_sweep(args) -> None:
+    from ..defenses.sweep import best_tradeoff, run_sweep
+
+    cfg = sweep_config(args)
+    results = run_sweep(cfg, progress=not args.no_progress)
+    best = best_tradeoff(results["rows"])
+    print(f"wrote {cfg.out}/results.json, leakage_vs_utility.png and report.html")
+    if best:
+        print(f"most leakage removed per unit of utility cost: {best['spec']}")
+
+
+def eval_config(args) -> EvalConfig:
+    from ..evaluation.evaluate import EvalConfig
+
+    # the shared --split says "all" where EvalConfig says None
+    split = None if args.split == "all" else args.split
+    return config_from_args(EvalConfig, args, split=split, progress=not args.no_progress)
+
+
+def cmd_evaluate(args) -> None:
+    from ..evaluation.evaluate import evaluate
+    from ..evaluation.metrics import format_table
+
+    cfg = eval_config(args)
+    results = evaluate(cfg)
+    print(format_table(results["summary"]))
+    print(f"wrote {cfg.out}/results.json, predictions.jsonl and report.html")
+
+
+def cmd_train_text(args) -> None:
+    from ..training.text import build_text_inverter
+
+    build_text_inverter(
+        args.data,
+        args.out,
+        like=args.like,
+        steps=args.max_steps,
+        limit=args.limit,
+        progress=not args.no_progress,
+    )
+    print(f"wrote {args.out}")
+
+
+def cmd_serve(args) -> None:
+    from ..server.app import ServerConfig, serve
+    from ..targets import DEFAULT_TARGET
+
+    api_key = args.api_key
+    if api_key is None and args.api_key_env:
+        import os
+
+        api_key = os.environ.get(args.api_key_env) or None
+    config = ServerConfig(
+        model_name=args.model_name
+        or (DEFAULT_TARGET if args.target == DEFAULT_TARGET else args.target),
+        max_top_logprobs=args.max_top_logprobs,
+        logprobs_mode=args.logprobs_mode,
+        defense=args.defense or "",
+        api_key=api_key,
+        max_tokens_limit=args.max_tokens_limit,
+        max_in_flight=args.max_in_flight,
+    )
+    args.mode = "raw"  # the server renders chat itself; the target's mode is unused
+    target = load_cli_target(args)
+    from ..server.app import startup_info
+
+    print(json.dumps(startup_info(config, args.host, args.port)), flush=True)
+    serve(target, config, host=args.host, port=args.port)
+
+
+def cmd_info(args) -> None:
+    from ..data.store import read_manifest
+    from ..models.checkpoint import CONFIG_NAME, FINGERPRINT_NAME, TRAINING_ARGS_NAME
+    from ..models.retrieval import MEMORY_PROMPTS
+
+    path = Path(args.path)
+    if not (path / CONFIG_NAME).is_file():
+        print(json.dumps(read_manifest(path), indent=1))
+        return
+    # An inverter checkpoint: its config, target and how training ended (no weights loaded).
+    info = {"checkpoint": str(path), "config": json.loads((path / CONFIG_NAME).read_text())}
+    for name, key in ((FINGERPRINT_NAME, "target"), (TRAINING_ARGS_NAME, "training")):
+        if (path / name).is_file():
+            info[key] = json.loads((path / name).read_text())
+    history = info.get("training", {}).pop("history", [])
+    if history:
+        info["last_validation"] = history[-1]
+    memory = path / MEMORY_PROMPTS
+    if memory.is_file():
+        info["neighbour_memory_prompts"] = len(json.loads(memory.read_text(encoding="utf-8")))
+    print(json.dumps(info, indent=1))

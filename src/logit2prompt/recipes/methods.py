@@ -1,0 +1,377 @@
+"""Every way to answer "which prompt produced these log-probs?", defined once.
+
+A `Method` names its key (the short name callers select it by), the rows reports show, what
+it needs and a predict function over a shared `MethodContext`. `evaluate`, the quickstart,
+`invert --rerank-with/--fallback-to` and benchmarks/quality.py all run methods through
+`run_methods`, so a new method (say, another re-ranker) is written once and `register`ed.
+
+The context memoises the work methods share: one beam search serves the inverter's row and
+the re-ranker when they decode the same beams, and one nearest-neighbour search (at the
+largest count any selected method reads) serves the nearest neighbour, the re-ranker, the
+fallback and refinement.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..attacks.rerank import DEFAULT_BEAMS, DEFAULT_CONFIDENCE_NATS, DEFAULT_NEIGHBOURS
+from ..errors import Logit2PromptError
+
+logger = logging.getLogger(__name__)
+
+# What a method may need, as error messages name it (in the order they are reported).
+NEEDS = {
+    "inverter": "the trained inverter",
+    "target": "the target (it sends it queries)",
+    "references": "the hidden prompts themselves",
+    "text_checkpoint": "a text-only inverter",
+    "train": "the training store",
+}
+
+
+@dataclass
+class MethodContext:
+    """The inputs every method reads, its decoding settings, and the work methods share.
+
+    `vectors` are the observed log-probs `[n, steps, vocab]`; `references` the hidden prompts
+    (only methods that hand them to the target need them). `batch_size` batches the target's
+    queries and, unless `decode_batch_size` is set, the inverter's decoding. `rerank_beams`:
+    the beams the re-ranker decodes (the inverter's own decode when it equals `num_beams`).
+    `near`: each row's nearest training indices, closest first, if searched already.
+    """
+
+    inverter: object | None
+    vectors: np.ndarray
+    target: object | None = None
+    train: object | None = None  # the training DistributionStore
+    references: Sequence[str] | None = None
+    num_beams: int = 1
+    no_repeat_ngram_size: int = 0
+    batch_size: int = 32
+    decode_batch_size: int | None = None
+    bf16: bool = False
+    rerank_beams: int = DEFAULT_BEAMS
+    confidence_nats: float = DEFAULT_CONFIDENCE_NATS
+    refine_rounds: int = 0
+    attacks: str | None = None  # JSON file of extraction strings (None: the built-in list)
+    text_checkpoint: str | None = None
+    progress: bool = True
+    keep_beams: bool = False  # the inverter's row decodes all `num_beams` beams (see `beams`)
+    near: list[list[int]] | None = None
+    notes: dict = field(default_factory=dict)  # side results: best_attack, fallback_kept
+    _decoded: dict = field(default_factory=dict, repr=False)
+    _neighbours: int = field(default=1, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def available(self) -> set[str]:
+        """The needs (keys of NEEDS) this context meets."""
+        have = {
+            "inverter": self.inverter is not None,
+            "target": self.target is not None,
+            "references": self.references is not None,
+            "text_checkpoint": bool(self.text_checkpoint),
+            "train": self.train is not None,
+        }
+        return {k for k, v in have.items() if v}
+
+    def decode(self, beams: int, returns: int = 1) -> list[list[str]]:
+        """The inverter's `returns` best of `beams` beams per row (memoised per pair)."""
+        key = (beams, returns)
+        if key not in self._decoded:
+            size = self.decode_batch_size or self.batch_size
+            out: list[list[str]] = []
+            # Beam search over a whole test split takes tens of minutes on a CPU.
+            with tqdm(
+                total=len(self), unit="prompt", desc="invert", disable=not self.progress
+            ) as bar:
+                for start in range(0, len(self), size):
+                    chunk = torch.from_numpy(np.asarray(self.vectors[start : start + size]))
+                    out.extend(
+                        self.inverter.invert(
+                            chunk,
+                            num_beams=beams,
+                            num_return_sequences=returns,
+                            no_repeat_ngram_size=self.no_repeat_ngram_size,
+                            batch_size=size,
+                            bf16=self.bf16,
+                            grouped=True,
+                        )
+                    )
+                    bar.update(len(chunk))
+            self._decoded[key] = out
+        return self._decoded[key]
+
+    def beams(self) -> list[list[str]]:
+        """The inverter's own decode: all `num_beams` beams when another method reads them
+        (`keep_beams`), else the top one, per row."""
+        return self.decode(self.num_beams, self.num_beams if self.keep_beams else 1)
+
+    def inverter_output(self) -> list[str]:
+        """The inverter's answer per row: the top of its own decode."""
+        return [row[0] for row in self.beams()]
+
+    def nearest(self, k: int = 1) -> list[list[int]]:
+        """Each row's k nearest training indices, closest first, from one shared search."""
+        from ..attacks.nearest import nearest_neighbours
+
+        if self.near is None or any(len(row) < k for row in self.near):
+            self.near = nearest_neighbours(self.train, self.vectors, max(k, self._neighbours))
+        return [row[:k] for row in self.near]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way to predict the hidden prompts: `predict(ctx)` returns {row name: predictions}
+    for the rows in `names`; `needs` are keys of NEEDS; `neighbours` the nearest training
+    prompts it reads per row; `beams(ctx)` the beam count it decodes, if it decodes any (it
+    then shares the inverter's decode when the counts match)."""
+
+    key: str
+    names: tuple[str, ...]
+    predict: Callable[[MethodContext], dict[str, list[str]]]
+    needs: frozenset[str] = frozenset()
+    help: str = ""
+    neighbours: int = 0
+    beams: Callable[[MethodContext], int] | None = None
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method, *, replace: bool = False) -> Method:
+    """Add a method (after those registered before it: rows run and show in that order)."""
+    unknown = set(method.needs) - set(NEEDS)
+    if unknown:
+        raise ValueError(f"method {method.key!r} needs {sorted(unknown)}; known: {list(NEEDS)}")
+    if method.key in _REGISTRY and not replace:
+        raise ValueError(f"a method {method.key!r} is registered already (pass replace=True)")
+    _REGISTRY[method.key] = method
+    return method
+
+
+def unregister(key: str) -> Method:
+    """Remove a registered method and return it."""
+    return _REGISTRY.pop(key)
+
+
+def method_keys() -> tuple[str, ...]:
+    """Registered method keys, in registration (= run and report) order."""
+    return tuple(_REGISTRY)
+
+
+def get_method(key: str) -> Method:
+    if key not in _REGISTRY:
+        raise Logit2PromptError(f"unknown method {key!r}; choose from {method_keys()}")
+    return _REGISTRY[key]
+
+
+def check_requirements(
+    keys: Iterable[str], available: Iterable[str], hints: dict[str, str] | None = None
+) -> None:
+    """Logit2PromptError naming every selected method whose needs are not `available`, what
+    it lacks and (from `hints`, by need) how to provide it."""
+    keys, have, hints = list(keys), set(available), hints or {}
+    problems = []
+    for need, what in NEEDS.items():
+        lacking = sorted(k for k in keys if need in get_method(k).needs and need not in have)
+        if lacking:
+            hint = f": {hints[need]}" if need in hints else ""
+            problems.append(f"method(s) {lacking} need {what}{hint}")
+    if problems:
+        raise Logit2PromptError("; ".join(problems))
+
+
+def run_methods(keys: Iterable[str], ctx: MethodContext) -> dict[str, list[str]]:
+    """Every selected method's rows, run and returned in registration order."""
+    wanted = set(keys)
+    for k in wanted:  # unknown keys fail before any work
+        get_method(k)
+    methods = [m for k, m in _REGISTRY.items() if k in wanted]
+    check_requirements(wanted, ctx.available())
+    # Plan the shared work: one neighbour search wide enough for all, and the inverter's own
+    # decode keeps every beam when another method reads the same beams.
+    ctx._neighbours = max([ctx._neighbours, *(m.neighbours for m in methods)])
+    if any(m.beams is not None and m.beams(ctx) == ctx.num_beams for m in methods):
+        ctx.keep_beams = True
+    preds: dict[str, list[str]] = {}
+    for m in methods:
+        rows = m.predict(ctx)
+        if set(rows) != set(m.names):
+            raise Logit2PromptError(f"method {m.key!r} returned {list(rows)}, not {m.names}")
+        preds.update(rows)
+    return preds
+
+
+# ----------------------------------------------------------------- the built-in methods
+INVERTER = "inverter"
+FALLBACK = "inverter, else the nearest where unsure (no target queries)"
+RERANKED = f"inverter + {DEFAULT_NEIGHBOURS} nearest, re-ranked by the target"
+REFINED = "nearest neighbour, refined by the target"
+NEAREST = "nearest neighbour"
+CONSTANT = "constant guess"
+EXTRACTION_BEST, EXTRACTION_ORACLE = "extraction (best string)", "extraction (oracle)"
+FEWSHOT = "few-shot"
+TEXT = "text-only inversion"
+
+
+def _inverter(ctx: MethodContext) -> dict[str, list[str]]:
+    logger.info("inverting %d prompts", len(ctx))
+    return {INVERTER: ctx.inverter_output()}
+
+
+def _fallback(ctx: MethodContext) -> dict[str, list[str]]:
+    from ..attacks.rerank import confident_or_nearest
+
+    logger.info("falling back to the nearest train prompt where the inverter is unsure")
+    answers, kept = confident_or_nearest(
+        ctx.inverter,
+        ctx.train,
+        ctx.vectors,
+        ctx.inverter_output(),
+        ctx.confidence_nats,
+        near=ctx.nearest(1),
+        batch_size=ctx.batch_size,
+        progress=ctx.progress,
+    )
+    ctx.notes["fallback_kept"] = kept
+    logger.info("the inverter was confident of %d of its %d outputs", int(kept.sum()), len(kept))
+    return {FALLBACK: answers}
+
+
+def _rerank(ctx: MethodContext) -> dict[str, list[str]]:
+    from ..attacks.rerank import proposals_with_neighbours
+
+    logger.info(
+        "re-ranking %d inverter beams and the %d nearest train prompts with the target",
+        ctx.rerank_beams,
+        DEFAULT_NEIGHBOURS,
+    )
+    proposals = ctx.decode(ctx.rerank_beams, ctx.rerank_beams)
+    near = ctx.nearest(DEFAULT_NEIGHBOURS)
+    return {
+        RERANKED: proposals_with_neighbours(
+            ctx.target, ctx.train, ctx.vectors, proposals, DEFAULT_NEIGHBOURS, ctx.batch_size, near
+        )
+    }
+
+
+def _refine(ctx: MethodContext) -> dict[str, list[str]]:
+    from ..attacks.nearest import sq_distances
+    from ..attacks.refine import RefineConfig, refine
+
+    if ctx.refine_rounds < 1:
+        raise Logit2PromptError(f"refinement needs at least 1 round, got {ctx.refine_rounds}")
+    logger.info("refining nearest neighbours with the target (%d rounds)", ctx.refine_rounds)
+    # refine_nearest's steps, starting from the shared neighbour search.
+    observed = ctx.inverter.as_batch(ctx.vectors).numpy()
+    first = [row[0] for row in ctx.nearest(1)]
+    start = [ctx.train.prompts[j] for j in first]
+    dist = sq_distances(observed, ctx.train.vectors(first))
+    cfg = RefineConfig(rounds=ctx.refine_rounds, target_batch=ctx.batch_size)
+    refined = refine(ctx.inverter, ctx.target, observed, start, dist, cfg, ctx.progress)
+    return {REFINED: refined.prompts}
+
+
+def _nearest(ctx: MethodContext) -> dict[str, list[str]]:
+    logger.info("nearest neighbour")
+    return {NEAREST: [ctx.train.prompts[row[0]] for row in ctx.nearest(1)]}
+
+
+def _constant(ctx: MethodContext) -> dict[str, list[str]]:
+    from ..attacks.nearest import constant_guess
+
+    return {CONSTANT: [constant_guess(ctx.train.prompts)] * len(ctx)}
+
+
+def _extraction(ctx: MethodContext) -> dict[str, list[str]]:
+    from ..attacks.extraction import best_and_oracle, extraction_predictions, load_attacks
+
+    attacks = load_attacks(ctx.attacks)
+    logger.info("extraction attacks: %d strings", len(attacks))
+    replies = extraction_predictions(ctx.target, ctx.references, attacks)
+    best, best_preds, oracle = best_and_oracle(replies, ctx.references)
+    ctx.notes["best_attack"] = best
+    return {EXTRACTION_BEST: best_preds, EXTRACTION_ORACLE: oracle}
+
+
+def _fewshot(ctx: MethodContext) -> dict[str, list[str]]:
+    from ..attacks.fewshot import DEFAULT_SHOTS, fewshot_predictions
+
+    logger.info("few-shot prompting")
+    train = ctx.train
+    idx = sorted(np.random.default_rng(0).choice(len(train), DEFAULT_SHOTS, replace=False).tolist())
+    shots = [(train.prompts[i], torch.from_numpy(train.vectors([i])[0, 0])) for i in idx]
+    vectors = torch.from_numpy(np.asarray(ctx.vectors)[:, 0])
+    return {FEWSHOT: fewshot_predictions(ctx.target, vectors, shots)}
+
+
+def _text(ctx: MethodContext) -> dict[str, list[str]]:
+    from ..models.text_inverter import TextInverter, target_outputs
+
+    model = TextInverter.from_pretrained(ctx.text_checkpoint)
+    if model.fingerprint and model.fingerprint.get("id") != ctx.target.fingerprint.id:
+        raise Logit2PromptError(
+            f"the text inverter {ctx.text_checkpoint} was trained on another target "
+            f"({model.fingerprint.get('name')}, id {model.fingerprint.get('id')})"
+        )
+    logger.info("text-only inversion: generating the target's replies")
+    return {TEXT: model.invert(target_outputs(ctx.target, ctx.references))}
+
+
+for _method in (
+    Method("inverter", (INVERTER,), _inverter, frozenset({"inverter"}), "the inverter's output"),
+    Method(
+        "fallback",
+        (FALLBACK,),
+        _fallback,
+        frozenset({"inverter", "train"}),
+        "the inverter's output where it is confident, else the nearest train prompt",
+        neighbours=1,
+    ),
+    Method(
+        "rerank",
+        (RERANKED,),
+        _rerank,
+        frozenset({"inverter", "train", "target"}),
+        f"the inverter's beams + the {DEFAULT_NEIGHBOURS} nearest, re-ranked by the target",
+        neighbours=DEFAULT_NEIGHBOURS,
+        beams=lambda ctx: ctx.rerank_beams,
+    ),
+    Method(
+        "refine",
+        (REFINED,),
+        _refine,
+        frozenset({"inverter", "train", "target"}),
+        "the nearest train prompt, edited token by token where the target says it is closer",
+        neighbours=1,
+    ),
+    Method(
+        "nn", (NEAREST,), _nearest, frozenset({"train"}), "the nearest train prompt", neighbours=1
+    ),
+    Method("constant", (CONSTANT,), _constant, frozenset({"train"}), "the train medoid"),
+    Method(
+        "extraction",
+        (EXTRACTION_BEST, EXTRACTION_ORACLE),
+        _extraction,
+        frozenset({"target", "references"}),
+        "ask the target to repeat its prompt: the best string, and the per-prompt oracle",
+    ),
+    Method("fewshot", (FEWSHOT,), _fewshot, frozenset({"train", "target"}), "few-shot the target"),
+    Method(
+        "text",
+        (TEXT,),
+        _text,
+        frozenset({"target", "references", "text_checkpoint"}),
+        "invert the target's text reply",
+    ),
+):
+    register(_method)
