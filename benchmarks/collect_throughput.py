@@ -21,9 +21,8 @@ from pathlib import Path
 
 import torch
 
-from logit2prompt.cli.main import resolve_corpus
 from logit2prompt.data.collect import collect, collect_vectors
-from logit2prompt.data.corpus import load_corpus
+from logit2prompt.data.corpus import load_corpus, resolve_corpus
 from logit2prompt.evaluation.results import write_results
 from logit2prompt.targets import DEFAULT_TARGET, load_target
 

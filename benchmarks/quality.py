@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from logit2prompt.data.collect import collect
 from logit2prompt.data.corpus import load_corpus
 from logit2prompt.data.store import DistributionStore
 from logit2prompt.evaluation.metrics import format_table, paired_gain, score
+from logit2prompt.evaluation.results import write_results
 from logit2prompt.models.inverter import Inverter
 from logit2prompt.recipes.methods import NEAREST, MethodContext, run_methods
 from logit2prompt.targets import DEFAULT_TARGET, load_target
@@ -48,7 +48,6 @@ NO_REPEAT_NGRAM = 3
 PAPER = {"bleu": 59.0, "token_f1": 78.0, "exact": 27.0}  # Llama-2 7B, Morris et al. 2023
 DECODE_BATCH = 64  # the inverter's own decodes (that of `invert_store`, used before the registry)
 TARGET_BATCH = 32
-# The baselines' rows keep the names of the committed results files, so they stay comparable.
 
 
 def calibrate(cfg: TrainConfig) -> float:
@@ -296,31 +295,23 @@ def main() -> None:
         f"paper (Llama-2 7B, T5-base, 2.33M prompts): BLEU {PAPER['bleu']}, token F1 "
         f"{PAPER['token_f1']}, exact {PAPER['exact']}%"
     )
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(
-        json.dumps(
-            {
-                "benchmark": "quality",
-                "corpus": corpus_path,
-                "target": target.fingerprint.to_dict(),
-                "train_prompts": len(train),
-                "test_prompts": len(refs),
-                "training": trainings,
-                "results": results,
-                "gain_over_nearest_neighbour": gains,
-                "paper_llama2_7b": PAPER,
-                "timings_s": timings,
-                "wall_s": time.perf_counter() - started,
-                "machine": {
-                    "cpu_count": os.cpu_count(),
-                    "platform": platform.platform(),
-                    "torch": torch.__version__,
-                    "cuda": torch.cuda.is_available(),
-                },
-                "examples": examples,
-            },
-            indent=1,
-        )
+    write_results(
+        args.results,
+        {
+            "benchmark": "quality",
+            "corpus": corpus_path,
+            "target": target.fingerprint.to_dict(),
+            "train_prompts": len(train),
+            "test_prompts": len(refs),
+            "training": trainings,
+            "results": results,
+            "gain_over_nearest_neighbour": gains,
+            "paper_llama2_7b": PAPER,
+            "timings_s": timings,
+            "wall_s": time.perf_counter() - started,
+            "examples": examples,
+        },
+        command=["python", *sys.argv],
     )
     print(f"wrote {args.results}")
 

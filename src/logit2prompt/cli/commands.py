@@ -259,11 +259,11 @@ def cmd_serve(args) -> None:
 
 def cmd_info(args) -> None:
     from ..data.store import read_manifest
-    from ..models.checkpoint import CONFIG_NAME, FINGERPRINT_NAME, TRAINING_ARGS_NAME
+    from ..models.checkpoint import CONFIG_NAME, FINGERPRINT_NAME, TRAINING_ARGS_NAME, is_checkpoint
     from ..models.retrieval import MEMORY_PROMPTS
 
     path = Path(args.path)
-    if not (path / CONFIG_NAME).is_file():
+    if not is_checkpoint(path):
         print(json.dumps(read_manifest(path), indent=1))
         return
     # An inverter checkpoint: its config, target and how training ended (no weights loaded).

@@ -16,6 +16,7 @@ from __future__ import annotations
 import html
 import io
 import json
+import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ from ..evaluation.metrics import score
 from ..models.inverter import Inverter
 from ..training.trainer import TrainConfig, Trainer
 from .chain import FLOOR, parse_defense
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_SPECS = (
     "temperature:1.5",
@@ -196,12 +199,13 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
             tuned.invert(defended, batch_size=cfg.batch_size), refs, cfg.semantic
         )
         rows.append(row)
-        if progress:
-            print(
-                f"{chain.spec:18} KL {row['utility']['kl']:.3f}  naive BLEU "
-                f"{row['naive']['bleu']:.1f}  adaptive BLEU {row['adaptive']['bleu']:.1f}",
-                flush=True,
-            )
+        logger.info(
+            "%-18s KL %.3f  naive BLEU %.1f  adaptive BLEU %.1f",
+            chain.spec,
+            row["utility"]["kl"],
+            row["naive"]["bleu"],
+            row["adaptive"]["bleu"],
+        )
     results = {
         "config": {**cfg.__dict__, "specs": list(cfg.specs)},
         "n_test": len(refs),

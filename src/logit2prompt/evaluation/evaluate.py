@@ -22,7 +22,6 @@ from .metrics import per_example_scores, summarize
 
 logger = logging.getLogger(__name__)
 
-BASELINES = ("nn", "constant", "extraction", "fewshot", "text")  # built in; see baseline_keys
 # Methods an EvalConfig field selects (the inverter always runs); --baselines names the rest.
 FLAGGED = {
     "inverter": lambda cfg: True,

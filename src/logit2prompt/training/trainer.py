@@ -5,7 +5,7 @@ Every process draws the same seeded permutation of the training set each epoch a
 own slice of each global batch, so the data position is a pure function of the step: resuming
 needs only the step, the weights, the optimizer, the scheduler and the RNG state.
 
-The settings live in config.py. This module stays one file (~480 lines) because the loop, its
+The settings live in config.py. This module stays one file (~530 lines) because the loop, its
 checkpoints and the exact-resume checks share the Trainer's state and are read together.
 """
 
