@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -112,11 +112,22 @@ def invert_store(
         def invert(vectors: torch.Tensor) -> list:
             return inverter.invert(vectors, batch_size=batch_size, **generate)
 
-    out: list[str] = []
+    batches = (vectors for _, _, vectors in store.batches(batch_size))
+    return invert_batches(invert, batches, len(store), progress)
+
+
+def invert_batches(
+    invert: Callable[[torch.Tensor], list],
+    batches: Iterable[np.ndarray],
+    total: int,
+    progress: bool = True,
+) -> list:
+    """`invert` over vector batches, concatenated, with a progress bar of `total` prompts."""
+    out: list = []
     # Beam search over a whole test split takes tens of minutes on a CPU.
-    with tqdm(total=len(store), unit="prompt", desc="invert", disable=not progress) as bar:
-        for _, _, vectors in store.batches(batch_size):
-            out.extend(invert(torch.from_numpy(vectors)))
+    with tqdm(total=total, unit="prompt", desc="invert", disable=not progress) as bar:
+        for vectors in batches:
+            out.extend(invert(torch.from_numpy(np.asarray(vectors))))
             bar.update(len(vectors))
     return out
 

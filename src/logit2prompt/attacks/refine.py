@@ -164,11 +164,14 @@ def refine(
     return result
 
 
-def nearest_start(train: DistributionStore, observed: np.ndarray) -> tuple[list[str], np.ndarray]:
+def nearest_start(
+    train: DistributionStore, observed: np.ndarray, near: list[int] | None = None
+) -> tuple[list[str], np.ndarray]:
     """Each vector's nearest training prompt and its squared distance (from the store, so no
-    target queries)."""
+    target queries); `near`: each vector's nearest training index, if searched already."""
     observed = np.asarray(observed, np.float32)
-    near = [row[0] for row in nearest_neighbours(train, observed, 1)]
+    if near is None:
+        near = [row[0] for row in nearest_neighbours(train, observed, 1)]
     return [train.prompts[j] for j in near], sq_distances(observed, train.vectors(near))
 
 
@@ -179,8 +182,10 @@ def refine_nearest(
     observed: np.ndarray,
     cfg: RefineConfig | None = None,
     progress: bool = True,
+    near: list[int] | None = None,
 ) -> tuple[list[str], Refined]:
-    """Refine each vector's nearest training prompt: (the nearest prompts, the refinement)."""
+    """Refine each vector's nearest training prompt: (the nearest prompts, the refinement);
+    `near` as in `nearest_start`."""
     observed = inverter.as_batch(observed).numpy()
-    start, dist = nearest_start(train, observed)
+    start, dist = nearest_start(train, observed, near)
     return start, refine(inverter, target, observed, start, dist, cfg, progress)

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..attacks.rerank import DEFAULT_BEAMS, DEFAULT_CONFIDENCE_NATS, DEFAULT_NEIGHBOURS
 from ..errors import Logit2PromptError
@@ -87,27 +86,23 @@ class MethodContext:
         """The inverter's `returns` best of `beams` beams per row (memoised per pair)."""
         key = (beams, returns)
         if key not in self._decoded:
+            from ..attacks.invert import invert_batches
+
             size = self.decode_batch_size or self.batch_size
-            out: list[list[str]] = []
-            # Beam search over a whole test split takes tens of minutes on a CPU.
-            with tqdm(
-                total=len(self), unit="prompt", desc="invert", disable=not self.progress
-            ) as bar:
-                for start in range(0, len(self), size):
-                    chunk = torch.from_numpy(np.asarray(self.vectors[start : start + size]))
-                    out.extend(
-                        self.inverter.invert(
-                            chunk,
-                            num_beams=beams,
-                            num_return_sequences=returns,
-                            no_repeat_ngram_size=self.no_repeat_ngram_size,
-                            batch_size=size,
-                            bf16=self.bf16,
-                            grouped=True,
-                        )
-                    )
-                    bar.update(len(chunk))
-            self._decoded[key] = out
+
+            def invert(chunk: torch.Tensor) -> list[list[str]]:
+                return self.inverter.invert(
+                    chunk,
+                    num_beams=beams,
+                    num_return_sequences=returns,
+                    no_repeat_ngram_size=self.no_repeat_ngram_size,
+                    batch_size=size,
+                    bf16=self.bf16,
+                    grouped=True,
+                )
+
+            chunks = (self.vectors[s : s + size] for s in range(0, len(self), size))
+            self._decoded[key] = invert_batches(invert, chunks, len(self), self.progress)
         return self._decoded[key]
 
     def beams(self) -> list[list[str]]:
@@ -265,19 +260,16 @@ def _rerank(ctx: MethodContext) -> dict[str, list[str]]:
 
 
 def _refine(ctx: MethodContext) -> dict[str, list[str]]:
-    from ..attacks.nearest import sq_distances
-    from ..attacks.refine import RefineConfig, refine
+    from ..attacks.refine import RefineConfig, refine_nearest
 
     if ctx.refine_rounds < 1:
         raise Logit2PromptError(f"refinement needs at least 1 round, got {ctx.refine_rounds}")
     logger.info("refining nearest neighbours with the target (%d rounds)", ctx.refine_rounds)
-    # refine_nearest's steps, starting from the shared neighbour search.
-    observed = ctx.inverter.as_batch(ctx.vectors).numpy()
-    first = [row[0] for row in ctx.nearest(1)]
-    start = [ctx.train.prompts[j] for j in first]
-    dist = sq_distances(observed, ctx.train.vectors(first))
     cfg = RefineConfig(rounds=ctx.refine_rounds, target_batch=ctx.batch_size)
-    refined = refine(ctx.inverter, ctx.target, observed, start, dist, cfg, ctx.progress)
+    near = [row[0] for row in ctx.nearest(1)]  # the shared neighbour search
+    _, refined = refine_nearest(
+        ctx.inverter, ctx.target, ctx.train, ctx.vectors, cfg, ctx.progress, near=near
+    )
     return {REFINED: refined.prompts}
 
 

@@ -161,8 +161,8 @@ def format_report(report: dict) -> str:
 
 
 def run_quickstart(cfg: QuickstartConfig) -> dict:
-    """Run every step (reusing finished ones); the report's table and examples are logged and
-    `format_report` renders them."""
+    """Run every step (reusing finished ones) and return the report; progress is logged,
+    `format_report` renders the table and examples (the `quickstart` command prints it)."""
     out = Path(cfg.out)
     t0 = time.perf_counter()
     if cfg.corpus:
