@@ -333,7 +333,7 @@ class _OracleProposer:
     def eval(self):
         return self
 
-    def as_batch(self, logprobs):
+    def as_batch(self, logprobs, steps=None):
         import torch
 
         return torch.as_tensor(logprobs).reshape(len(logprobs), -1).float()

@@ -65,15 +65,25 @@ def test_steps_are_stored(raw_target, tmp_path):
 
 def test_refuses_other_target_dtype_or_corpus(tiny_lm_dir, raw_target, tmp_path):
     out = tmp_path / "s"
-    collect(raw_target, _corpus(6), out, shard_size=4, progress=False)
+    collect(raw_target, _corpus(6), out, shard_size=4, fmt="full", progress=False)
     before = sorted(p.name for p in (out / "shards").iterdir())
     user = load_target(str(tiny_lm_dir), mode="user")
     with pytest.raises(StoreError, match="different target.*mode"):
-        collect(user, _corpus(6), out, shard_size=4, progress=False)
+        collect(user, _corpus(6), out, shard_size=4, fmt="full", progress=False)
     with pytest.raises(StoreError, match="dtype"):
-        collect(raw_target, _corpus(6), out, shard_size=4, store_dtype="float32", progress=False)
+        collect(
+            raw_target,
+            _corpus(6),
+            out,
+            shard_size=4,
+            fmt="full",
+            store_dtype="float32",
+            progress=False,
+        )
+    with pytest.raises(StoreError, match="encoding full but this run writes output-layer"):
+        collect(raw_target, _corpus(6), out, shard_size=4, fmt="compact", progress=False)
     with pytest.raises(StoreError, match="different prompt list"):
-        collect(raw_target, _corpus(7), out, shard_size=4, progress=False)
+        collect(raw_target, _corpus(7), out, shard_size=4, fmt="full", progress=False)
     assert sorted(p.name for p in (out / "shards").iterdir()) == before
     assert len(DistributionStore(out)) == 6
 

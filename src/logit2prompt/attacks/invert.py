@@ -102,17 +102,25 @@ def invert_store(
     batch_size: int = 64,
     progress: bool = True,
     invert: Callable[[torch.Tensor], list] | None = None,
+    steps: int | None = None,
     **generate,
 ) -> list[str]:
     """Invert every vector of a store (refused if the store's target differs), `batch_size`
-    at a time, with `inverter.invert(**generate)` or the given `invert` (e.g. a re-ranker)."""
+    at a time, with `inverter.invert(**generate)` or the given `invert` (e.g. a re-ranker),
+    reading the first `steps` steps (default: as many as the inverter was trained on)."""
     ensure_same_target(inverter, store)
+    steps = steps or inverter.config.steps
+    if steps > store.steps:
+        raise VectorError(
+            f"{steps} steps asked for but {store.path} holds {store.steps} per prompt "
+            f"(collect with --steps {steps})"
+        )
     if invert is None:
 
         def invert(vectors: torch.Tensor) -> list:
-            return inverter.invert(vectors, batch_size=batch_size, **generate)
+            return inverter.invert(vectors, batch_size=batch_size, steps=steps, **generate)
 
-    batches = (vectors for _, _, vectors in store.batches(batch_size))
+    batches = (vectors for _, _, vectors in store.batches(batch_size, steps=steps))
     return invert_batches(invert, batches, len(store), progress)
 
 

@@ -17,22 +17,38 @@ MEDOID_SAMPLE = 500
 def nearest_neighbours(
     train: DistributionStore, queries: np.ndarray, k: int = 1, indices: list[int] | None = None
 ) -> list[list[int]]:
-    """For each query vector, the store indices of the k closest training vectors (L2),
-    closest first."""
-    q = torch.from_numpy(np.asarray(queries, dtype=np.float32).reshape(len(queries), -1))
+    """For each query `[steps, vocab]` (or `[vocab]`), the store indices of the k closest
+    training vectors (L2 over the steps both have), closest first."""
+    queries = np.asarray(queries, dtype=np.float32)
+    if queries.ndim == 2:
+        queries = queries[:, None]
+    steps = min(queries.shape[1], train.steps)
+    q = torch.from_numpy(np.ascontiguousarray(queries[:, :steps]).reshape(len(queries), -1))
     q_sq = (q * q).sum(1, keepdim=True)
     best = torch.full((len(q), k), float("inf"))
     best_idx = torch.zeros((len(q), k), dtype=torch.long)
     pool = indices if indices is not None else list(range(len(train)))
-    for start in range(0, len(pool), NN_CHUNK):
-        block_idx = torch.tensor(pool[start : start + NN_CHUNK])
-        t = torch.from_numpy(train.vectors(block_idx.tolist()).reshape(len(block_idx), -1))
+    chunk = max(NN_CHUNK // steps, 1)  # training vectors in memory at once: ~NN_CHUNK steps
+    for start in range(0, len(pool), chunk):
+        block_idx = torch.tensor(pool[start : start + chunk])
+        t = torch.from_numpy(train.vectors(block_idx.tolist(), steps).reshape(len(block_idx), -1))
         dist = q_sq - 2 * q @ t.T + (t * t).sum(1)[None]
         merged = torch.cat([best, dist], dim=1)
         merged_idx = torch.cat([best_idx, block_idx[None].expand(len(q), -1)], dim=1)
         best, order = merged.topk(min(k, merged.shape[1]), dim=1, largest=False)
         best_idx = merged_idx.gather(1, order)
     return best_idx.tolist()
+
+
+def observed_steps(observed: np.ndarray) -> int:
+    """Steps in an observation `[n, steps, vocab]` (1 for `[n, vocab]`)."""
+    return observed.shape[1] if np.ndim(observed) == 3 else 1
+
+
+def stored_vectors(train: DistributionStore, indices: list[int], steps: int) -> np.ndarray | None:
+    """The training vectors at `steps` steps, or None when the store holds fewer (the caller
+    then asks the target)."""
+    return train.vectors(indices, steps) if train.steps >= steps else None
 
 
 def sq_distances(observed: np.ndarray, vectors: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ from ..data.collect import collect_vectors
 from ..data.store import DistributionStore
 from ..errors import VectorError
 from ..models.inverter import encode_labels, pad_labels
-from .nearest import nearest_neighbours, sq_distances
+from .nearest import nearest_neighbours, observed_steps, sq_distances, stored_vectors
 
 # An inserted token's margin is measured against the token it pushes right, which stays, so it
 # overstates the gain; this (in nats) ranks a substitution above an equally likely insertion.
@@ -115,11 +115,12 @@ def refine(
     """Refine each `start` prompt towards its row of `observed` `[n, steps, vocab]` (or
     `[n, vocab]`); `start_distances` saves the target queries for the start prompts."""
     cfg = cfg or RefineConfig()
-    flat = inverter.as_batch(observed)
+    given = np.asarray(observed)
+    steps = observed_steps(given)  # every step observed is verified, not only trained ones
+    flat = inverter.as_batch(given, steps)
     observed = flat.numpy()
     if len(start) != len(observed):
         raise VectorError(f"{len(start)} start prompts for {len(observed)} observed vectors")
-    steps = inverter.config.steps
     current = list(start)
     queries = 0
     if start_distances is None:
@@ -166,13 +167,16 @@ def refine(
 
 def nearest_start(
     train: DistributionStore, observed: np.ndarray, near: list[int] | None = None
-) -> tuple[list[str], np.ndarray]:
+) -> tuple[list[str], np.ndarray | None]:
     """Each vector's nearest training prompt and its squared distance (from the store, so no
-    target queries); `near`: each vector's nearest training index, if searched already."""
+    target queries; None when the store holds fewer steps than observed); `near`: each
+    vector's nearest training index, if searched already."""
     observed = np.asarray(observed, np.float32)
     if near is None:
         near = [row[0] for row in nearest_neighbours(train, observed, 1)]
-    return [train.prompts[j] for j in near], sq_distances(observed, train.vectors(near))
+    start = [train.prompts[j] for j in near]
+    stored = stored_vectors(train, near, observed_steps(observed))
+    return start, None if stored is None else sq_distances(observed, stored)
 
 
 def refine_nearest(
@@ -186,6 +190,8 @@ def refine_nearest(
 ) -> tuple[list[str], Refined]:
     """Refine each vector's nearest training prompt: (the nearest prompts, the refinement);
     `near` as in `nearest_start`."""
-    observed = inverter.as_batch(observed).numpy()
+    observed = np.asarray(observed, np.float32)
+    k = observed_steps(observed)
+    observed = inverter.as_batch(observed, k).numpy().reshape(len(observed), k, -1)
     start, dist = nearest_start(train, observed, near)
     return start, refine(inverter, target, observed, start, dist, cfg, progress)

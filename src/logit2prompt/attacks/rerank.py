@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..data.collect import collect_vectors
 from ..data.store import DistributionStore
 from ..models.inverter import encode_labels, pad_labels
-from .nearest import nearest_neighbours, sq_distances
+from .nearest import nearest_neighbours, observed_steps, sq_distances
 
 DEFAULT_BEAMS = 4
 DEFAULT_NEIGHBOURS = 3
@@ -70,6 +70,7 @@ def inverter_with_neighbours(
     decode the beams under bf16 autocast)."""
     beams_out = inverter.invert(
         torch.from_numpy(observed),
+        steps=observed_steps(observed),
         num_beams=beams,
         num_return_sequences=beams,
         no_repeat_ngram_size=no_repeat_ngram_size,
@@ -105,7 +106,10 @@ def proposals_with_neighbours(
             f"got {len(near)} rows, the shortest with {min(map(len, near), default=0)}"
         )
     near = [row[:neighbours] for row in near]
-    known = {train.prompts[i]: train.vector(i) for row in near for i in row}
+    steps = observed_steps(observed)
+    known = {}
+    if train.steps >= steps:  # else the target scores the neighbours too
+        known = {train.prompts[i]: train.vector(i, steps) for row in near for i in row}
     candidates = [
         [*p, *(train.prompts[i] for i in row)] for p, row in zip(proposals, near, strict=True)
     ]

@@ -107,6 +107,7 @@ def cmd_collect(args) -> None:
         args.out,
         split=args.split,
         steps=args.steps,
+        fmt=args.format,
         store_dtype=args.store_dtype,
         shard_size=args.shard_size,
         batch_size=args.batch_size,
@@ -117,7 +118,7 @@ def cmd_collect(args) -> None:
     )
     if state.is_main_process:
         print(
-            f"stored {result.num_prompts} prompts in {result.path} "
+            f"stored {result.num_prompts} prompts in {result.path} [{result.encoding}] "
             f"({result.shards_written} shards written, {result.shards_skipped} resumed, "
             f"{result.dropped_over_context} over the target's context; "
             f"{result.prompts_per_second:.1f} prompts/s on process 0)"
@@ -258,13 +259,22 @@ def cmd_serve(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from ..data.store import read_manifest
+    from ..data.store import describe_encoding, read_manifest
     from ..models.checkpoint import CONFIG_NAME, FINGERPRINT_NAME, TRAINING_ARGS_NAME, is_checkpoint
     from ..models.retrieval import MEMORY_PROMPTS
 
     path = Path(args.path)
     if not is_checkpoint(path):
-        print(json.dumps(read_manifest(path), indent=1))
+        manifest = read_manifest(path)
+        width = int(manifest["encoding"].get("width", manifest["vocab_size"]))
+        itemsize = 4 if manifest["dtype"] == "float32" else 2
+        manifest["summary"] = {
+            "format": describe_encoding(manifest["encoding"]),
+            "bytes_per_prompt_step": width * itemsize,
+            "bytes_per_prompt": width * itemsize * int(manifest["steps"]),
+            "fp16_full_bytes_per_prompt_step": int(manifest["vocab_size"]) * 2,
+        }
+        print(json.dumps(manifest, indent=1))
         return
     # An inverter checkpoint: its config, target and how training ended (no weights loaded).
     info = {"checkpoint": str(path), "config": json.loads((path / CONFIG_NAME).read_text())}

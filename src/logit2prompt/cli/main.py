@@ -14,7 +14,7 @@ import sys
 
 from ..attacks.rerank import DEFAULT_CONFIDENCE_NATS
 from ..data.corpus import BUILTIN_CORPORA, resolve_corpus
-from ..data.store import DEFAULT_SHARD_SIZE, DEFAULT_STORE_DTYPE, STORE_DTYPES
+from ..data.store import DEFAULT_SHARD_SIZE, DEFAULT_STORE_DTYPE, FORMATS, STORE_DTYPES
 from ..errors import Logit2PromptError
 from .args import (
     VALUE,
@@ -72,6 +72,7 @@ def cmd_invert(args) -> None:
     if args.confidence_nats != DEFAULT_CONFIDENCE_NATS and not args.fallback_to:
         raise Logit2PromptError("--confidence-nats is the threshold of --fallback-to; add it")
     inverter = Inverter.from_pretrained(args.checkpoint, device=args.device)
+    steps = args.steps or inverter.config.steps  # observation steps (test-time K)
     generate = {
         "num_beams": args.num_beams,
         "num_return_sequences": args.num_return_sequences,
@@ -83,13 +84,13 @@ def cmd_invert(args) -> None:
     }
     target = None
     if args.rerank_with or args.fallback_to:
-        (run, target), chunk = _with_store(args, inverter), RERANK_CHUNK
+        (run, target), chunk = _with_store(args, inverter, steps), RERANK_CHUNK
     else:
-        run, chunk = (lambda v: inverter.invert(v, **generate)), args.batch_size
+        run, chunk = (lambda v: inverter.invert(v, steps=steps, **generate)), args.batch_size
     references = None
     if args.text is not None:
         target = target or target_for(inverter, device=args.device)
-        predictions = run(target.next_token_logprobs([args.text], steps=_steps(inverter)))
+        predictions = run(target.next_token_logprobs([args.text], steps=steps))
         references = [args.text]
     elif args.vectors is not None:
         vectors, fp = load_vectors(args.vectors)
@@ -109,14 +110,19 @@ def cmd_invert(args) -> None:
         predictions = []
         for start in range(0, len(references), chunk):
             texts = references[start : start + chunk]
-            predictions.extend(run(target.next_token_logprobs(texts, steps=_steps(inverter))))
+            predictions.extend(run(target.next_token_logprobs(texts, steps=steps)))
     else:
         from ..data.store import DistributionStore
 
         store = DistributionStore(args.data)
         references = store.prompts
         predictions = invert_store(
-            inverter, store, batch_size=chunk, progress=not args.no_progress, invert=run
+            inverter,
+            store,
+            batch_size=chunk,
+            progress=not args.no_progress,
+            invert=run,
+            steps=steps,
         )
     if references is not None and args.out:
         means = write_predictions(args.out, references, predictions)
@@ -135,7 +141,7 @@ def cmd_invert(args) -> None:
             print(f"{hidden}{pred!r}" if not isinstance(pred, list) else f"{hidden}{pred}")
 
 
-def _with_store(args, inverter):
+def _with_store(args, inverter, steps: int):
     """`--rerank-with STORE` or `--fallback-to STORE`: a function from vectors to one prompt
     each, chosen between the inverter's output and the STORE's nearest prompts (the registry's
     `rerank` or `fallback` method), and the target (None for `--fallback-to`, which never
@@ -156,13 +162,13 @@ def _with_store(args, inverter):
     train = DistributionStore(args.rerank_with or args.fallback_to)
     ensure_same_target(inverter, train)
     method = get_method("rerank" if args.rerank_with else "fallback")
-    shape = (inverter.config.steps, inverter.config.vocab_size)
+    shape = (steps, inverter.config.vocab_size)
     target = None
     if "target" in method.needs:
         target = target_for(inverter, device=args.device, batch_size=args.batch_size)
 
     def pick(vectors) -> list[str]:
-        observed = inverter.as_batch(vectors).reshape(-1, *shape).numpy()
+        observed = inverter.as_batch(vectors, steps).reshape(-1, *shape).numpy()
         ctx = MethodContext(
             inverter,
             observed,
@@ -180,10 +186,6 @@ def _with_store(args, inverter):
         return answers
 
     return pick, target
-
-
-def _steps(inverter) -> int | None:
-    return inverter.config.steps if inverter.config.steps > 1 else None
 
 
 # ----------------------------------------------------------------------------- parser
@@ -266,6 +268,13 @@ def _add_invert_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--data", help="a distribution store")
     add_corpus_args(p, prompts=None)
     p.add_argument("--out", help="write predictions as JSONL")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="observation steps per prompt (default: as many as the inverter was trained on; "
+        "more extends at test time, up to the store's)",
+    )
     add_decoding_args(p)
     p.add_argument(
         "--rerank-with",
@@ -315,10 +324,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="store directory (rerun to resume)")
     p.add_argument("--steps", type=int, default=1, help="generation steps per prompt")
     p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="auto",
+        help="compact: fp32 coordinates in the target's output-layer basis (hidden size per "
+        "step, lossless, ~42x smaller than fp16 full vectors); full: every log-prob; auto "
+        "(default): compact where it is lossless (a white-box target without a defense)",
+    )
+    p.add_argument(
         "--store-dtype",
         choices=sorted(STORE_DTYPES),
-        default=DEFAULT_STORE_DTYPE,
-        help="(default: %(default)s)",
+        default=None,
+        help=f"dtype of full vectors (default: {DEFAULT_STORE_DTYPE}; compact stores are float32)",
     )
     p.add_argument(
         "--defense",

@@ -6,6 +6,7 @@ shards k with k % num_processes == process_index, so the result is one store.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -15,7 +16,17 @@ from tqdm.auto import tqdm
 from ..errors import TargetError
 from ..targets.base import Target
 from .corpus import Corpus
-from .store import DEFAULT_SHARD_SIZE, DEFAULT_STORE_DTYPE, StorePlan, StoreWriter
+from .store import (
+    DEFAULT_SHARD_SIZE,
+    DEFAULT_STORE_DTYPE,
+    FORMATS,
+    FULL,
+    StorePlan,
+    StoreWriter,
+    describe_encoding,
+)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -27,6 +38,7 @@ class CollectResult:
     shards_skipped: int
     seconds: float
     dropped_over_context: int
+    encoding: str = "full"
 
     @property
     def prompts_per_second(self) -> float:
@@ -44,6 +56,24 @@ def drop_over_context(target: Target, corpus: Corpus, steps: int) -> tuple[Corpu
     return Corpus(keep, corpus.source, {**corpus.dropped, "over_context": dropped}), dropped
 
 
+def choose_basis(target: Target, fmt: str):
+    """The basis a store of `target` is written in for `--format fmt`: the target's output
+    layer for compact (and for auto, where the target has one), None for full."""
+    if fmt not in FORMATS:
+        raise TargetError(f"unknown store format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt == "full":
+        return None
+    get = getattr(target, "output_basis", None)
+    basis = get() if get is not None else None
+    if basis is None and fmt == "compact":
+        raise TargetError(
+            f"{target.fingerprint.describe()} has no lossless compact form (no white-box "
+            "output layer: an API target, a defended one, or logits that are not W.h); "
+            "use --format full"
+        )
+    return basis
+
+
 def collect(
     target: Target,
     corpus: Corpus,
@@ -51,7 +81,8 @@ def collect(
     *,
     split: str = "all",
     steps: int = 1,
-    store_dtype: str = DEFAULT_STORE_DTYPE,
+    fmt: str = "auto",
+    store_dtype: str | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     batch_size: int = 32,
     process_index: int = 0,
@@ -62,10 +93,19 @@ def collect(
     """Collect `corpus` into the store at `out`; returns counts and timing of this run."""
     if steps < 1:
         raise TargetError(f"--steps must be >= 1, got {steps}")
+    # A float16 store asked for by name is a full one (coordinates need float32).
+    basis = choose_basis(target, "full" if fmt == "auto" and store_dtype == "float16" else fmt)
+    if basis is not None and store_dtype not in (None, "float32"):
+        raise TargetError(
+            f"a compact store keeps float32 coordinates (float16 would lose ~1e-2 nats); "
+            f"drop --store-dtype {store_dtype} or use --format full"
+        )
+    dtype = "float32" if basis is not None else (store_dtype or DEFAULT_STORE_DTYPE)
     corpus, over_context = drop_over_context(target, corpus, steps)
     plan = StorePlan(
         fingerprint=target.fingerprint,
-        dtype=store_dtype,
+        encoding=basis.encoding() if basis is not None else dict(FULL),
+        dtype=dtype,
         steps=steps,
         shard_size=shard_size,
         num_prompts=len(corpus),
@@ -77,6 +117,7 @@ def collect(
             "dropped": corpus.dropped,
         },
     )
+    logger.info("store %s: %s, %s", out, describe_encoding(plan.encoding), dtype)
     sync = wait_for_everyone or (lambda: None)
     # The main process creates (or checks) the manifest before anyone writes a shard.
     writer = StoreWriter(out, plan, create=process_index == 0) if process_index == 0 else None
@@ -101,7 +142,7 @@ def collect(
         rows = writer.shard_range(k)
         records = corpus.records[rows.start : rows.stop]
         texts = [r.text for r in records]
-        vectors = collect_vectors(target, texts, steps, batch_size)
+        vectors = collect_vectors(target, texts, steps, batch_size, compact=basis is not None)
         meta = [{**r.meta, "split": r.split} for r in records]
         writer.write_shard(k, vectors, texts, meta)
         bar.update(len(texts))
@@ -118,11 +159,15 @@ def collect(
         len(mine) - len(todo),
         seconds,
         over_context,
+        describe_encoding(plan.encoding),
     )
 
 
-def collect_vectors(target: Target, texts: list[str], steps: int, batch_size: int) -> np.ndarray:
-    """Float32 `[n, steps, vocab]` for texts, batched by similar length to cut padding."""
+def collect_vectors(
+    target: Target, texts: list[str], steps: int, batch_size: int, *, compact: bool = False
+) -> np.ndarray:
+    """Float32 `[n, steps, vocab]` for texts (`[n, steps, width]` basis coordinates with
+    `compact`), batched by similar length to cut padding."""
     encode = getattr(target, "encode", None)
     forward = getattr(target, "forward_ids", None)
     if encode is None or forward is None:
@@ -130,8 +175,12 @@ def collect_vectors(target: Target, texts: list[str], steps: int, batch_size: in
     ids = encode(texts)
     # Sorting by length inside a shard is deterministic, so reruns reproduce shards exactly.
     order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
-    out = np.empty((len(ids), steps, target.vocab_size), dtype=np.float32)
+    out = None
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        out[idx] = forward([ids[i] for i in idx], steps).numpy()
+        batch = [ids[i] for i in idx]
+        values = forward(batch, steps, hidden=True)[1] if compact else forward(batch, steps)
+        if out is None:
+            out = np.empty((len(ids), steps, values.shape[-1]), dtype=np.float32)
+        out[idx] = values.numpy()
     return out

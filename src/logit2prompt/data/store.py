@@ -2,10 +2,17 @@
 
 Layout of a store directory::
 
-    manifest.json          target fingerprint, dtype, steps, corpus identity, shard size
-    shards/000000.npy      log-probs [n, steps, vocab] in the store dtype
+    manifest.json          target fingerprint, dtype, steps, encoding, corpus, shard size
+    shards/000000.npy      per prompt and step: the log-probs [n, steps, vocab] in the store
+                           dtype ("full" encoding), or fp32 coordinates [n, steps, width] in
+                           the target's output-layer basis ("output-layer", compact: 577 or
+                           fewer numbers per step instead of 49,152 for the default target)
     shards/000000.json     the shard's prompts and metadata; written last, so it marks the
                            shard complete (a shard without it is ignored and rewritten)
+
+A compact store gives back full vectors (`vectors`, `batches`) once it has its basis: from
+`attach(target)`, or loaded on first use from the target its fingerprint names. The basis's
+hash in the manifest must match, so other weights, another dtype or a defense are refused.
 
 Shard k always holds prompts [k * shard_size, (k + 1) * shard_size) of the planned list, so a
 store is the same whoever wrote which shard, in one process or many, in one run or several.
@@ -16,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +31,10 @@ import numpy as np
 from ..errors import StoreError, VectorError
 from ..targets.base import TargetFingerprint
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: full vectors only, no `encoding` in the manifest
+FULL = {"kind": "full"}
+FORMATS = ("auto", "compact", "full")
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -64,6 +74,14 @@ def check_finite(vectors: np.ndarray, prompts: Sequence[str]) -> None:
         )
 
 
+def describe_encoding(encoding: dict) -> str:
+    """'full' or e.g. 'output-layer (576 per step, basis 1a2b3c4d)'."""
+    if encoding.get("kind", "full") == "full":
+        return "full"
+    sha = str(encoding.get("basis_sha256", ""))[:8]
+    return f"{encoding['kind']} ({encoding.get('width')} per step, basis {sha})"
+
+
 @dataclass
 class StorePlan:
     """What a store holds: written once to the manifest and checked on every append."""
@@ -74,6 +92,12 @@ class StorePlan:
     shard_size: int
     num_prompts: int
     corpus: dict  # source, sha256, split, counts, dropped
+    encoding: dict = field(default_factory=lambda: dict(FULL))  # or a basis's encoding()
+
+    @property
+    def width(self) -> int:
+        """Numbers stored per step."""
+        return int(self.encoding.get("width", self.fingerprint.vocab_size))
 
     def to_manifest(self, complete: bool = False) -> dict:
         return {
@@ -83,6 +107,7 @@ class StorePlan:
             "dtype": self.dtype,
             "steps": self.steps,
             "vocab_size": self.fingerprint.vocab_size,
+            "encoding": self.encoding,
             "shard_size": self.shard_size,
             "num_prompts": self.num_prompts,
             "num_shards": self.num_shards,
@@ -109,11 +134,12 @@ def read_manifest(path: str | Path) -> dict:
         or manifest.get("format") != "logit2prompt-distribution-store"
     ):
         raise StoreError(f"{file} is not a logit2prompt distribution store manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise StoreError(
             f"{path} has store format version {manifest.get('format_version')}; "
-            f"this logit2prompt reads version {FORMAT_VERSION}"
+            f"this logit2prompt reads versions {', '.join(map(str, READABLE_VERSIONS))}"
         )
+    manifest.setdefault("encoding", dict(FULL))
     return manifest
 
 
@@ -148,6 +174,12 @@ class StoreWriter:
                 f"{self.path} was collected from a different target "
                 f"({theirs.describe()}, this run: {self.plan.fingerprint.describe()}); "
                 f"differences: {'; '.join(diffs)}. Use a new --out directory."
+            )
+        if manifest["encoding"] != self.plan.encoding:
+            raise StoreError(
+                f"{self.path} stores encoding {describe_encoding(manifest['encoding'])} but "
+                f"this run writes {describe_encoding(self.plan.encoding)}; use a new --out "
+                "directory or the store's --format"
             )
         for key, ours in (
             ("dtype", self.plan.dtype),
@@ -187,10 +219,16 @@ class StoreWriter:
     def write_shard(
         self, k: int, vectors: np.ndarray, prompts: list[str], meta: list[dict]
     ) -> None:
-        """Write shard k: the array first, then the index that marks it complete."""
+        """Write shard k (`[n, steps, width]`): the array first, then the index that marks
+        it complete."""
         expected = len(self.shard_range(k))
         if len(vectors) != expected or len(prompts) != expected:
             raise StoreError(f"shard {k} must hold {expected} prompts, got {len(vectors)}")
+        if vectors.shape[1:] != (self.plan.steps, self.plan.width):
+            raise StoreError(
+                f"shard {k} has shape {vectors.shape}, expected "
+                f"[{expected}, {self.plan.steps}, {self.plan.width}]"
+            )
         check_finite(vectors, prompts)
         arr = np.ascontiguousarray(vectors, dtype=STORE_DTYPES[self.plan.dtype])
         # float16 overflows to inf below -65504; real log-probs are far above that, but be sure.
@@ -223,6 +261,9 @@ class DistributionStore:
         self.fingerprint = TargetFingerprint.from_dict(self.manifest["fingerprint"])
         self.steps = int(self.manifest["steps"])
         self.vocab_size = int(self.manifest["vocab_size"])
+        self.encoding: dict = self.manifest["encoding"]
+        self.width = int(self.encoding.get("width", self.vocab_size))
+        self._basis = None
         self.prompts: list[str] = []
         self.meta: list[dict] = []
         self._shard_of: list[tuple[int, int]] = []  # global index -> (shard, row)
@@ -261,26 +302,103 @@ class DistributionStore:
                 arr = np.load(self._shard_files[slot], mmap_mode="r")
             except (ValueError, OSError) as exc:
                 raise StoreError(f"{self._shard_files[slot]} is corrupted: {exc}") from exc
-            if arr.ndim != 3 or arr.shape[1:] != (self.steps, self.vocab_size):
+            if arr.ndim != 3 or arr.shape[1:] != (self.steps, self.width):
                 raise StoreError(
                     f"{self._shard_files[slot]} has shape {arr.shape}, expected "
-                    f"[n, {self.steps}, {self.vocab_size}]"
+                    f"[n, {self.steps}, {self.width}]"
                 )
             self._arrays[slot] = arr
         return arr
 
-    def vector(self, i: int) -> np.ndarray:
-        """Float32 log-probs of prompt i, `[steps, vocab]`."""
-        slot, row = self._shard_of[i]
-        return np.asarray(self._array(slot)[row], dtype=np.float32)
+    @property
+    def compact(self) -> bool:
+        """Whether shards hold basis coordinates rather than full vectors."""
+        return self.encoding.get("kind", "full") != "full"
 
-    def vectors(self, indices: Sequence[int]) -> np.ndarray:
-        """Float32 log-probs `[len(indices), steps, vocab]`."""
-        out = np.empty((len(indices), self.steps, self.vocab_size), dtype=np.float32)
+    @property
+    def bytes_per_step(self) -> int:
+        """Bytes one prompt-step takes in the shards."""
+        return self.width * np.dtype(STORE_DTYPES[self.manifest["dtype"]]).itemsize
+
+    def attach(self, source) -> None:
+        """Give a compact store its basis: a `Target` (its fingerprint must match the store's)
+        or an `OutputBasis`. StoreError naming the difference when it is not this store's."""
+        if not self.compact:
+            return
+        basis = source
+        if hasattr(source, "fingerprint"):
+            diffs = self.fingerprint.differences(source.fingerprint)
+            if diffs:
+                raise StoreError(
+                    f"{self.path} was collected from {self.fingerprint.describe()}, not "
+                    f"{source.fingerprint.describe()}: {'; '.join(diffs)}"
+                )
+            basis = source.output_basis() if hasattr(source, "output_basis") else None
+            if basis is None:
+                raise StoreError(
+                    f"{self.path} is compact ({describe_encoding(self.encoding)}) but "
+                    f"{source.fingerprint.describe()} exposes no output-layer basis"
+                )
+        theirs = basis.encoding()
+        if theirs != self.encoding:
+            raise StoreError(
+                f"{self.path} stores coordinates in basis {describe_encoding(self.encoding)} "
+                f"but the basis given is {describe_encoding(theirs)}: other weights, dtype or "
+                "output layer; its vectors cannot be rebuilt from it"
+            )
+        self._basis = basis
+
+    @property
+    def basis(self):
+        """The basis that turns stored coordinates into log-probs (compact stores), loaded
+        from the target the fingerprint names on first use unless `attach`ed."""
+        if self._basis is None and self.compact:
+            from ..targets import load_target
+
+            fp = self.fingerprint
+            try:
+                target = load_target(fp.name, mode="raw", dtype=fp.dtype)
+            except Exception as exc:  # noqa: BLE001 - any load failure gets the same advice
+                raise StoreError(
+                    f"{self.path} is compact: its full vectors need the output layer of "
+                    f"{fp.name!r}, which could not be loaded ({exc}). Attach the target "
+                    "(DistributionStore.attach) or collect with --format full"
+                ) from exc
+            basis = target.output_basis()
+            if basis is None:
+                raise StoreError(f"{fp.name!r} exposes no output-layer basis")
+            self.attach(basis)
+        return self._basis
+
+    def _steps(self, steps: int | None) -> int:
+        if steps is None:
+            return self.steps
+        if not 1 <= steps <= self.steps:
+            raise StoreError(
+                f"{self.path} holds {self.steps} steps per prompt; {steps} asked for "
+                f"(collect with --steps {steps} or more)"
+            )
+        return steps
+
+    def coordinates(self, indices: Sequence[int], steps: int | None = None) -> np.ndarray:
+        """The stored float32 arrays `[len(indices), steps, width]` of the first `steps`
+        steps (full vectors when the store is not compact)."""
+        k = self._steps(steps)
+        out = np.empty((len(indices), k, self.width), dtype=np.float32)
         for j, i in enumerate(indices):
             slot, row = self._shard_of[i]
-            out[j] = self._array(slot)[row]
+            out[j] = self._array(slot)[row, :k]
         return out
+
+    def vector(self, i: int, steps: int | None = None) -> np.ndarray:
+        """Float32 log-probs of prompt i, `[steps, vocab]`."""
+        return self.vectors([i], steps)[0]
+
+    def vectors(self, indices: Sequence[int], steps: int | None = None) -> np.ndarray:
+        """Float32 log-probs `[len(indices), steps, vocab]` of the first `steps` steps (all
+        by default), rebuilt from the basis when the store is compact."""
+        stored = self.coordinates(indices, steps)
+        return self.basis.decode(stored) if self.compact else stored
 
     def indices(self, split: str | None = None) -> list[int]:
         """Indices of one split (recorded per prompt at collection), or all."""
@@ -295,11 +413,13 @@ class DistributionStore:
         indices: Sequence[int] | None = None,
         shuffle: bool = False,
         seed: int = 0,
+        steps: int | None = None,
     ) -> Iterator[tuple[list[int], list[str], np.ndarray]]:
-        """Yield (indices, prompts, float32 vectors) batches; memory stays one batch."""
+        """Yield (indices, prompts, float32 vectors of the first `steps` steps) batches;
+        memory stays one batch."""
         order = np.asarray(indices if indices is not None else range(len(self)))
         if shuffle:
             order = np.random.default_rng(seed).permutation(order)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size].tolist()
-            yield idx, [self.prompts[i] for i in idx], self.vectors(idx)
+            yield idx, [self.prompts[i] for i in idx], self.vectors(idx, steps)

@@ -60,6 +60,13 @@ class EvalConfig:
     )
     num_beams: int = 1
     no_repeat_ngram_size: int = 0
+    steps: int | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "observation steps per prompt at inversion, and for --rerank/--refine "
+            "(default: as many as the inverter was trained on; more: test-time extension)"
+        },
+    )
     attacks: str | None = dataclasses.field(
         default=None,
         metadata={"help": "JSON file of extraction attack strings (default: the built-in list)"},
@@ -308,7 +315,12 @@ def evaluate(cfg: EvalConfig) -> dict:
     references = [r.text for r in records]
     metas = [r.meta for r in records]
     logger.info("%d prompts from %s; collecting vectors", len(references), cfg.prompts)
-    vectors = collect_vectors(target, references, inverter.config.steps, cfg.batch_size)
+    steps = cfg.steps or inverter.config.steps
+    if not 1 <= steps <= inverter.config.max_steps:
+        raise Logit2PromptError(
+            f"--steps {steps}: this inverter reads 1 to {inverter.config.max_steps} steps"
+        )
+    vectors = collect_vectors(target, references, steps, cfg.batch_size)
     ctx = method_context(cfg, inverter, target, references, vectors)
     preds = methods.run_methods(selected_methods(cfg), ctx)
     best_attack = ctx.notes.get("best_attack")

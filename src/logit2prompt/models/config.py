@@ -22,7 +22,13 @@ class InverterConfig:
     """What every inverter has: the observation's shape, the output side and the neighbours."""
 
     vocab_size: int  # of the target: entries per distribution
-    steps: int = 1  # distributions per prompt (PILS-style multi-step uses > 1)
+    # Distributions per prompt it was trained on (PILS-style multi-step uses > 1): the first
+    # `steps` of the target's greedy continuation. Inversion may give it any number up to
+    # `step_positions` (test-time extension).
+    steps: int = 1
+    # Learned embeddings marking which step an encoder position / prefix token comes from
+    # (0: none, as in checkpoints from before multi-step). The trainer sets 64 when steps > 1.
+    step_positions: int = 0
     embed_hidden: int = 1024  # hidden width of the observation -> embedding MLP
     dropout: float = 0.0
     normalization: str = "standardize"
@@ -40,6 +46,11 @@ class InverterConfig:
     @property
     def dim(self) -> int:
         return self.steps * self.vocab_size
+
+    @property
+    def max_steps(self) -> int:
+        """The most steps it can read at inversion."""
+        return max(self.step_positions, self.steps)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> InverterConfig:
@@ -105,8 +116,13 @@ class T5InverterConfig(InverterConfig):
             raise ValueError(f"T5InverterConfig has decoder {T5!r}, not {self.decoder!r}")
 
     @property
+    def chunks_per_step(self) -> int:
+        return num_chunks(self.vocab_size, self.chunk_width)
+
+    @property
     def seq_len(self) -> int:
-        return num_chunks(self.dim, self.chunk_width)
+        """Encoder positions of the vector at `steps` steps (each step unrolled alone)."""
+        return self.chunks_per_step * self.steps
 
 
 @dataclass
@@ -118,8 +134,13 @@ class PrefixLMConfig(InverterConfig):
     decoder: str = CAUSAL
     embed_hidden: int = 2048
     decoder_init: str | None = None
-    prefix_length: int = 16
+    prefix_length: int = 16  # pseudo-tokens in all, at the trained number of steps
     subspace_dim: int = 0  # filled by the trainer from the training vectors' rank
+    step_tokens: int = 0  # pseudo-tokens per step (0: prefix_length // steps, at least 1)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.step_tokens or max(1, self.prefix_length // self.steps)
 
     def __post_init__(self) -> None:
         if self.decoder != CAUSAL:

@@ -146,30 +146,52 @@ class Inverter(nn.Module):
         return out
 
     def find_neighbours(self, vectors: torch.Tensor) -> torch.Tensor:
-        """Nearest memory prompts of flat `[B, dim]` vectors as `neighbour_ids`."""
+        """Nearest memory prompts of flat `[B, k * vocab]` vectors as `neighbour_ids` (the
+        memory keys the first `steps` steps, so more steps given are not used here)."""
         if self.memory is None:
             raise CheckpointError(
                 "this retrieval-augmented inverter has no neighbour memory; load it with "
                 "from_pretrained or call set_memory"
             )
-        return self.neighbour_ids(self.memory.search(vectors.cpu(), self.config.neighbours))
+        keys = vectors[:, : self.config.dim].cpu()
+        return self.neighbour_ids(self.memory.search(keys, self.config.neighbours))
+
+    def steps_of(self, vectors: torch.Tensor) -> int:
+        """How many steps a flat `[B, k * vocab]` batch holds."""
+        return vectors.shape[-1] // self.config.vocab_size
 
     # ------------------------------------------------------------------ inversion
-    def as_batch(self, logprobs) -> torch.Tensor:
-        """Validated float32 `[B, steps * vocab]` from `[vocab]`, `[B, vocab]` or
-        `[B, steps, vocab]` (VectorError on a wrong shape or NaN/inf)."""
+    def as_batch(self, logprobs, steps: int | None = None) -> torch.Tensor:
+        """Validated float32 `[B, k * vocab]` from `[vocab]`, `[B, vocab]` or `[B, S, vocab]`:
+        the first k = `steps` steps (default: as many as it was trained on). VectorError on
+        a wrong vocabulary, too few steps, or NaN/inf."""
         x = torch.as_tensor(np.asarray(logprobs) if not torch.is_tensor(logprobs) else logprobs)
-        shape = (
-            (self.config.steps, self.config.vocab_size)
-            if self.config.steps > 1
-            else (self.config.vocab_size,)
-        )
-        if x.dim() == len(shape):
-            x = x.unsqueeze(0)
-        if self.config.steps == 1 and x.dim() == 3 and x.shape[1] == 1:
-            x = x[:, 0]
+        vocab = self.config.vocab_size
         described = self.fingerprint.describe() if self.fingerprint else "its training target"
-        return check_vectors(x, shape, described)
+        if x.dim() in (1, 2):
+            x = x.reshape(-1, 1, x.shape[-1]) if x.dim() == 2 else x.reshape(1, 1, -1)
+        if x.dim() != 3 or x.shape[-1] != vocab:
+            raise VectorError(
+                f"log-prob vectors of shape {tuple(x.shape)} do not fit this inverter, which "
+                f"reads [batch, steps, {vocab}] from {described}"
+            )
+        k = self.config.steps if steps is None else int(steps)
+        if k < 1 or k > self.config.max_steps:
+            raise VectorError(
+                f"this inverter reads 1 to {self.config.max_steps} steps, not {k} (trained on "
+                f"{self.config.steps})"
+            )
+        if k > x.shape[1]:
+            raise VectorError(
+                f"{k} steps asked for but the vectors hold {x.shape[1]} (collect with "
+                f"--steps {k} or more{'' if steps else ', or pass fewer steps'})"
+            )
+        if self.config.neighbours and k < self.config.steps:
+            raise VectorError(
+                f"a retrieval-augmented inverter finds neighbours by its {self.config.steps} "
+                f"trained steps; {k} is too few"
+            )
+        return check_vectors(x[:, :k], (k, vocab), described)
 
     def ensure_fingerprint(self, fingerprint: TargetFingerprint | None) -> None:
         """VectorError naming both targets if vectors from `fingerprint` are not this
@@ -196,8 +218,10 @@ class Inverter(nn.Module):
         fingerprint: TargetFingerprint | None = None,
         bf16: bool = False,
         grouped: bool = False,
+        steps: int | None = None,
     ) -> list[str] | list[list[str]]:
-        """Recover prompts from log-prob vectors `[vocab]`, `[B, vocab]` or `[B, steps, vocab]`.
+        """Recover prompts from log-prob vectors `[vocab]`, `[B, vocab]` or `[B, S, vocab]`,
+        reading the first `steps` (default: the trained number; more extends at test time).
 
         Returns one string per vector, or a list of `num_return_sequences` strings per vector
         (always a list per vector with `grouped`, so callers need not special-case one).
@@ -209,7 +233,7 @@ class Inverter(nn.Module):
                 "this inverter has no output tokenizer; load it from a checkpoint"
             )
         self.ensure_fingerprint(fingerprint)
-        x = self.as_batch(logprobs)
+        x = self.as_batch(logprobs, steps)
         was_training = self.training
         self.eval()
         kwargs = {

@@ -6,9 +6,14 @@ on a CPU budget never learns enough English to beat retrieval. The target itself
 LM that is always at hand, so the inverter can read the vector as a *prefix* of pseudo-token
 embeddings in front of the prompt and let that LM write the prompt (as ClipCap does for images):
 
-    log-probs -> centre over the vocabulary -> project on the training vectors' principal
-    directions (PILS: they span only hidden-size dimensions) -> standardise -> MLP ->
-    `prefix_length` embeddings -> causal LM -> prompt tokens
+    log-probs of each step -> centre over the vocabulary -> project on the principal
+    directions of the training steps (PILS: they span only hidden-size dimensions; one basis
+    for every step) -> standardise -> MLP -> `tokens_per_step` embeddings per step, plus a
+    learned step embedding -> causal LM -> prompt tokens
+
+With K steps (the greedy continuation's distributions, PILS) the prefix has K x
+tokens_per_step pseudo-tokens; the default keeps it at `prefix_length` (16) for the trained K,
+and inversion may read more steps than training did (test-time extension).
 
 The projection is lossless for the full vectors of a softmax LM (Nazir et al. 2025) and turns a
 49k-entry vector into a few hundred coordinates.
@@ -49,7 +54,7 @@ def centre(x: torch.Tensor, steps: int) -> torch.Tensor:
 def fit_subspace(
     vectors: np.ndarray, steps: int, dims: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Principal directions of centred training vectors `[n, dim]` (float32).
+    """Principal directions of centred training vectors `[n, steps * vocab]` (float32).
 
     Returns (basis `[dim, r]`, coordinate mean `[r]`, coordinate std `[r]`, singular values).
     `dims` = 0 keeps the directions above the noise floor (see `FLOOR_FACTOR`).
@@ -152,9 +157,14 @@ class PrefixLMInverter(Inverter):
             nn.Linear(config.subspace_dim, config.embed_hidden),
             nn.Dropout(config.dropout),
             nn.GELU(),
-            nn.Linear(config.embed_hidden, config.prefix_length * hidden),
+            nn.Linear(config.embed_hidden, config.tokens_per_step * hidden),
         )
-        self.register_buffer("basis", torch.zeros(config.dim, config.subspace_dim))
+        if config.step_positions:
+            # Zero at first (the LM's own positions order the steps); rows of steps never
+            # trained on stay zero, so test-time extension reads them as plain steps.
+            self.step_embedding = nn.Parameter(torch.zeros(config.step_positions, hidden))
+        # One basis for every step: all steps' log-probs lie in the same subspace.
+        self.register_buffer("basis", torch.zeros(config.vocab_size, config.subspace_dim))
         self.register_buffer("feature_mean", torch.zeros(config.subspace_dim))
         self.register_buffer("feature_std", torch.ones(config.subspace_dim))
         # Prefix vectors get the mean norm of the LM's token embeddings: inputs of the size
@@ -194,11 +204,17 @@ class PrefixLMInverter(Inverter):
         self.feature_std.copy_(torch.as_tensor(std))
 
     def encode_inputs(self, vectors: torch.Tensor) -> torch.Tensor:
-        """Flat float32 `[B, dim]` log-probs -> the prefix `[B, prefix_length, hidden]`."""
-        x = vectors.to(self.feature_mean.device, torch.float32)
-        coords = (centre(x, self.config.steps) @ self.basis - self.feature_mean) / self.feature_std
+        """Flat float32 `[B, k * vocab]` log-probs of k steps -> the prefix
+        `[B, k * tokens_per_step, hidden]`."""
+        k = self.steps_of(vectors)
+        x = vectors.to(self.feature_mean.device, torch.float32).reshape(len(vectors), k, -1)
+        x = x - x.mean(-1, keepdim=True)  # see centre()
+        coords = (x @ self.basis - self.feature_mean) / self.feature_std  # [B, k, r]
         prefix = self.embed(coords.to(self.embed[0].weight.dtype))
-        prefix = prefix.view(len(x), self.config.prefix_length, -1)
+        prefix = prefix.view(len(x), k, self.config.tokens_per_step, -1)
+        if self.config.step_positions:
+            prefix = prefix + self.step_embedding[:k, None].to(prefix.dtype)
+        prefix = prefix.flatten(1, 2)
         return prefix * (self.prefix_norm / prefix.norm(dim=-1, keepdim=True).clamp(min=1e-6))
 
     def causal_context(

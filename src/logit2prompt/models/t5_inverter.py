@@ -177,10 +177,13 @@ class T5Inverter(Inverter):
             nn.Linear(config.embed_hidden, config.d_model),
         )
         # T5 has only relative positions; each chunk covers a fixed slice of the vocabulary,
-        # so it also gets a learned absolute position.
-        self.chunk_position = nn.Parameter(torch.zeros(config.seq_len, config.d_model))
-        self.register_buffer("feature_mean", torch.zeros(config.dim))
-        self.register_buffer("feature_std", torch.ones(config.dim))
+        # so it also gets a learned absolute position (the same in every step).
+        self.chunk_position = nn.Parameter(torch.zeros(config.chunks_per_step, config.d_model))
+        if config.step_positions:
+            self.step_embedding = nn.Parameter(torch.zeros(config.step_positions, config.d_model))
+        # Statistics per vocabulary entry, shared by all steps (so any number of steps reads).
+        self.register_buffer("feature_mean", torch.zeros(config.vocab_size))
+        self.register_buffer("feature_std", torch.ones(config.vocab_size))
         if config.neighbours:
             # Which neighbour (by rank) a prompt token belongs to, added to its embedding.
             self.neighbour_rank = nn.Parameter(torch.zeros(config.neighbours, config.d_model))
@@ -191,19 +194,26 @@ class T5Inverter(Inverter):
     def set_feature_stats(
         self, mean: np.ndarray, std: np.ndarray, basis: np.ndarray | None = None
     ) -> None:
-        """Feature mean/std per vector entry (`basis` is for the prefix-lm; ignored here)."""
+        """Feature mean/std per vocabulary entry `[vocab]`, shared by all steps (`basis` is for
+        the prefix-lm; ignored here)."""
         self.feature_mean.copy_(torch.as_tensor(mean))
         self.feature_std.copy_(torch.as_tensor(std))
 
     def encode_inputs(self, vectors: torch.Tensor) -> torch.Tensor:
-        """Flat float32 `[B, dim]` log-probs -> pseudo-embeddings `[B, seq_len, d_model]`."""
-        x = vectors.to(self.feature_mean.device, torch.float32)
+        """Flat float32 `[B, k * vocab]` log-probs of k steps -> pseudo-embeddings
+        `[B, k * chunks_per_step, d_model]` (each step unrolled into its own chunks)."""
+        k = self.steps_of(vectors)
+        x = vectors.to(self.feature_mean.device, torch.float32).reshape(len(vectors) * k, -1)
         if self.config.normalization != "none":
             x = x - self.feature_mean
         if self.config.normalization == "standardize":
             x = x / self.feature_std
-        chunks = unroll(x, self.config.chunk_width)
-        return self.embed(chunks.to(self.chunk_position.dtype)) + self.chunk_position
+        chunks = unroll(x, self.config.chunk_width)  # [B * k, chunks_per_step, width]
+        embeds = self.embed(chunks.to(self.chunk_position.dtype)) + self.chunk_position
+        embeds = embeds.view(len(vectors), k, *embeds.shape[1:])
+        if self.config.step_positions:
+            embeds = embeds + self.step_embedding[:k, None].to(embeds.dtype)
+        return embeds.flatten(1, 2)
 
     def encoder_inputs(
         self, vectors: torch.Tensor, neighbour_ids: torch.Tensor | None = None

@@ -87,12 +87,14 @@ class MethodContext:
         key = (beams, returns)
         if key not in self._decoded:
             from ..attacks.invert import invert_batches
+            from ..attacks.nearest import observed_steps
 
             size = self.decode_batch_size or self.batch_size
 
             def invert(chunk: torch.Tensor) -> list[list[str]]:
                 return self.inverter.invert(
                     chunk,
+                    steps=observed_steps(chunk),
                     num_beams=beams,
                     num_return_sequences=returns,
                     no_repeat_ngram_size=self.no_repeat_ngram_size,

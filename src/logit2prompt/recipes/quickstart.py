@@ -189,6 +189,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
             progress=cfg.progress,
         )
         stores[split] = DistributionStore(out / "stores" / split)
+        stores[split].attach(target)
 
     model_dir = out / "inverter"
     train_cfg = TrainConfig(

@@ -25,6 +25,9 @@ class TargetFingerprint:
     template: str  # the prompt rendered with the placeholder "{prompt}"
     dtype: str
     defense: str = ""  # a defense applied to the exposed distributions ("" = none)
+    # "float32": a low-precision model whose output layer this target computes in fp32
+    # ("" = the model's own precision, which is fp32 for fp32 models).
+    head: str = ""
 
     @property
     def id(self) -> str:

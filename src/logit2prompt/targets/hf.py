@@ -13,6 +13,7 @@ import torch
 from ..cache import sha256_file
 from ..errors import TargetError
 from .base import PROMPT_MODES, Target, TargetFingerprint
+from .basis import OutputBasis
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -22,6 +23,10 @@ DEFAULT_USER_TURN = "Hello!"
 DEFAULT_BATCH_SIZE = 32
 # A shared prefix shorter than this is not worth a separate forward pass and cache copy.
 MIN_SHARED_PREFIX = 4
+# The output layer recomputed in fp32 from the final hidden state must match the model's own
+# logits this closely (in nats, after log-softmax) to be used; otherwise (logit soft-capping,
+# scaling, a head we do not know) the model's own logits are used and no compact form exists.
+HEAD_CHECK_TOL = 1e-3
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 
 
@@ -119,6 +124,11 @@ class HFTarget(Target):
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._keep_kw = "logits_to_keep" in params
         vocab = model.get_output_embeddings().weight.shape[0]
+        self._basis: OutputBasis | None = None
+        self._head_checked = False
+        # Low-precision models get their output layer in fp32 (so a step's log-probs are
+        # exactly W.h - logsumexp(W.h), storable as h): recorded, as it changes the numbers.
+        head = "" if self.dtype == "float32" else "float32"
         self.fingerprint = TargetFingerprint(
             name=name,
             weights_sha256=weights_sha256 or hash_state_dict(model),
@@ -127,6 +137,7 @@ class HFTarget(Target):
             mode=mode,
             template=self.render("{prompt}"),
             dtype=self.dtype,
+            head=head,
         )
 
     # ----------------------------------------------------------------- loading
@@ -277,13 +288,23 @@ class HFTarget(Target):
         return result[:, 0] if steps is None else result
 
     @torch.inference_mode()
-    def forward_ids(self, batch: list[list[int]], steps: int = 1) -> torch.Tensor:
-        """Float32 log-probs `[batch, steps, vocab]` for already-encoded, unpadded inputs."""
+    def forward_ids(
+        self, batch: list[list[int]], steps: int = 1, *, hidden: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Float32 log-probs `[batch, steps, vocab]` for already-encoded, unpadded inputs;
+        with `hidden`, also the final hidden states `[batch, steps, width]` they come from
+        (the coordinates of each step in `output_basis()`)."""
         if any(len(x) == 0 for x in batch):
             raise TargetError("an encoded prompt is empty; the target needs at least one token")
         limit = self.max_context
         if limit is not None and max(len(x) for x in batch) + steps - 1 > limit:
             raise TargetError(f"an input is longer than the target's context of {limit} tokens")
+        basis = self.output_basis()
+        if hidden and basis is None:
+            raise TargetError(
+                f"{self.fingerprint.name}: its logits are not W.h of the final hidden state "
+                "(see HFTarget.output_basis), so there is no compact form; use --format full"
+            )
         n = len(batch)
         shared = self._shared_prefix_len(batch)
         self.last_shared_prefix = shared
@@ -303,9 +324,7 @@ class HFTarget(Target):
         kwargs = {"use_cache": steps > 1 or cache is not None}
         if cache is not None:
             kwargs[self._cache_kw] = cache
-        if self._keep_kw:
-            kwargs["logits_to_keep"] = 1  # only the last position's LM head is needed
-        result = []
+        result, states = [], []
         next_token = None
         for step in range(steps):
             if step > 0:
@@ -313,17 +332,63 @@ class HFTarget(Target):
                 attention = torch.cat([attention, attention.new_ones((n, 1))], dim=1)
                 positions = positions[:, -1:] + 1
                 kwargs[self._cache_kw] = cache
-            output = self.model(
-                input_ids=input_ids, attention_mask=attention, position_ids=positions, **kwargs
-            )
-            logprobs = torch.log_softmax(output.logits[:, -1].float(), dim=-1)
+            if basis is not None:
+                output = self.model.base_model(
+                    input_ids=input_ids, attention_mask=attention, position_ids=positions, **kwargs
+                )
+                state = output.last_hidden_state[:, -1].float()
+                logprobs = basis.logprobs(state)
+                if hidden:
+                    states.append(basis.coordinates(state).cpu())
+            else:
+                if self._keep_kw:
+                    kwargs["logits_to_keep"] = 1  # only the last position's LM head is needed
+                output = self.model(
+                    input_ids=input_ids, attention_mask=attention, position_ids=positions, **kwargs
+                )
+                logprobs = torch.log_softmax(output.logits[:, -1].float(), dim=-1)
             result.append(logprobs.cpu())
             if step + 1 < steps:
                 cache = getattr(output, self._cache_kw, None)
                 if cache is None:
                     cache = getattr(output, "past_key_values", None)
                 next_token = logprobs.argmax(dim=-1)
-        return torch.stack(result, dim=1)
+        logprobs = torch.stack(result, dim=1)
+        return (logprobs, torch.stack(states, dim=1)) if hidden else logprobs
+
+    def output_basis(self) -> OutputBasis | None:
+        """The output layer as a basis of this target's log-prob vectors (fp32 `W`, bias),
+        or None when the model's logits are not `W.h` of its final hidden state.
+
+        Checked once against the model's own forward pass: with the model in fp32 the two
+        must agree to HEAD_CHECK_TOL nats. (A bf16 model's own logits are rounded to bf16;
+        this target computes them in fp32 instead, see the fingerprint's `head`.)
+        """
+        if self._head_checked:
+            return self._basis
+        self._head_checked = True
+        head = self.model.get_output_embeddings()
+        weight = getattr(head, "weight", None)
+        if not isinstance(head, torch.nn.Linear) or weight is None:
+            return None
+        bias = head.bias.detach().float() if head.bias is not None else None
+        basis = OutputBasis(weight.detach().float(), bias)
+        probe = self.tokenizer("The quick brown fox", add_special_tokens=True)["input_ids"]
+        ids = torch.tensor([probe or [self.pad_id]], device=self.device)
+        with torch.inference_mode():
+            state = self.model.base_model(input_ids=ids).last_hidden_state[:, -1].float()
+            model_fp32 = self.model.float() if self.dtype != "float32" else self.model
+            try:
+                reference = torch.log_softmax(model_fp32(input_ids=ids).logits[:, -1].float(), -1)
+                state32 = model_fp32.base_model(input_ids=ids).last_hidden_state[:, -1].float()
+            finally:
+                if self.dtype != "float32":
+                    self.model.to(DTYPES[self.dtype])
+        error = float((basis.logprobs(state32) - reference).abs().max())
+        if not torch.isfinite(state).all() or error > HEAD_CHECK_TOL:
+            return None
+        self._basis = basis
+        return basis
 
     def _shared_prefix_len(self, batch: list[list[int]]) -> int:
         """Tokens every row starts with (the chat template's system turn, say), leaving each

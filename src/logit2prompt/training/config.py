@@ -39,6 +39,13 @@ class TrainConfig:
     decoder_lr: float = field(
         default=1e-4, metadata={"help": "prefix-lm: the decoder's learning rate"}
     )
+    steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "observation steps per prompt to train on, the first K of the store's "
+            "(default: all of them)"
+        },
+    )
     neighbours: int = field(
         default=0,
         metadata={"help": "read this many nearest training prompts (retrieval-augmented; 0: off)"},
@@ -62,6 +69,13 @@ class TrainConfig:
     )
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     max_steps: int = field(default=2000, metadata={"help": "optimizer steps"})
+    max_minutes: float | None = field(
+        default=None,
+        metadata={
+            "help": "also stop after this many minutes of training in this run (a time "
+            "budget; the final checkpoint is written as at max_steps)"
+        },
+    )
     lr: float = field(default=1e-3, metadata={"help": "learning rate"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=100, metadata={"help": "learning-rate warmup steps"})
@@ -96,6 +110,7 @@ class TrainConfig:
 # (extending a run is a common, deliberate choice), precision and logging.
 RECIPE_FIELDS = (
     "preset",
+    "steps",
     "normalization",
     "t5_init",
     "decoder_init",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -39,7 +40,13 @@ TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_STATE = "optimizer.pt"
 RNG_STATE = "rng_state_{}.pt"
 FINAL_MARKER = "TRAINING_COMPLETE"
+logger = logging.getLogger(__name__)
 READ_BATCH = 256  # vectors read from the store at a time for statistics and the memory
+# Steps a multi-step inverter can read at inversion (test-time extension past training's).
+MULTI_STEP_POSITIONS = 64
+# Rows (prompt-steps) the statistics and the subspace are fitted on at most: with K steps a
+# prompt gives K rows, and the subspace's Gram matrix is rows x rows.
+STATS_ROWS = 4096
 
 
 def _output_tokenizer(cfg: TrainConfig, store: DistributionStore):
@@ -113,6 +120,16 @@ class Trainer:
                 f"{cfg.data} has {len(self.train_idx)} prompts, fewer than one global batch "
                 f"({self.global_micro}); lower --per-device-batch-size"
             )
+        self.steps = cfg.steps or self.store.steps
+        if not 1 <= self.steps <= self.store.steps:
+            raise StoreError(
+                f"--steps {cfg.steps}: {cfg.data} holds {self.store.steps} steps per prompt"
+            )
+        if self.val_store is not None and self.val_store.steps < self.steps:
+            raise StoreError(
+                f"--val-data holds {self.val_store.steps} steps per prompt; training reads "
+                f"{self.steps}"
+            )
         self.defense = parse_defense(cfg.defense)
         fingerprint = self.store.fingerprint
         self._subspace = None  # a causal decoder's subspace, fitted once when the model is built
@@ -169,7 +186,8 @@ class Trainer:
         config = InverterConfig.preset(
             cfg.preset,
             vocab_size=self.store.vocab_size,
-            steps=self.store.steps,
+            steps=self.steps,
+            step_positions=MULTI_STEP_POSITIONS if self.steps > 1 else 0,
             normalization=cfg.normalization,
             neighbours=cfg.neighbours,
             **family,
@@ -192,25 +210,31 @@ class Trainer:
         return Inverter.from_config(config, tokenizer, fingerprint)
 
     def _stats_batches(self):
-        """Flat (defended) float32 arrays of a seeded sample of the training vectors, in
-        READ_BATCH pieces: the same sample on every process."""
-        n = min(self.cfg.stats_sample, len(self.train_idx))
+        """(Defended) float32 `[rows, vocab]` arrays, one row per step, of a seeded sample of
+        the training prompts, in READ_BATCH pieces: the same sample on every process."""
+        limit = max(STATS_ROWS // self.steps, 2)
+        n = min(self.cfg.stats_sample, len(self.train_idx), limit)
         sample = np.sort(
             np.random.default_rng(self.cfg.seed).choice(self.train_idx, n, replace=False)
         )
         for i in range(0, n, READ_BATCH):
-            vectors = self.store.vectors(sample[i : i + READ_BATCH].tolist())
-            yield self._defended(torch.from_numpy(vectors)).numpy()
+            vectors = self._read(self.store, sample[i : i + READ_BATCH].tolist())
+            yield vectors.reshape(-1, self.store.vocab_size).numpy()
 
     def _fit_subspace(self, dims: int):
-        """Basis, coordinate mean/std of the training vectors' principal directions."""
+        """Basis, coordinate mean/std of the training steps' principal directions (one
+        basis for every step)."""
         vectors = np.concatenate(list(self._stats_batches()))
-        basis, mean, std, _ = fit_subspace(vectors, self.store.steps, dims)
+        basis, mean, std, _ = fit_subspace(vectors, 1, dims)
         return basis, mean, std
+
+    def _read(self, store: DistributionStore, indices) -> torch.Tensor:
+        """Flat (defended) float32 `[n, steps * vocab]` of the first `steps` steps."""
+        return self._defended(torch.from_numpy(store.vectors(list(indices), self.steps)))
 
     def _check_init(self, model: Inverter) -> None:
         theirs = (model.config.vocab_size, model.config.steps)
-        ours = (self.store.vocab_size, self.store.steps)
+        ours = (self.store.vocab_size, self.steps)
         if theirs != ours:
             raise CheckpointError(
                 f"--init-from {self.cfg.init_from} reads (vocab, steps) = {theirs} but "
@@ -234,7 +258,7 @@ class Trainer:
 
     def _batch_tensors(self, indices: np.ndarray, device) -> tuple:
         """The model's inputs for these store indices: (vectors, labels[, neighbour ids])."""
-        vectors = self._defended(torch.from_numpy(self.store.vectors(indices.tolist())))
+        vectors = self._read(self.store, indices.tolist())
         padded = pad_labels([self.labels[i] for i in indices])
         if self.neighbour_rows is None:
             return vectors.to(device), padded.to(device)
@@ -251,7 +275,7 @@ class Trainer:
         model = self.accelerator.unwrap_model(self.model)
         batches = (
             self._defended(torch.from_numpy(vectors)).numpy()
-            for _, _, vectors in self.store.batches(READ_BATCH)
+            for _, _, vectors in self.store.batches(READ_BATCH, steps=self.steps)
         )
         memory = NeighbourMemory.build(
             self.store.prompts,
@@ -261,7 +285,7 @@ class Trainer:
                 desc="neighbour memory",
                 disable=not (self.cfg.progress and self.accelerator.is_main_process),
             ),
-            self.store.dim,
+            model.config.dim,
             dims=model.config.neighbour_dims,
             seed=self.cfg.seed,
         )
@@ -285,7 +309,7 @@ class Trainer:
             basis, mean, std = self._subspace or self._fit_subspace(self.model.config.subspace_dim)
             self.model.set_feature_stats(mean, std, basis)
             return
-        mean, std = feature_stats(self._stats_batches(), self.store.dim)
+        mean, std = feature_stats(self._stats_batches(), self.store.vocab_size)
         self.model.set_feature_stats(mean, std)
 
     # ------------------------------------------------------------------ checkpoints
@@ -383,14 +407,14 @@ class Trainer:
         if store is None:
             return {}
         idx = list(range(min(self.cfg.eval_samples, len(store))))
-        vectors = self._defended(torch.from_numpy(store.vectors(idx)))
+        vectors = self._read(store, idx)
         refs = [store.prompts[i] for i in idx]
         padded = pad_labels(encode_labels(model.tokenizer, refs, model.config.max_length))
         device = next(model.parameters()).device
         model.eval()
         with torch.no_grad():
             loss = (model(vectors.to(device), padded.to(device)) / (padded != -100).sum()).item()
-        predictions = model.invert(vectors)
+        predictions = model.invert(vectors.view(len(vectors), self.steps, -1))
         model.train()
         metrics = score(predictions, refs, ci=False)
         return {
@@ -456,6 +480,15 @@ class Trainer:
             self.build_memory()
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
 
+    def _out_of_time(self, t0: float) -> bool:
+        """Whether this run has spent `max_minutes` (every process agrees: the main one's
+        clock decides)."""
+        if self.cfg.max_minutes is None:
+            return False
+        over = float(time.perf_counter() - t0 >= 60 * self.cfg.max_minutes)
+        spent = torch.tensor(over, device=self.accelerator.device)
+        return bool(self.accelerator.reduce(spent, "max").item())
+
     def run(self, resume: bool = False) -> Inverter:
         cfg, acc = self.cfg, self.accelerator
         self.prepare(resume)
@@ -476,12 +509,14 @@ class Trainer:
         )
         self.model.train()
         t0, examples = time.perf_counter(), 0
-        while self.step < cfg.max_steps:
+        last = False
+        while self.step < cfg.max_steps and not last:
             loss_sum, total_tokens, grad_norm = self.train_step()
             self.step += 1
             examples += self.global_micro * cfg.grad_accum
             bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+            last = self.step == cfg.max_steps or self._out_of_time(t0)
+            if self.step % cfg.log_every == 0 or last:
                 train_loss = (acc.reduce(loss_sum, "sum") / total_tokens).item()
                 logs = {
                     "train_loss": train_loss,
@@ -491,9 +526,7 @@ class Trainer:
                 }
                 acc.log(logs, step=self.step)
                 bar.set_postfix(loss=f"{train_loss:.3f}")
-            if self.val_store is not None and (
-                self.step % cfg.eval_every == 0 or self.step == cfg.max_steps
-            ):
+            if self.val_store is not None and (self.step % cfg.eval_every == 0 or last):
                 if acc.is_main_process:
                     metrics = self.evaluate()
                     self.history.append(
@@ -507,9 +540,11 @@ class Trainer:
                         f" -> {metrics['examples'][0]['recovered']!r}"
                     )
                 acc.wait_for_everyone()
-            if self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+            if self.step % cfg.save_every == 0 and not last:
                 self.save_checkpoint()
         bar.close()
+        if self.step < cfg.max_steps:
+            logger.info("time budget of %s minutes spent at step %d", cfg.max_minutes, self.step)
         self.save_checkpoint()
         model = acc.unwrap_model(self.model)
         if acc.is_main_process:

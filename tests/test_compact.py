@@ -1,0 +1,180 @@
+"""Compact stores (output-layer coordinates) and multi-step observations end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from logit2prompt.data.collect import collect
+from logit2prompt.data.corpus import Corpus, PromptRecord
+from logit2prompt.data.store import DistributionStore, StorePlan, StoreWriter
+from logit2prompt.defenses.chain import parse_defense
+from logit2prompt.errors import StoreError, TargetError, VectorError
+from logit2prompt.models.inverter import Inverter
+from logit2prompt.targets.defended import DefendedTarget
+from logit2prompt.targets.hf import HFTarget
+from logit2prompt.training.trainer import Trainer
+
+from .conftest import FIXTURE_PROMPTS, make_tiny_lm, tiny_train_config
+
+
+def _corpus(n: int = 20) -> Corpus:
+    texts = [FIXTURE_PROMPTS[i % len(FIXTURE_PROMPTS)] + f" ({i})" for i in range(n)]
+    return Corpus([PromptRecord(t, {}) for t in texts], "fixture", {})
+
+
+@pytest.fixture(scope="module")
+def tiny_target(tiny_lm_dir):
+    return HFTarget.from_pretrained(str(tiny_lm_dir), mode="user", batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def stores(tiny_target, tmp_path_factory):
+    """The same 20 prompts at 3 steps, compact and full (fp32)."""
+    root = tmp_path_factory.mktemp("stores")
+    corpus = _corpus()
+    collect(
+        tiny_target,
+        corpus,
+        str(root / "compact"),
+        steps=3,
+        fmt="compact",
+        shard_size=8,
+        progress=False,
+    )
+    collect(
+        tiny_target,
+        corpus,
+        str(root / "full"),
+        steps=3,
+        fmt="full",
+        store_dtype="float32",
+        shard_size=8,
+        progress=False,
+    )
+    return DistributionStore(root / "compact"), DistributionStore(root / "full")
+
+
+def test_compact_round_trip_is_lossless_and_smaller(stores):
+    compact, full = stores
+    assert compact.compact and not full.compact
+    assert compact.encoding["kind"] == "output-layer" and compact.width == 32
+    idx = list(range(len(full)))
+    rebuilt, reference = compact.vectors(idx), full.vectors(idx)
+    assert rebuilt.shape == reference.shape == (20, 3, full.vocab_size)
+    assert np.abs(rebuilt - reference).max() < 1e-4
+    # Each step is a normalised distribution, and the greedy steps agree.
+    assert np.allclose(np.exp(rebuilt).sum(-1), 1.0, atol=1e-4)
+    assert (rebuilt.argmax(-1) == reference.argmax(-1)).all()
+    assert compact.bytes_per_step * 10 < full.bytes_per_step
+    # The first k steps only, decoded from the coordinates of those steps.
+    assert np.array_equal(compact.vectors(idx[:4], steps=2), rebuilt[:4, :2])
+
+
+def test_compact_equals_the_models_own_logits(tiny_target, stores):
+    compact, _ = stores
+    ids = tiny_target.encode(compact.prompts[:4])
+    with torch.inference_mode():
+        own = [
+            torch.log_softmax(tiny_target.model(input_ids=torch.tensor([x])).logits[0, -1], -1)
+            for x in ids
+        ]
+    assert np.abs(compact.vectors(range(4))[:, 0] - torch.stack(own).numpy()).max() < 1e-4
+
+
+def test_compact_store_refuses_another_target(stores, tmp_path):
+    compact, _ = stores
+    other = HFTarget.from_pretrained(str(make_tiny_lm(tmp_path / "other", seed=1)), mode="user")
+    fresh = DistributionStore(compact.path)
+    with pytest.raises(StoreError, match="weights_sha256"):
+        fresh.attach(other)
+    with pytest.raises(StoreError, match="basis"):
+        fresh.attach(other.output_basis())  # the bare basis: its hash differs
+    with pytest.raises(StoreError, match="holds 3 steps"):
+        fresh.coordinates([0], steps=4)
+
+
+def test_defended_target_has_no_compact_form(tiny_target, tmp_path):
+    defended = DefendedTarget(tiny_target, parse_defense("topk:5"))
+    with pytest.raises(TargetError, match="no lossless compact form"):
+        collect(defended, _corpus(4), str(tmp_path / "s"), fmt="compact", progress=False)
+    collect(defended, _corpus(4), str(tmp_path / "auto"), progress=False)
+    assert not DistributionStore(tmp_path / "auto").compact  # auto falls back to full
+
+
+def test_compact_rejects_nan_coordinates_and_resume_mismatch(stores, tmp_path):
+    compact, _ = stores
+    plan = StorePlan(
+        compact.fingerprint, "float32", 3, 8, 8, {"sha256": "x"}, encoding=compact.encoding
+    )
+    writer = StoreWriter(tmp_path / "nan", plan)
+    bad = np.zeros((8, 3, compact.width), np.float32)
+    bad[2, 1, 5] = np.nan
+    with pytest.raises(VectorError, match="NaN or inf"):
+        writer.write_shard(0, bad, [f"p{i}" for i in range(8)], [{}] * 8)
+    with pytest.raises(StoreError, match="encoding"):
+        StoreWriter(
+            tmp_path / "nan", StorePlan(compact.fingerprint, "float32", 3, 8, 8, {"sha256": "x"})
+        )
+
+
+@pytest.mark.parametrize("preset", ["tiny", "prefix-lm"])
+def test_multi_step_training_and_test_time_extension(stores, tiny_lm_dir, tmp_path, preset):
+    compact, full = stores
+    extra = {} if preset == "tiny" else {"output_tokenizer": None, "decoder_lr": 1e-3}
+    cfg = tiny_train_config(
+        compact.path,
+        tmp_path / "model",
+        tiny_lm_dir,
+        preset=preset,
+        steps=2,
+        max_steps=4,
+        per_device_batch_size=4,
+        **extra,
+    )
+    if preset == "prefix-lm":
+        cfg.overrides = {"max_length": 24, "embed_hidden": 32, "prefix_length": 4}
+    model = Trainer(cfg).run()
+    assert model.config.steps == 2 and model.config.step_positions >= 3
+    if preset == "prefix-lm":
+        assert model.config.tokens_per_step == 2
+        assert model.basis.shape[0] == compact.vocab_size  # one basis for every step
+    loaded = Inverter.from_pretrained(tmp_path / "model")
+    vectors = full.vectors(range(4))
+    # Trained on 2 steps; reads 1, 2 or all 3 (test-time extension), never more than given.
+    for k in (1, 2, 3):
+        out = loaded.invert(vectors, steps=k)
+        assert len(out) == 4 and all(isinstance(t, str) for t in out)
+    assert loaded.invert(vectors) == loaded.invert(vectors[:, :2])  # default: trained steps
+    with pytest.raises(VectorError, match="4 steps asked for but the vectors hold 3"):
+        loaded.invert(vectors, steps=4)
+    bad = vectors.copy()
+    bad[0, 1, 0] = np.inf
+    with pytest.raises(VectorError, match="NaN or inf"):
+        loaded.invert(bad)
+    # The same inverter and loss after a reload.
+    x = torch.from_numpy(vectors[:, :2].reshape(4, -1))
+    labels = torch.tensor([[5, 6, loaded.config.eos_token_id]] * 4)
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(x, labels), loaded(x, labels), atol=1e-4)
+
+
+def test_train_steps_beyond_the_store_are_refused(stores, tiny_lm_dir, tmp_path):
+    compact, _ = stores
+    cfg = tiny_train_config(compact.path, tmp_path / "m", tiny_lm_dir, steps=4)
+    with pytest.raises(StoreError, match="holds 3 steps"):
+        Trainer(cfg)
+
+
+@pytest.mark.embedded
+def test_embedded_default_compact_is_lossless(tmp_path):
+    from logit2prompt.targets import load_target
+
+    target = load_target(dtype="float32", batch_size=4)
+    corpus = _corpus(4)
+    collect(target, corpus, str(tmp_path / "c"), steps=2, progress=False)
+    store = DistributionStore(tmp_path / "c")
+    assert store.compact and store.width == 576
+    full = target.next_token_logprobs(corpus.texts, steps=2).numpy()
+    assert np.abs(store.vectors(range(4)) - full).max() < 1e-3
