@@ -178,3 +178,18 @@ def test_embedded_default_compact_is_lossless(tmp_path):
     assert store.compact and store.width == 576
     full = target.next_token_logprobs(corpus.texts, steps=2).numpy()
     assert np.abs(store.vectors(range(4)) - full).max() < 1e-3
+
+
+def test_info_reports_format_and_bytes_per_step(stores, capsys):
+    import json
+
+    from logit2prompt.cli.main import main
+
+    compact, full = stores
+    for store, fmt, per_step in ((compact, "output-layer", 32 * 4), (full, "full", None)):
+        assert main(["info", str(store.path)]) == 0
+        summary = json.loads(capsys.readouterr().out)["summary"]
+        assert summary["format"].startswith(fmt)
+        expected = per_step or full.vocab_size * 4
+        assert summary["bytes_per_prompt_step"] == expected
+        assert summary["bytes_per_prompt"] == 3 * expected

@@ -420,7 +420,7 @@ def test_rerank_at_its_beam_count_decodes_once(checkpoint, user_target):
     from logit2prompt.models.inverter import Inverter
 
     inverter = Inverter.from_pretrained(checkpoint / "inv")
-    vectors = collect_vectors(user_target, TEST, 1, 8)
+    vectors = collect_vectors(user_target, TEST, inverter.config.steps, 8)
     calls = []
     real = inverter.invert
     inverter.invert = lambda *a, **k: calls.append(k) or real(*a, **k)

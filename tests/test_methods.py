@@ -130,7 +130,7 @@ def test_shared_work_runs_once_and_matches_each_method_alone(
 
     inverter = Inverter.from_pretrained(checkpoint / "inv")
     train = DistributionStore(checkpoint / "train")
-    vectors = collect_vectors(user_target, TEST, 1, 8)
+    vectors = collect_vectors(user_target, TEST, inverter.config.steps, 8)
     real_invert = inverter.invert
     inverter.invert = decode = _Counting(real_invert)
     search = _Counting(nearest.nearest_neighbours)

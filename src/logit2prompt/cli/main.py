@@ -13,6 +13,7 @@ import logging
 import sys
 
 from ..attacks.rerank import DEFAULT_CONFIDENCE_NATS
+from ..data.collect import DEFAULT_STEPS
 from ..data.corpus import BUILTIN_CORPORA, resolve_corpus
 from ..data.store import DEFAULT_SHARD_SIZE, DEFAULT_STORE_DTYPE, FORMATS, STORE_DTYPES
 from ..errors import Logit2PromptError
@@ -322,7 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_target_args(p)
     add_corpus_args(p)
     p.add_argument("--out", required=True, help="store directory (rerun to resume)")
-    p.add_argument("--steps", type=int, default=1, help="generation steps per prompt")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"greedy generation steps observed per prompt (default: {DEFAULT_STEPS}, 1 for "
+        "API targets; see benchmarks/results/steps.json)",
+    )
     p.add_argument(
         "--format",
         choices=FORMATS,

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..attacks.invert import ensure_same_target
 from ..data.bigbench import build_bigbench_corpus
-from ..data.collect import collect
+from ..data.collect import DEFAULT_STEPS, collect
 from ..data.corpus import load_corpus
 from ..data.store import DistributionStore
 from ..errors import CheckpointError
@@ -52,7 +52,7 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 METHODS = ("inverter", "fallback", "rerank", "nn", "constant")
 DECODE_BATCH = 64
 # Training settings the reuse check compares: a checkpoint trained otherwise is not reused.
-RECIPE_KEYS = ("preset", "neighbours", "max_steps")
+RECIPE_KEYS = ("preset", "neighbours", "max_steps", "steps")
 
 
 @dataclass
@@ -76,6 +76,10 @@ class QuickstartConfig:
         default=None, metadata={"help": "a corpus file (default: BIG-bench, built on first use)"}
     )
     preset: str = field(default="prefix-lm", metadata={"help": "inverter preset"})
+    observation_steps: int = field(
+        default=DEFAULT_STEPS,
+        metadata={"help": "greedy generation steps observed per prompt (collect --steps)"},
+    )
     neighbours: int = field(
         default=2, metadata={"help": "nearest training prompts the inverter reads"}
     )
@@ -185,6 +189,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
             corpus,
             str(out / "stores" / split),
             split=split,
+            steps=cfg.observation_steps,
             batch_size=cfg.batch_size,
             progress=cfg.progress,
         )
@@ -197,6 +202,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         val_data=str(out / "stores" / "validation"),
         out=str(model_dir),
         preset=cfg.preset,
+        steps=cfg.observation_steps,
         neighbours=cfg.neighbours,
         # A prefix-lm reads its neighbours as text and copies by attention (README).
         neighbour_copy=cfg.preset != "prefix-lm",

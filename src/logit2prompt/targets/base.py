@@ -82,3 +82,8 @@ class Target(ABC):
     def max_context(self) -> int | None:
         """The longest templated input the target accepts, or None if unbounded."""
         return None
+
+    @property
+    def max_steps(self) -> int | None:
+        """The most greedy steps it can observe per prompt, or None if unbounded."""
+        return None

@@ -29,6 +29,10 @@ class DefendedTarget(Target):
     def max_context(self) -> int | None:
         return self.inner.max_context
 
+    @property
+    def max_steps(self) -> int | None:
+        return self.inner.max_steps
+
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
         return self.inner.encode(prompts)
 

@@ -82,6 +82,11 @@ class RecoveryReport:
 class OpenAITarget(Target):
     """A `Target` behind an OpenAI-compatible API; full distributions by logit_bias search."""
 
+    @property
+    def max_steps(self) -> int:
+        """One: the API recovers the first position's distribution only."""
+        return 1
+
     def __init__(
         self,
         base_url: str,
