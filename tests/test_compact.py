@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from logit2prompt.data.store import DistributionStore, StorePlan, StoreWriter
 from logit2prompt.defenses.chain import parse_defense
 from logit2prompt.errors import StoreError, TargetError, VectorError
 from logit2prompt.models.inverter import Inverter
+from logit2prompt.targets.base import Target
 from logit2prompt.targets.defended import DefendedTarget
 from logit2prompt.targets.hf import HFTarget
 from logit2prompt.training.trainer import Trainer
@@ -193,3 +196,45 @@ def test_info_reports_format_and_bytes_per_step(stores, capsys):
         expected = per_step or full.vocab_size * 4
         assert summary["bytes_per_prompt_step"] == expected
         assert summary["bytes_per_prompt"] == 3 * expected
+
+
+class _Blind(Target):
+    """The tiny target seen as an API: log-probs only, no weights, no output layer."""
+
+    def __init__(self, inner):
+        self.inner, self.fingerprint = inner, replace(inner.fingerprint, name="blind")
+
+    def next_token_logprobs(self, prompts, steps=None):
+        return self.inner.next_token_logprobs(prompts, steps=steps)
+
+    def count_tokens(self, prompts):
+        return self.inner.count_tokens(prompts)
+
+
+def test_target_without_weights_gets_a_fitted_basis(tiny_target, tmp_path):
+    blind = _Blind(tiny_target)
+    corpus = _corpus(60)  # 60 prompts x 2 steps: rows enough to read the rank (<= 33)
+    collect(blind, corpus, str(tmp_path / "fit"), steps=2, shard_size=16, progress=False)
+    store = DistributionStore(tmp_path / "fit")
+    assert store.encoding["kind"] == "fitted" and store.width <= 33
+    assert (tmp_path / "fit" / "basis.npy").is_file()
+    reference = tiny_target.next_token_logprobs(corpus.texts, steps=2).numpy()
+    assert np.abs(store.vectors(range(60)) - reference).max() < 1e-3
+    # Resuming reads the saved basis rather than fitting another.
+    again = collect(blind, corpus, str(tmp_path / "fit"), steps=2, shard_size=16, progress=False)
+    assert again.shards_written == 0
+    # Too few vectors to tell the rank: auto stores full vectors, compact is refused.
+    collect(blind, _corpus(6), str(tmp_path / "few"), steps=1, progress=False)
+    assert not DistributionStore(tmp_path / "few").compact
+    with pytest.raises(TargetError, match="no lossless basis"):
+        collect(blind, _corpus(6), str(tmp_path / "few2"), steps=1, fmt="compact", progress=False)
+
+
+def test_a_noisy_target_fails_the_fitted_basis_check(tiny_target, tmp_path):
+    noisy = _Blind(tiny_target)
+    noisy.next_token_logprobs = lambda prompts, steps=None: (
+        tiny_target.next_token_logprobs(prompts, steps=steps)
+        + 0.05 * torch.randn(len(prompts), steps or 1, tiny_target.vocab_size)
+    )
+    with pytest.raises(TargetError, match="held-out error"):
+        collect(noisy, _corpus(60), str(tmp_path / "n"), steps=2, fmt="compact", progress=False)

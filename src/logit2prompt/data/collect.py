@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -62,18 +63,49 @@ def drop_over_context(target: Target, corpus: Corpus, steps: int) -> tuple[Corpu
 
 
 def choose_basis(target: Target, fmt: str):
-    """The basis a store of `target` is written in for `--format fmt`: the target's output
-    layer for compact (and for auto, where the target has one), None for full."""
+    """The white-box basis a store of `target` is written in for `--format fmt`: the
+    target's output layer for compact and auto, where it has one; None otherwise (full, or
+    a basis to fit: see `fit_basis`). A defended target has none: its vectors leave the
+    subspace, so they are stored full."""
     if fmt not in FORMATS:
         raise TargetError(f"unknown store format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if fmt == "full":
         return None
+    if target.fingerprint.defense:
+        if fmt == "compact":
+            raise TargetError(
+                f"{target.fingerprint.describe()} has no lossless compact form: a defense "
+                f"({target.fingerprint.defense}) moves its vectors off the model's subspace; "
+                "use --format full"
+            )
+        return None
     get = getattr(target, "output_basis", None)
-    basis = get() if get is not None else None
+    return get() if get is not None else None
+
+
+CALIBRATION_VECTORS = 2048  # prompt-steps a fitted basis is fitted and checked on
+
+
+def fit_basis(target: Target, corpus: Corpus, out: str, steps: int, fmt: str, batch_size: int):
+    """A basis fitted from full vectors of the corpus's first prompts (targets without
+    weights), or the one a store being resumed already has; None when no lossless one fits
+    (`--format auto` then stores full vectors, `compact` is refused)."""
+    from ..targets.basis import FittedBasis
+    from .store import MANIFEST, read_manifest
+
+    if (Path(out) / MANIFEST).is_file():
+        encoding = read_manifest(out)["encoding"]
+        if encoding.get("kind") != "fitted":
+            return None  # the store's own format decides; the writer checks it
+        return FittedBasis.load(out)
+    n = min(len(corpus), -(-CALIBRATION_VECTORS // steps))
+    texts = [r.text for r in corpus.records[:n]]
+    vectors = collect_vectors(target, texts, steps, batch_size)
+    basis, report = FittedBasis.fit(vectors.reshape(-1, vectors.shape[-1]))
+    logger.info("fitted basis from %d prompts: %s", n, report)
     if basis is None and fmt == "compact":
         raise TargetError(
-            f"{target.fingerprint.describe()} has no lossless compact form (no white-box "
-            "output layer: an API target, a defended one, or logits that are not W.h); "
+            f"no lossless basis fits {target.fingerprint.describe()} ({report.get('reason')}); "
             "use --format full"
         )
     return basis
@@ -105,35 +137,50 @@ def collect(
     if steps < 1:
         raise TargetError(f"--steps must be >= 1, got {steps}")
     # A float16 store asked for by name is a full one (coordinates need float32).
-    basis = choose_basis(target, "full" if fmt == "auto" and store_dtype == "float16" else fmt)
+    fmt = "full" if fmt == "auto" and store_dtype == "float16" else fmt
+    basis = choose_basis(target, fmt)
+    # A target without weights gets a basis fitted by the main process (see fit_basis).
+    fitted = basis is None and fmt != "full" and not target.fingerprint.defense
+    corpus, over_context = drop_over_context(target, corpus, steps)
+    if fitted and process_index == 0:
+        basis = fit_basis(target, corpus, out, steps, fmt, batch_size)
     if basis is not None and store_dtype not in (None, "float32"):
         raise TargetError(
             f"a compact store keeps float32 coordinates (float16 would lose ~1e-2 nats); "
             f"drop --store-dtype {store_dtype} or use --format full"
         )
-    dtype = "float32" if basis is not None else (store_dtype or DEFAULT_STORE_DTYPE)
-    corpus, over_context = drop_over_context(target, corpus, steps)
-    plan = StorePlan(
-        fingerprint=target.fingerprint,
-        encoding=basis.encoding() if basis is not None else dict(FULL),
-        dtype=dtype,
-        steps=steps,
-        shard_size=shard_size,
-        num_prompts=len(corpus),
-        corpus={
-            "source": corpus.source,
-            "split": split,
-            "sha256": corpus.sha256(),
-            "splits": corpus.split_counts(),
-            "dropped": corpus.dropped,
-        },
-    )
-    logger.info("store %s: %s, %s", out, describe_encoding(plan.encoding), dtype)
+
+    def plan_for(basis) -> StorePlan:
+        return StorePlan(
+            fingerprint=target.fingerprint,
+            encoding=basis.encoding() if basis is not None else dict(FULL),
+            dtype="float32" if basis is not None else (store_dtype or DEFAULT_STORE_DTYPE),
+            steps=steps,
+            shard_size=shard_size,
+            num_prompts=len(corpus),
+            corpus={
+                "source": corpus.source,
+                "split": split,
+                "sha256": corpus.sha256(),
+                "splits": corpus.split_counts(),
+                "dropped": corpus.dropped,
+            },
+            basis=basis,
+        )
+
     sync = wait_for_everyone or (lambda: None)
-    # The main process creates (or checks) the manifest before anyone writes a shard.
-    writer = StoreWriter(out, plan, create=process_index == 0) if process_index == 0 else None
+    # The main process creates (or checks) the manifest, and saves a fitted basis, before
+    # anyone writes a shard; the others then read the basis it chose.
+    writer = None
+    if process_index == 0:
+        plan = plan_for(basis)
+        logger.info("store %s: %s, %s", out, describe_encoding(plan.encoding), plan.dtype)
+        writer = StoreWriter(out, plan, create=True)
     sync()
     if writer is None:
+        if fitted:
+            basis = fit_basis(target, corpus, out, steps, "auto", batch_size)
+        plan = plan_for(basis)
         writer = StoreWriter(out, plan, create=False)
     mine = [k for k in range(plan.num_shards) if k % num_processes == process_index]
     todo = [k for k in mine if not writer.shard_done(k)]
@@ -153,7 +200,10 @@ def collect(
         rows = writer.shard_range(k)
         records = corpus.records[rows.start : rows.stop]
         texts = [r.text for r in records]
-        vectors = collect_vectors(target, texts, steps, batch_size, compact=basis is not None)
+        if basis is not None and basis.kind == "fitted":
+            vectors = basis.coordinates_of(collect_vectors(target, texts, steps, batch_size))
+        else:
+            vectors = collect_vectors(target, texts, steps, batch_size, compact=basis is not None)
         meta = [{**r.meta, "split": r.split} for r in records]
         writer.write_shard(k, vectors, texts, meta)
         bar.update(len(texts))

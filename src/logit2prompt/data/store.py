@@ -93,6 +93,7 @@ class StorePlan:
     num_prompts: int
     corpus: dict  # source, sha256, split, counts, dropped
     encoding: dict = field(default_factory=lambda: dict(FULL))  # or a basis's encoding()
+    basis: object = field(default=None, repr=False, compare=False)  # a fitted one is saved
 
     @property
     def width(self) -> int:
@@ -164,6 +165,8 @@ class StoreWriter:
                 self.shard_dir.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise StoreError(f"cannot create store directory {self.path}: {exc}") from exc
+            if plan.encoding.get("file"):  # a fitted basis lives beside the shards, once
+                plan.basis.save(self.path)
             write_json(self.path / MANIFEST, plan.to_manifest())
 
     def _check_compatible(self, manifest: dict) -> None:
@@ -352,6 +355,13 @@ class DistributionStore:
     def basis(self):
         """The basis that turns stored coordinates into log-probs (compact stores), loaded
         from the target the fingerprint names on first use unless `attach`ed."""
+        if self._basis is None and self.encoding.get("kind") == "fitted":
+            from ..targets.basis import FittedBasis
+
+            try:
+                self.attach(FittedBasis.load(self.path))
+            except (OSError, ValueError) as exc:
+                raise StoreError(f"{self.path}: its fitted basis is unreadable: {exc}") from exc
         if self._basis is None and self.compact:
             from ..targets import load_target
 

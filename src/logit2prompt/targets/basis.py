@@ -80,3 +80,95 @@ class OutputBasis:
                     flat[start : start + DECODE_ROWS]
                 ).numpy()
         return out.reshape(*coords.shape[:-1], self.vocab_size)
+
+
+FITTED = "fitted"
+FITTED_FILE = "basis.npy"
+FIT_TOLERANCE = 1e-3  # nats: the held-out reconstruction error a fitted basis must meet
+
+
+class FittedBasis:
+    """An orthonormal basis `[vocab, width]` of centred log-prob vectors, fitted from full
+    vectors of a target without weights (an API). Coordinates are the centred vector's
+    projections; a vector is rebuilt as z - logsumexp(z) with z = basis @ coords, exact when
+    the vector lies in the span (every softmax LM's do, with width = hidden size + at most 1).
+    """
+
+    kind = FITTED
+
+    def __init__(self, basis: np.ndarray):
+        self.basis = np.ascontiguousarray(basis, dtype=np.float32)
+        self._torch = torch.from_numpy(self.basis)
+        self.sha256 = hashlib.sha256(
+            np.asarray(self.basis.shape).tobytes() + self.basis.tobytes()
+        ).hexdigest()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.basis.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.basis.shape[1]
+
+    def encoding(self) -> dict:
+        return {
+            "kind": self.kind,
+            "width": self.width,
+            "bias": False,
+            "basis_sha256": self.sha256,
+            "file": FITTED_FILE,
+        }
+
+    def coordinates_of(self, logprobs: np.ndarray) -> np.ndarray:
+        """Float32 coordinates `[..., width]` of full log-prob vectors `[..., vocab]`."""
+        x = torch.from_numpy(np.ascontiguousarray(logprobs, dtype=np.float32))
+        x = x - x.mean(-1, keepdim=True)
+        return (x @ self._torch).numpy()
+
+    def decode(self, coords: np.ndarray) -> np.ndarray:
+        """Float32 log-probs `[..., vocab]` from coordinates `[..., width]`."""
+        flat = torch.from_numpy(np.ascontiguousarray(coords, dtype=np.float32)).reshape(
+            -1, self.width
+        )
+        out = np.empty((len(flat), self.vocab_size), dtype=np.float32)
+        for start in range(0, len(flat), DECODE_ROWS):
+            z = flat[start : start + DECODE_ROWS] @ self._torch.T
+            out[start : start + DECODE_ROWS] = torch.log_softmax(z, -1).numpy()
+        return out.reshape(*coords.shape[:-1], self.vocab_size)
+
+    @classmethod
+    def fit(
+        cls, vectors: np.ndarray, tolerance: float = FIT_TOLERANCE, seed: int = 0
+    ) -> tuple[FittedBasis | None, dict]:
+        """Fit on 3/4 of `vectors` `[n, vocab]` (rank read from the spectrum) and check the
+        other 1/4 rebuilds to `tolerance` nats. Returns (basis or None, a report): None when
+        the vectors do not lie in a low-rank subspace (a defense, a quantised server) or are
+        too few to tell (fewer than about twice the rank)."""
+        from ..models.prefix_lm import fit_subspace
+
+        x = np.asarray(vectors, dtype=np.float32).reshape(-1, np.shape(vectors)[-1])
+        order = np.random.default_rng(seed).permutation(len(x))
+        held = max(len(x) // 4, 1)
+        report: dict = {"calibration_vectors": len(x)}
+        if len(x) < 8:
+            return None, {**report, "reason": "too few calibration vectors"}
+        basis, _, _, sing = fit_subspace(x[order[held:]], 1)
+        fitted = cls(basis)
+        test = x[order[:held]]
+        error = float(np.abs(fitted.decode(fitted.coordinates_of(test)) - test).max())
+        report.update(rank=fitted.width, heldout_max_abs_error=error)
+        if not np.isfinite(error) or error > tolerance:
+            return None, {**report, "reason": f"held-out error {error:.2e} > {tolerance:g}"}
+        return fitted, report
+
+    def save(self, directory) -> None:
+        from pathlib import Path
+
+        np.save(Path(directory) / FITTED_FILE, self.basis)
+
+    @classmethod
+    def load(cls, directory) -> FittedBasis:
+        from pathlib import Path
+
+        return cls(np.load(Path(directory) / FITTED_FILE, allow_pickle=False))
