@@ -109,12 +109,7 @@ def invert_store(
     at a time, with `inverter.invert(**generate)` or the given `invert` (e.g. a re-ranker),
     reading the first `steps` steps (default: as many as the inverter was trained on)."""
     ensure_same_target(inverter, store)
-    steps = steps or inverter.config.steps
-    if steps > store.steps:
-        raise VectorError(
-            f"{steps} steps asked for but {store.path} holds {store.steps} per prompt "
-            f"(collect with --steps {steps})"
-        )
+    steps = steps or inverter.config.steps  # more than the store holds: StoreError
     if invert is None:
 
         def invert(vectors: torch.Tensor) -> list:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..data.collect import collect_vectors
 from ..data.store import DistributionStore
 from ..models.inverter import encode_labels, pad_labels
-from .nearest import nearest_neighbours, observed_steps, sq_distances
+from .nearest import nearest_neighbours, observed_steps, sq_distances, stored_vectors
 
 DEFAULT_BEAMS = 4
 DEFAULT_NEIGHBOURS = 3
@@ -106,10 +106,12 @@ def proposals_with_neighbours(
             f"got {len(near)} rows, the shortest with {min(map(len, near), default=0)}"
         )
     near = [row[:neighbours] for row in near]
-    steps = observed_steps(observed)
-    known = {}
-    if train.steps >= steps:  # else the target scores the neighbours too
-        known = {train.prompts[i]: train.vector(i, steps) for row in near for i in row}
+    rows = [i for row in near for i in row]
+    stored = stored_vectors(train, rows, observed_steps(observed))
+    # Without them (the store holds fewer steps than observed) the target scores them too.
+    known = (
+        {} if stored is None else {train.prompts[i]: v for i, v in zip(rows, stored, strict=True)}
+    )
     candidates = [
         [*p, *(train.prompts[i] for i in row)] for p, row in zip(proposals, near, strict=True)
     ]

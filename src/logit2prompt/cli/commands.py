@@ -259,19 +259,18 @@ def cmd_serve(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from ..data.store import describe_encoding, read_manifest
+    from ..data.store import bytes_per_step, describe_encoding, read_manifest
     from ..models.checkpoint import CONFIG_NAME, FINGERPRINT_NAME, TRAINING_ARGS_NAME, is_checkpoint
     from ..models.retrieval import MEMORY_PROMPTS
 
     path = Path(args.path)
     if not is_checkpoint(path):
         manifest = read_manifest(path)
-        width = int(manifest["encoding"].get("width", manifest["vocab_size"]))
-        itemsize = 4 if manifest["dtype"] == "float32" else 2
+        per_step = bytes_per_step(manifest)
         manifest["summary"] = {
             "format": describe_encoding(manifest["encoding"]),
-            "bytes_per_prompt_step": width * itemsize,
-            "bytes_per_prompt": width * itemsize * int(manifest["steps"]),
+            "bytes_per_prompt_step": per_step,
+            "bytes_per_prompt": per_step * int(manifest["steps"]),
             "fp16_full_bytes_per_prompt_step": int(manifest["vocab_size"]) * 2,
         }
         print(json.dumps(manifest, indent=1))

@@ -74,6 +74,12 @@ def check_finite(vectors: np.ndarray, prompts: Sequence[str]) -> None:
         )
 
 
+def bytes_per_step(manifest: dict) -> int:
+    """Bytes one prompt-step takes in a store's shards, from its manifest."""
+    width = int(manifest["encoding"].get("width", manifest["vocab_size"]))
+    return width * np.dtype(STORE_DTYPES[manifest["dtype"]]).itemsize
+
+
 def describe_encoding(encoding: dict) -> str:
     """'full' or e.g. 'output-layer (576 per step, basis 1a2b3c4d)'."""
     if encoding.get("kind", "full") == "full":
@@ -321,7 +327,7 @@ class DistributionStore:
     @property
     def bytes_per_step(self) -> int:
         """Bytes one prompt-step takes in the shards."""
-        return self.width * np.dtype(STORE_DTYPES[self.manifest["dtype"]]).itemsize
+        return bytes_per_step(self.manifest)
 
     def attach(self, source) -> None:
         """Give a compact store its basis: a `Target` (its fingerprint must match the store's)

@@ -17,6 +17,16 @@ OUTPUT_LAYER = "output-layer"
 DECODE_ROWS = 1024  # rows reconstructed at a time: 1024 x 49k fp32 is 200 MB
 
 
+def decode_rows(coords: np.ndarray, width: int, vocab: int, logprobs) -> np.ndarray:
+    """`logprobs` (float32 coordinate rows -> log-prob rows) over `[..., width]` coordinates,
+    DECODE_ROWS rows at a time; float32 `[..., vocab]`."""
+    flat = torch.from_numpy(np.ascontiguousarray(coords, dtype=np.float32)).reshape(-1, width)
+    out = np.empty((len(flat), vocab), dtype=np.float32)
+    for start in range(0, len(flat), DECODE_ROWS):
+        out[start : start + DECODE_ROWS] = logprobs(flat[start : start + DECODE_ROWS]).numpy()
+    return out.reshape(*coords.shape[:-1], vocab)
+
+
 class OutputBasis:
     """A white-box target's output layer in fp32: coordinates h -> log-probs."""
 
@@ -70,16 +80,8 @@ class OutputBasis:
 
     def decode(self, coords: np.ndarray) -> np.ndarray:
         """Float32 log-probs `[..., vocab]` from stored coordinates `[..., width]`."""
-        flat = torch.from_numpy(np.ascontiguousarray(coords, dtype=np.float32)).reshape(
-            -1, self.width
-        )
-        out = np.empty((len(flat), self.vocab_size), dtype=np.float32)
         with torch.inference_mode():
-            for start in range(0, len(flat), DECODE_ROWS):
-                out[start : start + DECODE_ROWS] = self.logprobs(
-                    flat[start : start + DECODE_ROWS]
-                ).numpy()
-        return out.reshape(*coords.shape[:-1], self.vocab_size)
+            return decode_rows(coords, self.width, self.vocab_size, self.logprobs)
 
 
 FITTED = "fitted"
@@ -128,14 +130,12 @@ class FittedBasis:
 
     def decode(self, coords: np.ndarray) -> np.ndarray:
         """Float32 log-probs `[..., vocab]` from coordinates `[..., width]`."""
-        flat = torch.from_numpy(np.ascontiguousarray(coords, dtype=np.float32)).reshape(
-            -1, self.width
+        return decode_rows(
+            coords,
+            self.width,
+            self.vocab_size,
+            lambda rows: torch.log_softmax(rows @ self._torch.T, -1),
         )
-        out = np.empty((len(flat), self.vocab_size), dtype=np.float32)
-        for start in range(0, len(flat), DECODE_ROWS):
-            z = flat[start : start + DECODE_ROWS] @ self._torch.T
-            out[start : start + DECODE_ROWS] = torch.log_softmax(z, -1).numpy()
-        return out.reshape(*coords.shape[:-1], self.vocab_size)
 
     @classmethod
     def fit(

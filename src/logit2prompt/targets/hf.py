@@ -376,7 +376,6 @@ class HFTarget(Target):
         probe = self.tokenizer("The quick brown fox", add_special_tokens=True)["input_ids"]
         ids = torch.tensor([probe or [self.pad_id]], device=self.device)
         with torch.inference_mode():
-            state = self.model.base_model(input_ids=ids).last_hidden_state[:, -1].float()
             model_fp32 = self.model.float() if self.dtype != "float32" else self.model
             try:
                 reference = torch.log_softmax(model_fp32(input_ids=ids).logits[:, -1].float(), -1)
@@ -385,7 +384,7 @@ class HFTarget(Target):
                 if self.dtype != "float32":
                     self.model.to(DTYPES[self.dtype])
         error = float((basis.logprobs(state32) - reference).abs().max())
-        if not torch.isfinite(state).all() or error > HEAD_CHECK_TOL:
+        if not torch.isfinite(state32).all() or error > HEAD_CHECK_TOL:
             return None
         self._basis = basis
         return basis
