@@ -589,3 +589,122 @@ def test_causal_lm_decoder_learns_to_read_neighbours(tiny_store, tiny_lm_dir, tm
                 one = loaded(flat[i : i + 1], labels, near[i : i + 1], per_example=True)
             assert nll[i][j] == pytest.approx(float(one[0]), rel=1e-4, abs=1e-4)
             assert tokens[i][j] == int((labels != -100).sum())
+
+
+def _lengths_trainer(store, out, tokenizer_dir, **kw) -> Trainer:
+    return Trainer(_cfg(store, out, tokenizer_dir, per_device_batch_size=2, **kw))
+
+
+def test_length_bucketing_keeps_epochs_whole_and_batches_homogeneous(
+    tiny_store, tiny_lm_dir, tmp_path
+):
+    """bucket_lengths: every epoch still visits each example once, in batches of consecutive
+    lengths (no two batches' length ranges interleave), and the order is a pure function of
+    the step (two trainers agree; a later epoch differs)."""
+    trainer = _lengths_trainer(tiny_store, tmp_path / "a", tiny_lm_dir)
+    again = _lengths_trainer(tiny_store, tmp_path / "b", tiny_lm_dir)
+    plain = _lengths_trainer(tiny_store, tmp_path / "c", tiny_lm_dir, bucket_lengths=False)
+    lengths = trainer._example_lengths()
+    per_epoch = trainer.micro_per_epoch
+    assert per_epoch == 4 and len(set(lengths.tolist())) > 2
+    epochs = []
+    for epoch in range(2):
+        batches = [trainer._global_batch(epoch * per_epoch + j) for j in range(per_epoch)]
+        assert sorted(np.concatenate(batches).tolist()) == sorted(trainer.train_idx.tolist())
+        spans = sorted((lengths[b].min(), lengths[b].max()) for b in batches)
+        assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:], strict=False))
+        again_batches = [again._global_batch(epoch * per_epoch + j) for j in range(per_epoch)]
+        assert all((a == b).all() for a, b in zip(batches, again_batches, strict=True))
+        epochs.append(np.concatenate(batches).tolist())
+    assert epochs[0] != epochs[1]
+    # Without bucketing the same examples come in the seeded permutation's order.
+    unsorted = np.concatenate([plain._global_batch(j) for j in range(per_epoch)])
+    assert sorted(unsorted.tolist()) == sorted(epochs[0])
+
+
+def test_lora_decoder_trains_adapters_only_resumes_and_round_trips(
+    tiny_store, tiny_lm_dir, tmp_path
+):
+    """lora_rank: the decoder's own weights stay exactly as loaded and get no optimizer
+    state; the adapters and the prefix MLP learn; a killed run resumes to the uninterrupted
+    result (training time carried over); the checkpoint loads without peft's help."""
+    from safetensors.torch import load_file
+
+    kw = dict(
+        preset="prefix-lm",
+        output_tokenizer=None,
+        lora_rank=4,
+        max_steps=20,
+        save_every=10,
+        overrides={"max_length": 24, "prefix_length": 4, "embed_hidden": 64},
+    )
+    straight_trainer = Trainer(_cfg(tiny_store, tmp_path / "a", tiny_lm_dir, **kw))
+    model = straight_trainer.model
+    base = {n: p.detach().clone() for n, p in model.lm.named_parameters() if "lora_" not in n}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("lm.") is ("lora_" in n) for n in trainable)
+    straight = straight_trainer.run()
+    for n, p in straight.lm.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base[n]), n
+    assert any(p.abs().sum() > 0 for n, p in straight.lm.named_parameters() if "lora_B" in n), (
+        "the adapters never moved off their zero start"
+    )
+    state = straight_trainer.optimizer.state
+    assert len(state) == len(trainable)
+
+    class Killed(Exception):
+        pass
+
+    interrupted = Trainer(_cfg(tiny_store, tmp_path / "b", tiny_lm_dir, **kw))
+    real_save = interrupted.save_checkpoint
+
+    def save_then_die():
+        real_save()
+        raise Killed
+
+    interrupted.save_checkpoint = save_then_die
+    with pytest.raises(Killed):
+        interrupted.run()
+    saved = json.loads(
+        (tmp_path / "b" / "checkpoints" / "step-10" / "trainer_state.json").read_text()
+    )
+    assert saved["train_seconds"] > 0
+    with pytest.raises(CheckpointError, match="lora_rank 4 there, 8 here"):
+        Trainer(_cfg(tiny_store, tmp_path / "b", tiny_lm_dir, **{**kw, "lora_rank": 8})).run(
+            resume=True
+        )
+    # A checkpoint from before these fields existed recorded neither: it trained every decoder
+    # weight on unsorted batches, and resuming it with today's defaults is refused by name.
+    args_file = tmp_path / "b" / "checkpoints" / "step-10" / "training_args.json"
+    recorded = json.loads(args_file.read_text())
+    legacy = {k: v for k, v in recorded.items() if k not in ("lora_rank", "bucket_lengths")}
+    args_file.write_text(json.dumps(legacy))
+    with pytest.raises(CheckpointError, match="lora_rank 0 there, 4 here.*bucket_lengths False"):
+        Trainer(_cfg(tiny_store, tmp_path / "b", tiny_lm_dir, **kw)).run(resume=True)
+    args_file.write_text(json.dumps(recorded))
+    resumed_trainer = Trainer(_cfg(tiny_store, tmp_path / "b", tiny_lm_dir, **kw))
+    resumed = resumed_trainer.run(resume=True)
+    assert resumed_trainer.train_seconds > saved["train_seconds"]
+    for (name, p), q in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
+        assert torch.allclose(p, q, atol=1e-6), name
+    weights = load_file(tmp_path / "a" / "model.safetensors")
+    assert any("lora_A" in k for k in weights)
+    loaded = Inverter.from_pretrained(tmp_path / "a")
+    assert loaded.config.lora_rank == 4
+    store = DistributionStore(tiny_store)
+    x = torch.from_numpy(store.vectors(range(4)))
+    assert loaded.invert(x, num_beams=2) == straight.invert(x, num_beams=2)
+
+
+def test_max_minutes_counts_training_steps_only(tiny_store, tiny_lm_dir, tmp_path):
+    """A spent time budget stops the run after the step that spent it; the validation
+    history records the training minutes, not the wall clock."""
+    cfg = _cfg(tiny_store, tmp_path / "m", tiny_lm_dir, max_minutes=0.0, val_data=str(tiny_store))
+    trainer = Trainer(cfg)
+    trainer.run()
+    assert trainer.step == 1 and is_trained(tmp_path / "m")
+    (entry,) = trainer.history
+    assert 0 < entry["train_minutes"] * 60 <= trainer.train_seconds + 1e-9

@@ -137,6 +137,10 @@ class PrefixLMConfig(InverterConfig):
     prefix_length: int = 16  # pseudo-tokens in all, at the trained number of steps
     subspace_dim: int = 0  # filled by the trainer from the training vectors' rank
     step_tokens: int = 0  # pseudo-tokens per step (0: prefix_length // steps, at least 1)
+    # LoRA adapters (peft) on every projection of the decoder, whose own weights then stay
+    # frozen: no weight gradients or optimizer state for them (0: train every weight).
+    lora_rank: int = 0
+    lora_alpha: float = 0.0  # adapter scale alpha / rank (0: 2 x rank)
 
     @property
     def tokens_per_step(self) -> int:

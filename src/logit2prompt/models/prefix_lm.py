@@ -34,6 +34,8 @@ from .config import PrefixLMConfig
 from .inverter import Inverter
 
 DECODER_CONFIG_NAME = "decoder_config.json"  # architecture of the decoder LM (no download)
+# The decoder's projections that get LoRA adapters (Llama-style names; peft matches suffixes).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 # The centred vectors of a softmax LM span hidden-size directions; beyond them the spectrum is
@@ -98,6 +100,23 @@ def load_causal_lm(init: str | None, config: dict | None = None):
         raise CheckpointError(f"cannot load the decoder LM {init!r}: {exc}") from exc
 
 
+def add_adapters(lm, rank: int, alpha: float) -> None:
+    """Freeze every weight of `lm` and inject LoRA adapters (peft) of `rank` into its
+    projections, in place: `lm` stays the same module, so the code that calls it is unchanged
+    and the adapters' weights are ordinary entries of the state dict."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = [t for t in LORA_TARGETS if any(n.endswith(t) for n, _ in lm.named_modules())]
+    if not targets:
+        raise CheckpointError(
+            f"lora_rank {rank}: the decoder {type(lm).__name__} has none of the projections "
+            f"{', '.join(LORA_TARGETS)}; train it without adapters (lora_rank 0)"
+        )
+    lm.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, target_modules=targets)
+    inject_adapter_in_model(config, lm)  # leaves only the adapters trainable
+
+
 def positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids that skip padding, as `generate` derives them from the attention mask:
     a left-padded context then reads the same positions in training and in generation."""
@@ -149,6 +168,8 @@ class PrefixLMInverter(Inverter):
                 f"the output tokenizer has {len(self.tokenizer)} tokens but the decoder LM "
                 f"embeds {vocab.shape[0]}; use the decoder's own tokenizer"
             )
+        if config.lora_rank:
+            add_adapters(self.lm, config.lora_rank, config.lora_alpha)
         gen = self.lm.generation_config
         gen.pad_token_id, gen.eos_token_id = config.pad_token_id, config.eos_token_id
         gen.bos_token_id = None

@@ -36,8 +36,9 @@ from .methods import FALLBACK, RERANKED, MethodContext, run_methods
 
 logger = logging.getLogger(__name__)
 
-# Sized for about 20 minutes on a 2-core CPU at scale 1 (see README for measured times): a
-# prefix-lm step of 16 examples with 2 neighbours takes ~10 s there, a `small` T5 step of 32 ~1 s.
+# Sized for about 20 minutes on a 2-core CPU at scale 1 (see README for measured times) when a
+# prefix-lm step of 16 examples with 2 neighbours took ~10 s; LoRA and length bucketing
+# (benchmarks/train_efficiency.py) make it several times faster. A `small` T5 step of 32: ~1 s.
 BASE_TRAIN_PROMPTS = 4000
 BASE_STEPS = {"prefix-lm": 60}
 BASE_STEPS_T5 = 600

@@ -37,7 +37,15 @@ class TrainConfig:
         metadata={"help": "prefix-lm: the decoder's causal LM (default: the target's own weights)"},
     )
     decoder_lr: float = field(
-        default=1e-4, metadata={"help": "prefix-lm: the decoder's learning rate"}
+        default=1e-4,
+        metadata={"help": "prefix-lm: the decoder's own weights' learning rate (--lora-rank 0)"},
+    )
+    lora_rank: int = field(
+        default=16,
+        metadata={
+            "help": "prefix-lm: LoRA adapters of this rank on a frozen decoder, trained at --lr "
+            "(0: train every decoder weight at --decoder-lr)"
+        },
     )
     steps: int | None = field(
         default=None,
@@ -64,6 +72,13 @@ class TrainConfig:
     defense: str | None = field(
         default=None, metadata={"help": "defense spec applied to every vector (adaptive attacker)"}
     )
+    bucket_lengths: bool = field(
+        default=True,
+        metadata={
+            "help": "sort each window of batches by token count, so a batch carries little "
+            "padding (the order of batches stays random)"
+        },
+    )
     per_device_batch_size: int = field(
         default=32, metadata={"help": "examples per process per micro-batch"}
     )
@@ -72,8 +87,9 @@ class TrainConfig:
     max_minutes: float | None = field(
         default=None,
         metadata={
-            "help": "also stop after this many minutes of training in this run (a time "
-            "budget; the final checkpoint is written as at max_steps)"
+            "help": "also stop after this many minutes of training steps in this run (a time "
+            "budget; validation and checkpoints not counted; the final checkpoint is written "
+            "as at max_steps)"
         },
     )
     lr: float = field(default=1e-3, metadata={"help": "learning rate"})
@@ -115,11 +131,13 @@ RECIPE_FIELDS = (
     "t5_init",
     "decoder_init",
     "decoder_lr",
+    "lora_rank",
     "neighbours",
     "neighbour_copy",
     "output_tokenizer",
     "init_from",
     "defense",
+    "bucket_lengths",
     "lr",
     "weight_decay",
     "warmup_steps",
@@ -128,6 +146,10 @@ RECIPE_FIELDS = (
     "seed",
     "overrides",
 )
+
+
+# What checkpoints written before a recipe field existed did (they do not record it).
+RECIPE_DEFAULTS_BEFORE = {"lora_rank": 0, "bucket_lengths": False}
 
 
 def resolve_mixed_precision(choice: str) -> str:

@@ -33,7 +33,7 @@ from ..models.config import CAUSAL, PRESETS, InverterConfig
 from ..models.inverter import Inverter, encode_labels, pad_labels
 from ..models.prefix_lm import fit_subspace
 from ..targets.embedded import target_weights
-from .config import RECIPE_FIELDS, TrainConfig, resolve_mixed_precision
+from .config import RECIPE_DEFAULTS_BEFORE, RECIPE_FIELDS, TrainConfig, resolve_mixed_precision
 
 CHECKPOINT_DIR = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
@@ -47,6 +47,9 @@ MULTI_STEP_POSITIONS = 64
 # Rows (prompt-steps) the statistics and the subspace are fitted on at most: with K steps a
 # prompt gives K rows, and the subspace's Gram matrix is rows x rows.
 STATS_ROWS = 4096
+# Global batches sorted by length together (`bucket_lengths`): wide enough that batches of
+# similar length exist, narrow enough that the epoch's order stays well mixed.
+BUCKET_WINDOW = 64
 
 
 def _output_tokenizer(cfg: TrainConfig, store: DistributionStore):
@@ -155,19 +158,26 @@ class Trainer:
         )
         self.scheduler = _schedule(self.optimizer, cfg)
         self.neighbour_rows: list[list[int]] | None = None  # retrieval-augmented only
+        self._lengths: np.ndarray | None = None  # per example, for bucket_lengths
         self.step = 0
         self.history: list[dict] = []
+        # Seconds spent in optimizer steps over all runs of this output (resumes included);
+        # validation and checkpoints are not counted: the x-axis of learning curves.
+        self.train_seconds = 0.0
 
     def _param_groups(self) -> list[dict]:
-        """A pretrained causal decoder learns at `decoder_lr`; everything else at `lr`."""
+        """A pretrained causal decoder's own weights learn at `decoder_lr`; everything else
+        (adapters included) at `lr`; frozen weights get no optimizer state."""
         model = self.model
         if not model.causal:
             return [{"params": list(model.parameters())}]
-        lm = {id(p) for p in model.lm.parameters()}
-        return [
-            {"params": [p for p in model.parameters() if id(p) not in lm]},
-            {"params": list(model.lm.parameters()), "lr": self.cfg.decoder_lr},
+        lm = {id(p) for n, p in model.lm.named_parameters() if "lora_" not in n}
+        trained = [p for p in model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in trained if id(p) not in lm]},
+            {"params": [p for p in trained if id(p) in lm], "lr": self.cfg.decoder_lr},
         ]
+        return [g for g in groups if g["params"]]
 
     def _new_model(self, fingerprint) -> Inverter:
         cfg = self.cfg
@@ -176,7 +186,7 @@ class Trainer:
             raise StoreError(f"--t5-init does not apply to preset {cfg.preset!r} (no T5 in it)")
         # A causal LM copies from its context by attention: no copy head, no T5 to start from.
         family = (
-            {}
+            {"lora_rank": cfg.lora_rank}
             if causal
             else {
                 "t5_init": cfg.t5_init,
@@ -254,7 +264,36 @@ class Trainer:
     def _global_batch(self, micro_index: int) -> np.ndarray:
         epoch, j = divmod(micro_index, self.micro_per_epoch)
         perm = np.random.default_rng(self.cfg.seed + epoch).permutation(self.train_idx)
+        if self.cfg.bucket_lengths:
+            perm = self._bucketed(perm, epoch)
         return perm[j * self.global_micro : (j + 1) * self.global_micro]
+
+    def _bucketed(self, perm: np.ndarray, epoch: int) -> np.ndarray:
+        """The epoch's permutation with each window of BUCKET_WINDOW global batches sorted by
+        token count and its batches shuffled: same examples per window, little padding per
+        batch, still a pure function of (seed, epoch)."""
+        lengths = self._example_lengths()
+        gm = self.global_micro
+        usable = self.micro_per_epoch * gm
+        out = perm.copy()
+        rng = np.random.default_rng([self.cfg.seed, epoch])
+        for start in range(0, usable, gm * BUCKET_WINDOW):
+            window = perm[start : min(start + gm * BUCKET_WINDOW, usable)]
+            batches = window[np.argsort(lengths[window], kind="stable")].reshape(-1, gm)
+            out[start : start + len(window)] = batches[rng.permutation(len(batches))].ravel()
+        return out
+
+    def _example_lengths(self) -> np.ndarray:
+        """Tokens the decoder reads per training example beyond its fixed prefix: the prompt's
+        labels and, retrieval-augmented, its neighbours' (the memory holds the training
+        store's own prompts, so a neighbour's length is its label length)."""
+        if self._lengths is None:
+            lengths = np.array([len(ids) for ids in self.labels], dtype=np.int64)
+            if self.neighbour_rows is not None:
+                extra = [lengths[list(rows)].sum() for rows in self.neighbour_rows]
+                lengths = lengths + np.array(extra, dtype=np.int64)
+            self._lengths = lengths
+        return self._lengths
 
     def _batch_tensors(self, indices: np.ndarray, device) -> tuple:
         """The model's inputs for these store indices: (vectors, labels[, neighbour ids])."""
@@ -340,6 +379,7 @@ class Trainer:
                 "history": self.history,
                 "global_batch": self.global_micro * self.cfg.grad_accum,
                 "train_prompts": len(self.train_idx),
+                "train_seconds": self.train_seconds,
             }
             (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
             shutil.rmtree(path, ignore_errors=True)
@@ -372,6 +412,7 @@ class Trainer:
             torch.cuda.set_rng_state(rng["cuda"])
         self.step = int(state["step"])
         self.history = state.get("history", [])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
 
     def ensure_same_recipe(self, path: Path, state: dict) -> None:
         """CheckpointError naming each difference if the checkpoint at `path` was written by a
@@ -379,6 +420,7 @@ class Trainer:
         would silently train a mixture of two recipes."""
         saved = json.loads((path / "training_args.json").read_text())
         now = asdict(self.cfg)
+        saved = {**RECIPE_DEFAULTS_BEFORE, **saved}
         diffs = [
             f"{k} {saved[k]!r} there, {now[k]!r} here"
             for k in RECIPE_FIELDS
@@ -480,12 +522,12 @@ class Trainer:
             self.build_memory()
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
 
-    def _out_of_time(self, t0: float) -> bool:
-        """Whether this run has spent `max_minutes` (every process agrees: the main one's
-        clock decides)."""
+    def _out_of_time(self, spent: float) -> bool:
+        """Whether this run has spent `max_minutes` in training steps (every process agrees:
+        the main one's clock decides)."""
         if self.cfg.max_minutes is None:
             return False
-        over = float(time.perf_counter() - t0 >= 60 * self.cfg.max_minutes)
+        over = float(spent >= 60 * self.cfg.max_minutes)
         spent = torch.tensor(over, device=self.accelerator.device)
         return bool(self.accelerator.reduce(spent, "max").item())
 
@@ -508,21 +550,25 @@ class Trainer:
             dynamic_ncols=True,
         )
         self.model.train()
-        t0, examples = time.perf_counter(), 0
+        spent, examples = 0.0, 0  # this run's training seconds and examples
         last = False
         while self.step < cfg.max_steps and not last:
+            t0 = time.perf_counter()
             loss_sum, total_tokens, grad_norm = self.train_step()
+            seconds = time.perf_counter() - t0
+            spent += seconds
+            self.train_seconds += seconds
             self.step += 1
             examples += self.global_micro * cfg.grad_accum
             bar.update(1)
-            last = self.step == cfg.max_steps or self._out_of_time(t0)
+            last = self.step == cfg.max_steps or self._out_of_time(spent)
             if self.step % cfg.log_every == 0 or last:
                 train_loss = (acc.reduce(loss_sum, "sum") / total_tokens).item()
                 logs = {
                     "train_loss": train_loss,
                     "lr": self.scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm),
-                    "examples_per_s": examples / (time.perf_counter() - t0),
+                    "examples_per_s": examples / spent,
                 }
                 acc.log(logs, step=self.step)
                 bar.set_postfix(loss=f"{train_loss:.3f}")
@@ -530,7 +576,11 @@ class Trainer:
                 if acc.is_main_process:
                     metrics = self.evaluate()
                     self.history.append(
-                        {"step": self.step, **{k: v for k, v in metrics.items() if k != "examples"}}
+                        {
+                            "step": self.step,
+                            "train_minutes": self.train_seconds / 60,
+                            **{k: v for k, v in metrics.items() if k != "examples"},
+                        }
                     )
                     acc.log({k: v for k, v in metrics.items() if k != "examples"}, step=self.step)
                     bar.write(
