@@ -95,6 +95,7 @@ def probe(args, recipe: str) -> None:
 
     cfg = config(args, recipe)
     out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(
         TrainConfig(**{**asdict(cfg), "out": str(out / "calibrate"), "val_data": None})
     )

@@ -47,6 +47,23 @@ def _cfg(store, out, tokenizer_dir, **kw) -> TrainConfig:
     return tiny_train_config(store, out, tokenizer_dir, **kw)
 
 
+def killed_after_first_checkpoint(trainer: Trainer) -> None:
+    """Run `trainer` as a job killed right after writing its first checkpoint."""
+
+    class Killed(Exception):
+        pass
+
+    real_save = trainer.save_checkpoint
+
+    def save_then_die():
+        real_save()
+        raise Killed
+
+    trainer.save_checkpoint = save_then_die
+    with pytest.raises(Killed):
+        trainer.run()
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_store, tiny_lm_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("inv") / "model"
@@ -145,19 +162,9 @@ def test_beams_and_sampling_return_several(trained, tiny_store):
 def test_resume_matches_uninterrupted(tiny_store, tiny_lm_dir, tmp_path):
     straight = Trainer(_cfg(tiny_store, tmp_path / "a", tiny_lm_dir, save_every=10)).run()
 
-    class Killed(Exception):
-        pass
-
-    interrupted = Trainer(_cfg(tiny_store, tmp_path / "b", tiny_lm_dir, save_every=10))
-    real_save = interrupted.save_checkpoint
-
-    def save_then_die():
-        real_save()
-        raise Killed
-
-    interrupted.save_checkpoint = save_then_die
-    with pytest.raises(Killed):
-        interrupted.run()
+    killed_after_first_checkpoint(
+        Trainer(_cfg(tiny_store, tmp_path / "b", tiny_lm_dir, save_every=10))
+    )
     assert (tmp_path / "b" / "checkpoints" / "step-10").is_dir()
     # Another recipe is refused before it touches the checkpoint, naming the difference.
     other = Trainer(_cfg(tiny_store, tmp_path / "b", tiny_lm_dir, save_every=10, lr=3e-4))
@@ -653,19 +660,7 @@ def test_lora_decoder_trains_adapters_only_resumes_and_round_trips(
     state = straight_trainer.optimizer.state
     assert len(state) == len(trainable)
 
-    class Killed(Exception):
-        pass
-
-    interrupted = Trainer(_cfg(tiny_store, tmp_path / "b", tiny_lm_dir, **kw))
-    real_save = interrupted.save_checkpoint
-
-    def save_then_die():
-        real_save()
-        raise Killed
-
-    interrupted.save_checkpoint = save_then_die
-    with pytest.raises(Killed):
-        interrupted.run()
+    killed_after_first_checkpoint(Trainer(_cfg(tiny_store, tmp_path / "b", tiny_lm_dir, **kw)))
     saved = json.loads(
         (tmp_path / "b" / "checkpoints" / "step-10" / "trainer_state.json").read_text()
     )
