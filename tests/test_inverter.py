@@ -170,6 +170,13 @@ def test_resume_matches_uninterrupted(tiny_store, tiny_lm_dir, tmp_path):
     other = Trainer(_cfg(tiny_store, tmp_path / "b", tiny_lm_dir, save_every=10, lr=3e-4))
     with pytest.raises(CheckpointError, match=r"lr 0\.003 there, 0\.0003 here"):
         other.run(resume=True)
+    # --lora-rank means nothing to a T5 inverter: not a difference.
+    lora_only = _cfg(tiny_store, tmp_path / "b", tiny_lm_dir, save_every=10, lora_rank=0)
+    t5 = Trainer(lora_only)
+    t5.ensure_same_recipe(
+        tmp_path / "b" / "checkpoints" / "step-10",
+        json.loads((tmp_path / "b" / "checkpoints" / "step-10" / "trainer_state.json").read_text()),
+    )
     bigger = _cfg(tiny_store, tmp_path / "b", tiny_lm_dir, save_every=10, grad_accum=2)
     with pytest.raises(CheckpointError, match="global batch"):
         Trainer(bigger).run(resume=True)

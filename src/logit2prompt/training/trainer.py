@@ -421,9 +421,11 @@ class Trainer:
         saved = json.loads((path / "training_args.json").read_text())
         now = asdict(self.cfg)
         saved = {**RECIPE_DEFAULTS_BEFORE, **saved}
+        # LoRA adapts a causal decoder; a T5 inverter has none, whatever the flag says.
+        fields = [k for k in RECIPE_FIELDS if self.model.causal or k != "lora_rank"]
         diffs = [
             f"{k} {saved[k]!r} there, {now[k]!r} here"
-            for k in RECIPE_FIELDS
+            for k in fields
             if k in saved and saved[k] != now[k]
         ]
         mine = {
