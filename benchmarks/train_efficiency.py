@@ -7,10 +7,11 @@ Two recipes of the retrieval-augmented prefix-lm (2 neighbours) on the same trai
 `today` (the settings of the quality runs: every decoder weight trained at 1e-4, batch 16, no
 length bucketing) and `new` (`train`'s defaults as they are now). Each trains for `--minutes` of
 training-step time on this machine's threads (validation not counted), its cosine schedule
-calibrated to end there, validating every ~tenth of the budget. Each recipe trains in its own
-child process, which also reports its peak RSS, the FLOPs of one training step
-(`torch.utils.flop_counter`, forward + backward) and this machine's matmul peak at the model's
-shapes (fp32 and bf16, measured here), hence the fraction of the peak the step uses.
+calibrated to end there, validating every ~tenth of the budget. Per recipe, a probe process
+times and counts the FLOPs of the run's first batches (`torch.utils.flop_counter`, forward +
+backward) and measures this machine's matmul peak at the model's shapes (fp32 and bf16), hence
+the fraction of the peak the step uses; the training runs in a process of its own, which
+reports its peak RSS.
 
 Then: the minutes `new` needs to reach `today`'s final validation loss (interpolated between
 validations) and the ratio to `today`'s budget; each model's greedy BLEU / token F1 / exact on a
