@@ -18,12 +18,22 @@ same GGUF and recovers a sample of entries (the server's reported top 20 plus ra
 checked against the top log-probs that server reports directly. llama.cpp's quantised kernels
 differ from transformers' dequantised fp32, so its numbers are compared with its own.
 
+Part 3 (`--subset`) asks only for a token subset S of hidden size + 100 = 676 tokens
+(targets/subset.py): queries and seconds per step at top-5 and top-20 after the bias and with
+`force` before it, max |error| of the S observations vs white-box, and of full vectors rebuilt
+from S through the white-box output layer (`--basis-from`); `probe-api`'s hidden-size reading
+from API answers alone; and the end-to-end check: an inverter trained white-box on S
+(`--checkpoint`) applied to `--e2e-prompts` test prompts collected through the server vs the
+same prompts' white-box observations. `--subset-only` keeps parts 1 and 2 from the last run.
+
 Writes benchmarks/results/api_recovery.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import math
 import random
 import sys
@@ -188,6 +198,171 @@ def run_llamacpp(args, white, tmp) -> dict:
         }
 
 
+SUBSET_SETTINGS = [
+    ("after, top-5", ["--max-top-logprobs", "5"]),
+    ("after, top-20", ["--max-top-logprobs", "20"]),
+    ("before, top-5", ["--max-top-logprobs", "5", "--logprobs-mode", "before"]),
+]
+
+
+@contextlib.contextmanager
+def serving(flags):
+    port = free_port()
+    cmd = [sys.executable, "-m", "logit2prompt.cli.main", "serve", "--port", str(port)]
+    cmd += ["--model-name", DEFAULT_TARGET, *flags]
+    url = f"http://127.0.0.1:{port}/v1"
+    with server_process(cmd, url + "/models", timeout=300):
+        yield url
+
+
+def api_target(url, white, cache, args) -> OpenAITarget:
+    return OpenAITarget(
+        url,
+        DEFAULT_TARGET,
+        tokenizer=white.tokenizer,
+        cache_path=cache,
+        concurrency=args.concurrency,
+        progress=False,
+    )
+
+
+def run_subset(label, flags, args, white, subset, prompts, tmp) -> dict:
+    """S observations and full reconstructions through one exposure setting."""
+    basis = white.output_basis()
+    with serving(flags) as url:
+        target = api_target(url, white, Path(tmp) / f"subset-{label}.sqlite", args)
+        strategy, k = target.probe()
+        truth = white.next_token_logprobs(prompts)
+        start, sent = time.perf_counter(), target.sent
+        obs = target.observe_subset(prompts, subset)[:, 0]
+        seconds = time.perf_counter() - start
+        queries = target.sent - sent
+        obs_err = float(abs(obs - subset.observe(truth).numpy()).max())
+        target.use_basis(basis, subset)
+        start, sent = time.perf_counter(), target.sent
+        full = target.next_token_logprobs(prompts)  # S from the cache; the check tokens asked
+        full_seconds = seconds + time.perf_counter() - start
+        full_queries = queries + target.sent - sent
+        report = dict(target.subset_report)
+    return {
+        "setting": label,
+        "strategy": strategy,
+        "top_k": k,
+        "subset_tokens": subset.size,
+        "queries_per_step": queries / len(prompts),
+        "seconds_per_step": seconds / len(prompts),
+        "full_queries_per_distribution": target.query_cost(strategy, k),
+        "max_abs_err_subset": obs_err,
+        "reconstruction_queries_per_step": full_queries / len(prompts),
+        "reconstruction_seconds_per_step": full_seconds / len(prompts),
+        "max_abs_err_full": float((full - truth).abs().max()),
+        "kl_full": max(kl(t, f) for t, f in zip(truth, full, strict=True)),
+        "reconstruction": report,
+        "prompts": len(prompts),
+    }
+
+
+def run_probe(args, white, tmp) -> dict:
+    from logit2prompt.targets.api.probe import probe_endpoint
+
+    with serving(["--max-top-logprobs", "20"]) as url:
+        target = api_target(url, white, Path(tmp) / "probe.sqlite", args)
+        start = time.perf_counter()
+        report = probe_endpoint(target, plot=RESULTS / "api_probe.png")
+        report["seconds"] = time.perf_counter() - start
+    report["plot"] = "benchmarks/results/api_probe.png"
+    report["hidden_size_white_box"] = white.output_basis().width
+    return report
+
+
+def run_e2e(args, white, subset, tmp) -> dict:
+    """The white-box-trained subset inverter on API-collected vs white-box observations."""
+    from logit2prompt.data.store import DistributionStore
+    from logit2prompt.evaluation.metrics import paired_gain, score
+    from logit2prompt.models.inverter import Inverter
+
+    model = Inverter.from_pretrained(args.checkpoint)
+    if model.token_subset != subset:
+        raise SystemExit(f"{args.checkpoint} does not read the benchmark's token subset")
+    store = DistributionStore(args.test)
+    idx = sorted(random.Random(0).sample(range(len(store)), args.e2e_prompts))
+    prompts = [store.prompts[i] for i in idx]
+    white_obs = store.observations(idx, 1, subset)
+    with serving(["--max-top-logprobs", "5"]) as url:
+        target = api_target(url, white, Path(tmp) / "e2e.sqlite", args)
+        start, sent = time.perf_counter(), target.sent
+        api_obs = target.observe_subset(prompts, subset)
+        seconds, queries = time.perf_counter() - start, target.sent - sent
+    white_pred = model.invert(white_obs, batch_size=32)
+    api_pred = model.invert(api_obs, batch_size=32)
+    white_score, api_score = score(white_pred, prompts), score(api_pred, prompts)
+    lo, hi = white_score["bleu"]["ci95"]
+    return {
+        "checkpoint": args.checkpoint,
+        "test_store": args.test,
+        "prompts": len(prompts),
+        "api_setting": "after, top-5",
+        "queries_per_prompt": queries / len(prompts),
+        "seconds_per_prompt": seconds / len(prompts),
+        "max_abs_err_subset": float(abs(api_obs - white_obs).max()),
+        "identical_predictions": sum(a == w for a, w in zip(api_pred, white_pred, strict=True)),
+        "white_box": white_score,
+        "api": api_score,
+        "api_minus_white_box": paired_gain(api_pred, white_pred, prompts),
+        "api_bleu_within_white_box_ci": lo <= api_score["bleu"]["mean"] <= hi,
+    }
+
+
+def subset_part(args, white) -> dict:
+    from logit2prompt.targets.subset import TokenSubset, default_subset_size
+
+    size = default_subset_size(white.output_basis().width)
+    subset = TokenSubset.choose(white.tokenizer, white.vocab_size, size, seed=0)
+    out: dict = {"subset": subset.describe(), "rows": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, flags in SUBSET_SETTINGS:
+            print(f"== subset: {label}", flush=True)
+            out["rows"].append(
+                run_subset(label, flags, args, white, subset, PROMPTS[: args.prompts], tmp)
+            )
+        print("== probe", flush=True)
+        out["probe"] = run_probe(args, white, tmp)
+        if args.checkpoint:
+            print("== end to end", flush=True)
+            out["end_to_end"] = run_e2e(args, white, subset, tmp)
+    return out
+
+
+def print_subset(part: dict) -> None:
+    print(
+        f"\ntoken subset {part['subset']}\n{'setting':16} {'strategy':10} {'k':>3} "
+        f"{'queries/step':>12} {'full':>7} {'s/step':>7} {'max|err| S':>10} "
+        f"{'max|err| full':>13} {'fallbacks':>9}"
+    )
+    for r in part["rows"]:
+        print(
+            f"{r['setting']:16} {r['strategy']:10} {r['top_k']:3d} "
+            f"{r['queries_per_step']:12.0f} {r['full_queries_per_distribution']:7d} "
+            f"{r['seconds_per_step']:7.2f} {r['max_abs_err_subset']:10.2e} "
+            f"{r['max_abs_err_full']:13.2e} {r['reconstruction']['fallbacks']:9d}"
+        )
+    hs = part["probe"]["hidden_size"]
+    print(
+        f"probe: hidden size {hs['estimate']} (white-box {part['probe']['hidden_size_white_box']}"
+        f"; drop {hs['drop_at_rank']:.3g}x; {hs['queries']} queries, "
+        f"{part['probe']['seconds']:.0f} s)"
+    )
+    e2e = part.get("end_to_end")
+    if e2e:
+        w, a, g = e2e["white_box"], e2e["api"], e2e["api_minus_white_box"]
+        print(
+            f"end to end ({e2e['prompts']} prompts): white-box BLEU {w['bleu']['mean']:.1f} "
+            f"{w['bleu']['ci95']}, API {a['bleu']['mean']:.1f} {a['bleu']['ci95']}, paired "
+            f"{g['bleu']['mean']:+.2f} {g['bleu']['ci95']}; identical predictions "
+            f"{e2e['identical_predictions']}/{e2e['prompts']}"
+        )
+
+
 def fmt(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
@@ -200,8 +375,26 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="labels of settings to run")
     parser.add_argument("--llamacpp-python", default=None, help="python with llama-cpp-python")
     parser.add_argument("--llamacpp-sample", type=int, default=300)
+    parser.add_argument("--subset", action="store_true", help="part 3: token-subset queries")
+    parser.add_argument("--subset-only", action="store_true", help="keep parts 1-2 from file")
+    parser.add_argument("--checkpoint", default=None, help="a subset inverter (end to end)")
+    parser.add_argument("--test", default="runs/steps/test", help="test store (end to end)")
+    parser.add_argument("--e2e-prompts", type=int, default=200)
     args = parser.parse_args()
     white = load_target(DEFAULT_TARGET, mode="user")
+    out = RESULTS / "api_recovery.json"
+    if args.subset_only:
+        previous = json.loads(out.read_text())
+        part = subset_part(args, white)
+        print_subset(part)
+        previous["subset"] = part
+        command = previous.pop("command")
+        command = command.split() if isinstance(command, str) else command
+        previous["machine_parts_1_2"] = previous.pop("machine", None)
+        previous["subset_command"] = ["python", *sys.argv]
+        write_results(out, previous, command=command)
+        print(f"wrote {out}")
+        return
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for label, flags, full in SETTINGS:
@@ -232,7 +425,9 @@ def main() -> None:
             f"{llama['max_abs_err_vs_reported']:.2e}; median |recovered - transformers| "
             f"{llama['median_abs_diff_vs_transformers']:.3f}; unresolved {llama['unresolved']}"
         )
-    out = RESULTS / "api_recovery.json"
+    part = subset_part(args, white) if args.subset else None
+    if part:
+        print_subset(part)
     write_results(
         out,
         {
@@ -240,6 +435,7 @@ def main() -> None:
             "bisection_steps": math.ceil(math.log2(100 / 1e-3)),
             "settings": results,
             "llamacpp": llama,
+            **({"subset": part} if part else {}),
         },
         command=["python", *sys.argv],
     )

@@ -433,3 +433,150 @@ def test_blind_server_shows_no_logprobs_anywhere(blind_server):
         model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2, temperature=0
     )
     assert r.choices[0].logprobs is None and r.choices[0].message.content is not None
+
+
+# ----------------------------------------------------------------------------- token subsets
+@pytest.fixture(scope="module")
+def noisy_server(tiny_lm_dir):
+    args = ("--max-top-logprobs", "5", "--defense", "noise:gauss:0.05")
+    with running_server(tiny_lm_dir, *args) as url:
+        yield url
+
+
+def _subset(white_box, size=52, seed=0):
+    from logit2prompt.targets.subset import TokenSubset
+
+    return TokenSubset.choose(white_box.tokenizer, white_box.vocab_size, size, seed)
+
+
+@pytest.mark.parametrize(
+    ("server", "strategy"), [("after_server", "bias-block"), ("before_server", "force")]
+)
+def test_subset_observations_through_http(server, strategy, white_box, tmp_path, request):
+    url = request.getfixturevalue(server)
+    target = api_target(url, white_box, tmp_path, concurrency=4)
+    subset = _subset(white_box)
+    assert target.probe() == (strategy, 5)
+    before = target.sent
+    got = target.observe_subset(PROMPTS, subset)
+    expected = subset.observe(white_box.next_token_logprobs(PROMPTS)).numpy()
+    assert got.shape == (len(PROMPTS), 1, subset.size)
+    assert abs(got[:, 0] - expected).max() <= 1e-3
+    # Only S is asked for: ~|S|/(k-1) queries with bias-block (+1 for the reference), |S|
+    # with force; the full vector costs V/(k-1) or V.
+    per_prompt = (target.sent - before) / len(PROMPTS)
+    bound = {"bias-block": 1 + math.ceil(subset.size / 4), "force": subset.size}[strategy]
+    assert per_prompt <= bound < target.query_cost(strategy, 5) / 5
+    other = _subset(white_box, seed=1)
+    foreign = type(other)(other.ids, other.vocab_size, "another-tokenizer", 1)
+    with pytest.raises(TargetError, match="another tokenizer"):
+        target.observe_subset(PROMPTS, foreign)
+
+
+def test_full_vectors_from_a_subset_with_a_white_box_basis(after_server, white_box, tmp_path):
+    target = api_target(after_server, white_box, tmp_path, concurrency=4)
+    target.use_basis(white_box.output_basis(), _subset(white_box))
+    before = target.sent
+    got = target.next_token_logprobs(PROMPTS)
+    expected = white_box.next_token_logprobs(PROMPTS)
+    assert (got - expected).abs().max() <= 1e-3
+    report = target.subset_report
+    assert report["reconstructed"] == len(PROMPTS) and report["fallbacks"] == 0
+    assert report["max_check_error"] <= 1e-3
+    assert (target.sent - before) / len(PROMPTS) <= 1 + math.ceil((52 + 4) / 4)
+
+
+def test_reconstruction_falls_back_when_the_check_fails(
+    after_server, noisy_server, white_box, tmp_path, tiny_lm_dir
+):
+    from logit2prompt.targets.basis import OutputBasis
+
+    # Another model's basis (same tokenizer): the check outside the subset fails, and the
+    # exact strategy answers instead.
+    wrong = white_box.output_basis()
+    wrong = OutputBasis(wrong.weight + 0.05 * torch.randn_like(wrong.weight))
+    target = api_target(after_server, white_box, tmp_path, concurrency=4)
+    target.use_basis(wrong, _subset(white_box))
+    got = target.next_token_logprobs(PROMPTS[:1])
+    expected = white_box.next_token_logprobs(PROMPTS[:1])
+    assert (got - expected).abs().max() <= 1e-3
+    assert target.subset_report["fallbacks"] == 1 and target.subset_report["reconstructed"] == 0
+    # A noisy endpoint fails it too: never a wrong distribution returned as if exact.
+    noisy = api_target(noisy_server, white_box, tmp_path / "n", concurrency=4)
+    noisy.use_basis(white_box.output_basis(), _subset(white_box))
+    noisy.next_token_logprobs(PROMPTS[:1])
+    assert noisy.subset_report["fallbacks"] == 1
+    assert noisy.subset_report["max_check_error"] > 1e-3
+
+
+def test_subset_store_through_the_api_feeds_a_white_box_trained_inverter(
+    after_server, white_box, tiny_lm_dir, tmp_path, capsys
+):
+    from logit2prompt.attacks.invert import invert_store
+    from logit2prompt.cli.main import main
+    from logit2prompt.data.collect import collect
+    from logit2prompt.data.corpus import Corpus, PromptRecord
+    from logit2prompt.data.store import DistributionStore
+    from logit2prompt.errors import StoreError
+    from logit2prompt.models.inverter import Inverter
+    from logit2prompt.training.trainer import Trainer
+
+    from .conftest import FIXTURE_PROMPTS, tiny_train_config
+
+    prompts = FIXTURE_PROMPTS[:8]
+    corpus = Corpus([PromptRecord(p) for p in prompts], source="fixture")
+    white = tmp_path / "white"
+    collect(white_box, corpus, str(white), fmt="subset", subset_size=52, steps=1, progress=False)
+    model_dir = tmp_path / "inv"
+    cfg = tiny_train_config(white, model_dir, tiny_lm_dir, max_steps=300)
+    Trainer(cfg).run()
+    model = Inverter.from_pretrained(model_dir)
+    corpus_file = tmp_path / "prompts.jsonl"
+    corpus_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    out = tmp_path / "api-store"
+    args = ["collect", "--target", f"openai:{after_server}:{MODEL}", "--tokenizer"]
+    args += [str(tiny_lm_dir), "--prompts", str(corpus_file), "--out", str(out)]
+    assert main([*args, "--format", "subset", "--subset-size", "52", "--no-progress"]) == 0
+    api = DistributionStore(out)
+    assert api.fingerprint.dtype == "api" and api.subset == model.token_subset
+    collection = api.manifest["collection"]
+    assert collection["strategy"] == "bias-block" and collection["queries_sent"] > 0
+    white_store = DistributionStore(white)
+    idx = [white_store.prompts.index(p) for p in api.prompts]
+    assert abs(api.coordinates(range(len(api))) - white_store.coordinates(idx)).max() <= 1e-3
+    assert invert_store(model, api, progress=False) == api.prompts
+    # Full vectors of an API subset store need a basis: refused by name, then attached.
+    with pytest.raises(StoreError, match="--basis-from"):
+        api.vectors([0])
+    api.attach(white_box.output_basis())
+    full = white_box.next_token_logprobs(api.prompts[:2]).numpy()
+    assert abs(api.vectors([0, 1])[:, 0] - full).max() <= 1e-3
+    # The same prompts through invert --data, from the command line.
+    assert (
+        main(["invert", "--checkpoint", str(model_dir), "--data", str(out), "--no-progress"]) == 0
+    )
+    shown = capsys.readouterr().out
+    assert all(p in shown for p in prompts)
+
+
+def test_probe_reads_the_hidden_size_from_api_answers(white_box, tmp_path, tiny_lm_dir):
+    from logit2prompt.targets.api.probe import probe_endpoint
+
+    with running_server(tiny_lm_dir, "--max-top-logprobs", "20") as url:
+        target = api_target(url, white_box, tmp_path, concurrency=4)
+        report = probe_endpoint(target, prompts=48, tokens=48, plot=tmp_path / "sv.png")
+    assert report["hidden_size"]["estimate"] == 32  # the tiny model's hidden size
+    assert report["exposes"]["top_k"] == 20 and report["strategy"] == "bias-block"
+    costs = report["query_cost_per_step"]
+    assert costs["subset_tokens"] == 132
+    assert costs["bias-block"]["subset"] == 1 + math.ceil(131 / 19)
+    assert costs["force"]["full"] == white_box.vocab_size
+    assert (tmp_path / "sv.png").stat().st_size > 1000
+
+
+def test_probe_finds_no_rank_behind_noise(noisy_server, white_box, tmp_path):
+    from logit2prompt.targets.api.probe import probe_endpoint
+
+    target = api_target(noisy_server, white_box, tmp_path, concurrency=4)
+    report = probe_endpoint(target, prompts=48, tokens=48)
+    assert report["hidden_size"]["estimate"] is None

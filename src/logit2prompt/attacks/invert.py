@@ -88,7 +88,8 @@ def save_vectors(path: str | Path, vectors: np.ndarray, fingerprint: TargetFinge
 
 def ensure_same_target(inverter: Inverter, store: DistributionStore) -> None:
     """VectorError naming both targets if `store` was not collected from the inverter's."""
-    diffs = inverter.fingerprint.differences(store.fingerprint) if inverter.fingerprint else []
+    fp = inverter.fingerprint
+    diffs = fp.reading_differences(store.fingerprint) if fp else []
     if diffs:
         raise VectorError(
             f"{store.path} was collected from {store.fingerprint.describe()} but the inverter "
@@ -115,7 +116,8 @@ def invert_store(
         def invert(vectors: torch.Tensor) -> list:
             return inverter.invert(vectors, batch_size=batch_size, steps=steps, **generate)
 
-    batches = (vectors for _, _, vectors in store.batches(batch_size, steps=steps))
+    subset = inverter.token_subset
+    batches = (v for _, _, v in store.batches(batch_size, steps=steps, subset=subset))
     return invert_batches(invert, batches, len(store), progress)
 
 

@@ -217,6 +217,14 @@ def add_target_args(p: argparse.ArgumentParser, *, full: bool = True) -> None:
     api.add_argument("--api-top-k", type=int, default=None, help="top log-probs to ask for")
     api.add_argument("--api-concurrency", type=int, default=8, help="(default: %(default)s)")
     api.add_argument("--api-rate-limit", type=float, default=None, help="requests per second")
+    api.add_argument(
+        "--basis-from",
+        default=None,
+        metavar="TARGET",
+        help="a white-box copy of the endpoint's model (e.g. smollm2-135m-instruct): full vectors "
+        "are rebuilt from a token subset through its output layer (~d/(k-1) queries instead of "
+        "V/(k-1)), checked on tokens outside the subset, else recovered exactly",
+    )
 
 
 def add_corpus_args(

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..data.corpus import resolve_corpus
+from ..errors import TargetError
 from .args import config_from_args
 
 if TYPE_CHECKING:  # annotations only: each command imports what it runs when it runs
@@ -40,9 +41,21 @@ def load_cli_target(args, device: str | None = None):
             progress=not getattr(args, "no_progress", False),
         )
         strategy, k = target.probe()
+        cost = target.query_cost(strategy, k)
+        if getattr(args, "basis_from", None):
+            from ..targets.subset import TokenSubset, default_subset_size
+
+            basis = load_target(args.basis_from, mode="raw", dtype="float32").output_basis()
+            if basis is None:
+                raise TargetError(f"{args.basis_from!r} exposes no output-layer basis")
+            size = getattr(args, "subset_size", None) or default_subset_size(basis.width)
+            seed = getattr(args, "subset_seed", 0)
+            subset = TokenSubset.choose(target.tokenizer, target.vocab_size, size, seed)
+            target.use_basis(basis, subset)
+            cost = target.query_cost(strategy, k, subset.size + len(target.check_ids))
         print(
             f"API target {target.base_url} ({target.model}): strategy {strategy}, top-{k}, "
-            f"{target.query_cost(strategy, k)} queries per distribution",
+            f"{cost} queries per distribution",
             file=sys.stderr,
         )
         return target
@@ -108,6 +121,8 @@ def cmd_collect(args) -> None:
         split=args.split,
         steps=args.steps,
         fmt=args.format,
+        subset_size=args.subset_size,
+        subset_seed=args.subset_seed,
         store_dtype=args.store_dtype,
         shard_size=args.shard_size,
         batch_size=args.batch_size,
@@ -229,6 +244,20 @@ def cmd_train_text(args) -> None:
         progress=not args.no_progress,
     )
     print(f"wrote {args.out}")
+
+
+def cmd_probe_api(args) -> None:
+    from ..targets.api.probe import format_probe, probe_endpoint
+
+    if not args.target.startswith("openai:"):
+        raise TargetError("probe-api reads an endpoint: --target openai:BASE_URL:MODEL")
+    target = load_cli_target(args)
+    sizes = {"prompts": args.probe_prompts, "tokens": args.probe_tokens}
+    sizes = {k: v for k, v in sizes.items() if v is not None}
+    report = probe_endpoint(target, seed=args.seed, plot=args.plot, **sizes)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    print(format_probe(report))
 
 
 def cmd_serve(args) -> None:

@@ -32,6 +32,7 @@ from .commands import (
     cmd_defend_sweep,
     cmd_evaluate,
     cmd_info,
+    cmd_probe_api,
     cmd_quickstart,
     cmd_serve,
     cmd_train,
@@ -51,6 +52,7 @@ __all__ = [
     "cmd_defend_sweep",
     "cmd_evaluate",
     "cmd_info",
+    "cmd_probe_api",
     "cmd_invert",
     "cmd_quickstart",
     "cmd_serve",
@@ -163,7 +165,7 @@ def _with_store(args, inverter, steps: int):
     train = DistributionStore(args.rerank_with or args.fallback_to)
     ensure_same_target(inverter, train)
     method = get_method("rerank" if args.rerank_with else "fallback")
-    shape = (steps, inverter.config.vocab_size)
+    shape = (steps, inverter.config.input_width)
     target = None
     if "target" in method.needs:
         target = target_for(inverter, device=args.device, batch_size=args.batch_size)
@@ -239,6 +241,10 @@ EXAMPLES = {
     "serve": [
         "logit2prompt serve --max-top-logprobs 5 --logprobs-mode after --port 8000",
         'logit2prompt serve --defense "topk:20" --api-key-env SERVE_KEY --host 0.0.0.0',
+    ],
+    "probe-api": [
+        "logit2prompt probe-api --target openai:http://127.0.0.1:8000/v1:smollm2-135m-instruct \\",
+        "    --plot probe.png --json probe.json",
     ],
     "info": [
         "logit2prompt info stores/train",
@@ -336,7 +342,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="compact: fp32 coordinates in the target's output-layer basis (hidden size per "
         "step, lossless, ~42x smaller than fp16 full vectors); full: every log-prob; auto "
-        "(default): compact where it is lossless (a white-box target without a defense)",
+        "(default): compact where it is lossless (a white-box target without a defense); subset: "
+        "the centred log-probs of a seeded token subset (what an API gives in ~|S|/(k-1) "
+        "queries; an inverter trained with --subset-size reads it)",
+    )
+    p.add_argument(
+        "--subset-size",
+        type=int,
+        default=None,
+        help="--format subset: tokens in the subset (default: the hidden size + 100, read off a "
+        "white-box target; required for an API target)",
+    )
+    p.add_argument(
+        "--subset-seed", type=int, default=0, help="seed that draws the subset (default: 0)"
     )
     p.add_argument(
         "--store-dtype",
@@ -436,6 +454,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens-limit", type=int, default=256)
     p.add_argument("--max-in-flight", type=int, default=16, help="more concurrent requests: 429")
     p.set_defaults(system_prompt=None, batch_size=1)
+
+    p = _command(
+        sub,
+        "probe-api",
+        "what an OpenAI-compatible endpoint exposes, its hidden size, and query costs",
+        cmd_probe_api,
+    )
+    add_target_args(p)
+    p.add_argument(
+        "--probe-prompts",
+        type=int,
+        default=None,
+        help="random prompts observed; must exceed the hidden size (default: 768)",
+    )
+    p.add_argument(
+        "--probe-tokens",
+        type=int,
+        default=None,
+        help="tokens observed per prompt; must exceed the hidden size (default: 1024)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="draws the prompts and tokens")
+    p.add_argument("--plot", default=None, help="write the singular values as a PNG here")
+    p.add_argument("--json", default=None, help="write the full report (JSON) here")
+    add_progress_arg(p)
 
     p = _command(
         sub, "info", "print a store's manifest or an inverter checkpoint's summary", cmd_info

@@ -69,7 +69,7 @@ def choose_basis(target: Target, fmt: str):
     subspace, so they are stored full."""
     if fmt not in FORMATS:
         raise TargetError(f"unknown store format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if fmt == "full":
+    if fmt in ("full", "subset"):
         return None
     if target.fingerprint.defense:
         if fmt == "compact":
@@ -111,6 +111,49 @@ def fit_basis(target: Target, corpus: Corpus, out: str, steps: int, fmt: str, ba
     return basis
 
 
+def store_subset(target: Target, out: str, size: int | None, seed: int):
+    """The token subset a `--format subset` store observes: the one a store being resumed
+    records, else `size` tokens (default: the hidden size + SUBSET_MARGIN, read off a
+    white-box target's output layer) drawn with `seed`."""
+    from ..targets.subset import TokenSubset, default_subset_size
+    from .store import MANIFEST, read_manifest
+
+    if (Path(out) / MANIFEST).is_file():
+        encoding = read_manifest(out)["encoding"]
+        if encoding.get("kind") == "subset":
+            return TokenSubset.from_encoding(encoding)
+    if target.fingerprint.defense:
+        raise TargetError(
+            f"{target.fingerprint.describe()} has a defense ({target.fingerprint.defense}), "
+            "which moves its vectors off the model's subspace: a token subset would not "
+            "determine them; use --format full"
+        )
+    if size is None:
+        basis = getattr(target, "output_basis", lambda: None)()
+        if basis is None:
+            raise TargetError(
+                "--format subset needs --subset-size for a target without weights (the "
+                "hidden size + 100; `logit2prompt probe-api` estimates the hidden size)"
+            )
+        size = default_subset_size(basis.width)
+    return TokenSubset.choose(target.tokenizer, target.vocab_size, size, seed)
+
+
+def observe(target: Target, texts: list[str], steps: int, batch_size: int, subset) -> np.ndarray:
+    """Subset observations `[n, steps, |S|]`: an API target asks for S alone, a white-box
+    one computes them from its hidden states (or full vectors)."""
+    from ..targets.subset import observe_coordinates
+
+    ask = getattr(target, "observe_subset", None)
+    if ask is not None:
+        return ask(texts, subset, steps=steps)
+    basis = getattr(target, "output_basis", lambda: None)()
+    if basis is not None and hasattr(target, "forward_ids"):
+        coords = collect_vectors(target, texts, steps, batch_size, compact=True)
+        return observe_coordinates(basis, coords, subset)
+    return subset.observe(collect_vectors(target, texts, steps, batch_size))
+
+
 def collect(
     target: Target,
     corpus: Corpus,
@@ -119,6 +162,8 @@ def collect(
     split: str = "all",
     steps: int | None = None,
     fmt: str = "auto",
+    subset_size: int | None = None,
+    subset_seed: int = 0,
     store_dtype: str | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     batch_size: int = 32,
@@ -139,12 +184,13 @@ def collect(
     # A float16 store asked for by name is a full one (coordinates need float32).
     fmt = "full" if fmt == "auto" and store_dtype == "float16" else fmt
     basis = choose_basis(target, fmt)
+    subset = store_subset(target, out, subset_size, subset_seed) if fmt == "subset" else None
     # A target without weights gets a basis fitted by the main process (see fit_basis).
-    fitted = basis is None and fmt != "full" and not target.fingerprint.defense
+    fitted = basis is None and fmt not in ("full", "subset") and not target.fingerprint.defense
     corpus, over_context = drop_over_context(target, corpus, steps)
     if fitted and process_index == 0:
         basis = fit_basis(target, corpus, out, steps, fmt, batch_size)
-    if basis is not None and store_dtype not in (None, "float32"):
+    if (basis is not None or subset is not None) and store_dtype not in (None, "float32"):
         raise TargetError(
             f"a compact store keeps float32 coordinates (float16 would lose ~1e-2 nats); "
             f"drop --store-dtype {store_dtype} or use --format full"
@@ -153,8 +199,18 @@ def collect(
     def plan_for(basis) -> StorePlan:
         return StorePlan(
             fingerprint=target.fingerprint,
-            encoding=basis.encoding() if basis is not None else dict(FULL),
-            dtype="float32" if basis is not None else (store_dtype or DEFAULT_STORE_DTYPE),
+            encoding=(
+                subset.encoding()
+                if subset is not None
+                else basis.encoding()
+                if basis is not None
+                else dict(FULL)
+            ),
+            dtype=(
+                "float32"
+                if basis is not None or subset is not None
+                else (store_dtype or DEFAULT_STORE_DTYPE)
+            ),
             steps=steps,
             shard_size=shard_size,
             num_prompts=len(corpus),
@@ -200,7 +256,9 @@ def collect(
         rows = writer.shard_range(k)
         records = corpus.records[rows.start : rows.stop]
         texts = [r.text for r in records]
-        if basis is not None and basis.kind == "fitted":
+        if subset is not None:
+            vectors = observe(target, texts, steps, batch_size, subset)
+        elif basis is not None and basis.kind == "fitted":
             vectors = basis.coordinates_of(collect_vectors(target, texts, steps, batch_size))
         else:
             vectors = collect_vectors(target, texts, steps, batch_size, compact=basis is not None)
@@ -211,6 +269,8 @@ def collect(
     seconds = time.perf_counter() - start
     sync()
     if process_index == 0:
+        report = getattr(target, "collection_report", None)
+        plan.collection = report() if report is not None else {}
         writer.finalise()
     return CollectResult(
         str(out),

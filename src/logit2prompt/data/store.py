@@ -34,7 +34,7 @@ from ..targets.base import TargetFingerprint
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1: full vectors only, no `encoding` in the manifest
 FULL = {"kind": "full"}
-FORMATS = ("auto", "compact", "full")
+FORMATS = ("auto", "compact", "full", "subset")
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -84,6 +84,9 @@ def describe_encoding(encoding: dict) -> str:
     """'full' or e.g. 'output-layer (576 per step, basis 1a2b3c4d)'."""
     if encoding.get("kind", "full") == "full":
         return "full"
+    if encoding["kind"] == "subset":
+        sha = str(encoding.get("subset_sha256", ""))[:8]
+        return f"subset ({encoding.get('width')} tokens per step, subset {sha})"
     sha = str(encoding.get("basis_sha256", ""))[:8]
     return f"{encoding['kind']} ({encoding.get('width')} per step, basis {sha})"
 
@@ -100,6 +103,7 @@ class StorePlan:
     corpus: dict  # source, sha256, split, counts, dropped
     encoding: dict = field(default_factory=lambda: dict(FULL))  # or a basis's encoding()
     basis: object = field(default=None, repr=False, compare=False)  # a fitted one is saved
+    collection: dict = field(default_factory=dict, compare=False)  # how it was asked for
 
     @property
     def width(self) -> int:
@@ -120,6 +124,7 @@ class StorePlan:
             "num_shards": self.num_shards,
             "corpus": self.corpus,
             "complete": complete,
+            **({"collection": self.collection} if self.collection else {}),
         }
 
     @property
@@ -273,6 +278,7 @@ class DistributionStore:
         self.encoding: dict = self.manifest["encoding"]
         self.width = int(self.encoding.get("width", self.vocab_size))
         self._basis = None
+        self._subset = None
         self.prompts: list[str] = []
         self.meta: list[dict] = []
         self._shard_of: list[tuple[int, int]] = []  # global index -> (shard, row)
@@ -329,15 +335,27 @@ class DistributionStore:
         """Bytes one prompt-step takes in the shards."""
         return bytes_per_step(self.manifest)
 
+    @property
+    def subset(self):
+        """The `TokenSubset` a subset store observes (None for full and compact stores)."""
+        from ..targets.subset import subset_of_store_or_config
+
+        if self._subset is None:
+            self._subset = subset_of_store_or_config(self.encoding)
+        return self._subset
+
     def attach(self, source) -> None:
         """Give a compact store its basis: a `Target` (its fingerprint must match the store's)
-        or an `OutputBasis`. StoreError naming the difference when it is not this store's."""
+        or a basis (`OutputBasis`, `FittedBasis`). StoreError naming the difference when it
+        is not this store's. A subset store takes any basis of its vocabulary (an API store
+        the white-box weights of the same model: `--basis-from`); rebuilding then checks each
+        observation's residual on the subset, which another model's basis fails."""
         if not self.compact:
             return
         basis = source
         if hasattr(source, "fingerprint"):
             diffs = self.fingerprint.differences(source.fingerprint)
-            if diffs:
+            if diffs and self.subset is None:
                 raise StoreError(
                     f"{self.path} was collected from {self.fingerprint.describe()}, not "
                     f"{source.fingerprint.describe()}: {'; '.join(diffs)}"
@@ -348,6 +366,14 @@ class DistributionStore:
                     f"{self.path} is compact ({describe_encoding(self.encoding)}) but "
                     f"{source.fingerprint.describe()} exposes no output-layer basis"
                 )
+        if self.subset is not None:
+            from ..targets.subset import SubsetDecoder
+
+            try:
+                self._basis = SubsetDecoder(self.subset, basis)
+            except VectorError as exc:
+                raise StoreError(f"{self.path}: {exc}") from exc
+            return
         theirs = basis.encoding()
         if theirs != self.encoding:
             raise StoreError(
@@ -369,9 +395,16 @@ class DistributionStore:
             except (OSError, ValueError) as exc:
                 raise StoreError(f"{self.path}: its fitted basis is unreadable: {exc}") from exc
         if self._basis is None and self.compact:
+            fp = self.fingerprint
+            if fp.dtype == "api":
+                raise StoreError(
+                    f"{self.path} holds {describe_encoding(self.encoding)} collected through "
+                    f"an API ({fp.name}): its full vectors need a basis of that model's "
+                    "vectors (attach the white-box target, `--basis-from`). An inverter "
+                    "trained on the same token subset reads it as it is"
+                )
             from ..targets import load_target
 
-            fp = self.fingerprint
             try:
                 target = load_target(fp.name, mode="raw", dtype=fp.dtype)
             except Exception as exc:  # noqa: BLE001 - any load failure gets the same advice
@@ -414,7 +447,36 @@ class DistributionStore:
         """Float32 log-probs `[len(indices), steps, vocab]` of the first `steps` steps (all
         by default), rebuilt from the basis when the store is compact."""
         stored = self.coordinates(indices, steps)
-        return self.basis.decode(stored) if self.compact else stored
+        if not self.compact:
+            return stored
+        if self.subset is not None:
+            try:
+                return self.basis.decode(stored)[0]
+            except VectorError as exc:
+                raise StoreError(f"{self.path}: {exc}") from exc
+        return self.basis.decode(stored)
+
+    def observations(
+        self, indices: Sequence[int], steps: int | None = None, subset=None
+    ) -> np.ndarray:
+        """What an inverter reads: float32 `[len(indices), steps, width]`. With a
+        `TokenSubset`, its observations (a subset store's own, refused unless it is the same
+        subset; otherwise read off full or compact vectors); without, full vectors."""
+        if subset is None:
+            return self.vectors(indices, steps)
+        if self.subset is not None:
+            diffs = self.subset.differences(subset)
+            if diffs:
+                raise StoreError(
+                    f"{self.path} observes {self.subset.describe()} but the reader needs "
+                    f"{subset.describe()}: {'; '.join(diffs)}"
+                )
+            return self.coordinates(indices, steps)
+        if self.compact:
+            from ..targets.subset import observe_coordinates
+
+            return observe_coordinates(self.basis, self.coordinates(indices, steps), subset)
+        return subset.observe(self.vectors(indices, steps))
 
     def indices(self, split: str | None = None) -> list[int]:
         """Indices of one split (recorded per prompt at collection), or all."""
@@ -430,12 +492,13 @@ class DistributionStore:
         shuffle: bool = False,
         seed: int = 0,
         steps: int | None = None,
+        subset=None,
     ) -> Iterator[tuple[list[int], list[str], np.ndarray]]:
-        """Yield (indices, prompts, float32 vectors of the first `steps` steps) batches;
-        memory stays one batch."""
+        """Yield (indices, prompts, float32 vectors of the first `steps` steps) batches
+        (observations of `subset` when given: see `observations`); memory stays one batch."""
         order = np.asarray(indices if indices is not None else range(len(self)))
         if shuffle:
             order = np.random.default_rng(seed).permutation(order)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size].tolist()
-            yield idx, [self.prompts[i] for i in idx], self.vectors(idx, steps)
+            yield idx, [self.prompts[i] for i in idx], self.observations(idx, steps, subset)

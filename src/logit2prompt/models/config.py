@@ -42,10 +42,19 @@ class InverterConfig:
     neighbours: int = 0
     neighbour_dims: int = 1024  # count-sketch width of the neighbour memory's keys
     decoder: str = T5  # which architecture: set by the subclass, recorded in checkpoints
+    # Token-subset observations (targets/subset.py): the recorded subset (ids included) whose
+    # centred log-probs it reads instead of whole vectors, so that it can be applied to what
+    # an API gives in ~|S|/(k-1) queries per step. None: whole vectors.
+    subset: dict | None = None
+
+    @property
+    def input_width(self) -> int:
+        """Entries it reads per step: the subset's size, or the vocabulary."""
+        return int(self.subset["width"]) if self.subset else self.vocab_size
 
     @property
     def dim(self) -> int:
-        return self.steps * self.vocab_size
+        return self.steps * self.input_width
 
     @property
     def max_steps(self) -> int:
@@ -117,7 +126,7 @@ class T5InverterConfig(InverterConfig):
 
     @property
     def chunks_per_step(self) -> int:
-        return num_chunks(self.vocab_size, self.chunk_width)
+        return num_chunks(self.input_width, self.chunk_width)
 
     @property
     def seq_len(self) -> int:

@@ -158,23 +158,45 @@ class Inverter(nn.Module):
 
     def steps_of(self, vectors: torch.Tensor) -> int:
         """How many steps a flat `[B, k * vocab]` batch holds."""
-        return vectors.shape[-1] // self.config.vocab_size
+        return vectors.shape[-1] // self.config.input_width
+
+    @property
+    def token_subset(self):
+        """The `TokenSubset` it observes (None: whole vectors)."""
+        if not self.config.subset:
+            return None
+        if getattr(self, "_token_subset", None) is None:
+            from ..targets.subset import TokenSubset
+
+            self._token_subset = TokenSubset.from_encoding(self.config.subset)
+        return self._token_subset
 
     # ------------------------------------------------------------------ inversion
     def as_batch(self, logprobs, steps: int | None = None) -> torch.Tensor:
-        """Validated float32 `[B, k * vocab]` from `[vocab]`, `[B, vocab]` or `[B, S, vocab]`:
-        the first k = `steps` steps (default: as many as it was trained on). VectorError on
-        a wrong vocabulary, too few steps, or NaN/inf."""
+        """Validated float32 `[B, k * width]` from `[vocab]`, `[B, vocab]` or `[B, S, vocab]`:
+        the first k = `steps` steps (default: as many as it was trained on). An inverter that
+        reads a token subset takes whole vectors (it reads the subset off them) or subset
+        observations `[..., |S|]`. VectorError on a wrong vocabulary, too few steps, or
+        NaN/inf."""
         x = torch.as_tensor(np.asarray(logprobs) if not torch.is_tensor(logprobs) else logprobs)
         vocab = self.config.vocab_size
         described = self.fingerprint.describe() if self.fingerprint else "its training target"
         if x.dim() in (1, 2):
             x = x.reshape(-1, 1, x.shape[-1]) if x.dim() == 2 else x.reshape(1, 1, -1)
-        if x.dim() != 3 or x.shape[-1] != vocab:
+        subset = self.token_subset
+        widths = (vocab,) if subset is None else (vocab, subset.size)
+        if x.dim() != 3 or x.shape[-1] not in widths:
+            also = "" if subset is None else f" or [batch, steps, {subset.size}] (its subset)"
             raise VectorError(
                 f"log-prob vectors of shape {tuple(x.shape)} do not fit this inverter, which "
-                f"reads [batch, steps, {vocab}] from {described}"
+                f"reads [batch, steps, {vocab}]{also} from {described}"
             )
+        if subset is not None:
+            from ..targets.subset import centre
+
+            # Centring a subset observation again changes nothing; NaN/inf stay and are caught.
+            x = subset.observe(x.float()) if x.shape[-1] == vocab else centre(x)
+            vocab = subset.size
         k = self.config.steps if steps is None else int(steps)
         if k < 1 or k > self.config.max_steps:
             raise VectorError(
@@ -197,7 +219,7 @@ class Inverter(nn.Module):
         """VectorError naming both targets if vectors from `fingerprint` are not this
         inverter's (nothing to check when either is unknown)."""
         if fingerprint is not None and self.fingerprint is not None:
-            diffs = self.fingerprint.differences(fingerprint)
+            diffs = self.fingerprint.reading_differences(fingerprint)
             if diffs:
                 raise VectorError(
                     f"these vectors come from {fingerprint.describe()} but the inverter was "

@@ -185,7 +185,7 @@ class PrefixLMInverter(Inverter):
             # trained on stay zero, so test-time extension reads them as plain steps.
             self.step_embedding = nn.Parameter(torch.zeros(config.step_positions, hidden))
         # One basis for every step: all steps' log-probs lie in the same subspace.
-        self.register_buffer("basis", torch.zeros(config.vocab_size, config.subspace_dim))
+        self.register_buffer("basis", torch.zeros(config.input_width, config.subspace_dim))
         self.register_buffer("feature_mean", torch.zeros(config.subspace_dim))
         self.register_buffer("feature_std", torch.ones(config.subspace_dim))
         # Prefix vectors get the mean norm of the LM's token embeddings: inputs of the size

@@ -182,8 +182,8 @@ class T5Inverter(Inverter):
         if config.step_positions:
             self.step_embedding = nn.Parameter(torch.zeros(config.step_positions, config.d_model))
         # Statistics per vocabulary entry, shared by all steps (so any number of steps reads).
-        self.register_buffer("feature_mean", torch.zeros(config.vocab_size))
-        self.register_buffer("feature_std", torch.ones(config.vocab_size))
+        self.register_buffer("feature_mean", torch.zeros(config.input_width))
+        self.register_buffer("feature_std", torch.ones(config.input_width))
         if config.neighbours:
             # Which neighbour (by rank) a prompt token belongs to, added to its embedding.
             self.neighbour_rank = nn.Parameter(torch.zeros(config.neighbours, config.d_model))

@@ -53,6 +53,16 @@ class TargetFingerprint:
                 out.append(f"{f.name}: {sa!r} vs {sb!r}")
         return out
 
+    def reading_differences(self, data: TargetFingerprint) -> list[str]:
+        """Why an inverter trained on this target cannot read vectors of `data`. Strict
+        (`differences`), except that an API target's fingerprint cannot name its weights: there
+        the tokenizer, vocabulary, prompt mode and defense must match, and that the endpoint
+        serves the same model is the caller's claim (a white-box basis checks it: subset.py)."""
+        if (self.dtype == "api") == (data.dtype == "api"):
+            return self.differences(data)
+        keep = ("tokenizer_sha256", "vocab_size", "mode", "defense")
+        return [d for d in self.differences(data) if d.split(":")[0] in keep]
+
     def describe(self) -> str:
         return f"{self.name} [{self.mode}, {self.dtype}, vocab {self.vocab_size}, id {self.id}]"
 

@@ -66,6 +66,10 @@ class OutputBasis:
             "basis_sha256": self.sha256,
         }
 
+    def linear(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(L [vocab, width], b [vocab] or None) with log-probs = log_softmax(L.h + b)."""
+        return self.weight, self.bias
+
     def logprobs(self, state: torch.Tensor) -> torch.Tensor:
         """Float32 log-probs `[..., vocab]` of final hidden states `[..., width]`."""
         w = self.weight.to(state.device)
@@ -121,6 +125,10 @@ class FittedBasis:
             "basis_sha256": self.sha256,
             "file": FITTED_FILE,
         }
+
+    def linear(self) -> tuple[torch.Tensor, None]:
+        """(L [vocab, width], None) with log-probs = log_softmax(L.a)."""
+        return self._torch, None
 
     def coordinates_of(self, logprobs: np.ndarray) -> np.ndarray:
         """Float32 coordinates `[..., width]` of full log-prob vectors `[..., vocab]`."""

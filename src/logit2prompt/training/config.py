@@ -72,6 +72,16 @@ class TrainConfig:
     defense: str | None = field(
         default=None, metadata={"help": "defense spec applied to every vector (adaptive attacker)"}
     )
+    subset_size: int = field(
+        default=0,
+        metadata={
+            "help": "read the centred log-probs of a seeded subset of this many tokens instead "
+            "of whole vectors, so the inverter applies to what an API gives in ~N/(k-1) queries "
+            "per step (the hidden size + 100 is lossless: 676 for the default target; 0: whole "
+            "vectors; a `collect --format subset` store brings its own)"
+        },
+    )
+    subset_seed: int = field(default=0, metadata={"help": "seed that draws --subset-size tokens"})
     bucket_lengths: bool = field(
         default=True,
         metadata={
@@ -138,6 +148,8 @@ RECIPE_FIELDS = (
     "init_from",
     "defense",
     "bucket_lengths",
+    "subset_size",
+    "subset_seed",
     "lr",
     "weight_decay",
     "warmup_steps",
@@ -149,7 +161,12 @@ RECIPE_FIELDS = (
 
 
 # What checkpoints written before a recipe field existed did (they do not record it).
-RECIPE_DEFAULTS_BEFORE = {"lora_rank": 0, "bucket_lengths": False}
+RECIPE_DEFAULTS_BEFORE = {
+    "lora_rank": 0,
+    "bucket_lengths": False,
+    "subset_size": 0,
+    "subset_seed": 0,
+}
 
 
 def resolve_mixed_precision(choice: str) -> str:

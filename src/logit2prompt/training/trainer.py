@@ -134,6 +134,7 @@ class Trainer:
                 f"{self.steps}"
             )
         self.defense = parse_defense(cfg.defense)
+        self.subset = self._token_subset()
         fingerprint = self.store.fingerprint
         self._subspace = None  # a causal decoder's subspace, fitted once when the model is built
         if self.defense:
@@ -164,6 +165,44 @@ class Trainer:
         # Seconds spent in optimizer steps over all runs of this output (resumes included);
         # validation and checkpoints are not counted: the x-axis of learning curves.
         self.train_seconds = 0.0
+
+    def _token_subset(self):
+        """The token subset the inverter reads (None: whole vectors): a subset store's own,
+        or `subset_size` tokens of the target's tokenizer drawn with `subset_seed`."""
+        cfg, store = self.cfg, self.store
+        if store.subset is not None:
+            if cfg.subset_size not in (0, store.subset.size):
+                raise StoreError(
+                    f"{cfg.data} observes a subset of {store.subset.size} tokens; "
+                    f"--subset-size {cfg.subset_size} cannot be read from it"
+                )
+            subset = store.subset
+        elif cfg.subset_size:
+            from ..targets.hf import hash_tokenizer
+            from ..targets.subset import TokenSubset
+
+            tokenizer = _load_tokenizer(target_weights(store.fingerprint.name))
+            if hash_tokenizer(tokenizer) != store.fingerprint.tokenizer_sha256:
+                raise StoreError(
+                    f"the tokenizer of {store.fingerprint.name!r} is not the one {cfg.data} "
+                    "was collected with; a token subset cannot be drawn from it"
+                )
+            subset = TokenSubset.choose(
+                tokenizer, store.vocab_size, cfg.subset_size, cfg.subset_seed
+            )
+        else:
+            return None
+        if self.defense:
+            raise StoreError(
+                "--defense with a token subset: a defense moves vectors off the model's "
+                "subspace, which a subset relies on; train on whole vectors"
+            )
+        return subset
+
+    @property
+    def width(self) -> int:
+        """Entries per step the inverter reads."""
+        return self.subset.size if self.subset is not None else self.store.vocab_size
 
     def _param_groups(self) -> list[dict]:
         """A pretrained causal decoder's own weights learn at `decoder_lr`; everything else
@@ -196,6 +235,7 @@ class Trainer:
         config = InverterConfig.preset(
             cfg.preset,
             vocab_size=self.store.vocab_size,
+            subset=self.subset.encoding() if self.subset is not None else None,
             steps=self.steps,
             step_positions=MULTI_STEP_POSITIONS if self.steps > 1 else 0,
             normalization=cfg.normalization,
@@ -229,7 +269,7 @@ class Trainer:
         )
         for i in range(0, n, READ_BATCH):
             vectors = self._read(self.store, sample[i : i + READ_BATCH].tolist())
-            yield vectors.reshape(-1, self.store.vocab_size).numpy()
+            yield vectors.reshape(-1, self.width).numpy()
 
     def _fit_subspace(self, dims: int):
         """Basis, coordinate mean/std of the training steps' principal directions (one
@@ -240,7 +280,9 @@ class Trainer:
 
     def _read(self, store: DistributionStore, indices) -> torch.Tensor:
         """Flat (defended) float32 `[n, steps * vocab]` of the first `steps` steps."""
-        return self._defended(torch.from_numpy(store.vectors(list(indices), self.steps)))
+        return self._defended(
+            torch.from_numpy(store.observations(list(indices), self.steps, self.subset))
+        )
 
     def _check_init(self, model: Inverter) -> None:
         theirs = (model.config.vocab_size, model.config.steps)
@@ -249,6 +291,13 @@ class Trainer:
             raise CheckpointError(
                 f"--init-from {self.cfg.init_from} reads (vocab, steps) = {theirs} but "
                 f"{self.cfg.data} holds {ours}"
+            )
+        mine, its = self.subset, model.token_subset
+        if (mine is None) != (its is None) or (mine and its and mine.differences(its)):
+            described = lambda s: s.describe() if s else "whole vectors"  # noqa: E731
+            raise CheckpointError(
+                f"--init-from {self.cfg.init_from} reads {described(its)}; this run reads "
+                f"{described(mine)}"
             )
         if model.fingerprint is not None:
             diffs = replace(model.fingerprint, defense="").differences(
@@ -314,7 +363,9 @@ class Trainer:
         model = self.accelerator.unwrap_model(self.model)
         batches = (
             self._defended(torch.from_numpy(vectors)).numpy()
-            for _, _, vectors in self.store.batches(READ_BATCH, steps=self.steps)
+            for _, _, vectors in self.store.batches(
+                READ_BATCH, steps=self.steps, subset=self.subset
+            )
         )
         memory = NeighbourMemory.build(
             self.store.prompts,
@@ -348,7 +399,7 @@ class Trainer:
             basis, mean, std = self._subspace or self._fit_subspace(self.model.config.subspace_dim)
             self.model.set_feature_stats(mean, std, basis)
             return
-        mean, std = feature_stats(self._stats_batches(), self.store.vocab_size)
+        mean, std = feature_stats(self._stats_batches(), self.width)
         self.model.set_feature_stats(mean, std)
 
     # ------------------------------------------------------------------ checkpoints

@@ -8,6 +8,7 @@ retries, budget). Every name of those two modules that callers used from here is
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,8 +55,11 @@ __all__ = [
     "resolve_api_target",
 ]
 
+logger = logging.getLogger(__name__)
+
 TOP_K_TRIES = (20, 5, 1)  # what the probe asks for, largest first, when top_k is not given
 PROBE_PROMPT = "Hello"
+FULL_CHECK_TOLERANCE = 1e-3  # nats: a reconstruction's error on tokens outside the subset
 _SPEC = re.compile(r"^openai:(https?://[^/]+(?:/[^:]*)?):(.+)$")
 
 
@@ -140,6 +144,9 @@ class OpenAITarget(Target):
         self.base_url, self.model, self.mode = self.transport.base_url, model, mode
         self.system_prompt, self.user_turn = system_prompt, user_turn
         self.probe_queries = 0
+        self.decoder = None  # set by use_basis: full vectors from a token subset
+        self.check_ids: list[int] = []
+        self.subset_report: dict = {}
         self._behaviour: tuple[str, int] | None = None
         from ..hf import hash_tokenizer
 
@@ -202,7 +209,10 @@ class OpenAITarget(Target):
             raise TypeError("next_token_logprobs takes a list of prompts, not a single string")
         if steps not in (None, 1):
             raise TargetError("API targets recover the first position only; use steps=1")
-        rows = [self.recover(p)[0] for p in prompts]
+        if self.decoder is not None:
+            rows = [self.reconstruct(p) for p in prompts]
+        else:
+            rows = [self.recover(p)[0] for p in prompts]
         out = torch.stack(rows) if rows else torch.empty(0, self.vocab_size)
         return out if steps is None else out[:, None]
 
@@ -324,6 +334,109 @@ class OpenAITarget(Target):
         vec, unresolved = self.recovery.run(strategy, prompt, wanted, k)
         report = RecoveryReport(strategy, k, self.sent - sent, self.cache_hits - hits, unresolved)
         return vec, report
+
+    # ------------------------------------------------------------------ token subsets
+    def observe_subset(self, prompts: Sequence[str], subset, steps: int | None = None):
+        """Subset observations float32 `[n, 1, |S|]` (`targets/subset.py`): only S is asked
+        for, about |S| / (k - 1) queries per prompt with bias-block. TargetError naming the
+        difference when the subset belongs to another tokenizer or vocabulary."""
+        if steps not in (None, 1):
+            raise TargetError("API targets observe the first position only; use steps=1")
+        self.check_subset(subset)
+        rows = []
+        for p in prompts:
+            vec, report = self.recover(p, subset.ids)
+            if report.unresolved:
+                raise TargetError(
+                    f"{report.unresolved} of the {subset.size} subset tokens were beyond the "
+                    f"bias's reach ({self.bias}) for prompt {p[:60]!r}: their log-probs are "
+                    "only bounded, not known"
+                )
+            rows.append(subset.observe(vec))
+        out = torch.stack(rows) if rows else torch.empty(0, subset.size)
+        return out[:, None].numpy()
+
+    def collection_report(self) -> dict:
+        """What a store's manifest records about how this endpoint was asked."""
+        strategy, k = self.probe()
+        out = {
+            "endpoint": self.transport.name,
+            "strategy": strategy,
+            "top_k": k,
+            "queries_sent": self.sent,
+            "cache_hits": self.cache_hits,
+        }
+        if self.subset_report:
+            out["subset_reconstruction"] = dict(self.subset_report)
+        return out
+
+    def check_subset(self, subset) -> None:
+        ours = (self.fingerprint.tokenizer_sha256, self.vocab_size)
+        if (subset.tokenizer_sha256, subset.vocab_size) != ours:
+            raise TargetError(
+                f"the token subset ({subset.describe()}) was drawn from another tokenizer or "
+                f"vocabulary than {self.fingerprint.describe()}'s"
+            )
+
+    def use_basis(self, basis, subset, check_tokens: int | None = None) -> None:
+        """Recover full vectors from `subset` alone through `basis` (a white-box copy of the
+        model's output layer, or a basis fitted from full vectors): `next_token_logprobs`
+        then asks for S plus `check_tokens` extra tokens (default: one query's worth), rebuilds
+        the vector from S and compares the extra tokens. A vector that fails the check (a
+        quantised or noisy endpoint, a defense, another model) is recovered exactly instead;
+        `subset_report` counts both."""
+        from ..subset import SubsetDecoder
+
+        self.check_subset(subset)
+        self.decoder = SubsetDecoder(subset, basis)
+        _, k = self.probe()
+        n = check_tokens if check_tokens is not None else max(k - 1, 4)
+        rng = torch.Generator().manual_seed(subset.seed + 1)
+        outside = [
+            i
+            for i in torch.randperm(self.vocab_size, generator=rng).tolist()
+            if i not in set(subset.ids) and self.keys.unique_text(i)
+        ]
+        self.check_ids = sorted(outside[:n])
+        self.subset_report = {
+            "subset": subset.describe(),
+            "check_tokens": len(self.check_ids),
+            "reconstructed": 0,
+            "fallbacks": 0,
+            "max_check_error": 0.0,
+            "max_residual": 0.0,
+        }
+
+    def reconstruct(self, prompt: str) -> torch.Tensor:
+        """One full vector from the subset and the basis, or the exact strategy's when the
+        reconstruction fails its checks (see `use_basis`)."""
+        subset = self.decoder.subset
+        vec, report = self.recover(prompt, [*subset.ids, *self.check_ids])
+        full, residual = self.decoder.decode(subset.observe(vec).numpy(), tolerance=None)
+        full = torch.from_numpy(full)
+        ids = torch.tensor(self.check_ids)
+        # Both sides are log-probs of the same tokens: the normaliser must agree too.
+        error = float((full[ids] - vec[ids]).abs().max()) if len(ids) else 0.0
+        rep = self.subset_report
+        rep["max_residual"] = max(rep["max_residual"], float(residual))
+        rep["max_check_error"] = max(rep["max_check_error"], error)
+        if (
+            report.unresolved
+            or not error <= FULL_CHECK_TOLERANCE
+            or float(residual) > (FULL_CHECK_TOLERANCE)
+        ):
+            logger.warning(
+                "subset reconstruction failed its check for %r (error %.2e nats on %d tokens "
+                "outside the subset, residual %.2e): recovering it exactly",
+                prompt[:60],
+                error,
+                len(ids),
+                float(residual),
+            )
+            rep["fallbacks"] += 1
+            return self.recover(prompt)[0]
+        rep["reconstructed"] += 1
+        return full
 
 
 def resolve_api_target(spec: str, **kwargs) -> OpenAITarget:
