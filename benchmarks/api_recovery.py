@@ -41,6 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from logit2prompt.evaluation.results import write_results
@@ -240,7 +241,8 @@ def run_subset(label, flags, args, white, subset, prompts, tmp) -> dict:
         obs_err = float(abs(obs - subset.observe(truth).numpy()).max())
         target.use_basis(basis, subset)
         start, sent = time.perf_counter(), target.sent
-        full = target.next_token_logprobs(prompts)  # S from the cache; the check tokens asked
+        # S comes from the cache of the observation above: only the check tokens are asked.
+        full = target.next_token_logprobs(prompts)
         full_seconds = seconds + time.perf_counter() - start
         full_queries = queries + target.sent - sent
         report = dict(target.subset_report)
@@ -313,6 +315,61 @@ def run_e2e(args, white, subset, tmp) -> dict:
     }
 
 
+def run_llamacpp_subset(args, white, subset, tmp) -> dict:
+    """S through llama-cpp-python's own server (force, before the bias): cost, agreement with
+    the top-20 it reports, and the white-box basis's residual on its quantised answers."""
+    from logit2prompt.targets.subset import SubsetDecoder
+
+    port = free_port()
+    cmd = [args.llamacpp_python, "-m", "llama_cpp.server", "--model", str(gguf_path())]
+    cmd += ["--logits_all", "true", "--port", str(port), "--n_ctx", "2048"]
+    cmd += ["--model_alias", "smol", "--verbose", "false"]
+    url = f"http://127.0.0.1:{port}/v1"
+    decoder = SubsetDecoder(subset, white.output_basis())
+    rows = []
+    with server_process(cmd, url + "/models", timeout=300):
+        target = OpenAITarget(
+            url,
+            "smol",
+            tokenizer=white.tokenizer,
+            cache_path=Path(tmp) / "llamacpp-subset.sqlite",
+            concurrency=1,
+            progress=False,
+        )
+        strategy, k = target.probe()
+        for prompt in PROMPTS[: args.prompts]:
+            start, sent = time.perf_counter(), target.sent
+            vec, report = target.recover(prompt, subset.ids)
+            seconds, queries = time.perf_counter() - start, target.sent - sent
+            top = target.reported_top(prompt, 20)
+            shared = [t for t in top if t in set(subset.ids)]
+            obs = subset.observe(vec).numpy()
+            truth = subset.observe(white.next_token_logprobs([prompt])[0]).numpy()
+            _, residual = decoder.decode(obs[None], tolerance=None)
+            rows.append(
+                {
+                    "queries": queries,
+                    "seconds": seconds,
+                    "unresolved": report.unresolved,
+                    "reported_top_in_subset": len(shared),
+                    "max_abs_err_vs_reported": max(
+                        (abs(float(vec[t]) - top[t]) for t in shared), default=None
+                    ),
+                    "median_abs_diff_vs_transformers": float(np.median(np.abs(obs - truth))),
+                    "white_box_basis_residual": float(residual[0]),
+                }
+            )
+    return {
+        "setting": "llama-cpp-python server",
+        "strategy": strategy,
+        "top_k": k,
+        "subset_tokens": subset.size,
+        "queries_per_step": sum(r["queries"] for r in rows) / len(rows),
+        "seconds_per_step": sum(r["seconds"] for r in rows) / len(rows),
+        "prompts": rows,
+    }
+
+
 def subset_part(args, white) -> dict:
     from logit2prompt.targets.subset import TokenSubset, default_subset_size
 
@@ -325,6 +382,11 @@ def subset_part(args, white) -> dict:
             out["rows"].append(
                 run_subset(label, flags, args, white, subset, PROMPTS[: args.prompts], tmp)
             )
+        if args.llamacpp_python:
+            print("== subset: llama-cpp-python", flush=True)
+            out["llamacpp"] = run_llamacpp_subset(args, white, subset, tmp)
+        if args.skip_probe:
+            return out
         print("== probe", flush=True)
         out["probe"] = run_probe(args, white, tmp)
         if args.checkpoint:
@@ -346,12 +408,19 @@ def print_subset(part: dict) -> None:
             f"{r['seconds_per_step']:7.2f} {r['max_abs_err_subset']:10.2e} "
             f"{r['max_abs_err_full']:13.2e} {r['reconstruction']['fallbacks']:9d}"
         )
-    hs = part["probe"]["hidden_size"]
-    print(
-        f"probe: hidden size {hs['estimate']} (white-box {part['probe']['hidden_size_white_box']}"
-        f"; drop {hs['drop_at_rank']:.3g}x; {hs['queries']} queries, "
-        f"{part['probe']['seconds']:.0f} s)"
-    )
+    llama = part.get("llamacpp")
+    if llama:
+        worst = max(r["white_box_basis_residual"] for r in llama["prompts"])
+        print(
+            f"llama-cpp-python: {llama['strategy']}, {llama['queries_per_step']:.0f} queries/step,"
+            f" {llama['seconds_per_step']:.1f} s/step; white-box basis residual {worst:.2e}"
+        )
+    if "probe" in part:
+        hs, probe = part["probe"]["hidden_size"], part["probe"]
+        print(
+            f"probe: hidden size {hs['estimate']} (white-box {probe['hidden_size_white_box']}"
+            f"; drop {hs['drop_at_rank']:.3g}x; {hs['queries']} queries, {probe['seconds']:.0f} s)"
+        )
     e2e = part.get("end_to_end")
     if e2e:
         w, a, g = e2e["white_box"], e2e["api"], e2e["api_minus_white_box"]
@@ -380,6 +449,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None, help="a subset inverter (end to end)")
     parser.add_argument("--test", default="runs/steps/test", help="test store (end to end)")
     parser.add_argument("--e2e-prompts", type=int, default=200)
+    parser.add_argument("--skip-probe", action="store_true", help="part 3 rows only")
     args = parser.parse_args()
     white = load_target(DEFAULT_TARGET, mode="user")
     out = RESULTS / "api_recovery.json"
@@ -387,7 +457,7 @@ def main() -> None:
         previous = json.loads(out.read_text())
         part = subset_part(args, white)
         print_subset(part)
-        previous["subset"] = part
+        previous["subset"] = {**previous.get("subset", {}), **part}
         command = previous.pop("command")
         command = command.split() if isinstance(command, str) else command
         previous["machine_parts_1_2"] = previous.pop("machine", None)

@@ -580,3 +580,26 @@ def test_probe_finds_no_rank_behind_noise(noisy_server, white_box, tmp_path):
     target = api_target(noisy_server, white_box, tmp_path, concurrency=4)
     report = probe_endpoint(target, prompts=48, tokens=48)
     assert report["hidden_size"]["estimate"] is None
+
+
+def test_subset_observations_without_logprobs(blind_server, white_box, tmp_path):
+    # "gap" reads logits relative to the top token; centring makes them the same observation.
+    target = api_target(blind_server, white_box, tmp_path, bias=40.0, tolerance=0.02)
+    subset = _subset(white_box, size=40)
+    got = target.observe_subset(PROMPTS[:1], subset)[:, 0]
+    expected = subset.observe(white_box.next_token_logprobs(PROMPTS[:1])).numpy()
+    assert abs(got - expected).max() <= target.tolerance
+
+
+def test_probe_api_cli(after_server, tiny_lm_dir, tmp_path, capsys):
+    from logit2prompt.cli.main import main
+
+    out = tmp_path / "probe.json"
+    args = ["probe-api", "--target", f"openai:{after_server}:{MODEL}", "--tokenizer"]
+    args += [str(tiny_lm_dir), "--probe-prompts", "48", "--probe-tokens", "48"]
+    assert main([*args, "--json", str(out), "--plot", str(tmp_path / "p.png")]) == 0
+    shown = capsys.readouterr().out
+    assert "hidden size: 32" in shown and "top-5 log-probs, after logit_bias" in shown
+    assert json.loads(out.read_text())["hidden_size"]["estimate"] == 32
+    assert main(["probe-api", "--target", str(tiny_lm_dir)]) == 2
+    assert "probe-api reads an endpoint" in capsys.readouterr().err
