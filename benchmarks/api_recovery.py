@@ -142,21 +142,27 @@ def run_setting(label, flags, full, args, white, tmp) -> dict:
         }
 
 
-def run_llamacpp(args, white, tmp) -> dict:
+@contextlib.contextmanager
+def llamacpp_target(args, white, cache: Path, progress: bool):
+    """llama-cpp-python's own OpenAI-compatible server on the GGUF, as an OpenAITarget."""
     port = free_port()
     cmd = [args.llamacpp_python, "-m", "llama_cpp.server", "--model", str(gguf_path())]
     cmd += ["--logits_all", "true", "--port", str(port), "--n_ctx", "2048"]
     cmd += ["--model_alias", "smol", "--verbose", "false"]
     url = f"http://127.0.0.1:{port}/v1"
     with server_process(cmd, url + "/models", timeout=300):
-        target = OpenAITarget(
+        yield OpenAITarget(
             url,
             "smol",
             tokenizer=white.tokenizer,
-            cache_path=Path(tmp) / "llamacpp.sqlite",
+            cache_path=cache,
             concurrency=1,  # llama-cpp-python serves one request at a time
-            progress=True,
+            progress=progress,
         )
+
+
+def run_llamacpp(args, white, tmp) -> dict:
+    with llamacpp_target(args, white, Path(tmp) / "llamacpp.sqlite", True) as target:
         strategy, k = target.probe()
         rows = []
         for i, prompt in enumerate(PROMPTS[: args.prompts]):
@@ -320,22 +326,10 @@ def run_llamacpp_subset(args, white, subset, tmp) -> dict:
     the top-20 it reports, and the white-box basis's residual on its quantised answers."""
     from logit2prompt.targets.subset import SubsetDecoder
 
-    port = free_port()
-    cmd = [args.llamacpp_python, "-m", "llama_cpp.server", "--model", str(gguf_path())]
-    cmd += ["--logits_all", "true", "--port", str(port), "--n_ctx", "2048"]
-    cmd += ["--model_alias", "smol", "--verbose", "false"]
-    url = f"http://127.0.0.1:{port}/v1"
     decoder = SubsetDecoder(subset, white.output_basis())
     rows = []
-    with server_process(cmd, url + "/models", timeout=300):
-        target = OpenAITarget(
-            url,
-            "smol",
-            tokenizer=white.tokenizer,
-            cache_path=Path(tmp) / "llamacpp-subset.sqlite",
-            concurrency=1,
-            progress=False,
-        )
+    cache = Path(tmp) / "llamacpp-subset.sqlite"
+    with llamacpp_target(args, white, cache, False) as target:
         strategy, k = target.probe()
         for prompt in PROMPTS[: args.prompts]:
             start, sent = time.perf_counter(), target.sent
@@ -461,7 +455,10 @@ def main() -> None:
         command = previous.pop("command")
         command = command.split() if isinstance(command, str) else command
         previous["machine_parts_1_2"] = previous.pop("machine", None)
-        previous["subset_command"] = ["python", *sys.argv]
+        # Part 3 may be run in pieces (--skip-probe keeps the probe and the end-to-end row).
+        runs = previous.pop("subset_commands", [])
+        old = previous.pop("subset_command", None)
+        previous["subset_commands"] = [*([old] if old else []), *runs, ["python", *sys.argv]]
         write_results(out, previous, command=command)
         print(f"wrote {out}")
         return

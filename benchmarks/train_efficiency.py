@@ -202,15 +202,17 @@ def sample(store: DistributionStore, limit: int | None, seed: int) -> list[int]:
 
 
 def predictions(model: Inverter, store: DistributionStore, idx: list[int], cache: Path) -> list:
-    if cache.is_file():
-        return json.loads(cache.read_text())
+    if cache.is_file():  # reused only for the same prompts (older caches: a bare list)
+        saved = json.loads(cache.read_text())
+        if isinstance(saved, dict) and saved.get("idx") == list(idx):
+            return saved["predictions"]
     preds: list[str] = []
     steps = model.config.steps
     for i in range(0, len(idx), 32):
         chunk = idx[i : i + 32]
         x = torch.from_numpy(store.vectors(chunk, steps)).view(len(chunk), steps, -1)
         preds += model.invert(x, batch_size=32)
-    cache.write_text(json.dumps(preds))
+    cache.write_text(json.dumps({"idx": list(idx), "predictions": preds}))
     return preds
 
 

@@ -603,3 +603,23 @@ def test_probe_api_cli(after_server, tiny_lm_dir, tmp_path, capsys):
     assert json.loads(out.read_text())["hidden_size"]["estimate"] == 32
     assert main(["probe-api", "--target", str(tiny_lm_dir)]) == 2
     assert "probe-api reads an endpoint" in capsys.readouterr().err
+
+
+def test_collect_cli_rebuilds_full_vectors_from_a_subset(
+    after_server, white_box, tiny_lm_dir, corpus_file, tmp_path, capsys
+):
+    from logit2prompt.cli.main import main
+    from logit2prompt.data.store import DistributionStore
+
+    out = tmp_path / "rebuilt"
+    args = ["collect", "--target", f"openai:{after_server}:{MODEL}", "--tokenizer"]
+    args += [str(tiny_lm_dir), "--prompts", str(corpus_file), "--limit", "3", "--out", str(out)]
+    args += ["--basis-from", str(tiny_lm_dir), "--format", "full", "--store-dtype", "float32"]
+    assert main([*args, "--no-progress"]) == 0
+    # 32 + 100 subset tokens and 4 check tokens at top-5: 1 + 135 / 4, not 1 + 383 / 4 = 97.
+    assert "35 queries per distribution" in capsys.readouterr().err
+    store = DistributionStore(out)
+    rebuilt = store.manifest["collection"]["subset_reconstruction"]
+    assert rebuilt["reconstructed"] == 3 and rebuilt["fallbacks"] == 0
+    expected = white_box.next_token_logprobs(store.prompts).numpy()
+    assert abs(store.vectors(range(3))[:, 0] - expected).max() <= 1e-3

@@ -84,20 +84,24 @@ def test_reconstruction_refuses_noise_and_too_few_tokens(target, subset):
         SubsetDecoder(small, target.output_basis())
 
 
-def test_subset_store_from_a_white_box_target(target, subset, tmp_path):
-    corpus = Corpus([PromptRecord(p) for p in PROMPTS], source="test")
-    out = tmp_path / "store"
+def collect_subset(target, corpus, out, size: int, seed: int) -> None:
     collect(
         target,
         corpus,
         str(out),
         fmt="subset",
-        subset_size=52,
-        subset_seed=3,
+        subset_size=size,
+        subset_seed=seed,
         steps=2,
         shard_size=4,
         progress=False,
     )
+
+
+def test_subset_store_from_a_white_box_target(target, subset, tmp_path):
+    corpus = Corpus([PromptRecord(p) for p in PROMPTS], source="test")
+    out = tmp_path / "store"
+    collect_subset(target, corpus, out, 52, 3)
     store = DistributionStore(out)
     assert store.subset == subset and store.width == 52 and store.steps == 2
     assert store.manifest["encoding"]["kind"] == "subset"
@@ -111,17 +115,7 @@ def test_subset_store_from_a_white_box_target(target, subset, tmp_path):
     with pytest.raises(StoreError, match="observes 52 tokens"):
         store.observations([0], None, other)
     # A resumed collection keeps the recorded subset whatever the flags say.
-    collect(
-        target,
-        corpus,
-        str(out),
-        fmt="subset",
-        subset_size=60,
-        subset_seed=9,
-        steps=2,
-        shard_size=4,
-        progress=False,
-    )
+    collect_subset(target, corpus, out, 60, 9)
     assert DistributionStore(out).subset == subset
     # Full and compact stores give the same observations.
     full_dir = tmp_path / "full"
