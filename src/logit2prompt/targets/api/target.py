@@ -392,10 +392,11 @@ class OpenAITarget(Target):
         _, k = self.probe()
         n = check_tokens if check_tokens is not None else max(k - 1, 4)
         rng = torch.Generator().manual_seed(subset.seed + 1)
+        inside = set(subset.ids)
         outside = [
             i
             for i in torch.randperm(self.vocab_size, generator=rng).tolist()
-            if i not in set(subset.ids) and self.keys.unique_text(i)
+            if i not in inside and self.keys.unique_text(i)
         ]
         self.check_ids = sorted(outside[:n])
         self.subset_report = {
@@ -427,8 +428,9 @@ class OpenAITarget(Target):
         rep["max_check_error"] = max(rep["max_check_error"], error)
         if (
             report.unresolved
+            or check_report.unresolved
             or not error <= FULL_CHECK_TOLERANCE
-            or float(residual) > (FULL_CHECK_TOLERANCE)
+            or float(residual) > FULL_CHECK_TOLERANCE
         ):
             logger.warning(
                 "subset reconstruction failed its check for %r (error %.2e nats on %d tokens "
