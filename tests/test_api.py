@@ -557,6 +557,25 @@ def test_subset_store_through_the_api_feeds_a_white_box_trained_inverter(
     )
     shown = capsys.readouterr().out
     assert all(p in shown for p in prompts)
+    # A whole-vector inverter reads the same API store through a white-box basis.
+    full_white = tmp_path / "white-full"
+    collect(
+        white_box,
+        corpus,
+        str(full_white),
+        fmt="full",
+        store_dtype="float32",
+        steps=1,
+        progress=False,
+    )
+    full_model = tmp_path / "inv-full"
+    Trainer(tiny_train_config(full_white, full_model, tiny_lm_dir, max_steps=300)).run()
+    invert = ["invert", "--checkpoint", str(full_model), "--data", str(out), "--no-progress"]
+    assert main(invert) == 2
+    assert "--basis-from" in capsys.readouterr().err
+    assert main([*invert, "--basis-from", str(tiny_lm_dir)]) == 0
+    shown = capsys.readouterr().out
+    assert all(p in shown for p in prompts)
 
 
 def test_probe_reads_the_hidden_size_from_api_answers(white_box, tmp_path, tiny_lm_dir):

@@ -118,6 +118,11 @@ def cmd_invert(args) -> None:
         from ..data.store import DistributionStore
 
         store = DistributionStore(args.data)
+        if args.basis_from:
+            # A subset store read by a whole-vector inverter: rebuilt through this basis.
+            from ..targets import load_target
+
+            store.attach(load_target(args.basis_from, mode="raw", dtype="float32"))
         references = store.prompts
         predictions = invert_store(
             inverter,
@@ -275,6 +280,12 @@ def _add_invert_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--data", help="a distribution store")
     add_corpus_args(p, prompts=None)
     p.add_argument("--out", help="write predictions as JSONL")
+    p.add_argument(
+        "--basis-from",
+        metavar="TARGET",
+        help="with --data: a white-box copy of the store's model whose output layer rebuilds "
+        "full vectors from a token-subset store (an inverter trained on the subset needs none)",
+    )
     p.add_argument(
         "--steps",
         type=int,
