@@ -29,6 +29,13 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--val-data", required=True)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--lora-rank",
+        type=int,
+        default=TrainConfig.lora_rank,
+        help="0: every decoder weight trains (the recipe before LoRA became the default)",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     started = time.perf_counter()
@@ -41,6 +48,8 @@ def main() -> None:
             preset="prefix-lm",
             neighbours=2,
             neighbour_copy=False,
+            lora_rank=args.lora_rank,
+            gradient_checkpointing=args.gradient_checkpointing,
             per_device_batch_size=16,
             max_steps=args.steps,
             eval_every=args.steps // 2,
@@ -49,11 +58,15 @@ def main() -> None:
             progress=False,
         )
         trainer = Trainer(cfg)
+        step_seconds: list[float] = []
         phases.append(("Trainer built (decoder loaded, subspace fitted)", peak_rss_gb()))
 
         def watched(method, name):
             def wrapper(*a, **k):
+                start = time.perf_counter()
                 result = method(*a, **k)
+                if name == "train step":
+                    step_seconds.append(time.perf_counter() - start)
                 phases.append((f"{name}, step {trainer.step}", peak_rss_gb()))
                 return result
 
@@ -70,12 +83,16 @@ def main() -> None:
     print(f"{'phase':<55} peak RSS so far (GB)")
     for name, gb in phases:
         print(f"{name:<55} {gb:.2f}")
+    print(f"seconds per train step: {', '.join(f'{t:.1f}' for t in step_seconds)}")
     write_results(
         args.results,
         {
             "benchmark": "train_memory",
             "data": args.data,
             "steps": args.steps,
+            "lora_rank": args.lora_rank,
+            "gradient_checkpointing": args.gradient_checkpointing,
+            "train_step_seconds": step_seconds,
             "phases": [{"phase": n, "peak_rss_gb": gb} for n, gb in phases],
             "wall_s": time.perf_counter() - started,
         },

@@ -710,3 +710,26 @@ def test_max_minutes_counts_training_steps_only(tiny_store, tiny_lm_dir, tmp_pat
     assert trainer.step == 1 and is_trained(tmp_path / "m")
     (entry,) = trainer.history
     assert 0 < entry["train_minutes"] * 60 <= trainer.train_seconds + 1e-9
+
+
+@pytest.mark.parametrize("preset", ["tiny", "prefix-lm"])
+def test_gradient_checkpointing_trains_the_same_weights(preset, tiny_store, tiny_lm_dir, tmp_path):
+    """Recomputing activations in the backward pass changes memory, not the result."""
+    kw: dict = {"max_steps": 6}
+    if preset == "prefix-lm":
+        kw.update(
+            preset="prefix-lm",
+            output_tokenizer=None,
+            lora_rank=4,
+            overrides={"max_length": 24, "prefix_length": 4, "embed_hidden": 64},
+        )
+    plain = Trainer(_cfg(tiny_store, tmp_path / "a", tiny_lm_dir, **kw)).run()
+    trainer = Trainer(
+        _cfg(tiny_store, tmp_path / "b", tiny_lm_dir, gradient_checkpointing=True, **kw)
+    )
+    decoder = trainer.model.lm if trainer.model.causal else trainer.model.t5
+    assert getattr(decoder, "is_activation_checkpointing", decoder.is_gradient_checkpointing)
+    checkpointed = trainer.run()
+    ours, theirs = plain.state_dict(), checkpointed.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.allclose(ours[k], theirs[k], atol=1e-5) for k in ours)

@@ -89,6 +89,13 @@ class TrainConfig:
             "padding (the order of batches stays random)"
         },
     )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "recompute the decoder's activations in the backward pass instead of keeping "
+            "them: less memory per step, more time (benchmarks/train_memory.py measures both)"
+        },
+    )
     per_device_batch_size: int = field(
         default=32, metadata={"help": "examples per process per micro-batch"}
     )

@@ -150,6 +150,14 @@ class Trainer:
             self.model.fingerprint = fingerprint
         else:
             self.model = self._new_model(fingerprint)
+        if cfg.gradient_checkpointing:
+            # Results do not change (the same forward is recomputed), so it is not a recipe
+            # field: a run may resume with it switched on or off.
+            decoder = self.model.lm if self.model.causal else self.model.t5
+            # transformers >= 5.2x names it activation checkpointing (the old name warns).
+            enable = getattr(decoder, "activation_checkpointing_enable", None)
+            enable = enable or decoder.gradient_checkpointing_enable
+            enable({"use_reentrant": False})
         self.labels = encode_labels(
             self.model.tokenizer, self.store.prompts, self.model.config.max_length
         )
