@@ -176,7 +176,8 @@ class SubsetDecoder:
         if subset.size <= weight.shape[1] or sing[-1] <= sing[0] * 1e-7:
             raise VectorError(
                 f"a subset of {subset.size} tokens cannot determine a basis of width "
-                f"{weight.shape[1]}: choose more than {weight.shape[1] + 1} tokens"
+                f"{weight.shape[1]}: choose at least {weight.shape[1] + 1} (the default, width + "
+                f"{SUBSET_MARGIN}, leaves room for the residual check)"
             )
         self.system = a
         self.solve = torch.linalg.pinv(a)  # [r, |S|]
