@@ -81,12 +81,18 @@ def sample_ids(vocab: int, must: list[int], n: int, seed: int) -> list[int]:
     return sorted(set(must) | set(rest))
 
 
-def run_setting(label, flags, full, args, white, tmp) -> dict:
+@contextlib.contextmanager
+def serving(flags):
     port = free_port()
     cmd = [sys.executable, "-m", "logit2prompt.cli.main", "serve", "--port", str(port)]
     cmd += ["--model-name", DEFAULT_TARGET, *flags]
     url = f"http://127.0.0.1:{port}/v1"
     with server_process(cmd, url + "/models", timeout=300):
+        yield url
+
+
+def run_setting(label, flags, full, args, white, tmp) -> dict:
+    with serving(flags) as url:
         target = OpenAITarget(
             url,
             DEFAULT_TARGET,
@@ -210,16 +216,6 @@ SUBSET_SETTINGS = [
     ("after, top-20", ["--max-top-logprobs", "20"]),
     ("before, top-5", ["--max-top-logprobs", "5", "--logprobs-mode", "before"]),
 ]
-
-
-@contextlib.contextmanager
-def serving(flags):
-    port = free_port()
-    cmd = [sys.executable, "-m", "logit2prompt.cli.main", "serve", "--port", str(port)]
-    cmd += ["--model-name", DEFAULT_TARGET, *flags]
-    url = f"http://127.0.0.1:{port}/v1"
-    with server_process(cmd, url + "/models", timeout=300):
-        yield url
 
 
 def api_target(url, white, cache, args) -> OpenAITarget:

@@ -19,6 +19,16 @@ if TYPE_CHECKING:  # annotations only: each command imports what it runs when it
     from ..training.config import TrainConfig
 
 
+def white_box_basis(name: str):
+    """The output-layer basis of a white-box target (`--basis-from`), loaded in fp32."""
+    from ..targets import load_target
+
+    basis = load_target(name, mode="raw", dtype="float32").output_basis()
+    if basis is None:
+        raise TargetError(f"{name!r} exposes no output-layer basis")
+    return basis
+
+
 def load_cli_target(args, device: str | None = None):
     """The target of the shared target flags: a local model, or an API endpoint (probed)."""
     from ..targets import load_target
@@ -45,9 +55,7 @@ def load_cli_target(args, device: str | None = None):
         if getattr(args, "basis_from", None):
             from ..targets.subset import TokenSubset, default_subset_size
 
-            basis = load_target(args.basis_from, mode="raw", dtype="float32").output_basis()
-            if basis is None:
-                raise TargetError(f"{args.basis_from!r} exposes no output-layer basis")
+            basis = white_box_basis(args.basis_from)
             size = getattr(args, "subset_size", None) or default_subset_size(basis.width)
             seed = getattr(args, "subset_seed", 0)
             subset = TokenSubset.choose(target.tokenizer, target.vocab_size, size, seed)

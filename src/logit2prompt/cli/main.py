@@ -39,6 +39,7 @@ from .commands import (
     cmd_train_text,
     load_cli_corpus,
     load_cli_target,
+    white_box_basis,
 )
 
 # Names importable from here since 0.1.
@@ -120,9 +121,7 @@ def cmd_invert(args) -> None:
         store = DistributionStore(args.data)
         if args.basis_from:
             # A subset store read by a whole-vector inverter: rebuilt through this basis.
-            from ..targets import load_target
-
-            store.attach(load_target(args.basis_from, mode="raw", dtype="float32"))
+            store.attach(white_box_basis(args.basis_from))
         references = store.prompts
         predictions = invert_store(
             inverter,

@@ -161,7 +161,7 @@ class SubsetDecoder:
                 f"a basis of {weight.shape[0]} tokens cannot rebuild vectors of a "
                 f"{subset.vocab_size}-token vocabulary"
             )
-        self.subset, self.basis = subset, basis
+        self.subset = subset
         self.weight = weight.float()
         self.bias = None if bias is None else bias.float()
         index = torch.tensor(subset.ids)

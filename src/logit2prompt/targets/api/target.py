@@ -18,6 +18,7 @@ import torch
 
 from ...errors import TargetError
 from ..base import Target, TargetFingerprint
+from ..subset import RESIDUAL_TOLERANCE
 from .strategies import (
     DEFAULT_BIAS,
     DEFAULT_TOLERANCE,
@@ -430,7 +431,7 @@ class OpenAITarget(Target):
             report.unresolved
             or check_report.unresolved
             or not error <= FULL_CHECK_TOLERANCE
-            or float(residual) > FULL_CHECK_TOLERANCE
+            or float(residual) > RESIDUAL_TOLERANCE
         ):
             logger.warning(
                 "subset reconstruction failed its check for %r (error %.2e nats on %d tokens "
