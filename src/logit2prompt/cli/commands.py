@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..data.corpus import resolve_corpus
-from ..errors import TargetError
+from ..errors import CorpusError, TargetError
 from .args import config_from_args
 
 if TYPE_CHECKING:  # annotations only: each command imports what it runs when it runs
@@ -94,13 +95,69 @@ def load_cli_corpus(args, target):
 
 # ----------------------------------------------------------------------------- commands
 def cmd_data(args) -> None:
-    from ..data.bigbench import build_bigbench_corpus
     from ..data.corpus import clean, read_rows
 
-    path = build_bigbench_corpus(args.out, force=args.force)
+    if args.name == "bigbench":
+        from ..data.bigbench import build_bigbench_corpus
+
+        path = build_bigbench_corpus(args.out, force=args.force)
+    else:
+        path = _build_mix(args)
     corpus = clean(read_rows(str(path)), str(path), max_tokens=None)
-    print(f"default corpus: {path}")
+    print(f"{args.name} corpus: {path}")
     print(f"  {len(corpus)} prompts; splits: {corpus.split_counts()}")
+    if args.name == "mix":
+        from ..data.mix import manifest_path
+
+        manifest = json.loads(manifest_path(path).read_text())
+        for src in manifest["sources"]:
+            print(
+                f"  {src['name']:14} {src['kept']:>6} of {src['read']:>6} "
+                f"({src['licence']}; {src['package'] or '-'} {src['version'] or ''})"
+            )
+        print(f"  manifest: {manifest_path(path)}")
+
+
+def _build_mix(args):
+    from ..data.mix import build_mix
+
+    caps = {}
+    for item in args.cap:
+        name, sep, value = item.partition("=")
+        if not sep or not value.isdigit():
+            raise CorpusError(f"--cap takes SOURCE=N, got {item!r}")
+        caps[name] = int(value)
+    extra, extra_meta = {}, {}
+    if args.target_samples > 0:
+        from ..data.sampled import SamplingConfig, sample_target_prompts
+        from ..targets import load_target
+
+        target = load_target(args.target)
+        config = SamplingConfig(
+            kind=args.sample_kind,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.sample_seed,
+        )
+        name = f"sampled-{config.kind}"
+        extra[name] = sample_target_prompts(target, args.target_samples, config)
+        extra_meta[name] = {
+            "target": target.fingerprint.to_dict(),
+            "sampling": asdict(config),
+            "samples": args.target_samples,
+            "licence": "the target's (samples of its own chat prior)",
+        }
+    return build_mix(
+        args.out,
+        sources=[s for s in args.sources.split(",") if s],
+        caps=caps,
+        exclude=args.exclude,
+        exclude_field=args.exclude_field,
+        threshold=args.exclude_threshold,
+        extra=extra,
+        extra_meta=extra_meta,
+        force=args.force,
+    )
 
 
 def cmd_collect(args) -> None:

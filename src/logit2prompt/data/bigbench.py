@@ -1,7 +1,7 @@
 """The default corpus: English task inputs from the BIG-bench sdist on PyPI (Apache-2.0).
 
 The `bigbench` sdist cannot be pip-installed (it declares a file:// dependency), so we fetch the
-archive from the package index once, check its sha256, and read `benchmark_tasks/*/task.json`.
+archive from the package index once (`packages.fetch`) and read `benchmark_tasks/*/task.json`.
 """
 
 from __future__ import annotations
@@ -11,18 +11,16 @@ import json
 import os
 import re
 import tarfile
-import urllib.request
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from ..cache import cache_dir
 from ..errors import CorpusError
+from .packages import Distribution, fetch
 
-PACKAGE = "bigbench"
-VERSION = "1.0.0"
-INDEX_ENV = "LOGIT2PROMPT_PYPI_SIMPLE"
-DEFAULT_INDEX = "https://pypi.org/simple"
+SDIST = Distribution("bigbench", "1.0.0", "bigbench-1.0.0.tar.gz")
+LICENCE = "Apache-2.0"
 MIN_WORDS, MAX_WORDS = 5, 60
 MAX_PER_TASK = 2000
 MIN_ASCII_FRACTION = 0.98  # a cheap English filter: drops translation and non-Latin tasks
@@ -30,45 +28,9 @@ CORPUS_NAME = "bigbench_prompts.jsonl"
 _TASK_RE = re.compile(r"bigbench/benchmark_tasks/(.+)/task\.json$")
 
 
-def _sdist_url() -> tuple[str, str]:
-    index = os.environ.get(INDEX_ENV, DEFAULT_INDEX).rstrip("/")
-    page = urllib.request.urlopen(f"{index}/{PACKAGE}/", timeout=60).read().decode()
-    name = f"{PACKAGE}-{VERSION}.tar.gz"
-    match = re.search(r'href="([^"]*' + re.escape(name) + r'[^"]*)"', page)
-    if not match:
-        raise CorpusError(f"{name} is not listed on {index}/{PACKAGE}/")
-    url = match.group(1).replace("&amp;", "&")
-    url, _, frag = url.partition("#sha256=")
-    return url, frag
-
-
 def download_sdist() -> Path:
     """The cached sdist, downloaded (with sha256 check) on first use."""
-    dest = cache_dir("downloads") / f"{PACKAGE}-{VERSION}.tar.gz"
-    if dest.is_file():
-        return dest
-    try:
-        url, expected = _sdist_url()
-        tmp = dest.with_suffix(f".part{os.getpid()}")
-        h = hashlib.sha256()
-        with urllib.request.urlopen(url, timeout=120) as resp, open(tmp, "wb") as f:
-            total = int(resp.headers.get("Content-Length") or 0)
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {PACKAGE}") as bar:
-                while chunk := resp.read(1 << 20):
-                    f.write(chunk)
-                    h.update(chunk)
-                    bar.update(len(chunk))
-    except OSError as exc:
-        raise CorpusError(
-            f"could not download the {PACKAGE} sdist from the package index: {exc}"
-        ) from exc
-    if expected and h.hexdigest() != expected:
-        tmp.unlink(missing_ok=True)
-        raise CorpusError(
-            f"{PACKAGE} sdist checksum mismatch: got {h.hexdigest()}, index says {expected}"
-        )
-    os.replace(tmp, dest)
-    return dest
+    return fetch(SDIST)
 
 
 def _inputs(task: dict) -> list[str]:

@@ -258,13 +258,18 @@ def load_corpus(
     return corpus
 
 
-BUILTIN_CORPORA = ("bigbench",)
+BUILTIN_CORPORA = ("bigbench", "mix")
 
 
 def resolve_corpus(name: str) -> str:
-    """A built-in corpus name ('bigbench') becomes its cached file; paths pass through."""
+    """A built-in corpus name ('bigbench', 'mix') becomes its cached file (built on first use,
+    the mix with its default sources); paths pass through."""
     if name == "bigbench":
         from .bigbench import build_bigbench_corpus
 
         return str(build_bigbench_corpus())
+    if name == "mix":
+        from .mix import build_mix
+
+        return str(build_mix())
     return name
