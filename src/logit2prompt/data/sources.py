@@ -179,6 +179,113 @@ def read_inspect_evals(archive: Path) -> Iterator[Row]:
         yield Row(text, "system", name)
 
 
+# OpenAI evals: MIT "except for the datasets specified" in its LICENSE.md (the first group);
+# the rest copy third-party benchmarks, exam banks or copyrighted text, so they are left out
+# too (a survey of all 470 folders, 2026-11; when in doubt, out).
+_EXAMS = (
+    "albanian arabic bulgarian croatian french german hungarian italian lithuanian macedonian "
+    "polish portuguese serbian spanish turkish vietnamese"
+)
+EVALS_EXCLUDED = {
+    "not MIT (LICENSE.md)": (
+        "text_compression steganography schelling_point ballots sandbagging theory_of_mind "
+        "already_said_that"
+    ),
+    "copies of benchmarks": (
+        "tracking-shuffled-objects error_recovery arc quartz coqa crepe corr2cause logiqa "
+        "logiqa-logical-reasoning-plus pararule-plus-multi-step-deductive-reasoning medmcqa "
+        "banking77 rucola russe russian-nlp-tasks abstract-causal-reasoning raven-matrices "
+        "integer-sequence-predictions sql product-ie product-matching ner_finance "
+        "ambiguous-sentences moral_exceptQA emotional-intelligence unsolvable_questions "
+        "ukraine_gec icelandic-sentences-gec multistep-web-tasks hr_ml_agent_bench sarcasm "
+        "heart-disease diabetes " + " ".join(f"{lang}-exams-qa" for lang in _EXAMS.split())
+    ),
+    "exam and contest question banks": (
+        "aime_evaluation euler_problems jee-math hindi_upsc ukraine_eit swedish_sat "
+        "japanese-national-medical-exam01 japanese-national-medical-exam02 "
+        "japanese-itpassport-exam01 japanese_driving_license marxist_philosophy_exam "
+        "cissp-study-questions atpl_exams accounting_audit russian_medical utah_real_estate "
+        "hard_russian_computer_science_tasks logical_reasoning_letter_series_test "
+        "number_series_test number_pattern diagrammatic_logic reasoning"
+    ),
+    "copyrighted or share-alike text": (
+        "guess_the_singer manga-translation chinese_modern_poem_identification abstract2title "
+        "research-question-extraction population_span_extraction consensus_summary "
+        "GPT-model-text-detection bias_detection ordered-history-events "
+        "singapore_data_protection_decisions ukraine_electronic_petitions coq-proof-step "
+        "skill_acquisition osm_mapping find_country_from_svg french-part-of-speech "
+        "german-part-of-speech"
+    ),
+}
+_EVALS_SKIP = {folder for group in EVALS_EXCLUDED.values() for folder in group.split()}
+EVALS_ROWS_PER_FILE = 300  # by hash of the raw line
+EVALS_PER_FOLDER = 25  # many folders are one template with a varying slot
+EVALS_PER_KEY = 2  # texts of a folder that share their first (or last) 8 words
+
+
+def _evals_messages(row: dict) -> Iterator[tuple[str, str]]:
+    """(kind, text) of one evals row: user turns, few-shot example users, and each run of
+    system messages as one system prompt (the request itself when a row has no user turn)."""
+    for key in ("input", "input1", "input2"):
+        value = row.get(key)
+        if isinstance(value, str):
+            yield "user", value
+        elif isinstance(value, list):
+            out, run = [], []
+            for m in [*value, None]:
+                m = m if isinstance(m, dict) and isinstance(m.get("content"), str) else None
+                if m and m.get("role") == "system" and not m.get("name"):
+                    run.append(m["content"])
+                    continue
+                if run:
+                    out.append(("system", "\n\n".join(run)))
+                    run = []
+                if m and (m.get("role") == "user" or m.get("name") == "example_user"):
+                    out.append(("user", m["content"]))
+            if not any(kind == "user" for kind, _ in out):
+                out = [("user", text) for _, text in out]
+            yield from out
+
+
+def read_evals(archive: Path) -> Iterator[Row]:
+    """OpenAI evals' registry prompts, de-templated: at most EVALS_PER_FOLDER texts per folder
+    and kind, and EVALS_PER_KEY per shared opening or closing 8 words (digits as 0)."""
+    import hashlib
+
+    counts: dict[tuple, int] = {}
+    for name, text in _Wheel(archive).files(r"evals/registry/data/.+\.jsonl$"):
+        folder = name.split("/")[3]
+        if folder in _EVALS_SKIP or text.startswith("version https://git-lfs"):
+            continue
+        lines = sorted(
+            (line for line in text.splitlines() if line.strip()),
+            key=lambda line: hashlib.blake2b(line.encode(), digest_size=8).digest(),
+        )[:EVALS_ROWS_PER_FILE]
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(row, dict):
+                continue
+            for kind, message in _evals_messages(row):
+                words = re.sub(r"\d", "0", message.lower()).split()
+                if len(words) < 3:
+                    continue
+                keys = [
+                    (folder, kind),
+                    (folder, kind, "head", tuple(words[:8])),
+                    (folder, kind, "tail", tuple(words[-8:])),
+                ]
+                if counts.get(keys[0], 0) >= EVALS_PER_FOLDER or any(
+                    counts.get(k, 0) >= EVALS_PER_KEY for k in keys[1:]
+                ):
+                    continue
+                for k in keys:
+                    counts[k] = counts.get(k, 0) + 1
+                yield Row(message, kind, name)
+
+
 def _source(name, package, version, filename, licence, cap, read, description) -> Source:
     return Source(name, Distribution(package, version, filename), licence, cap, read, description)
 
@@ -192,7 +299,7 @@ SOURCES: dict[str, Source] = {
             "1.0.0",
             "bigbench-1.0.0.tar.gz",
             "Apache-2.0",
-            12000,
+            8000,
             read_bigbench,
             "task inputs of 115 BIG-bench tasks",
         ),
@@ -202,7 +309,7 @@ SOURCES: dict[str, Source] = {
             "0.9.0",
             "chitchat_dataset-0.9.0-py3-none-any.whl",
             "MIT",
-            15000,
+            8000,
             read_chitchat,
             "open-domain chat messages (BYU PCC lab Chit-Chat Challenge)",
         ),
@@ -225,6 +332,16 @@ SOURCES: dict[str, Source] = {
             5000,
             read_pyrit,
             "red-team seed prompts, scorer objectives, tool system prompts",
+        ),
+        _source(
+            "evals",
+            "evals",
+            "3.0.1.post1",
+            "evals-3.0.1.post1-py3-none-any.whl",
+            "MIT (folders its LICENSE.md excepts are left out)",
+            5000,
+            read_evals,
+            "user turns and system prompts of OpenAI evals' registry, de-templated",
         ),
         _source(
             "inspect-evals",
