@@ -736,3 +736,82 @@ def test_gradient_checkpointing_trains_the_same_weights(preset, tiny_store, tiny
     ours, theirs = plain.state_dict(), checkpointed.state_dict()
     assert ours.keys() == theirs.keys()
     assert all(torch.allclose(ours[k], theirs[k], atol=1e-5) for k in ours)
+
+
+def test_slim_checkpoint_rebuilds_the_decoder_and_basis(tiny_store, tiny_lm_dir, tmp_path):
+    """A slim LoRA prefix-lm stores only what training changed; loading rebuilds the frozen
+    decoder from decoder_init (checked by hash) and the basis from the output layer, and
+    predicts exactly as the full checkpoint. Other recipes and changed decoders are refused."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    lm_copy = tmp_path / "lm"
+    shutil.copytree(tiny_lm_dir, lm_copy)
+    kw = dict(
+        preset="prefix-lm",
+        output_tokenizer=None,
+        decoder_init=str(lm_copy),
+        lora_rank=4,
+        max_steps=10,
+        overrides={"max_length": 24, "prefix_length": 4, "embed_hidden": 64},
+    )
+    model = Trainer(_cfg(tiny_store, tmp_path / "full", tiny_lm_dir, **kw)).run()
+    model.save_pretrained(tmp_path / "slim", slim=True)
+    full_size = (tmp_path / "full" / "model.safetensors").stat().st_size
+    slim_weights = load_file(tmp_path / "slim" / "model.safetensors")
+    assert (tmp_path / "slim" / "model.safetensors").stat().st_size < full_size / 2
+    assert not any(k.startswith("lm.") and "lora_" not in k for k in slim_weights)
+    assert "basis" not in slim_weights and "basis_coefficients" in slim_weights
+    derived = json.loads((tmp_path / "slim" / "derived.json").read_text())
+    assert derived["basis"]["error"] < 1e-4
+
+    slim = Inverter.from_pretrained(tmp_path / "slim")
+    for (name, p), q in zip(model.state_dict().items(), slim.state_dict().values(), strict=True):
+        assert torch.allclose(p, q, atol=1e-5 * max(1.0, float(p.abs().max()))), name
+    store = DistributionStore(tiny_store)
+    x = torch.from_numpy(store.vectors(range(6)))
+    assert slim.invert(x, num_beams=2) == model.invert(x, num_beams=2)
+
+    model.save_pretrained(tmp_path / "half", slim=True, dtype="float16")
+    assert load_file(tmp_path / "half" / "model.safetensors")["embed.0.weight"].dtype == (
+        torch.float16
+    )
+    half = Inverter.from_pretrained(tmp_path / "half")
+    assert torch.allclose(half.embed[0].weight, model.embed[0].weight, atol=1e-3)
+    # Saving a full checkpoint over a slim one leaves no stale record behind.
+    slim.save_pretrained(tmp_path / "half")
+    assert not (tmp_path / "half" / "derived.json").exists()
+
+    # Another decoder at decoder_init: the hash of the rebuilt weights says so.
+    weights = load_file(lm_copy / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] + 1.0
+    save_file(weights, str(lm_copy / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="differ from those"):
+        Inverter.from_pretrained(tmp_path / "slim")
+    (tmp_path / "slim" / "derived.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="derived.json is corrupted"):
+        Inverter.from_pretrained(tmp_path / "slim")
+    t5 = Trainer(_cfg(tiny_store, tmp_path / "t5", tiny_lm_dir, max_steps=1)).run()
+    with pytest.raises(CheckpointError, match="only a prefix-lm with LoRA"):
+        t5.save_pretrained(tmp_path / "t5-slim", slim=True)
+
+
+def test_shipped_inverters_load_by_name(trained, tmp_path, monkeypatch):
+    """`default` and a target's name resolve to the inverters shipped in the package; any
+    other name that is not a directory is refused with the list of what ships."""
+    import shutil
+
+    from logit2prompt.models import pretrained
+
+    out, _ = trained
+    monkeypatch.setattr(pretrained, "PRETRAINED_DIR", tmp_path / "pretrained")
+    with pytest.raises(CheckpointError, match="shipped: none"):
+        Inverter.from_pretrained("default")
+    shutil.copytree(out, tmp_path / "pretrained" / "smollm2-135m-instruct")
+    for name in ("default", "smollm2-135m-instruct"):
+        assert Inverter.from_pretrained(name).config.to_dict() == (
+            Inverter.from_pretrained(out).config.to_dict()
+        )
+    with pytest.raises(CheckpointError, match="shipped: default, smollm2-135m-instruct"):
+        Inverter.from_pretrained("no-such-inverter")

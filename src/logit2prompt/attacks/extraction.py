@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import Logit2PromptError
 from ..evaluation.metrics import sentence_bleu
+from ..targets.base import SYSTEM_MODES, system_message
 
 ATTACK_SEPARATOR = "\n\n"
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -43,8 +44,11 @@ def attack_input(target, prompt: str, attack: str) -> str:
     """What the target reads: the hidden prompt placed by its threat model, then the attack."""
     if target.mode == "raw":
         return prompt + ATTACK_SEPARATOR + attack
-    if target.mode == "system":
-        messages = [{"role": "system", "content": prompt}, {"role": "user", "content": attack}]
+    if target.mode in SYSTEM_MODES:
+        messages = [
+            {"role": "system", "content": system_message(prompt, target.mode)},
+            {"role": "user", "content": attack},
+        ]
     else:
         messages = [{"role": "user", "content": prompt + ATTACK_SEPARATOR + attack}]
         if target.system_prompt is not None:

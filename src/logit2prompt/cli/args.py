@@ -184,7 +184,8 @@ def add_target_args(p: argparse.ArgumentParser, *, full: bool = True) -> None:
             "--mode",
             choices=PROMPT_MODES,
             default="user",
-            help="raw text, the chat user turn, or the chat system turn (default: %(default)s)",
+            help="raw text, the chat user turn, the chat system turn, or the system turn "
+            "followed by a non-disclosure instruction (guarded) (default: %(default)s)",
         )
         g.add_argument(
             "--system-prompt",

@@ -343,6 +343,7 @@ def cmd_serve(args) -> None:
         api_key=api_key,
         max_tokens_limit=args.max_tokens_limit,
         max_in_flight=args.max_in_flight,
+        leak_filter=args.leak_filter,
     )
     args.mode = "raw"  # the server renders chat itself; the target's mode is unused
     target = load_cli_target(args)
@@ -350,6 +351,31 @@ def cmd_serve(args) -> None:
 
     print(json.dumps(startup_info(config, args.host, args.port)), flush=True)
     serve(target, config, host=args.host, port=args.port)
+
+
+def cmd_export(args) -> None:
+    import torch
+
+    from ..data.store import DistributionStore
+    from ..models.checkpoint import TRAINING_ARGS_NAME
+    from ..models.inverter import Inverter
+
+    source = Path(args.checkpoint)
+    model = Inverter.from_pretrained(source)
+    training_args = None
+    if (source / TRAINING_ARGS_NAME).is_file():
+        training_args = json.loads((source / TRAINING_ARGS_NAME).read_text())
+    model.save_pretrained(args.out, training_args, slim=True, dtype=args.dtype)
+    out = Path(args.out)
+    size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    print(f"slim checkpoint: {out} ({size / 1e6:.1f} MB, weights in {args.dtype})")
+    if args.verify_data:
+        store = DistributionStore(args.verify_data)
+        idx = list(range(min(args.verify_limit, len(store))))
+        x = torch.from_numpy(store.observations(idx, model.config.steps, model.token_subset))
+        slim = Inverter.from_pretrained(out)
+        same = sum(a == b for a, b in zip(model.invert(x), slim.invert(x), strict=True))
+        print(f"  greedy predictions identical to the original on {same} of {len(idx)} prompts")
 
 
 def cmd_info(args) -> None:

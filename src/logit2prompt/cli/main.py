@@ -20,6 +20,7 @@ from ..data.sampled import KINDS as SAMPLE_KINDS
 from ..data.sampled import SamplingConfig
 from ..data.store import DEFAULT_SHARD_SIZE, DEFAULT_STORE_DTYPE, FORMATS, STORE_DTYPES
 from ..errors import Logit2PromptError
+from ..models.checkpoint import SLIM_DTYPES
 from ..targets import DEFAULT_TARGET
 from .args import (
     VALUE,
@@ -35,6 +36,7 @@ from .commands import (
     cmd_data,
     cmd_defend_sweep,
     cmd_evaluate,
+    cmd_export,
     cmd_info,
     cmd_probe_api,
     cmd_quickstart,
@@ -56,6 +58,7 @@ __all__ = [
     "cmd_data",
     "cmd_defend_sweep",
     "cmd_evaluate",
+    "cmd_export",
     "cmd_info",
     "cmd_probe_api",
     "cmd_invert",
@@ -251,10 +254,15 @@ EXAMPLES = {
     "serve": [
         "logit2prompt serve --max-top-logprobs 5 --logprobs-mode after --port 8000",
         'logit2prompt serve --defense "topk:20" --api-key-env SERVE_KEY --host 0.0.0.0',
+        "logit2prompt serve --leak-filter 0.5   # a guarded deployment's prompt-leak filter",
     ],
     "probe-api": [
         "logit2prompt probe-api --target openai:http://127.0.0.1:8000/v1:smollm2-135m-instruct \\",
         "    --plot probe.png --json probe.json",
+    ],
+    "export": [
+        "logit2prompt export --checkpoint runs/inv --out shipped/inv --verify-data stores/val",
+        "logit2prompt export --checkpoint runs/inv --out shipped/inv --dtype float16",
     ],
     "info": [
         "logit2prompt info stores/train",
@@ -277,7 +285,12 @@ def _command(sub, name: str, help: str, func) -> argparse.ArgumentParser:
 
 
 def _add_invert_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="an inverter checkpoint directory")
+    p.add_argument(
+        "--checkpoint",
+        default="default",
+        help="an inverter checkpoint directory, or a shipped inverter's name "
+        "(default: %(default)s, the one for the embedded default target)",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="a prompt: run the target on it, then invert (demo)")
     src.add_argument("--vectors", help=".npy or .safetensors log-prob vectors")
@@ -511,6 +524,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-tokens-limit", type=int, default=256)
     p.add_argument("--max-in-flight", type=int, default=16, help="more concurrent requests: 429")
+    p.add_argument(
+        "--leak-filter",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="refuse chat replies that repeat this fraction of the system message's word "
+        "3-grams (a prompt-leak guard; e.g. 0.5)",
+    )
     p.set_defaults(system_prompt=None, batch_size=1)
 
     p = _command(
@@ -541,6 +562,24 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "info", "print a store's manifest or an inverter checkpoint's summary", cmd_info
     )
     p.add_argument("path", help="a distribution store or an inverter checkpoint directory")
+
+    p = _command(
+        sub, "export", "write a slim copy of a LoRA prefix-lm checkpoint (to ship)", cmd_export
+    )
+    p.add_argument("--checkpoint", required=True, help="a trained LoRA prefix-lm checkpoint")
+    p.add_argument("--out", required=True, help="directory of the slim checkpoint")
+    p.add_argument(
+        "--dtype",
+        choices=SLIM_DTYPES,
+        default="float32",
+        help="precision of the stored weights (default: %(default)s)",
+    )
+    p.add_argument(
+        "--verify-data",
+        default=None,
+        help="a store: invert its first --verify-limit prompts with both copies and compare",
+    )
+    p.add_argument("--verify-limit", type=int, default=32)
     return parser
 
 

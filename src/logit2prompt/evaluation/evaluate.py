@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..defenses.leak import LeakFilter
 from ..errors import Logit2PromptError
 from ..recipes import methods
 from ..recipes.methods import INVERTER, REFINED, RERANKED  # noqa: F401 (their row names)
+from ..targets.base import SYSTEM_MODES
 from .metrics import per_example_scores, summarize
 
 logger = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ EXAMPLES_PER_KIND = 5
 class EvalConfig:
     """What to evaluate, on which prompts, against which baselines."""
 
-    checkpoint: str = dataclasses.field(metadata={"help": "the inverter checkpoint"})
+    checkpoint: str = dataclasses.field(metadata={"help": "the inverter checkpoint, or a shipped inverter by name (default)"})
     prompts: str
     out: str = dataclasses.field(
         metadata={"help": "output directory (results.json, predictions.jsonl, report.html)"}
@@ -73,6 +75,14 @@ class EvalConfig:
     )
     text_checkpoint: str | None = dataclasses.field(
         default=None, metadata={"help": "a text-only inverter (`logit2prompt train-text`)"}
+    )
+    leak_filter: float | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "a guarded deployment's reply filter: a reply repeating this fraction of "
+            "the hidden prompt's word 3-grams is refused (extraction faces it; its cost on "
+            "innocuous turns is reported)"
+        },
     )
     rerank: bool = dataclasses.field(
         default=False,
@@ -157,6 +167,7 @@ def method_context(cfg: EvalConfig, inverter, target, references, vectors) -> me
         batch_size=cfg.batch_size,
         refine_rounds=cfg.refine_rounds,
         attacks=cfg.attacks,
+        leak_filter=LeakFilter(cfg.leak_filter) if cfg.leak_filter else None,
         text_checkpoint=cfg.text_checkpoint,
         progress=cfg.progress,
     )
@@ -289,6 +300,25 @@ def _first(x):
     return x[0] if isinstance(x, list) else x
 
 
+def leak_filter_report(cfg: EvalConfig, target, references, notes: dict) -> dict | None:
+    """What the reply filter did: extraction replies it refused, and what it costs, the
+    target's replies to the innocuous user turn it refuses too (system modes only)."""
+    if not cfg.leak_filter:
+        return None
+    leak = LeakFilter(cfg.leak_filter)
+    report = {
+        "threshold": cfg.leak_filter,
+        "extraction_refused": notes.get("extraction_refused"),
+        "innocuous_refused": None,
+    }
+    if target.mode in SYSTEM_MODES:
+        replies = target.complete([target.render(p) for p in references])
+        refused = sum(leak.blocks(r, p) for r, p in zip(replies, references, strict=True))
+        report["innocuous_refused"] = {"refused": refused, "n": len(references)}
+        logger.info("leak filter: %d of %d innocuous replies refused", refused, len(references))
+    return report
+
+
 def evaluate(cfg: EvalConfig) -> dict:
     """Run the evaluation; writes results.json, predictions.jsonl and report.html under out."""
     from ..attacks.invert import target_for
@@ -324,6 +354,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     ctx = method_context(cfg, inverter, target, references, vectors)
     preds = methods.run_methods(selected_methods(cfg), ctx)
     best_attack = ctx.notes.get("best_attack")
+    leak = leak_filter_report(cfg, target, references, ctx.notes)
     for path in cfg.predictions:
         preds[Path(path).stem] = read_predictions(path, references)
     per = score_methods(cfg, target, preds, references, vectors)
@@ -339,6 +370,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             "dropped": corpus.dropped,
         },
         "best_attack": best_attack,
+        "leak_filter": leak,
         "summary": summary,
         "by_length": length_breakdown(references, per),
         "group_field": field,

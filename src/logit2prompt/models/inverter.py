@@ -284,11 +284,20 @@ class Inverter(nn.Module):
         return [texts[i : i + k] for i in range(0, len(texts), k)]
 
     # ------------------------------------------------------------------ checkpoints
-    def save_pretrained(self, directory: str | Path, training_args: dict | None = None) -> None:
-        """Write weights (safetensors), config, tokenizer, fingerprint and training args."""
+    def save_pretrained(
+        self,
+        directory: str | Path,
+        training_args: dict | None = None,
+        *,
+        slim: bool = False,
+        dtype: str = "float32",
+    ) -> None:
+        """Write weights (safetensors), config, tokenizer, fingerprint and training args.
+        `slim` (a LoRA prefix-lm): leave out what the decoder's pretrained weights give back,
+        and store the rest in `dtype` (see `checkpoint.py`)."""
         from .checkpoint import save_inverter
 
-        save_inverter(self, directory, training_args)
+        save_inverter(self, directory, training_args, slim=slim, dtype=dtype)
 
     def save_extra(self, directory: Path) -> None:
         """Architecture-specific files beside the weights (none by default)."""
@@ -296,7 +305,8 @@ class Inverter(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | None = None) -> Inverter:
         """Load a checkpoint written by `save_pretrained` (either architecture, checkpoint
-        versions 1 and 2); CheckpointError if it is foreign or corrupted."""
+        versions 1 and 2, full or slim), or a shipped inverter by name (`"default"`,
+        `"smollm2-135m-instruct"`); CheckpointError if it is foreign or corrupted."""
         from .checkpoint import load_inverter
 
         model = load_inverter(directory, device)

@@ -94,8 +94,11 @@ def load_causal_lm(init: str | None, config: dict | None = None):
         return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg))
     if not init:
         raise CheckpointError("a causal decoder needs decoder_init (a hub id or directory)")
+    from ..targets.embedded import target_weights
+
     try:
-        return AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
+        # A built-in target's name (a slim checkpoint's portable decoder_init) resolves here.
+        return AutoModelForCausalLM.from_pretrained(target_weights(init), dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot load the decoder LM {init!r}: {exc}") from exc
 

@@ -60,6 +60,7 @@ class MethodContext:
     confidence_nats: float = DEFAULT_CONFIDENCE_NATS
     refine_rounds: int = 0
     attacks: str | None = None  # JSON file of extraction strings (None: the built-in list)
+    leak_filter: object | None = None  # a LeakFilter on the extraction replies (guarded)
     text_checkpoint: str | None = None
     progress: bool = True
     keep_beams: bool = False  # the inverter's row decodes all `num_beams` beams (see `beams`)
@@ -292,6 +293,14 @@ def _extraction(ctx: MethodContext) -> dict[str, list[str]]:
     attacks = load_attacks(ctx.attacks)
     logger.info("extraction attacks: %d strings", len(attacks))
     replies = extraction_predictions(ctx.target, ctx.references, attacks)
+    if ctx.leak_filter is not None:
+        # The deployment refuses replies that repeat the prompt: that is what the attack gets.
+        refused = {}
+        for attack, texts in replies.items():
+            pairs = list(zip(texts, ctx.references, strict=True))
+            refused[attack] = sum(ctx.leak_filter.blocks(r, p) for r, p in pairs)
+            replies[attack] = [ctx.leak_filter(r, p) for r, p in pairs]
+        ctx.notes["extraction_refused"] = {"per_attack": refused, "n": len(ctx.references)}
     best, best_preds, oracle = best_and_oracle(replies, ctx.references)
     ctx.notes["best_attack"] = best
     return {EXTRACTION_BEST: best_preds, EXTRACTION_ORACLE: oracle}

@@ -19,6 +19,7 @@ import secrets
 import time
 import uuid
 
+from ..defenses.leak import LeakFilter
 from ..targets.hf import HFTarget
 from ..targets.vocab import token_text
 from .engine import MIN_TEMPERATURE, PROMPT_CACHE_SIZE, Engine, Step
@@ -71,6 +72,7 @@ def create_app(target: HFTarget, config: ServerConfig | None = None):
 
     config = config or ServerConfig()
     engine = Engine(target, config)
+    leak = LeakFilter(config.leak_filter) if config.leak_filter else None
     app = FastAPI(
         title="logit2prompt OpenAI-compatible server",
         version="1",
@@ -255,6 +257,16 @@ def create_app(target: HFTarget, config: ServerConfig | None = None):
         except Exception as exc:  # the template's own checks (role order and the like)
             raise ServerError(f"the chat template rejected the messages: {exc}") from exc
         steps, finish = await run(ids, req, max_tokens, top)
+        content = engine.text(steps)
+        system = "\n".join(m["content"] for m in messages if m["role"] == "system")
+        if leak is not None and system and leak.blocks(content, system):
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": leak.refusal},
+                "logprobs": None,
+                "finish_reason": "content_filter",
+            }
+            return envelope("chat.completion", "chatcmpl", choice, len(ids), steps)
         logprobs = None
         if req.logprobs:
             logprobs = {
@@ -268,7 +280,7 @@ def create_app(target: HFTarget, config: ServerConfig | None = None):
             }
         choice = {
             "index": 0,
-            "message": {"role": "assistant", "content": engine.text(steps)},
+            "message": {"role": "assistant", "content": content},
             "logprobs": logprobs,
             "finish_reason": finish,
         }
@@ -285,6 +297,7 @@ def startup_info(config: ServerConfig, host: str, port: int) -> dict:
         "max_top_logprobs": config.max_top_logprobs,
         "logprobs_mode": config.logprobs_mode,
         "defense": config.chain.spec or None,
+        "leak_filter": config.leak_filter,
         "auth": config.api_key is not None,
     }
 

@@ -43,6 +43,9 @@ class ServerConfig:
     max_logit_bias_entries: int = 1024
     max_body_bytes: int = 1 << 20
     max_in_flight: int = 16  # requests beyond this get 429 instead of queueing without bound
+    # A prompt-leak guard: a chat reply repeating this fraction of the system message's word
+    # 3-grams is replaced by a refusal, without log-probs (finish_reason "content_filter").
+    leak_filter: float | None = None
     chain: DefenseChain = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -51,6 +54,8 @@ class ServerConfig:
         if not 0 <= self.max_top_logprobs <= OPENAI_TOP_LOGPROBS_CAP:
             raise ServerError(f"max_top_logprobs must be 0..{OPENAI_TOP_LOGPROBS_CAP}")
         self.chain = parse_defense(self.defense)
+        if self.leak_filter is not None and not 0 < self.leak_filter <= 1:
+            raise ServerError(f"leak_filter must be in (0, 1], got {self.leak_filter}")
 
 
 Bias = dict[str, Annotated[float, Field(ge=-BIAS_LIMIT, le=BIAS_LIMIT)]]

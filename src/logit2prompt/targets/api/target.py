@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ...errors import TargetError
-from ..base import Target, TargetFingerprint
+from ..base import PROMPT_MODES, Target, TargetFingerprint
 from ..subset import RESIDUAL_TOLERANCE
 from .strategies import (
     DEFAULT_BIAS,
@@ -117,7 +117,7 @@ class OpenAITarget(Target):
     ):
         if strategy not in ("auto", *STRATEGIES):
             raise TargetError(f"unknown strategy {strategy!r}; choose auto or {STRATEGIES}")
-        if mode not in ("raw", "user", "system"):
+        if mode not in PROMPT_MODES:
             raise TargetError(f"unknown prompt mode {mode!r}")
         self.tokenizer = (
             load_tokenizer(model, None)

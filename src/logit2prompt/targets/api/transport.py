@@ -22,6 +22,7 @@ from typing import TypeVar
 
 from ...cache import cache_dir
 from ...errors import TargetError
+from ..base import SYSTEM_MODES, system_message
 from ..vocab import token_bytes, token_text
 
 logger = logging.getLogger(__name__)
@@ -217,9 +218,9 @@ class Transport:
         messages = [{"role": "user", "content": prompt}]
         if self.mode == "user" and self.system_prompt is not None:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
-        if self.mode == "system":
+        if self.mode in SYSTEM_MODES:
             messages = [
-                {"role": "system", "content": prompt},
+                {"role": "system", "content": system_message(prompt, self.mode)},
                 {"role": "user", "content": self.user_turn},
             ]
         body["messages"] = messages

@@ -1,0 +1,143 @@
+"""What the training corpus buys out of domain: inverters trained on different corpora, scored
+on the same in-domain and out-of-domain stores, with paired gains over the first run.
+
+    python benchmarks/corpus_ood.py --runs bigbench=runs/eff/new mix=runs/mix/inv \
+        --sets bigbench=runs/steps/test:500 mix=runs/mix/test \
+               chatterbot=runs/steps/chatterbot_first_turns ...
+
+Each run is a trained checkpoint (same recipe and budget, different `--data`); each set is a
+store of held-out prompts (`NAME=STORE[:LIMIT]`, a seeded sample of LIMIT prompts). Greedy
+inversion of every prompt by every run; BLEU / token F1 / exact with 95% bootstrap CIs, and per
+run after the first its paired gain over the first. Predictions are cached in each run's
+directory, per set and prompt list. Writes benchmarks/results/corpus_ood.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from logit2prompt.attacks.invert import target_from_fingerprint
+from logit2prompt.data.store import DistributionStore
+from logit2prompt.evaluation.metrics import paired_gain, score
+from logit2prompt.evaluation.results import write_results
+from logit2prompt.models.inverter import Inverter
+
+RESULTS = Path(__file__).parent / "results" / "corpus_ood.json"
+BATCH = 32
+
+
+def _pairs(items: list[str], what: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"{what} takes NAME=VALUE, got {item!r}")
+        out[name] = value
+    return out
+
+
+def sample(n: int, limit: int | None, seed: int) -> list[int]:
+    if not limit or limit >= n:
+        return list(range(n))
+    return sorted(np.random.default_rng(seed).choice(n, limit, replace=False).tolist())
+
+
+def predictions(model: Inverter, store: DistributionStore, idx: list[int], cache: Path) -> list:
+    """Greedy inversions, reused from `cache` only for the very same hidden prompts."""
+    key = hashlib.sha256(json.dumps([store.prompts[i] for i in idx]).encode()).hexdigest()
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("prompts_sha256") == key:
+            return saved["predictions"]
+    preds: list[str] = []
+    steps = model.config.steps
+    for start in range(0, len(idx), BATCH):
+        chunk = idx[start : start + BATCH]
+        x = torch.from_numpy(store.observations(chunk, steps, model.token_subset))
+        preds += model.invert(x, batch_size=BATCH)
+    cache.write_text(json.dumps({"prompts_sha256": key, "predictions": preds}))
+    return preds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", nargs="+", required=True, help="NAME=CHECKPOINT ...")
+    parser.add_argument("--sets", nargs="+", required=True, help="NAME=STORE[:LIMIT] ...")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    runs = {name: Path(path) for name, path in _pairs(args.runs, "--runs").items()}
+    sets = {}
+    for name, spec in _pairs(args.sets, "--sets").items():
+        path, _, limit = spec.partition(":")
+        sets[name] = (DistributionStore(path), int(limit) if limit else None)
+
+    results: dict = {"runs": {}, "scores": {}}
+    for name, path in runs.items():
+        training = json.loads((path / "training_args.json").read_text())
+        history = training.get("history") or [{}]
+        results["runs"][name] = {
+            "data": training.get("data"),
+            "train_minutes": history[-1].get("train_minutes"),
+            "steps": history[-1].get("step"),
+            "final_val_loss": history[-1].get("val_loss"),
+        }
+    first_store = next(iter(sets.values()))[0]
+    target = target_from_fingerprint(first_store.fingerprint, batch_size=16)
+    models = {name: Inverter.from_pretrained(path) for name, path in runs.items()}
+    first = next(iter(runs))
+    for set_name, (store, limit) in sets.items():
+        store.attach(target)
+        idx = sample(len(store), limit, args.seed)
+        refs = [store.prompts[i] for i in idx]
+        preds = {}
+        for name, model in models.items():
+            cache = runs[name] / f"predictions-{set_name}.json"
+            preds[name] = predictions(model, store, idx, cache)
+            row = {"prompts": len(idx), **score(preds[name], refs)}
+            if name != first:
+                row[f"gain_over_{first}"] = paired_gain(preds[name], preds[first], refs)
+            row["examples"] = [
+                {"hidden": h, "recovered": p}
+                for h, p in zip(refs[:4], preds[name][:4], strict=True)
+            ]
+            results["scores"].setdefault(set_name, {})[name] = row
+            write_results(args.out, results, command=["python", *sys.argv])
+            print(
+                f"{set_name:14} {name:10} BLEU {row['bleu']['mean']:5.1f} "
+                f"F1 {row['token_f1']['mean']:5.1f}",
+                flush=True,
+            )
+    print(table(results, first))
+
+
+def table(results: dict, first: str) -> str:
+    lines = [
+        "| set | run | prompts | BLEU [95% CI] | token F1 | paired BLEU gain |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for set_name, rows in results["scores"].items():
+        for name, row in rows.items():
+            b, f = row["bleu"], row["token_f1"]
+            gain = row.get(f"gain_over_{first}", {}).get("bleu")
+            gain_text = (
+                f"{gain['mean']:+.1f} [{gain['ci95'][0]:+.1f}, {gain['ci95'][1]:+.1f}]"
+                if gain
+                else "-"
+            )
+            lines.append(
+                f"| {set_name} | {name} | {row['prompts']} | {b['mean']:.1f} "
+                f"[{b['ci95'][0]:.1f}, {b['ci95'][1]:.1f}] | {f['mean']:.1f} | {gain_text} |"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Inverters shipped inside the package, loaded by name (`Inverter.from_pretrained(NAME)`,
+`--checkpoint NAME`): `default` is the one for the embedded default target."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import CheckpointError
+
+PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
+DEFAULT_NAME = "default"
+CONFIG_NAME = "inverter_config.json"
+
+
+def shipped() -> list[str]:
+    """Names of the shipped inverters (each a slim checkpoint directory)."""
+    if not PRETRAINED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in PRETRAINED_DIR.iterdir() if (p / CONFIG_NAME).is_file())
+
+
+def resolve_checkpoint(name_or_dir: str | Path) -> Path:
+    """A checkpoint directory as given, or the shipped inverter of that name ('default': the
+    one for the embedded default target); CheckpointError naming what exists otherwise."""
+    path = Path(name_or_dir)
+    if path.exists():
+        return path
+    name = str(name_or_dir)
+    if name == DEFAULT_NAME:
+        from ..targets.embedded import DEFAULT_TARGET
+
+        name = DEFAULT_TARGET
+    candidate = PRETRAINED_DIR / name
+    if (candidate / CONFIG_NAME).is_file():
+        return candidate
+    names = ", ".join([DEFAULT_NAME, *shipped()]) if shipped() else "none"
+    raise CheckpointError(
+        f"{name_or_dir} is neither a checkpoint directory nor a shipped inverter (shipped: {names})"
+    )
