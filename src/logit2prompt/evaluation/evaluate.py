@@ -41,7 +41,9 @@ EXAMPLES_PER_KIND = 5
 class EvalConfig:
     """What to evaluate, on which prompts, against which baselines."""
 
-    checkpoint: str = dataclasses.field(metadata={"help": "the inverter checkpoint, or a shipped inverter by name (default)"})
+    checkpoint: str = dataclasses.field(
+        metadata={"help": "the inverter checkpoint, or a shipped inverter by name (default)"}
+    )
     prompts: str
     out: str = dataclasses.field(
         metadata={"help": "output directory (results.json, predictions.jsonl, report.html)"}
