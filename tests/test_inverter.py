@@ -738,7 +738,7 @@ def test_gradient_checkpointing_trains_the_same_weights(preset, tiny_store, tiny
     assert all(torch.allclose(ours[k], theirs[k], atol=1e-5) for k in ours)
 
 
-def test_slim_checkpoint_rebuilds_the_decoder_and_basis(tiny_store, tiny_lm_dir, tmp_path):
+def test_slim_checkpoint_rebuilds_the_decoder_and_basis(tiny_store, tiny_lm_dir, tmp_path, capsys):
     """A slim LoRA prefix-lm stores only what training changed; loading rebuilds the frozen
     decoder from decoder_init (checked by hash) and the basis from the output layer, and
     predicts exactly as the full checkpoint. Other recipes and changed decoders are refused."""
@@ -766,6 +766,28 @@ def test_slim_checkpoint_rebuilds_the_decoder_and_basis(tiny_store, tiny_lm_dir,
     derived = json.loads((tmp_path / "slim" / "derived.json").read_text())
     assert derived["basis"]["error"] < 1e-4
 
+    from logit2prompt.cli.main import main
+
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(tmp_path / "full"),
+                "--out",
+                str(tmp_path / "cli"),
+                "--verify-data",
+                str(tiny_store),
+                "--verify-limit",
+                "4",
+            ]
+        )
+        == 0
+    )
+    assert "identical to the original on 4 of 4" in capsys.readouterr().out
+    assert json.loads((tmp_path / "cli" / "inverter_config.json").read_text())["decoder_init"] == (
+        str(lm_copy)
+    )
     slim = Inverter.from_pretrained(tmp_path / "slim")
     for (name, p), q in zip(model.state_dict().items(), slim.state_dict().values(), strict=True):
         assert torch.allclose(p, q, atol=1e-5 * max(1.0, float(p.abs().max()))), name
@@ -815,3 +837,18 @@ def test_shipped_inverters_load_by_name(trained, tmp_path, monkeypatch):
         )
     with pytest.raises(CheckpointError, match="shipped: default, smollm2-135m-instruct"):
         Inverter.from_pretrained("no-such-inverter")
+
+
+@pytest.mark.embedded
+def test_the_shipped_inverter_loads_offline_and_reads_its_target():
+    """The inverter in the package loads by name from its slim files and the embedded target's
+    weights (no network), and inverts that target's distributions."""
+    from logit2prompt.attacks.invert import target_for
+
+    model = Inverter.from_pretrained("default")
+    assert model.config.decoder_init == "smollm2-135m-instruct" and model.config.lora_rank
+    target = target_for(model)
+    assert target.fingerprint.id == model.fingerprint.id
+    x = target.next_token_logprobs(["Can you help me plan a birthday party?"], model.config.steps)
+    (text,) = model.invert(x)
+    assert isinstance(text, str) and text.strip()
