@@ -26,7 +26,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, TargetError
 from ..targets.base import TargetFingerprint
 from .config import CAUSAL, InverterConfig
 from .retrieval import NeighbourMemory
@@ -112,7 +112,7 @@ def _portable_init(init: str | None) -> str | None:
         try:
             if Path(init).resolve() == Path(target_weights(DEFAULT_TARGET)).resolve():
                 return DEFAULT_TARGET
-        except Exception:  # the embedded target is not installed: keep the path
+        except (TargetError, OSError):  # the embedded target is not installed: keep the path
             return init
     return init
 
