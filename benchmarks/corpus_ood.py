@@ -23,8 +23,10 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
+
+# The same seeded draw of test prompts as train_efficiency.py, whose caches are reused here.
+from train_efficiency import sample
 
 from logit2prompt.attacks.invert import target_from_fingerprint
 from logit2prompt.data.store import DistributionStore
@@ -45,12 +47,6 @@ def _pairs(items: list[str], what: str) -> dict[str, str]:
             raise SystemExit(f"{what} takes NAME=VALUE, got {item!r}")
         out[name] = value
     return out
-
-
-def sample(n: int, limit: int | None, seed: int) -> list[int]:
-    if not limit or limit >= n:
-        return list(range(n))
-    return sorted(np.random.default_rng(seed).choice(n, limit, replace=False).tolist())
 
 
 def predictions(model: Inverter, store: DistributionStore, idx: list[int], cache: Path) -> list:
@@ -116,7 +112,7 @@ def main() -> None:
     first = next(iter(runs))
     for set_name, (store, limit) in sets.items():
         store.attach(target)
-        idx = sample(len(store), limit, args.seed)
+        idx = sample(store, limit, args.seed)
         refs = [store.prompts[i] for i in idx]
         preds = {}
         if args.extraction:

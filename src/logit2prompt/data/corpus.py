@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,17 @@ SUFFIXES = (".jsonl", ".json", ".csv", ".txt", ".parquet")
 def normalise(text: str) -> str:
     """Collapse all runs of whitespace to one space and strip the ends."""
     return " ".join(text.split())
+
+
+def words_of(text: str) -> list[str]:
+    """Lower-cased runs of letters and digits: the words n-gram overlaps compare (case and
+    punctuation ignored)."""
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def word_ngrams(words: Sequence[str], n: int) -> set[tuple[str, ...]]:
+    """The distinct n-grams of a word list (none when it is shorter than n)."""
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
 def split_of(text: str) -> str:

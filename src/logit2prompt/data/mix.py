@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..cache import cache_dir
+from ..cache import cache_dir, sha256_file
 from ..errors import CorpusError
-from .corpus import normalise, read_rows, split_of
+from .corpus import normalise, read_rows, split_of, word_ngrams, words_of
 from .packages import fetch
 from .sources import SOURCES, Row
 
@@ -75,10 +75,11 @@ def reason_to_drop(text: str) -> str | None:
 
 
 def _grams(text: str, n: int = NGRAM) -> set[tuple[str, ...]]:
-    words = re.findall(r"[a-z0-9]+", text.lower())
+    """Word n-grams; a text of fewer than n words is one gram, its whole word sequence."""
+    words = words_of(text)
     if len(words) < n:
         return {tuple(words)} if words else set()
-    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+    return word_ngrams(words, n)
 
 
 class NearDuplicateIndex:
@@ -144,14 +145,6 @@ def _hash_key(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _archive_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def build_mix(
     out: str | os.PathLike | None = None,
     *,
@@ -170,10 +163,11 @@ def build_mix(
     out = Path(out) if out else cache_dir("corpora") / MIX_NAME
     # What was asked for: a cached corpus is reused only for the very same request, so a new
     # --exclude file (or cap, or source) can never be skipped silently.
+    digests = {str(p): sha256_file(p) for p in exclude if Path(p).is_file()}
     request = {
         "sources": list(sources),
         "caps": dict(sorted((caps or {}).items())),
-        "exclude": [_archive_sha256(Path(p)) for p in exclude if Path(p).is_file()],
+        "exclude": [digests[str(p)] for p in exclude if str(p) in digests],
         "exclude_field": exclude_field,
         "threshold": threshold,
         "extra": {k: len(v) for k, v in (extra or {}).items()},
@@ -211,7 +205,7 @@ def build_mix(
             src.dist.package if src.dist else None,
             src.dist.version if src.dist else None,
             src.licence,
-            _archive_sha256(archive) if archive else None,
+            sha256_file(archive) if archive else None,
         )
         named.append((name, src.read(archive), report))
     for name, candidates in (extra or {}).items():
@@ -284,7 +278,7 @@ def build_mix(
             "template_slot": TEMPLATE_SLOT.pattern,
         },
         "exclusion": {
-            "files": [{"name": Path(p).name, "sha256": _archive_sha256(Path(p))} for p in exclude],
+            "files": [{"name": Path(p).name, "sha256": digests[str(p)]} for p in exclude],
             "field": exclude_field,
             "texts": len(index),
             "ngram": NGRAM,

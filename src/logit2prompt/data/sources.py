@@ -20,6 +20,9 @@ from pathlib import Path
 
 import yaml
 
+from .bigbench import LICENCE as BIGBENCH_LICENCE
+from .bigbench import SDIST as BIGBENCH_SDIST
+from .bigbench import build_bigbench_corpus
 from .corpus import read_rows
 from .packages import Distribution
 
@@ -81,8 +84,6 @@ def _csv_rows(text: str) -> list[dict]:
 # --------------------------------------------------------------------------- readers
 def read_bigbench(_: Path | None) -> Iterator[Row]:
     """BIG-bench task inputs, through the `data bigbench` corpus (its own cache)."""
-    from .bigbench import build_bigbench_corpus
-
     for row in read_rows(str(build_bigbench_corpus())):
         yield Row(row["prompt"], "user", f"bigbench/{row.get('task', '')}")
 
@@ -293,12 +294,10 @@ def _source(name, package, version, filename, licence, cap, read, description) -
 SOURCES: dict[str, Source] = {
     s.name: s
     for s in (
-        _source(
+        Source(
             "bigbench",
-            "bigbench",
-            "1.0.0",
-            "bigbench-1.0.0.tar.gz",
-            "Apache-2.0",
+            BIGBENCH_SDIST,
+            BIGBENCH_LICENCE,
             8000,
             read_bigbench,
             "task inputs of 115 BIG-bench tasks",

@@ -8,28 +8,24 @@ costs is the innocuous replies it blocks too (`evaluate` reports them).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+
+from ..data.corpus import word_ngrams, words_of
 
 DEFAULT_LEAK_THRESHOLD = 0.5
 REFUSAL = "I'm sorry, but I can't share that."
 NGRAM = 3
 
 
-def _grams(text: str, n: int) -> set[tuple[str, ...]]:
-    words = re.findall(r"[a-z0-9]+", text.lower())
-    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
-
-
 def leak_score(reply: str, hidden: str) -> float:
     """Fraction of the hidden prompt's word 3-grams (fewer words: its whole word sequence)
     that the reply repeats, case and punctuation ignored."""
-    words = re.findall(r"[a-z0-9]+", hidden.lower())
+    words = words_of(hidden)
     if not words:
         return 0.0
     n = min(NGRAM, len(words))
-    secret = _grams(hidden, n)
-    return len(secret & _grams(reply, n)) / len(secret)
+    secret = word_ngrams(words, n)
+    return len(secret & word_ngrams(words_of(reply), n)) / len(secret)
 
 
 @dataclass(frozen=True)

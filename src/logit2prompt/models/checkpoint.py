@@ -158,12 +158,21 @@ def slim_state(model, dtype: str = "float32") -> tuple[dict, dict]:
     return tensors, derived
 
 
-def _basis_coefficients(head, basis):
-    """Least-squares coefficients C with [head, 1] @ C = basis, and the largest error of the
-    basis rebuilt from float32 C, relative to the largest basis entry."""
+def _basis_design(head):
+    """`[head, 1]` in float64: the decoder's output layer and a constant column, the span a
+    slim checkpoint's basis is rebuilt from."""
     import torch
 
-    design = torch.cat([head.detach().double(), torch.ones(len(head), 1, dtype=torch.float64)], 1)
+    head = head.detach().double()
+    return torch.cat([head, torch.ones(len(head), 1, dtype=torch.float64)], 1)
+
+
+def _basis_coefficients(head, basis):
+    """Least-squares coefficients C with [head, 1] @ C = basis, and the largest error of the
+    basis rebuilt from float32 C (as loading rebuilds it), relative to the largest entry."""
+    import torch
+
+    design = _basis_design(head)
     coefficients = torch.linalg.lstsq(design, basis.double()).solution
     rebuilt = design @ coefficients.float().double()
     error = float(
@@ -173,10 +182,7 @@ def _basis_coefficients(head, basis):
 
 
 def _rebuild_basis(model, coefficients) -> None:
-    import torch
-
-    head = model.lm.get_output_embeddings().weight.detach().double()
-    design = torch.cat([head, torch.ones(len(head), 1, dtype=torch.float64)], 1)
+    design = _basis_design(model.lm.get_output_embeddings().weight)
     model.basis.copy_((design @ coefficients.double()).float())
 
 

@@ -6,17 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import CheckpointError
+from .checkpoint import is_checkpoint
 
 PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
 DEFAULT_NAME = "default"
-CONFIG_NAME = "inverter_config.json"
 
 
 def shipped() -> list[str]:
     """Names of the shipped inverters (each a slim checkpoint directory)."""
     if not PRETRAINED_DIR.is_dir():
         return []
-    return sorted(p.name for p in PRETRAINED_DIR.iterdir() if (p / CONFIG_NAME).is_file())
+    return sorted(p.name for p in PRETRAINED_DIR.iterdir() if is_checkpoint(p))
 
 
 def resolve_checkpoint(name_or_dir: str | Path) -> Path:
@@ -31,9 +31,10 @@ def resolve_checkpoint(name_or_dir: str | Path) -> Path:
 
         name = DEFAULT_TARGET
     candidate = PRETRAINED_DIR / name
-    if (candidate / CONFIG_NAME).is_file():
+    if is_checkpoint(candidate):
         return candidate
-    names = ", ".join([DEFAULT_NAME, *shipped()]) if shipped() else "none"
+    names = shipped()
+    names = ", ".join([DEFAULT_NAME, *names]) if names else "none"
     raise CheckpointError(
         f"{name_or_dir} is neither a checkpoint directory nor a shipped inverter (shipped: {names})"
     )

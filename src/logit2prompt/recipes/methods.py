@@ -295,11 +295,13 @@ def _extraction(ctx: MethodContext) -> dict[str, list[str]]:
     replies = extraction_predictions(ctx.target, ctx.references, attacks)
     if ctx.leak_filter is not None:
         # The deployment refuses replies that repeat the prompt: that is what the attack gets.
-        refused = {}
+        leak, refused = ctx.leak_filter, {}
         for attack, texts in replies.items():
-            pairs = list(zip(texts, ctx.references, strict=True))
-            refused[attack] = sum(ctx.leak_filter.blocks(r, p) for r, p in pairs)
-            replies[attack] = [ctx.leak_filter(r, p) for r, p in pairs]
+            blocked = [leak.blocks(r, p) for r, p in zip(texts, ctx.references, strict=True)]
+            refused[attack] = sum(blocked)
+            replies[attack] = [
+                leak.refusal if b else r for b, r in zip(blocked, texts, strict=True)
+            ]
         ctx.notes["extraction_refused"] = {"per_attack": refused, "n": len(ctx.references)}
     best, best_preds, oracle = best_and_oracle(replies, ctx.references)
     ctx.notes["best_attack"] = best
