@@ -122,3 +122,38 @@ def test_evaluation_reports_what_the_filter_costs():
         leak_filter_report(EvalConfig(checkpoint="x", prompts="p", out="y"), Target(), refs, notes)
         is None
     )
+
+
+def test_an_inverter_adapts_across_threat_models_but_not_targets(tiny_lm_dir, tmp_path):
+    """--init-from an inverter trained on user-mode vectors fine-tunes on guarded ones (same
+    model, another place for the hidden prompt); one trained on another model is refused."""
+    from logit2prompt.data.collect import collect
+    from logit2prompt.data.corpus import Corpus, PromptRecord
+    from logit2prompt.errors import CheckpointError
+    from logit2prompt.models.inverter import Inverter
+    from logit2prompt.training.trainer import Trainer
+
+    from .conftest import FIXTURE_PROMPTS, make_tiny_lm, tiny_train_config
+
+    corpus = Corpus([PromptRecord(p) for p in FIXTURE_PROMPTS[:8]], "fixture")
+
+    def store(target, name):
+        collect(target, corpus, str(tmp_path / name), shard_size=8, progress=False)
+        return tmp_path / name
+
+    user = store(load_target(str(tiny_lm_dir), mode="user"), "user")
+    guarded = store(load_target(str(tiny_lm_dir), mode="guarded"), "guarded")
+    Trainer(tiny_train_config(user, tmp_path / "u", tiny_lm_dir, max_steps=2)).run()
+    cfg = tiny_train_config(
+        guarded, tmp_path / "g", tiny_lm_dir, max_steps=2, init_from=str(tmp_path / "u")
+    )
+    adapted = Trainer(cfg).run()
+    assert adapted.fingerprint.mode == "guarded"
+    assert Inverter.from_pretrained(tmp_path / "g").fingerprint.mode == "guarded"
+    other = load_target(str(make_tiny_lm(tmp_path / "other", seed=1)), mode="guarded")
+    foreign = store(other, "foreign")
+    cfg = tiny_train_config(
+        foreign, tmp_path / "f", tiny_lm_dir, max_steps=2, init_from=str(tmp_path / "u")
+    )
+    with pytest.raises(CheckpointError, match="another target: .*weights_sha256"):
+        Trainer(cfg)

@@ -32,6 +32,7 @@ from ..evaluation.metrics import score
 from ..models.config import CAUSAL, PRESETS, InverterConfig
 from ..models.inverter import Inverter, encode_labels, pad_labels
 from ..models.prefix_lm import fit_subspace
+from ..targets.base import TargetFingerprint
 from ..targets.embedded import target_weights
 from .config import RECIPE_DEFAULTS_BEFORE, RECIPE_FIELDS, TrainConfig, resolve_mixed_precision
 
@@ -308,13 +309,23 @@ class Trainer:
                 f"{described(mine)}"
             )
         if model.fingerprint is not None:
-            diffs = replace(model.fingerprint, defense="").differences(
-                replace(self.store.fingerprint, defense="")
-            )
+            # Same model and tokenizer is what fine-tuning needs; a defense or another threat
+            # model (where the hidden prompt sits: user turn, system turn, guarded) is what it
+            # adapts to.
+            def adaptable(fp: TargetFingerprint) -> TargetFingerprint:
+                return replace(fp, defense="", mode="", template="")
+
+            diffs = adaptable(model.fingerprint).differences(adaptable(self.store.fingerprint))
             if diffs:
                 raise CheckpointError(
                     f"--init-from {self.cfg.init_from} was trained on another target: "
                     + "; ".join(diffs)
+                )
+            if model.fingerprint.mode != self.store.fingerprint.mode:
+                logger.info(
+                    "adapting an inverter trained in %s mode to %s mode",
+                    model.fingerprint.mode,
+                    self.store.fingerprint.mode,
                 )
 
     # ------------------------------------------------------------------ data
