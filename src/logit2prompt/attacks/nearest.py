@@ -15,10 +15,17 @@ MEDOID_SAMPLE = 500
 
 
 def nearest_neighbours(
-    train: DistributionStore, queries: np.ndarray, k: int = 1, indices: list[int] | None = None
+    train: DistributionStore | MemoryNeighbours,
+    queries: np.ndarray,
+    k: int = 1,
+    indices: list[int] | None = None,
 ) -> list[list[int]]:
     """For each query `[steps, vocab]` (or `[vocab]`), the store indices of the k closest
     training vectors (L2 over the steps both have), closest first."""
+    if isinstance(train, MemoryNeighbours):
+        if indices is not None:
+            raise ValueError("a neighbour memory is searched whole")
+        return train.search(queries, k)
     queries = np.asarray(queries, dtype=np.float32)
     if queries.ndim == 2:
         queries = queries[:, None]
@@ -38,6 +45,33 @@ def nearest_neighbours(
         best, order = merged.topk(min(k, merged.shape[1]), dim=1, largest=False)
         best_idx = merged_idx.gather(1, order)
     return best_idx.tolist()
+
+
+class MemoryNeighbours:
+    """A retrieval-augmented inverter's neighbour memory standing in for its training store:
+    the same training prompts, searched by the memory's sketch of the first steps (it holds no
+    vectors, so a re-ranker asks the target for theirs). Lets the nearest-neighbour baseline,
+    the fallback and the re-ranker run where no store exists, e.g. with a shipped inverter."""
+
+    steps = 0  # no stored vectors (see `stored_vectors`)
+
+    def __init__(self, inverter):
+        if inverter.memory is None:
+            raise ValueError("this inverter carries no neighbour memory")
+        self.memory, self.dim = inverter.memory, inverter.config.dim
+        self.prompts = self.memory.prompts
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def search(self, queries: np.ndarray, k: int) -> list[list[int]]:
+        """Memory indices of the k nearest prompts of each query `[steps, vocab]`."""
+        flat = torch.from_numpy(np.asarray(queries, np.float32).reshape(len(queries), -1))
+        if flat.shape[1] < self.dim:
+            raise ValueError(
+                f"the neighbour memory keys {self.dim} entries per prompt; got {flat.shape[1]}"
+            )
+        return self.memory.search(flat[:, : self.dim], k)
 
 
 def observed_steps(observed: np.ndarray) -> int:

@@ -249,6 +249,12 @@ def cmd_train(args) -> None:
         print(f"saved inverter to {cfg.out}")
 
 
+def cmd_demo(args) -> None:
+    from ..recipes.demo import DemoConfig, format_demo, run_demo
+
+    print(format_demo(run_demo(config_from_args(DemoConfig, args, progress=not args.no_progress))))
+
+
 def quickstart_config(args) -> QuickstartConfig:
     from ..recipes.quickstart import QuickstartConfig
 

@@ -35,6 +35,7 @@ from .commands import (
     cmd_collect,
     cmd_data,
     cmd_defend_sweep,
+    cmd_demo,
     cmd_evaluate,
     cmd_export,
     cmd_info,
@@ -62,6 +63,7 @@ __all__ = [
     "cmd_info",
     "cmd_probe_api",
     "cmd_invert",
+    "cmd_demo",
     "cmd_quickstart",
     "cmd_serve",
     "cmd_train",
@@ -230,6 +232,10 @@ EXAMPLES = {
         "logit2prompt invert --checkpoint runs/inv --prompts my_prompts.jsonl \\",
         "    --fallback-to stores/train --out predictions.jsonl",
     ],
+    "demo": [
+        "logit2prompt demo",
+        "logit2prompt demo --modes guarded --per-set 4 --out runs/demo-guarded",
+    ],
     "quickstart": [
         "logit2prompt quickstart",
         "logit2prompt quickstart --scale 0.25 --out runs/quickstart-small --dtype fp32",
@@ -339,6 +345,7 @@ def _add_invert_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from ..defenses.sweep import SweepConfig
     from ..evaluation.evaluate import EvalConfig
+    from ..recipes.demo import DemoConfig
     from ..recipes.quickstart import QuickstartConfig
     from ..training.config import TrainConfig
 
@@ -462,6 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "invert", "recover prompts with a trained inverter", cmd_invert)
     _add_invert_args(p)
+
+    p = _command(sub, "demo", "the shipped inverters on held-out prompts, with baselines", cmd_demo)
+    add_dataclass_args(p, DemoConfig, skip={"progress"})
+    add_progress_arg(p)
 
     p = _command(
         sub, "quickstart", "corpus -> collect -> train -> evaluate, on the default", cmd_quickstart

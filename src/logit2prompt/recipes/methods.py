@@ -49,7 +49,7 @@ class MethodContext:
     inverter: object | None
     vectors: np.ndarray
     target: object | None = None
-    train: object | None = None  # the training DistributionStore
+    train: object | None = None  # the training DistributionStore (or MemoryNeighbours)
     references: Sequence[str] | None = None
     num_beams: int = 1
     no_repeat_ngram_size: int = 0
@@ -59,7 +59,8 @@ class MethodContext:
     rerank_beams: int = DEFAULT_BEAMS
     confidence_nats: float = DEFAULT_CONFIDENCE_NATS
     refine_rounds: int = 0
-    attacks: str | None = None  # JSON file of extraction strings (None: the built-in list)
+    # Extraction strings: a JSON file, the strings themselves, or None (the built-in list).
+    attacks: str | Sequence[str] | None = None
     leak_filter: object | None = None  # a LeakFilter on the extraction replies (guarded)
     text_checkpoint: str | None = None
     progress: bool = True
@@ -290,7 +291,9 @@ def _constant(ctx: MethodContext) -> dict[str, list[str]]:
 def _extraction(ctx: MethodContext) -> dict[str, list[str]]:
     from ..attacks.extraction import best_and_oracle, extraction_predictions, load_attacks
 
-    attacks = load_attacks(ctx.attacks)
+    attacks = (
+        list(ctx.attacks) if isinstance(ctx.attacks, list | tuple) else load_attacks(ctx.attacks)
+    )
     logger.info("extraction attacks: %d strings", len(attacks))
     replies = extraction_predictions(ctx.target, ctx.references, attacks)
     if ctx.leak_filter is not None:

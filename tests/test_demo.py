@@ -1,0 +1,101 @@
+"""The demo recipe: shipped inverters (here tiny stand-ins) on held-out prompts, per mode and
+set, with baselines that need no training store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from logit2prompt.attacks.nearest import MemoryNeighbours, nearest_neighbours
+from logit2prompt.data.collect import collect
+from logit2prompt.data.corpus import Corpus, PromptRecord
+from logit2prompt.data.store import DistributionStore
+from logit2prompt.errors import Logit2PromptError
+from logit2prompt.models.inverter import Inverter
+from logit2prompt.recipes import demo
+from logit2prompt.targets import load_target
+from logit2prompt.training.trainer import Trainer
+
+from .conftest import FIXTURE_PROMPTS, tiny_train_config
+
+TRAIN = FIXTURE_PROMPTS[:12]
+
+
+@pytest.fixture(scope="module")
+def tiny_shipped(tiny_lm_dir, tmp_path_factory):
+    """A retrieval-augmented tiny inverter per mode, trained on that mode's store."""
+    root = tmp_path_factory.mktemp("shipped")
+    corpus = Corpus([PromptRecord(p) for p in TRAIN], "fixture")
+    out = {}
+    for mode in demo.SHIPPED:
+        collect(load_target(str(tiny_lm_dir), mode=mode), corpus, str(root / mode), progress=False)
+        cfg = tiny_train_config(root / mode, root / f"inv-{mode}", tiny_lm_dir, neighbours=1)
+        Trainer(cfg).run()
+        out[mode] = str(root / f"inv-{mode}")
+    return out
+
+
+def test_memory_neighbours_find_what_the_store_finds(tiny_shipped, tiny_lm_dir):
+    """The neighbour memory (a count sketch) stands in for the training store: memorised
+    prompts are their own nearest neighbour either way."""
+    inverter = Inverter.from_pretrained(tiny_shipped["user"])
+    store = DistributionStore(Path(tiny_shipped["user"]).parent / "user")
+    vectors = store.vectors(range(len(store)))
+    memory = MemoryNeighbours(inverter)
+    assert len(memory) == len(TRAIN) and memory.steps == 0
+    by_memory = nearest_neighbours(memory, vectors, 1)
+    by_store = nearest_neighbours(store, vectors, 1)
+    assert [memory.prompts[r[0]] for r in by_memory] == [store.prompts[r[0]] for r in by_store]
+    assert [memory.prompts[r[0]] for r in by_memory] == store.prompts
+    with pytest.raises(ValueError, match="entries per prompt"):
+        memory.search(vectors[:, 0, :5], 1)
+
+
+def test_demo_tables_per_mode_and_set(tiny_shipped, tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "SHIPPED", tiny_shipped)
+    monkeypatch.setattr(demo, "shipped", lambda: list(tiny_shipped.values()))
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": p, "set": "a" if i % 2 else "b"} for i, p in enumerate(TRAIN[:6])]
+    rows.append({"prompt": "A prompt beyond the per-set cap.", "set": "a"})
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = demo.DemoConfig(
+        out=str(tmp_path / "demo"), prompts=str(prompts), per_set=3, progress=False
+    )
+    report = demo.run_demo(cfg)
+    saved = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert saved["modes"].keys() == {"user", "guarded"} == report["modes"].keys()
+    for mode, res in report["modes"].items():
+        assert list(res["sets"]) == ["b", "a"]
+        for table in res["sets"].values():
+            assert list(table) == list(demo.ROWS)
+            assert all(m["n"]["mean"] == 3 for m in table.values())
+        # The demo prompts are memorised training prompts: the nearest memory entry is each.
+        assert res["all"][demo.NEAREST]["exact"]["mean"] == 100.0
+        hidden = [ex["hidden"] for ex in res["examples"]]
+        assert "A prompt beyond the per-set cap." not in hidden and len(hidden) == 6
+        assert res["best_attack"] in demo.ATTACKS
+        assert res["target"]["mode"] == mode
+    refused = report["modes"]["guarded"]["extraction_refused"]
+    assert refused["n"] == 6 and set(refused["per_attack"]) == set(demo.ATTACKS)
+    assert report["modes"]["user"]["extraction_refused"] is None
+    html = (tmp_path / "demo" / "report.html").read_text()
+    assert "guarded mode" in html and TRAIN[0] in html
+    text = demo.format_demo(report)
+    assert "== user mode" in text and "report.html" in text
+    assert np.isfinite(report["peak_rss_gb"]) and report["peak_rss_gb"] > 0
+
+
+def test_demo_refuses_bad_requests(tmp_path):
+    with pytest.raises(Logit2PromptError, match="choose among user, guarded"):
+        demo.DemoConfig(modes="user,system").mode_list()
+    with pytest.raises(Logit2PromptError, match="at least 1"):
+        demo.load_demo_prompts(None, 0)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no prompt field"}\n')
+    with pytest.raises(Logit2PromptError, match="line 1: not a prompt row"):
+        demo.load_demo_prompts(str(bad), 2)
+    shipped = demo.load_demo_prompts(None, 2)
+    assert len(shipped) == 6 and len({r["set"] for r in shipped}) == 3
