@@ -1,5 +1,6 @@
-# Two entry points: `make demo` (the quickstart on the embedded default target) and
-# `make test` (the test suite). Both create .venv and install what they need.
+# Two entry points: `make demo` (the shipped inverters on the embedded default target, in
+# minutes) and `make test` (the test suite). Both create .venv and install what they need.
+# `make demo-train` runs the whole pipeline instead (corpus -> collect -> train -> evaluate).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 
 LLAMACPP_VENV ?= .venv-llamacpp
 
-.PHONY: install demo test test-llamacpp lint clean
+.PHONY: install demo demo-train test test-llamacpp lint clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -24,6 +25,9 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: install
+	$(BIN)/logit2prompt demo $(ARGS)
+
+demo-train: install
 	$(BIN)/logit2prompt quickstart $(ARGS)
 
 test: install

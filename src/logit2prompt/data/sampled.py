@@ -119,14 +119,10 @@ def sample_target_prompts(target, n: int, config: SamplingConfig | None = None) 
                 f.flush()
                 batches.append(batch)
                 bar.update(1)
-    rows = [
-        Row(s["text"], config.kind, f"sampled/{config.kind}")
-        for batch in batches[:total]
-        for s in batch
-        if s["finished"]
-    ]
+    samples = [s for batch in batches[:total] for s in batch][:n]
+    rows = [Row(s["text"], config.kind, f"sampled/{config.kind}") for s in samples if s["finished"]]
     logger.info("%d of %d sampled %s prompts ended by themselves", len(rows), n, config.kind)
-    return rows[:n]
+    return rows
 
 
 def _sample_batch(model, tokenizer, prefix, eos_ids, config: SamplingConfig, index: int):

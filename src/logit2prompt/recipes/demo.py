@@ -101,12 +101,15 @@ def load_demo_prompts(path: str | None, per_set: int) -> list[dict]:
     return rows
 
 
-def run_mode(mode: str, rows: list[dict], cfg: DemoConfig) -> dict:
-    """One threat model: observe, invert, run the baselines, score per set."""
-    name = SHIPPED[mode]
-    if name not in shipped():
+def run_mode(mode: str, rows: list[dict], cfg: DemoConfig, checkpoint: str | None = None) -> dict:
+    """One threat model: observe, invert, run the baselines, score per set (`checkpoint`:
+    another inverter for that mode than the shipped one)."""
+    name = checkpoint or SHIPPED[mode]
+    if checkpoint is None and name not in shipped():
         raise Logit2PromptError(f"no shipped inverter for {mode} mode ({name}); see docs/")
     inverter = Inverter.from_pretrained(name)
+    if inverter.fingerprint is None or inverter.fingerprint.mode != mode:
+        raise Logit2PromptError(f"{name} was not trained on {mode}-mode observations")
     target = target_for(inverter, batch_size=cfg.batch_size)
     prompts = [r["prompt"] for r in rows]
     logger.info("%s mode: the target reads %d hidden prompts", mode, len(prompts))

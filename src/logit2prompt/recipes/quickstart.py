@@ -92,6 +92,13 @@ class QuickstartConfig:
         default=None,
         metadata={"help": "training steps at scale 1 (default: 60 for prefix-lm, 600 for T5)"},
     )
+    gradient_checkpointing: bool = field(
+        default=True,
+        metadata={
+            "help": "recompute activations in training's backward pass: keeps the quickstart "
+            "under 6 GB (benchmarks/quickstart_memory.py)"
+        },
+    )
     bf16_decoding: bool = field(
         default=True,
         metadata={"help": "decode in bf16: 1.8x faster on CPU, no loss (decode_precision.py)"},
@@ -208,6 +215,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         # A prefix-lm reads its neighbours as text and copies by attention (README).
         neighbour_copy=cfg.preset != "prefix-lm",
         per_device_batch_size=cfg.batch,
+        gradient_checkpointing=cfg.gradient_checkpointing,
         max_steps=cfg.steps,
         eval_every=max(cfg.steps // 2, 1),
         save_every=max(cfg.steps // 3, 1),

@@ -1,0 +1,88 @@
+"""Out-of-domain recovery by the inverters for the default target, per threat model: the
+demo's table on more prompts, with paired gains.
+
+    python benchmarks/shipped_ood.py --data ../shared/data --limit 100 \
+        [--checkpoint user=DIR guarded=DIR]
+
+For each set (a seeded sample of LIMIT of the first 200 prompts of each OOD file, the rows the
+demo's prompts come from) and each mode, the demo's rows (`recipes/demo.py`): the inverter,
+re-ranked by the target, the nearest memorised training prompt, and the best of the demo's
+extraction strings (leak-filtered in guarded mode), with the inverter's paired BLEU gain over
+the last two. Default checkpoints: the shipped ones. Writes
+benchmarks/results/shipped_ood.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+from logit2prompt.evaluation.metrics import paired_gain
+from logit2prompt.evaluation.results import write_results
+from logit2prompt.recipes import demo
+
+RESULTS = Path(__file__).parent / "results" / "shipped_ood.json"
+SETS = ("chatterbot_first_turns", "donotanswer_questions", "self_instruct_seed")
+FIRST = 200  # the rows the OOD stores of the other benchmarks hold
+
+
+def rows_of(data: Path, limit: int, seed: int) -> list[dict]:
+    rows = []
+    for name in SETS:
+        lines = (data / f"{name}.jsonl").read_text().splitlines()[:FIRST]
+        prompts = [json.loads(line)["prompt"] for line in lines if line.strip()]
+        rng = random.Random(f"{seed}:{name}")
+        picked = rng.sample(prompts, min(limit, len(prompts)))
+        rows += [{"prompt": p, "set": name} for p in picked]
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", required=True, help="folder with the OOD .jsonl files")
+    parser.add_argument("--limit", type=int, default=100, help="prompts per set")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--modes", default="user,guarded")
+    parser.add_argument("--checkpoint", nargs="*", default=[], help="MODE=DIR (default: shipped)")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
+    rows = rows_of(Path(args.data), args.limit, args.seed)
+    cfg = demo.DemoConfig(modes=args.modes, progress=False)
+    results: dict = {"limit": args.limit, "modes": {}}
+    lines = [
+        "| mode | set | inverter | re-ranked | nearest | extraction | inverter - nearest "
+        "| inverter - extraction |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for mode in cfg.mode_list():
+        res = demo.run_mode(mode, rows, cfg, checkpoints.get(mode))
+        for group, table in res["sets"].items():
+            ex = [e for e in res["examples"] if e["set"] == group]
+            refs = [e["hidden"] for e in ex]
+            inv = [e[demo.INVERTER] for e in ex]
+            for other in (demo.NEAREST, demo.EXTRACTION_BEST):
+                gain = paired_gain(inv, [e[other] for e in ex], refs)
+                table[demo.INVERTER][f"gain_over {other}"] = gain
+            cells = [f"{table[m]['bleu']['mean']:.1f}" for m in demo.ROWS]
+            gains = [table[demo.INVERTER][f"gain_over {o}"]["bleu"] for o in demo.ROWS[2:]]
+            lines.append(
+                f"| {mode} | {group} | "
+                + " | ".join(cells)
+                + " | "
+                + " | ".join(
+                    f"{g['mean']:+.1f} [{g['ci95'][0]:+.1f}, {g['ci95'][1]:+.1f}]" for g in gains
+                )
+                + " |"
+            )
+        results["modes"][mode] = res
+        write_results(args.out, results, command=["python", *sys.argv])
+    print("BLEU per row; gains are paired, with 95% bootstrap CIs")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
