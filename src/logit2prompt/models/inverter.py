@@ -317,6 +317,22 @@ class Inverter(nn.Module):
         return model
 
 
+def native_bf16(device: str = "cpu") -> bool:
+    """Whether bf16 autocast speeds up decoding on `device`: a GPU with bf16, or a CPU with
+    AMX or AVX512-BF16. On other CPUs (AVX2 only) bf16 is emulated: greedy decoding of the
+    demo's prompts took 128 s in bf16 against 24 s in fp32 on an AVX2-only EPYC."""
+    if device == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:  # not Linux: assume the slow path
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def fill_token_ids(config: InverterConfig, tokenizer) -> None:
     """Take the output vocabulary and special ids from the output tokenizer."""
     config.output_vocab_size = len(tokenizer)
