@@ -4,9 +4,9 @@ checkpointing, each in a fresh process.
     python benchmarks/quickstart_memory.py --scale 0.25
 
 Runs `logit2prompt quickstart --scale S --dtype fp32` twice into fresh folders, with
-`--gradient-checkpointing false` (before) and `true` (after, the default), and reads the peak
-resident memory the quickstart logs at the start of every phase (so each phase's peak is read
-at the start of the next) and the child's final peak. Writes
+`--no-gradient-checkpointing` (before) and `--gradient-checkpointing` (after, the default),
+and reads the peak resident memory the quickstart logs at the start of every phase (so each
+phase's peak is read at the start of the next) and the child's final peak. Writes
 benchmarks/results/quickstart_memory.json.
 """
 
@@ -37,8 +37,7 @@ def run(args: argparse.Namespace, checkpointing: bool, out: Path) -> dict:
         str(args.scale),
         "--dtype",
         args.dtype,
-        "--gradient-checkpointing",
-        str(checkpointing).lower(),
+        "--gradient-checkpointing" if checkpointing else "--no-gradient-checkpointing",
         "--no-progress",
     ]
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
