@@ -319,8 +319,8 @@ class Inverter(nn.Module):
 
 def native_bf16(device: str = "cpu") -> bool:
     """Whether bf16 autocast speeds up decoding on `device`: a GPU with bf16, or a CPU with
-    AMX or AVX512-BF16. On other CPUs (AVX2 only) bf16 is emulated: greedy decoding of the
-    demo's prompts took 128 s in bf16 against 24 s in fp32 on an AVX2-only EPYC."""
+    AMX or AVX512-BF16. On other CPUs (AVX2 only) bf16 is emulated and decoding several times
+    slower than fp32 (benchmarks/README.md, "Decoding in bf16 autocast")."""
     if device == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device != "cpu":

@@ -103,7 +103,7 @@ class QuickstartConfig:
         default=True,
         metadata={
             "help": "decode in bf16 where the hardware has it natively (AMX, AVX512-BF16, GPU): "
-            "1.8x faster there, no loss (decode_precision.py); emulated bf16 is 5x slower"
+            "1.8x faster there, no loss; emulated bf16 is 4x slower (decode_precision.py)"
         },
     )
 
