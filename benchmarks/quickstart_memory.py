@@ -38,8 +38,7 @@ def run(args: argparse.Namespace, checkpointing: bool, out: Path) -> dict:
         "--dtype",
         args.dtype,
         "--gradient-checkpointing" if checkpointing else "--no-gradient-checkpointing",
-        "--no-progress",
-    ]
+    ]  # not --no-progress: that also silences the log lines with the peaks
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
