@@ -3,9 +3,9 @@
 For each threat model (the hidden prompt as the user turn; as a guarded system prompt), the
 embedded default target reads a handful of prompts from three out-of-domain sets that no
 shipped inverter trained on (`demo_prompts.jsonl`), and the shipped inverter for that mode
-reads its log-probs. Rows: the inverter; the inverter re-ranked by the target beside the 2
+reads its log-probs. Rows: the inverter; the inverter re-ranked by the target beside the 3
 nearest training prompts; the nearest training prompt (from the inverter's neighbour memory,
-no store needed); and the best extraction string, asked of the target itself (in guarded mode
+no store needed); and the extraction string, asked of the target itself (in guarded mode
 through the leak filter a careful deployment puts on replies). Nothing is trained.
 """
 
@@ -210,8 +210,8 @@ def demo_html(report: dict) -> str:
     for mode, res in report["modes"].items():
         parts.append(f"<h2>{html.escape(mode)} mode ({html.escape(res['checkpoint'])})</h2>")
         if res.get("best_attack"):
-            parts.append(f"<p>Best extraction string: <code>{html.escape(res['best_attack'])}")
-            parts[-1] += "</code></p>"
+            attack = html.escape(res["best_attack"])
+            parts.append(f"<p>Extraction string: <code>{attack}</code></p>")
         for group, table in res["sets"].items():
             head = "".join(f"<th>{COLUMNS[k][0]}</th>" for k in keys)
             body = "".join(
