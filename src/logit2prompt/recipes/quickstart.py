@@ -64,8 +64,12 @@ class QuickstartConfig:
     )
     scale: float = field(default=1.0, metadata={"help": "multiply corpus size and training steps"})
     dtype: str = field(
-        default="bf16",
-        metadata={"help": "target weights (collection, re-ranking)", "choices": tuple(DTYPES)},
+        default="auto",
+        metadata={
+            "help": "target weights (collection, re-ranking); auto: bf16 where the hardware "
+            "has it natively, else fp32 (emulated bf16 collects several times slower)",
+            "choices": ("auto", *DTYPES),
+        },
     )
     target: str = field(
         default=DEFAULT_TARGET,
@@ -185,7 +189,12 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     else:
         _log("building the default corpus (BIG-bench task inputs; downloaded once, then cached)")
         corpus_path = str(build_bigbench_corpus())
-    target = load_target(cfg.target, dtype=DTYPES[cfg.dtype], batch_size=cfg.batch_size)
+    dtype = cfg.dtype
+    if dtype == "auto":
+        import torch
+
+        dtype = "bf16" if native_bf16("cuda" if torch.cuda.is_available() else "cpu") else "fp32"
+    target = load_target(cfg.target, dtype=DTYPES[dtype], batch_size=cfg.batch_size)
     _log(f"target: {target.fingerprint.describe()}")
     stores = {}
     for split, n in (
