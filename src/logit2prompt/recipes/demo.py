@@ -133,13 +133,12 @@ def run_mode(mode: str, rows: list[dict], cfg: DemoConfig, checkpoint: str | Non
         idx = [i for i, r in enumerate(rows) if r["set"] == group]
         refs = [prompts[i] for i in idx]
         sets[group] = {m: score([p[i] for i in idx], refs) for m, p in preds.items()}
-    examples = []
-    for i, r in enumerate(rows):
-        per = {m: per_example_scores([p[i]], [r["prompt"]])["bleu"][0] for m, p in preds.items()}
-        examples.append(
-            {"hidden": r["prompt"], "set": r["set"], **{m: p[i] for m, p in preds.items()}}
-            | {"bleu": per}
-        )
+    bleu = {m: per_example_scores(p, prompts)["bleu"] for m, p in preds.items()}
+    examples = [
+        {"hidden": r["prompt"], "set": r["set"], **{m: p[i] for m, p in preds.items()}}
+        | {"bleu": {m: bleu[m][i] for m in preds}}
+        for i, r in enumerate(rows)
+    ]
     return {
         "checkpoint": name,
         "target": target.fingerprint.to_dict(),
