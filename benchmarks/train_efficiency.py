@@ -3,9 +3,10 @@
     python benchmarks/train_efficiency.py --train runs/eff/train --val runs/steps/validation \
         --test runs/steps/test --ood runs/steps/chatterbot_first_turns ... --minutes 40
 
-Two recipes of the retrieval-augmented prefix-lm (2 neighbours) on the same training store:
+Recipes of the retrieval-augmented prefix-lm (2 neighbours) on the same training store:
 `today` (the settings of the quality runs: every decoder weight trained at 1e-4, batch 16, no
-length bucketing) and `new` (`train`'s defaults as they are now). Each trains for `--minutes` of
+length bucketing), `lora-b16` (the previous default: LoRA + bucketing, batch 16) and `new`
+(`train`'s defaults as they are now: the same at batch 4). Each trains for `--minutes` of
 training-step time on this machine's threads (validation not counted), its cosine schedule
 calibrated to end there, validating every ~tenth of the budget. Per recipe, a probe process
 times and counts the FLOPs of the run's first batches (`torch.utils.flop_counter`, forward +
@@ -13,10 +14,15 @@ backward) and measures this machine's matmul peak at the model's shapes (fp32 an
 the fraction of the peak the step uses; the training runs in a process of its own, which
 reports its peak RSS.
 
-Then: the minutes `new` needs to reach `today`'s final validation loss (interpolated between
-validations) and the ratio to `today`'s budget; each model's greedy BLEU / token F1 / exact on a
-seeded sample of `--test-limit` test prompts and on every prompt of each OOD store, with 95%
-CIs and the paired gain of `new` over `today`.
+Then: the minutes each recipe needs to reach `today`'s final validation loss (interpolated
+between validations) and the ratio to `today`'s budget; each model's greedy BLEU / token F1 /
+exact on a seeded sample of `--test-limit` test prompts and on every prompt of each OOD store,
+with 95% CIs and the paired gain over `today`. Candidate recipes (CANDIDATES) are screened on a
+shorter budget against a finished `today` run:
+
+    python benchmarks/train_efficiency.py ... --work runs/eff13 --minutes 13.4 \
+        --recipes b4 --reference runs/eff/today --no-score --out .../train_efficiency-screen.json
+
 Writes benchmarks/results/train_efficiency.json; trained runs under `--work` are reused.
 """
 
@@ -44,7 +50,7 @@ from logit2prompt.training.trainer import Trainer
 
 RESULTS = Path(__file__).parent / "results" / "train_efficiency.json"
 CALIBRATION_STEPS = 5
-EVALUATIONS = 10  # validations per run
+
 # The recipe of the quality runs before this benchmark (benchmarks/quality.py, quickstart).
 TODAY = dict(
     preset="prefix-lm",
@@ -55,10 +61,19 @@ TODAY = dict(
     lora_rank=0,
     bucket_lengths=False,
 )
-# Everything else: TrainConfig's defaults now (LoRA adapters on a frozen decoder, length
-# bucketing); the same batch as today's.
-NEW = dict(preset="prefix-lm", neighbours=2, per_device_batch_size=16)
-RECIPES = {"today": TODAY, "new": NEW}
+# The previous default (LoRA adapters on a frozen decoder, length bucketing) at today's batch.
+LORA_B16 = dict(preset="prefix-lm", neighbours=2, per_device_batch_size=16)
+# `train`'s defaults now: LoRA + bucketing at the prefix-lm's default batch of 4.
+NEW = dict(preset="prefix-lm", neighbours=2)
+# Candidates screened against `today` (run with a shorter --minutes and --reference): at ~13 s
+# per step of 16, a 40-minute run takes only ~180 optimizer steps, so smaller batches buy
+# more updates per example seen.
+CANDIDATES = {
+    "b4": dict(LORA_B16, per_device_batch_size=4),
+    "b8": dict(LORA_B16, per_device_batch_size=8),
+    "b4-lr2e-3": dict(LORA_B16, per_device_batch_size=4, lr=2e-3),
+}
+RECIPES = {"today": TODAY, "lora-b16": LORA_B16, "new": NEW, **CANDIDATES}
 # Shapes of the decoder's big matmuls (SmolLM2-135M: hidden 576, MLP 1536) at ~3200 tokens.
 PEAK_SHAPES = [(3200, 576, 1536), (3200, 1536, 576), (3200, 576, 576)]
 
@@ -135,7 +150,7 @@ def train_child(args, recipe: str) -> None:
     step_s = json.loads((out / "probe.json").read_text())["calibrated_s_per_step"]
     cfg.max_steps = max(20, int(args.minutes * 60 / step_s))
     cfg.max_minutes = args.minutes
-    cfg.eval_every = max(cfg.max_steps // EVALUATIONS, 1)
+    cfg.eval_every = max(cfg.max_steps // args.evaluations, 1)
     cfg.save_every = cfg.eval_every
     cfg.warmup_steps = min(500, cfg.max_steps // 20)
     print(f"{recipe}: {step_s:.2f} s/step -> {cfg.max_steps} steps", flush=True)
@@ -224,11 +239,18 @@ def main() -> None:
     parser.add_argument("--ood", nargs="*", default=[])
     parser.add_argument("--minutes", type=float, default=40.0, help="training budget per recipe")
     parser.add_argument("--test-limit", type=int, default=500, help="test prompts scored")
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument(
+        "--recipes", nargs="+", default=["today", "lora-b16", "new"], choices=list(RECIPES)
+    )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--evaluations", type=int, default=10, help="validations per run")
     parser.add_argument("--work", default="runs/eff")
     parser.add_argument("--train-only", choices=list(RECIPES), help=argparse.SUPPRESS)
     parser.add_argument("--probe-only", choices=list(RECIPES), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--reference", help="run directory of `today` at its full budget (default: WORK/today)"
+    )
+    parser.add_argument("--no-score", action="store_true", help="curves only, no test scoring")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     if args.probe_only:
@@ -242,19 +264,28 @@ def main() -> None:
             if not (out / done).is_file():
                 cmd = [sys.executable, __file__, *sys.argv[1:], f"--{step}-only", recipe]
                 subprocess.run(cmd, check=True)
-    results: dict = {"minutes": args.minutes, "recipes": {}, "scores": {}}
+    results: dict = {"minutes": args.minutes, "recipes": {}, "scores": {}, "reach": {}}
     for recipe in args.recipes:
         results["recipes"][recipe] = summary(Path(args.work) / recipe)
-    if {"today", "new"} <= set(args.recipes):
-        old, new = results["recipes"]["today"], results["recipes"]["new"]
-        reach = minutes_to_reach(new["curve"], old["final_val_loss"])
-        results["new_reaches_today_final_loss"] = {
-            "today_val_loss": old["final_val_loss"],
-            "today_minutes": old["train_minutes"],
-            "new_minutes": reach,
-            "ratio": None if reach is None else reach / old["train_minutes"],
-        }
+    # The bar: `today`'s final validation loss after its full budget (from --reference when
+    # this invocation screens candidates on a shorter budget).
+    reference = Path(args.reference) if args.reference else Path(args.work) / "today"
+    if (reference / "bench.json").is_file():
+        old = summary(reference)
+        for recipe, run in results["recipes"].items():
+            if recipe == "today":
+                continue
+            reach = minutes_to_reach(run["curve"], old["final_val_loss"])
+            results["reach"][recipe] = {
+                "today_val_loss": old["final_val_loss"],
+                "today_minutes": old["train_minutes"],
+                "minutes": reach,
+                "ratio": None if reach is None else reach / old["train_minutes"],
+            }
     write_results(args.out, results, command=["python", *sys.argv])
+    if args.no_score:
+        print(table(results))
+        return
 
     sets = {"bigbench test": (DistributionStore(args.test), args.test_limit)}
     for path in args.ood:
@@ -271,8 +302,8 @@ def main() -> None:
             slug = name.replace(" ", "_")
             preds[recipe] = predictions(model, store, idx, out / f"predictions-{slug}.json")
             row = {"prompts": len(idx), **score(preds[recipe], refs)}
-            if recipe == "new" and "today" in preds:
-                row["gain_over_today"] = paired_gain(preds["new"], preds["today"], refs)
+            if recipe != "today" and "today" in preds:
+                row["gain_over_today"] = paired_gain(preds[recipe], preds["today"], refs)
             pairs = zip(refs[:3], preds[recipe][:3], strict=True)
             row["examples"] = [{"hidden": h, "recovered": p} for h, p in pairs]
             results["scores"].setdefault(name, {})[recipe] = row
@@ -292,9 +323,8 @@ def table(results: dict) -> str:
             f"{r['achieved_tflops']:.3f} | {r['fraction_of_best_peak']:.0%} | "
             f"{r['peak_rss_mb']:.0f} | {r['final_val_loss']:.3f} |"
         )
-    reach = results.get("new_reaches_today_final_loss")
-    if reach:
-        lines.append(f"\nnew reaches today's final val loss: {reach}")
+    for name, reach in results.get("reach", {}).items():
+        lines.append(f"\n{name} reaches today's final val loss: {reach}")
     for name, rows in results["scores"].items():
         for recipe, row in rows.items():
             lines.append(

@@ -175,3 +175,48 @@ def test_copy_head_loss_is_the_distribution_generation_samples_from(store16, tin
         outside = [t for t in range(copied.shape[-1]) if t not in ids]
         assert float(copied[..., outside].sum(-1).max()) < 1e-6
         head.context = None
+
+
+def test_neighbour_length_reads_only_each_neighbours_first_tokens(store16, tiny_lm_dir, tmp_path):
+    """`--set neighbour_length=N`: every neighbour is cut to its first N tokens, in training
+    batches, in the bucketing lengths and after reloading."""
+
+    def trainer(out, **overrides):
+        cfg = tiny_train_config(
+            store16,
+            tmp_path / out,
+            tiny_lm_dir,
+            max_steps=2,
+            neighbours=2,
+            overrides={"max_length": 24, **overrides},
+        )
+        t = Trainer(cfg)
+        t.fit_feature_stats()
+        t.build_memory()
+        return t
+
+    full, cut = trainer("full"), trainer("cut", neighbour_length=3)
+    rows = np.arange(8)
+    wide, narrow = full._batch_tensors(rows, "cpu")[2], cut._batch_tensors(rows, "cpu")[2]
+    assert wide.shape == (8, 2, 24) and narrow.shape == (8, 2, 3)
+    assert torch.equal(narrow, wide[..., :3])
+    assert (wide[..., 3:] >= 0).any()  # the cut really drops tokens these prompts have
+    # Bucketing counts what the decoder reads: the labels plus at most 3 tokens per neighbour.
+    labels = np.array([len(ids) for ids in cut.labels])
+    assert (cut._example_lengths() <= labels + 2 * 3).all()
+    assert (cut._example_lengths() < full._example_lengths()).any()
+
+    model = Trainer(
+        tiny_train_config(
+            store16,
+            tmp_path / "trained",
+            tiny_lm_dir,
+            max_steps=2,
+            neighbours=2,
+            overrides={"max_length": 24, "neighbour_length": 3},
+        )
+    ).run()
+    loaded = Inverter.from_pretrained(tmp_path / "trained")
+    assert loaded.config.neighbour_length == 3
+    assert loaded.neighbour_ids([[0, 1]]).shape == (1, 2, 3)
+    assert model.config.neighbour_length == 3

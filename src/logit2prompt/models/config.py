@@ -41,6 +41,9 @@ class InverterConfig:
     # `neighbours` training prompts whose vectors are nearest (see retrieval.py).
     neighbours: int = 0
     neighbour_dims: int = 1024  # count-sketch width of the neighbour memory's keys
+    # Tokens read of each neighbour (0: max_length, all of it). Neighbours are most of the
+    # decoder's input tokens, so a shorter cut makes every step cheaper.
+    neighbour_length: int = 0
     decoder: str = T5  # which architecture: set by the subclass, recorded in checkpoints
     # Token-subset observations (targets/subset.py): the recorded subset (ids included) whose
     # centred log-probs it reads instead of whole vectors, so that it can be applied to what

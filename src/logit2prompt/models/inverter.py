@@ -132,16 +132,18 @@ class Inverter(nn.Module):
         self.memory, self._memory_ids = memory, None
 
     def neighbour_ids(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Memory rows per example -> `[B, k, max_length]` token ids, padded with -1."""
+        """Memory rows per example -> `[B, k, width]` token ids (each neighbour's first
+        `neighbour_length` tokens), padded with -1."""
         if self._memory_ids is None:
             self._memory_ids = encode_labels(
                 self.tokenizer, self.memory.prompts, self.config.max_length
             )
-        k, width = self.config.neighbours, self.config.max_length
+        k = self.config.neighbours
+        width = self.config.neighbour_length or self.config.max_length
         out = torch.full((len(rows), k, width), -1, dtype=torch.long)
         for b, row in enumerate(rows):
             for r, i in enumerate(list(row)[:k]):
-                ids = self._memory_ids[i]
+                ids = self._memory_ids[i][:width]
                 out[b, r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         return out
 

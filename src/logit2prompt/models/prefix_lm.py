@@ -53,20 +53,33 @@ def centre(x: torch.Tensor, steps: int) -> torch.Tensor:
     return (rows - rows.mean(-1, keepdim=True)).reshape(len(x), -1)
 
 
+# Columns of the vectors turned into float64 at a time by fit_subspace: a 4,096-row sample of
+# 49k-entry vectors is 0.8 GB in float32, and a whole float64 copy of it (as before) 1.6 GB more.
+FIT_CHUNK = 4096
+
+
 def fit_subspace(
     vectors: np.ndarray, steps: int, dims: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Principal directions of centred training vectors `[n, steps * vocab]` (float32).
 
     Returns (basis `[dim, r]`, coordinate mean `[r]`, coordinate std `[r]`, singular values).
-    `dims` = 0 keeps the directions above the noise floor (see `FLOOR_FACTOR`).
+    `dims` = 0 keeps the directions above the noise floor (see `FLOOR_FACTOR`). A float32
+    array is centred in place (it is the caller's sample, read for this); the float64 sums run
+    over FIT_CHUNK columns at a time, so memory stays near the sample's own size.
     """
-    x = centre(torch.as_tensor(np.asarray(vectors, dtype=np.float32)), steps).double()
+    x = torch.as_tensor(np.asarray(vectors, dtype=np.float32))
     if len(x) < 2:
         raise VectorError("need at least 2 training vectors to fit the subspace")
+    rows = x.view(len(x), steps, -1)
+    rows -= rows.mean(-1, keepdim=True)  # centre(), in place
     # Eigen-decomposition of the n x n Gram matrix: n (thousands) << dim (the vocabulary).
-    gram = x @ x.T
+    gram = torch.zeros(len(x), len(x), dtype=torch.float64)
+    for c in range(0, x.shape[1], FIT_CHUNK):
+        part = x[:, c : c + FIT_CHUNK].double()
+        gram.addmm_(part, part.T)
     evals, evecs = torch.linalg.eigh(gram)
+    del gram
     evals, evecs = evals.flip(0).clamp(min=0), evecs.flip(1)
     sing = evals.sqrt()
     floor = max(FLOOR_FACTOR * float(sing.median()), REL_TOL * float(sing[0]))
@@ -74,11 +87,17 @@ def fit_subspace(
     r = min(dims, len(x)) if dims else rank
     if r < 1:
         raise VectorError("the training vectors are all constant; no subspace to project on")
-    basis = (x.T @ evecs[:, :r]) / sing[:r].clamp(min=1e-12)
-    coords = x @ basis
+    scaled = evecs[:, :r] / sing[:r].clamp(min=1e-12)
+    basis = torch.empty(x.shape[1], r, dtype=torch.float32)
+    coords = torch.zeros(len(x), r, dtype=torch.float64)
+    for c in range(0, x.shape[1], FIT_CHUNK):
+        part = x[:, c : c + FIT_CHUNK].double()
+        block = part.T @ scaled
+        basis[c : c + FIT_CHUNK] = block.float()
+        coords.addmm_(part, block)
     mean, std = coords.mean(0), coords.std(0).clamp(min=1e-6)
     as_np = lambda t: t.float().numpy()  # noqa: E731
-    return as_np(basis), as_np(mean), as_np(std), as_np(sing)
+    return basis.numpy(), as_np(mean), as_np(std), as_np(sing)
 
 
 def load_causal_lm(init: str | None, config: dict | None = None):

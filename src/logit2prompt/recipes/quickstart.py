@@ -31,19 +31,18 @@ from ..evaluation.metrics import format_table, per_example_scores, score
 from ..models.inverter import Inverter, native_bf16
 from ..targets import DEFAULT_TARGET, load_target
 from ..targets.base import TargetFingerprint
+from ..training.config import default_batch
 from ..training.trainer import CHECKPOINT_DIR, TrainConfig, Trainer, is_trained
 from .methods import FALLBACK, RERANKED, MethodContext, run_methods
 
 logger = logging.getLogger(__name__)
 
-# Sized for about 20 minutes on a 2-core CPU at scale 1 (see README for measured times) when a
-# prefix-lm step of 16 examples with 2 neighbours took ~10 s; LoRA and length bucketing
-# (benchmarks/train_efficiency.py) make it several times faster. A `small` T5 step of 32: ~1 s.
+# Sized for about 20 minutes on a 2-core CPU at scale 1 (see README for measured times): a
+# prefix-lm sees 960 examples (240 steps of train's default batch of 4, ~2.8 s each with 2
+# neighbours; it was 60 steps of 16), a `small` T5 step of 32 takes ~1 s.
 BASE_TRAIN_PROMPTS = 4000
-BASE_STEPS = {"prefix-lm": 60}
+BASE_STEPS = {"prefix-lm": 240}
 BASE_STEPS_T5 = 600
-TRAIN_BATCH = {"prefix-lm": 16}
-TRAIN_BATCH_T5 = 32
 VAL_PROMPTS = 128
 TEST_PROMPTS = 256
 NUM_EXAMPLES = 10
@@ -90,11 +89,11 @@ class QuickstartConfig:
     )
     train_batch_size: int | None = field(
         default=None,
-        metadata={"help": "training batch (default: 16 for prefix-lm, 32 for T5 presets)"},
+        metadata={"help": "training batch (default: train's, 4 for prefix-lm, 32 for T5)"},
     )
     base_steps: int | None = field(
         default=None,
-        metadata={"help": "training steps at scale 1 (default: 60 for prefix-lm, 600 for T5)"},
+        metadata={"help": "training steps at scale 1 (default: 240 for prefix-lm, 600 for T5)"},
     )
     gradient_checkpointing: bool = field(
         default=True,
@@ -122,7 +121,7 @@ class QuickstartConfig:
 
     @property
     def batch(self) -> int:
-        return self.train_batch_size or TRAIN_BATCH.get(self.preset, TRAIN_BATCH_T5)
+        return self.train_batch_size or default_batch(self.preset)
 
 
 def _check_reusable(model_dir: Path, train_cfg: TrainConfig) -> None:

@@ -97,7 +97,11 @@ class TrainConfig:
         },
     )
     per_device_batch_size: int = field(
-        default=32, metadata={"help": "examples per process per micro-batch"}
+        default=0,
+        metadata={
+            "help": "examples per process per micro-batch (0: the preset's, 4 for prefix-lm "
+            "and 32 for T5 presets; benchmarks/train_efficiency.py)"
+        },
     )
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     max_steps: int = field(default=2000, metadata={"help": "optimizer steps"})
@@ -135,6 +139,18 @@ class TrainConfig:
         default_factory=dict,
         metadata={"help": "InverterConfig fields over the preset (--set KEY=VALUE)"},
     )
+
+
+# Micro-batch per process when `per_device_batch_size` is 0. A prefix-lm step is ~30x a T5
+# step on a CPU, so a 40-minute run takes a few hundred steps: batches of 4 buy four times the
+# updates per example of 16 and reached each validation loss in about half the time
+# (benchmarks/results/train_efficiency-screen.json).
+DEFAULT_BATCH = {"prefix-lm": 4}
+DEFAULT_BATCH_T5 = 32
+
+
+def default_batch(preset: str) -> int:
+    return DEFAULT_BATCH.get(preset, DEFAULT_BATCH_T5)
 
 
 # What a resumed run must share with the checkpoint for "continues exactly" to hold: the model,

@@ -34,7 +34,13 @@ from ..models.inverter import Inverter, encode_labels, pad_labels
 from ..models.prefix_lm import fit_subspace
 from ..targets.base import TargetFingerprint
 from ..targets.embedded import target_weights
-from .config import RECIPE_DEFAULTS_BEFORE, RECIPE_FIELDS, TrainConfig, resolve_mixed_precision
+from .config import (
+    RECIPE_DEFAULTS_BEFORE,
+    RECIPE_FIELDS,
+    TrainConfig,
+    default_batch,
+    resolve_mixed_precision,
+)
 
 CHECKPOINT_DIR = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
@@ -94,6 +100,8 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
+        if not cfg.per_device_batch_size:  # recorded resolved, so checkpoints say what ran
+            cfg = replace(cfg, per_device_batch_size=default_batch(cfg.preset))
         self.cfg = cfg
         if accelerator is None:
             # Accelerate keeps one mixed-precision setting per process and refuses a second
@@ -271,8 +279,7 @@ class Trainer:
     def _stats_batches(self):
         """(Defended) float32 `[rows, vocab]` arrays, one row per step, of a seeded sample of
         the training prompts, in READ_BATCH pieces: the same sample on every process."""
-        limit = max(STATS_ROWS // self.steps, 2)
-        n = min(self.cfg.stats_sample, len(self.train_idx), limit)
+        n = self._stats_prompts()
         sample = np.sort(
             np.random.default_rng(self.cfg.seed).choice(self.train_idx, n, replace=False)
         )
@@ -280,11 +287,22 @@ class Trainer:
             vectors = self._read(self.store, sample[i : i + READ_BATCH].tolist())
             yield vectors.reshape(-1, self.width).numpy()
 
+    def _stats_prompts(self) -> int:
+        return min(self.cfg.stats_sample, len(self.train_idx), max(STATS_ROWS // self.steps, 2))
+
+    def _stats_rows(self) -> int:
+        return self._stats_prompts() * self.steps
+
     def _fit_subspace(self, dims: int):
         """Basis, coordinate mean/std of the training steps' principal directions (one
         basis for every step)."""
-        vectors = np.concatenate(list(self._stats_batches()))
-        basis, mean, std, _ = fit_subspace(vectors, 1, dims)
+        # Filled in place rather than concatenated: the sample is the fit's largest array.
+        vectors = np.empty((self._stats_rows(), self.width), dtype=np.float32)
+        filled = 0
+        for part in self._stats_batches():
+            vectors[filled : filled + len(part)] = part
+            filled += len(part)
+        basis, mean, std, _ = fit_subspace(vectors[:filled], 1, dims)
         return basis, mean, std
 
     def _read(self, store: DistributionStore, indices) -> torch.Tensor:
@@ -358,7 +376,9 @@ class Trainer:
         if self._lengths is None:
             lengths = np.array([len(ids) for ids in self.labels], dtype=np.int64)
             if self.neighbour_rows is not None:
-                extra = [lengths[list(rows)].sum() for rows in self.neighbour_rows]
+                config = self.accelerator.unwrap_model(self.model).config
+                cut = np.minimum(lengths, config.neighbour_length or config.max_length)
+                extra = [cut[list(rows)].sum() for rows in self.neighbour_rows]
                 lengths = lengths + np.array(extra, dtype=np.int64)
             self._lengths = lengths
         return self._lengths
@@ -526,9 +546,16 @@ class Trainer:
         padded = pad_labels(encode_labels(model.tokenizer, refs, model.config.max_length))
         device = next(model.parameters()).device
         model.eval()
+        # In training-sized batches: the whole sample at once holds its label positions'
+        # vocabulary-wide logits (and their log-softmax) together, ~0.8 GB for 64 prompts.
+        size = self.cfg.per_device_batch_size
         with torch.no_grad():
-            loss = (model(vectors.to(device), padded.to(device)) / (padded != -100).sum()).item()
-        predictions = model.invert(vectors.view(len(vectors), self.steps, -1))
+            total = sum(
+                model(vectors[i : i + size].to(device), padded[i : i + size].to(device)).item()
+                for i in range(0, len(idx), size)
+            )
+        loss = total / int((padded != -100).sum())
+        predictions = model.invert(vectors.view(len(vectors), self.steps, -1), batch_size=32)
         model.train()
         metrics = score(predictions, refs, ci=False)
         return {
