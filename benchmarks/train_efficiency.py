@@ -49,7 +49,9 @@ from logit2prompt.training.config import TrainConfig
 from logit2prompt.training.trainer import Trainer
 
 RESULTS = Path(__file__).parent / "results" / "train_efficiency.json"
-CALIBRATION_STEPS = 5
+# The probe times the run's first steps: at least this many examples (5 steps of 16, 12 of
+# 4), since bucketed batches vary in length.
+CALIBRATION_EXAMPLES = 48
 
 # The recipe of the quality runs before this benchmark (benchmarks/quality.py, quickstart).
 TODAY = dict(
@@ -106,7 +108,7 @@ def config(args, recipe: str) -> TrainConfig:
 
 def probe(args, recipe: str) -> None:
     """In its own process (so the training run's peak RSS is its own): seconds per step and
-    FLOPs per example on the run's first CALIBRATION_STEPS batches, and the matmul peak."""
+    FLOPs per example on the run's first batches (CALIBRATION_EXAMPLES), and the matmul peak."""
     from torch.utils.flop_counter import FlopCounterMode
 
     cfg = config(args, recipe)
@@ -117,17 +119,18 @@ def probe(args, recipe: str) -> None:
     )
     trainer.prepare()
     trainer.train_step()  # warm-up
-    steps = range(1, CALIBRATION_STEPS + 1)
+    count = max(5, -(-CALIBRATION_EXAMPLES // (trainer.global_micro * cfg.grad_accum)))
+    steps = range(1, count + 1)
     t0 = time.perf_counter()
     for step in steps:
         trainer.step = step  # the run's own batches: bucketed batches differ in length
         trainer.train_step()
-    step_s = (time.perf_counter() - t0) / CALIBRATION_STEPS
+    step_s = (time.perf_counter() - t0) / count
     with FlopCounterMode(display=False) as counter:
         for step in steps:
             trainer.step = step
             trainer.train_step()
-    examples = trainer.global_micro * cfg.grad_accum * CALIBRATION_STEPS
+    examples = trainer.global_micro * cfg.grad_accum * count
     (out / "probe.json").write_text(
         json.dumps(
             {

@@ -3,9 +3,9 @@
     python benchmarks/train_memory.py --data runs/quickstart/stores/train \\
         --val-data runs/quickstart/stores/validation
 
-The quickstart's recipe (prefix-lm, 2 neighbours, batch 16) for a few steps, with an evaluation
-and a checkpoint on the way; the process's peak resident memory is read after each phase
-(the subspace fit happens while the Trainer is built). Writes
+The quickstart's recipe (prefix-lm, 2 neighbours, train's default batch) for a few steps, with
+an evaluation and a checkpoint on the way; the process's peak resident memory is read after
+each phase (the subspace fit happens while the Trainer is built). Writes
 benchmarks/results/train_memory.json.
 """
 
@@ -28,7 +28,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True)
     parser.add_argument("--val-data", required=True)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument(
+        "--batch-size", type=int, default=0, help="per-device batch (0: train's default)"
+    )
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument(
         "--lora-rank",
@@ -50,7 +53,7 @@ def main() -> None:
             neighbour_copy=False,
             lora_rank=args.lora_rank,
             gradient_checkpointing=args.gradient_checkpointing,
-            per_device_batch_size=16,
+            per_device_batch_size=args.batch_size,
             max_steps=args.steps,
             eval_every=args.steps // 2,
             save_every=args.steps // 2,
@@ -91,6 +94,7 @@ def main() -> None:
             "data": args.data,
             "steps": args.steps,
             "lora_rank": args.lora_rank,
+            "per_device_batch_size": trainer.cfg.per_device_batch_size,
             "gradient_checkpointing": args.gradient_checkpointing,
             "train_step_seconds": step_seconds,
             "phases": [{"phase": n, "peak_rss_gb": gb} for n, gb in phases],
