@@ -191,7 +191,7 @@ def test_resume_matches_uninterrupted(tiny_store, tiny_lm_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["tiny", "prefix-lm"])
+@pytest.mark.parametrize("preset", ["tiny", "prefix-lm", "prefix-lm-neighbours"])
 def test_accelerate_two_processes_match_one(tiny_store, tiny_lm_dir, tmp_path, preset):
     from safetensors.torch import load_file
 
@@ -201,11 +201,13 @@ def test_accelerate_two_processes_match_one(tiny_store, tiny_lm_dir, tmp_path, p
         if preset == "tiny"
         else ["--decoder-lr", "0.003", "--set", "prefix_length=4", "--set", "embed_hidden=64"]
     )
+    if preset == "prefix-lm-neighbours":  # each neighbour cut to its first 3 tokens
+        model_args += ["--neighbours", "2", "--set", "neighbour_length=3"]
     common = [
         "--data",
         str(tiny_store),
         "--preset",
-        preset,
+        preset.removesuffix("-neighbours"),
         *model_args,
         "--max-steps",
         "8",
@@ -852,3 +854,23 @@ def test_the_shipped_inverter_loads_offline_and_reads_its_target():
     x = target.next_token_logprobs(["Can you help me plan a birthday party?"], model.config.steps)
     (text,) = model.invert(x)
     assert isinstance(text, str) and text.strip()
+
+
+def test_batch_defaults_to_the_presets(tiny_store, tiny_lm_dir, tmp_path):
+    """per_device_batch_size 0: the preset's (4 for prefix-lm, 32 for T5 presets), recorded
+    resolved so the checkpoint says what ran and a resume compares real numbers."""
+    from logit2prompt.training.config import default_batch
+
+    kw = dict(
+        preset="prefix-lm",
+        output_tokenizer=None,
+        per_device_batch_size=0,
+        max_steps=1,
+        overrides={"max_length": 24, "prefix_length": 4, "embed_hidden": 64},
+    )
+    trainer = Trainer(_cfg(tiny_store, tmp_path / "p", tiny_lm_dir, **kw))
+    assert trainer.cfg.per_device_batch_size == 4 and trainer.global_micro == 4
+    trainer.run()
+    recorded = json.loads((tmp_path / "p" / "training_args.json").read_text())
+    assert recorded["per_device_batch_size"] == 4
+    assert default_batch("small") == default_batch("tiny") == 32

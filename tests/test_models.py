@@ -4,6 +4,7 @@
 import json
 from dataclasses import fields
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -101,3 +102,25 @@ def test_future_checkpoint_versions_are_refused(tiny_lm_dir, tmp_path):
     path.write_text(json.dumps({**json.loads(path.read_text()), "version": 9}))
     with pytest.raises(CheckpointError, match="version 9"):
         Inverter.from_pretrained(tmp_path / "ckpt")
+
+
+def test_subspace_fit_in_column_chunks_is_the_whole_fit(monkeypatch):
+    """fit_subspace sums over column chunks: any chunk width gives the same basis, and it
+    spans (and reconstructs) softmax log-probs of a rank-5 model."""
+    from logit2prompt.models import prefix_lm
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(40, 5)) @ rng.normal(size=(5, 300))
+    logprobs = (logits - np.log(np.exp(logits).sum(1, keepdims=True))).astype(np.float32)
+    fits = []
+    for chunk in (7, 4096):
+        monkeypatch.setattr(prefix_lm, "FIT_CHUNK", chunk)
+        fits.append(prefix_lm.fit_subspace(logprobs.copy(), 1))
+    (basis, mean, std, sing), (basis2, mean2, std2, sing2) = fits
+    assert basis.shape == (300, 5)  # the rank, read from the spectrum
+    sign = np.sign((basis * basis2).sum(0))  # each direction is defined up to its sign
+    basis2, mean2 = basis2 * sign, mean2 * sign
+    for a, b in ((basis, basis2), (mean, mean2), (std, std2), (sing, sing2)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    centred = logprobs - logprobs.mean(1, keepdims=True)
+    np.testing.assert_allclose(centred @ basis @ basis.T, centred, atol=1e-4)

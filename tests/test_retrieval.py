@@ -14,7 +14,7 @@ from logit2prompt.models.t5_inverter import CopyHead
 from logit2prompt.training.trainer import Trainer
 
 from .conftest import FIXTURE_PROMPTS, tiny_train_config
-from .test_inverter import _store
+from .test_inverter import _store, killed_after_first_checkpoint
 
 DIM = 3000
 
@@ -179,7 +179,7 @@ def test_copy_head_loss_is_the_distribution_generation_samples_from(store16, tin
 
 def test_neighbour_length_reads_only_each_neighbours_first_tokens(store16, tiny_lm_dir, tmp_path):
     """`--set neighbour_length=N`: every neighbour is cut to its first N tokens, in training
-    batches, in the bucketing lengths and after reloading."""
+    batches, in the bucketing lengths, after reloading and on resume."""
 
     def trainer(out, **overrides):
         cfg = tiny_train_config(
@@ -206,17 +206,27 @@ def test_neighbour_length_reads_only_each_neighbours_first_tokens(store16, tiny_
     assert (cut._example_lengths() <= labels + 2 * 3).all()
     assert (cut._example_lengths() < full._example_lengths()).any()
 
-    model = Trainer(
-        tiny_train_config(
+    def run_cfg(out):
+        return tiny_train_config(
             store16,
-            tmp_path / "trained",
+            tmp_path / out,
             tiny_lm_dir,
-            max_steps=2,
+            max_steps=4,
+            save_every=2,
             neighbours=2,
             overrides={"max_length": 24, "neighbour_length": 3},
         )
-    ).run()
+
+    model = Trainer(run_cfg("trained")).run()
     loaded = Inverter.from_pretrained(tmp_path / "trained")
     assert loaded.config.neighbour_length == 3
     assert loaded.neighbour_ids([[0, 1]]).shape == (1, 2, 3)
-    assert model.config.neighbour_length == 3
+    # A killed run resumes to the uninterrupted weights; another cut is refused by name.
+    killed_after_first_checkpoint(Trainer(run_cfg("killed")))
+    other = run_cfg("killed")
+    other.overrides = {**other.overrides, "neighbour_length": 5}
+    with pytest.raises(CheckpointError, match="overrides"):
+        Trainer(other).run(resume=True)
+    resumed = Trainer(run_cfg("killed")).run(resume=True)
+    for (name, p), q in zip(model.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6), name
