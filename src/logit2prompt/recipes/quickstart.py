@@ -37,9 +37,9 @@ from .methods import FALLBACK, RERANKED, MethodContext, run_methods
 
 logger = logging.getLogger(__name__)
 
-# Sized for about 20 minutes on a 2-core CPU at scale 1 (see README for measured times): a
-# prefix-lm sees 960 examples (240 steps of train's default batch of 4, ~2.8 s each with 2
-# neighbours; it was 60 steps of 16), a `small` T5 step of 32 takes ~1 s.
+# A prefix-lm sees 960 examples at scale 1 (240 steps of train's default batch of 4; it was 60
+# steps of 16): ~2.6 s a step with 2 neighbours, ~4.5 s with gradient checkpointing (measured at
+# scale 0.25, benchmarks/README.md#quickstart). A `small` T5 step of 32 takes ~1 s.
 BASE_TRAIN_PROMPTS = 4000
 BASE_STEPS = {"prefix-lm": 240}
 BASE_STEPS_T5 = 600
@@ -98,8 +98,9 @@ class QuickstartConfig:
     gradient_checkpointing: bool = field(
         default=True,
         metadata={
-            "help": "recompute activations in training's backward pass: the training peak "
-            "falls from 11.5 to 7.0 GB at --scale 0.25 (benchmarks/quickstart_memory.py)"
+            "help": "recompute activations in training's backward pass: at --scale 0.25 the "
+            "training peak fell from 11.5 to 7.0 GB at batch 16 (benchmarks/quickstart_memory.py); "
+            "the whole run peaks at 4.2 GB with it at batch 4"
         },
     )
     bf16_decoding: bool = field(
