@@ -124,3 +124,8 @@ def test_subspace_fit_in_column_chunks_is_the_whole_fit(monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     centred = logprobs - logprobs.mean(1, keepdims=True)
     np.testing.assert_allclose(centred @ basis @ basis.T, centred, atol=1e-4)
+    # A read-only array (a memmap, say) is fitted on a copy and left as it was.
+    frozen = logprobs.copy()
+    frozen.flags.writeable = False
+    np.testing.assert_allclose(prefix_lm.fit_subspace(frozen, 1)[3], sing, rtol=1e-4, atol=1e-5)
+    assert np.array_equal(frozen, logprobs)

@@ -64,11 +64,14 @@ def fit_subspace(
     """Principal directions of centred training vectors `[n, steps * vocab]` (float32).
 
     Returns (basis `[dim, r]`, coordinate mean `[r]`, coordinate std `[r]`, singular values).
-    `dims` = 0 keeps the directions above the noise floor (see `FLOOR_FACTOR`). A float32
-    array is centred in place (it is the caller's sample, read for this); the float64 sums run
-    over FIT_CHUNK columns at a time, so memory stays near the sample's own size.
+    `dims` = 0 keeps the directions above the noise floor (see `FLOOR_FACTOR`). A writeable
+    float32 array is centred in place (it is the caller's sample, read for this); the float64
+    sums run over FIT_CHUNK columns at a time, so memory stays near the sample's own size.
     """
-    x = torch.as_tensor(np.asarray(vectors, dtype=np.float32))
+    array = np.asarray(vectors, dtype=np.float32)
+    if not array.flags.writeable:  # e.g. a read-only memmap: centre a copy
+        array = array.copy()
+    x = torch.as_tensor(array)
     if len(x) < 2:
         raise VectorError("need at least 2 training vectors to fit the subspace")
     rows = x.view(len(x), steps, -1)
