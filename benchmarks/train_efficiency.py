@@ -20,7 +20,7 @@ exact on a seeded sample of `--test-limit` test prompts and on every prompt of e
 with 95% CIs and the paired gain over `today`. Candidate recipes (CANDIDATES) are screened on a
 shorter budget against a finished `today` run:
 
-    python benchmarks/train_efficiency.py ... --work runs/eff13 --minutes 13.4 \
+    python benchmarks/train_efficiency.py ... --work runs/eff13 --minutes 13.3 \
         --recipes b4 --reference runs/eff/today --no-score --out .../train_efficiency-screen.json
 
 Writes benchmarks/results/train_efficiency.json; trained runs under `--work` are reused.

@@ -31,7 +31,6 @@ from ..evaluation.metrics import format_table, per_example_scores, score
 from ..models.inverter import Inverter, native_bf16
 from ..targets import DEFAULT_TARGET, load_target
 from ..targets.base import TargetFingerprint
-from ..training.config import default_batch
 from ..training.trainer import CHECKPOINT_DIR, TrainConfig, Trainer, is_trained
 from .methods import FALLBACK, RERANKED, MethodContext, run_methods
 
@@ -119,10 +118,6 @@ class QuickstartConfig:
     def steps(self) -> int:
         base = self.base_steps or BASE_STEPS.get(self.preset, BASE_STEPS_T5)
         return max(10, int(base * self.scale))
-
-    @property
-    def batch(self) -> int:
-        return self.train_batch_size or default_batch(self.preset)
 
 
 def _check_reusable(model_dir: Path, train_cfg: TrainConfig) -> None:
@@ -226,7 +221,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         neighbours=cfg.neighbours,
         # A prefix-lm reads its neighbours as text and copies by attention (README).
         neighbour_copy=cfg.preset != "prefix-lm",
-        per_device_batch_size=cfg.batch,
+        per_device_batch_size=cfg.train_batch_size or 0,  # 0: the Trainer's preset default
         gradient_checkpointing=cfg.gradient_checkpointing,
         max_steps=cfg.steps,
         eval_every=max(cfg.steps // 2, 1),
