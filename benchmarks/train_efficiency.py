@@ -74,6 +74,17 @@ CANDIDATES = {
     "b4": dict(LORA_B16, per_device_batch_size=4),
     "b8": dict(LORA_B16, per_device_batch_size=8),
     "b4-lr2e-3": dict(LORA_B16, per_device_batch_size=4, lr=2e-3),
+    # Neighbours cut to their first 16 tokens: ~26% fewer decoder tokens per example on
+    # BIG-bench (prompts average 27 tokens, two neighbours each).
+    "b4-n16": dict(LORA_B16, per_device_batch_size=4, overrides={"neighbour_length": 16}),
+    # ... and their keys and values computed without gradients: a forward pass per neighbour
+    # token instead of forward + backward.
+    "b4-n16-detach": dict(
+        LORA_B16,
+        per_device_batch_size=4,
+        overrides={"neighbour_length": 16, "detach_neighbours": True},
+    ),
+    "b4-detach": dict(LORA_B16, per_device_batch_size=4, overrides={"detach_neighbours": True}),
 }
 RECIPES = {"today": TODAY, "lora-b16": LORA_B16, "new": NEW, **CANDIDATES}
 # Shapes of the decoder's big matmuls (SmolLM2-135M: hidden 576, MLP 1536) at ~3200 tokens.
@@ -192,7 +203,7 @@ def summary(out: Path) -> dict:
     peaks = bench["matmul_peak_tflops"]
     return {
         "settings": {k: info[k] for k in ("per_device_batch_size", "lr", "decoder_lr", "max_steps")}
-        | {k: info.get(k) for k in ("lora_rank", "bucket_lengths")},
+        | {k: info.get(k) for k in ("lora_rank", "bucket_lengths", "overrides")},
         "train_minutes": minutes,
         "steps": history[-1]["step"],
         "examples": examples,

@@ -191,7 +191,9 @@ def test_resume_matches_uninterrupted(tiny_store, tiny_lm_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["tiny", "prefix-lm", "prefix-lm-neighbours"])
+@pytest.mark.parametrize(
+    "preset", ["tiny", "prefix-lm", "prefix-lm-neighbours", "prefix-lm-detached-neighbours"]
+)
 def test_accelerate_two_processes_match_one(tiny_store, tiny_lm_dir, tmp_path, preset):
     from safetensors.torch import load_file
 
@@ -203,11 +205,13 @@ def test_accelerate_two_processes_match_one(tiny_store, tiny_lm_dir, tmp_path, p
     )
     if preset == "prefix-lm-neighbours":  # each neighbour cut to its first 3 tokens
         model_args += ["--neighbours", "2", "--set", "neighbour_length=3"]
+    if preset == "prefix-lm-detached-neighbours":  # neighbours read without gradients
+        model_args += ["--neighbours", "2", "--set", "detach_neighbours=true"]
     common = [
         "--data",
         str(tiny_store),
         "--preset",
-        preset.removesuffix("-neighbours"),
+        preset.removesuffix("-neighbours").removesuffix("-detached"),
         *model_args,
         "--max-steps",
         "8",

@@ -129,3 +129,65 @@ def test_subspace_fit_in_column_chunks_is_the_whole_fit(monkeypatch):
     frozen.flags.writeable = False
     np.testing.assert_allclose(prefix_lm.fit_subspace(frozen, 1)[3], sing, rtol=1e-4, atol=1e-5)
     assert np.array_equal(frozen, logprobs)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_detached_neighbours_change_gradients_not_outputs(tiny_lm_dir, checkpointing):
+    """`detach_neighbours`: the neighbours' keys and values come from a no-grad pass, so the
+    loss is the whole context's, the prefix MLP's gradients too (nothing before the prefix
+    depends on it), while the adapters no longer learn from the neighbours' positions. A
+    gradient-checkpointed decoder replays its layers on the same read-only cache."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+
+    def model(detach: bool) -> PrefixLMInverter:
+        config = PrefixLMConfig(
+            vocab_size=VOCAB,
+            subspace_dim=4,
+            decoder_init=str(tiny_lm_dir),
+            embed_hidden=16,
+            prefix_length=2,
+            neighbours=2,
+            lora_rank=4,
+            detach_neighbours=detach,
+        )
+        torch.manual_seed(0)
+        m = Inverter.from_config(config, tokenizer)
+        m.set_feature_stats(torch.zeros(4), torch.ones(4), torch.randn(VOCAB, 4))
+        with torch.no_grad():  # adapters that matter: peft starts B at zero
+            for name, p in m.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+        return m
+
+    full, detached = model(False), model(True)
+    detached.load_state_dict(full.state_dict())
+    if checkpointing:
+        detached.lm.gradient_checkpointing_enable({"use_reentrant": False})
+    assert not detached.neighbour_rank.requires_grad and full.neighbour_rank.requires_grad
+    torch.manual_seed(1)
+    x = torch.randn(3, VOCAB).log_softmax(-1)
+    labels = pad_labels(encode_labels(tokenizer, ["a b", "c", "d e f"], 8))
+    ids = torch.randint(3, VOCAB, (3, 2, 5))
+    ids[0, 1, 3:] = ids[2, :, 2:] = -1  # neighbours of different lengths: left padding
+    losses = []
+    for m in (full, detached):
+        m.train()
+        loss = m(x, labels, ids)
+        loss.backward()
+        losses.append(loss.detach())
+    assert torch.allclose(losses[0], losses[1], atol=1e-5)
+    grads = {n: p.grad for n, p in full.named_parameters() if p.grad is not None}
+    other = {n: p.grad for n, p in detached.named_parameters() if p.grad is not None}
+    assert set(other) == set(grads) - {"neighbour_rank"}
+    for name in [n for n in grads if n.startswith("embed.")]:
+        assert torch.allclose(grads[name], other[name], rtol=1e-4, atol=1e-5), name
+    lora = [n for n in other if "lora_" in n]
+    assert lora and any(not torch.allclose(grads[n], other[n], rtol=1e-2) for n in lora)
+    if checkpointing:  # the replayed layers give the plain detached pass's gradients
+        plain = model(True)
+        plain.load_state_dict(full.state_dict())
+        plain.train()
+        plain(x, labels, ids).backward()
+        for n, p in plain.named_parameters():
+            if p.grad is not None:
+                assert torch.allclose(p.grad, other[n], rtol=1e-4, atol=1e-5), n

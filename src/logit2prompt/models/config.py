@@ -153,6 +153,11 @@ class PrefixLMConfig(InverterConfig):
     # frozen: no weight gradients or optimizer state for them (0: train every weight).
     lora_rank: int = 0
     lora_alpha: float = 0.0  # adapter scale alpha / rank (0: 2 x rank)
+    # Training only (outputs are unchanged): the neighbours come first in the decoder's
+    # context, so their keys and values do not depend on the vector; computed without
+    # gradients, each neighbour token costs a forward pass instead of forward + backward.
+    # Nothing learns from the neighbours' own positions then (the rank embeddings stay zero).
+    detach_neighbours: bool = False
 
     @property
     def tokens_per_step(self) -> int:

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from transformers import DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..errors import CheckpointError, VectorError
 from ..targets.base import TargetFingerprint
@@ -142,6 +144,23 @@ def add_adapters(lm, rank: int, alpha: float) -> None:
     inject_adapter_in_model(config, lm)  # leaves only the adapters trainable
 
 
+class _ReadOnlyCache(DynamicCache):
+    """A KV cache that, once `frozen`, is read without being written: each layer returns the
+    cached keys and values followed by the new ones. A gradient-checkpointed layer can then
+    replay its forward in the backward pass on the same cache."""
+
+    frozen = False
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if not self.frozen:
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        layer = self.layers[layer_idx]
+        return (
+            torch.cat([layer.keys, key_states], -2),
+            torch.cat([layer.values, value_states], -2),
+        )
+
+
 def positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids that skip padding, as `generate` derives them from the attention mask:
     a left-padded context then reads the same positions in training and in generation."""
@@ -149,22 +168,31 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 
 
 def teacher_forced_states(
-    lm, context: torch.Tensor, labels: torch.Tensor, context_mask: torch.Tensor | None = None
+    lm,
+    context: torch.Tensor,
+    labels: torch.Tensor,
+    context_mask: torch.Tensor | None = None,
+    past: tuple[DynamicCache, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Hidden states `[B, T, H]` that predict `labels` `[B, T]` (-100 padded): the context's
     last position predicts the first label, each label position the next. `context_mask`
-    marks the real positions of a left-padded context (default: all real)."""
+    marks the real positions of a left-padded context (default: all real). `past` is the
+    KV cache of what comes before the context and its mask."""
     ids = labels.clamp(min=0)
     tokens = lm.get_input_embeddings()(ids).to(context.dtype)
     embeds = torch.cat([context, tokens], 1)
     k = context.shape[1]
     if context_mask is None:
         context_mask = torch.ones(context.shape[:2], dtype=torch.long, device=context.device)
-    mask = torch.cat([context_mask.long(), (labels != -100).long()], 1)
+    cache, past_mask = past if past is not None else (None, context_mask[:, :0])
+    mask = torch.cat([past_mask.long(), context_mask.long(), (labels != -100).long()], 1)
     # Right padding of the labels with an explicit mask: padded positions are never read by
     # real ones.
     hidden = lm.base_model(
-        inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask)
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        position_ids=positions(mask)[:, past_mask.shape[1] :],
+        cache=cache,
     ).last_hidden_state
     return hidden[:, k - 1 : k - 1 + labels.shape[1]]
 
@@ -195,6 +223,12 @@ class PrefixLMInverter(Inverter):
             )
         if config.lora_rank:
             add_adapters(self.lm, config.lora_rank, config.lora_alpha)
+        if config.detach_neighbours:
+            # The neighbours' cache is read-only (_ReadOnlyCache), so a checkpointed layer
+            # may keep it when it replays its forward.
+            for layer in self.lm.modules():
+                if isinstance(layer, GradientCheckpointingLayer):
+                    layer._can_checkpoint_with_cache = True
         gen = self.lm.generation_config
         gen.pad_token_id, gen.eos_token_id = config.pad_token_id, config.eos_token_id
         gen.bos_token_id = None
@@ -219,6 +253,8 @@ class PrefixLMInverter(Inverter):
         if config.neighbours:
             # Zero at first: the neighbours read as plain text, marked by rank as training goes.
             self.neighbour_rank = nn.Parameter(torch.zeros(config.neighbours, hidden))
+            # Detached neighbours give it no gradient: frozen, so no process waits for one.
+            self.neighbour_rank.requires_grad_(not config.detach_neighbours)
 
     def with_neighbours(self, neighbours: int) -> PrefixLMInverter:
         """A copy of this inverter that reads `neighbours` nearest training prompts
@@ -273,19 +309,47 @@ class PrefixLMInverter(Inverter):
         ones = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
         if not self.config.neighbours:
             return prefix, ones
+        tokens, real = self.neighbour_context(vectors, neighbour_ids, prefix.dtype)
+        return torch.cat([tokens, prefix], 1), torch.cat([real, ones], 1)
+
+    def neighbour_context(
+        self, vectors: torch.Tensor, neighbour_ids: torch.Tensor | None, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The neighbours' token embeddings `[B, W, H]` (marked by rank, left-padded to the
+        longest row) and their mask `[B, W]`."""
         if neighbour_ids is None:
             neighbour_ids = self.find_neighbours(vectors)
-        ids = neighbour_ids.to(prefix.device)
-        tokens = self.lm.get_input_embeddings()(ids.clamp(min=0)).to(prefix.dtype)
-        tokens = (tokens + self.neighbour_rank[:, None].to(prefix.dtype)).flatten(1, 2)
+        ids = neighbour_ids.to(self.basis.device)
+        tokens = self.lm.get_input_embeddings()(ids.clamp(min=0)).to(dtype)
+        tokens = (tokens + self.neighbour_rank[:, None].to(dtype)).flatten(1, 2)
         real = (ids >= 0).flatten(1)
         # Stable sort on "is real" moves each row's padding to the front, keeping token order.
         order = torch.sort(real.int(), dim=1, stable=True).indices
         width = max(int(real.sum(1).max()), 1)  # trim the common padding
         order = order[:, -width:]
         tokens = tokens.gather(1, order[..., None].expand(-1, -1, tokens.shape[-1]))
-        real = real.gather(1, order)
-        return torch.cat([tokens, prefix], 1), torch.cat([real.long(), ones], 1)
+        return tokens, real.gather(1, order).long()
+
+    def _states_after_detached_neighbours(
+        self, vectors: torch.Tensor, labels: torch.Tensor, neighbour_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        """teacher_forced_states of the whole context, with the neighbours' keys and values
+        computed first without gradients (config.detach_neighbours): the same values, a
+        backward pass only over the prefix and the prompt."""
+        prefix = self.encode_inputs(vectors)
+        with torch.no_grad():
+            tokens, real = self.neighbour_context(vectors, neighbour_ids, prefix.dtype)
+            cache = _ReadOnlyCache(config=self.lm.config)
+            self.lm.base_model(
+                inputs_embeds=tokens,
+                attention_mask=real,
+                position_ids=positions(real),
+                cache=cache,
+                use_cache=True,
+            )
+        cache.frozen = True
+        ones = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+        return teacher_forced_states(self.lm, prefix, labels, ones, past=(cache, real))
 
     # ------------------------------------------------------------------ loss and decoding
     def forward(
@@ -296,8 +360,11 @@ class PrefixLMInverter(Inverter):
         per_example: bool = False,
     ) -> torch.Tensor:
         keep = labels != -100
-        context, mask = self.causal_context(vectors, neighbour_ids)
-        states = teacher_forced_states(self.lm, context, labels, mask)
+        if self.config.detach_neighbours and self.config.neighbours and torch.is_grad_enabled():
+            states = self._states_after_detached_neighbours(vectors, labels, neighbour_ids)
+        else:
+            context, mask = self.causal_context(vectors, neighbour_ids)
+            states = teacher_forced_states(self.lm, context, labels, mask)
         logits = self.lm.get_output_embeddings()(states[keep]).float()
         nll = nn.functional.cross_entropy(logits, labels[keep], reduction="none")
         return self._reduce(nll, keep, per_example)
