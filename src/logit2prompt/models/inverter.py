@@ -319,10 +319,13 @@ class Inverter(nn.Module):
         return model
 
 
-def native_bf16(device: str = "cpu") -> bool:
-    """Whether bf16 autocast speeds up decoding on `device`: a GPU with bf16, or a CPU with
-    AMX or AVX512-BF16. On other CPUs (AVX2 only) bf16 is emulated and decoding several times
-    slower than fp32 (benchmarks/README.md, "Decoding in bf16 autocast")."""
+def native_bf16(device: str | None = None) -> bool:
+    """Whether bf16 runs natively on `device` (default: CUDA if available, else the CPU): a
+    GPU with bf16, or a CPU with AMX or AVX512-BF16. On other CPUs (AVX2 only) bf16 is emulated
+    and several times slower than fp32 (benchmarks/README.md, "Decoding in bf16 autocast"). The
+    one test behind every `auto` precision: training, collection dtype, decoding."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device != "cpu":

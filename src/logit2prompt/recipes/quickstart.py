@@ -186,9 +186,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         corpus_path = str(build_bigbench_corpus())
     dtype = cfg.dtype
     if dtype == "auto":
-        import torch
-
-        dtype = "bf16" if native_bf16("cuda" if torch.cuda.is_available() else "cpu") else "fp32"
+        dtype = "bf16" if native_bf16() else "fp32"
     target = load_target(cfg.target, dtype=DTYPES[dtype], batch_size=cfg.batch_size)
     _log(f"target: {target.fingerprint.describe()}")
     stores = {}

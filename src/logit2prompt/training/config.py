@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 
 @dataclass
 class TrainConfig:
@@ -194,14 +192,9 @@ RECIPE_DEFAULTS_BEFORE = {
 
 def resolve_mixed_precision(choice: str) -> str:
     """'auto': bf16 autocast where the hardware runs it natively (Ampere+ GPUs, CPUs with
-    AVX512-BF16 or AMX, measured ~1.5x faster per step here), else fp32."""
+    AVX512-BF16 or AMX, measured ~1.5x faster per step there), else fp32."""
     if choice != "auto":
         return choice
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    cpu = getattr(torch, "cpu", None)
-    native = any(
-        getattr(cpu, name, lambda: False)()
-        for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    )
-    return "bf16" if native else "no"
+    from ..models.inverter import native_bf16
+
+    return "bf16" if native_bf16() else "no"
