@@ -642,12 +642,14 @@ def test_length_bucketing_keeps_epochs_whole_and_batches_homogeneous(
     assert sorted(unsorted.tolist()) == sorted(epochs[0])
 
 
+@pytest.mark.parametrize("detached", [False, True])
 def test_lora_decoder_trains_adapters_only_resumes_and_round_trips(
-    tiny_store, tiny_lm_dir, tmp_path
+    tiny_store, tiny_lm_dir, tmp_path, detached
 ):
     """lora_rank: the decoder's own weights stay exactly as loaded and get no optimizer
     state; the adapters and the prefix MLP learn; a killed run resumes to the uninterrupted
-    result (training time carried over); the checkpoint loads without peft's help."""
+    result (training time carried over); the checkpoint loads without peft's help. Also with
+    2 neighbours read without gradients under gradient checkpointing (detach_neighbours)."""
     from safetensors.torch import load_file
 
     kw = dict(
@@ -658,6 +660,10 @@ def test_lora_decoder_trains_adapters_only_resumes_and_round_trips(
         save_every=10,
         overrides={"max_length": 24, "prefix_length": 4, "embed_hidden": 64},
     )
+    if detached:
+        kw["neighbours"] = 2
+        kw["gradient_checkpointing"] = True
+        kw["overrides"] = {**kw["overrides"], "detach_neighbours": True}
     straight_trainer = Trainer(_cfg(tiny_store, tmp_path / "a", tiny_lm_dir, **kw))
     model = straight_trainer.model
     base = {n: p.detach().clone() for n, p in model.lm.named_parameters() if "lora_" not in n}
