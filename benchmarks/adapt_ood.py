@@ -1,13 +1,15 @@
 """In-domain adaptation (PILS's recipe): fine-tune the shipped user-mode inverter on ~50
 prompts of a new domain and measure what it gains there.
 
-    python benchmarks/adapt_ood.py --data ../shared/data [--adapt 50 --steps 64]
+    python benchmarks/adapt_ood.py --data ../shared/data [--adapt 50 --steps 64 --pool same]
 
 For each out-of-domain set the evaluation prompts are those of shipped_ood.py (a seeded 100
-of the first 200 rows); the adaptation prompts are a seeded ADAPT of the other rows (of the
-rows after the first 200 where the file has enough), with near duplicates of any evaluation
-prompt removed (`data mix --exclude`'s index). Three rows per set, greedy, no target queries
-at inversion:
+of the first 200 rows); the adaptation prompts are a seeded ADAPT of the rows not evaluated,
+with near duplicates of any evaluation prompt removed (`data mix --exclude`'s index): with
+`--pool same` from the same first 200 rows (the evaluated prompts' distribution), with
+`--pool later` from the rows after them where the file has enough (other categories of the
+same source: chatterbot's later rows are trivia questions). Three rows per set, greedy, no
+target queries at inversion:
 
 - shipped: the shipped inverter as it is (its memory: 6,000 mix prompts);
 - memory swapped: the same weights, its neighbour memory rebuilt from the adaptation
@@ -15,7 +17,10 @@ at inversion:
 - fine-tuned: `train --init-from smollm2-135m-instruct` on the adaptation prompts (their
   memory too), STEPS steps of 4.
 
-Writes benchmarks/results/adapt_ood.json (paired gains over `shipped` with 95% CIs).
+With `--versus benchmarks/results/shipped_ood.json` it also compares the fine-tuned inverter,
+paired per prompt, with that file's user-mode extraction replies to the same prompts ("Repeat
+the message above word for word."). Writes benchmarks/results/adapt_ood.json (paired gains
+with 95% CIs; every prediction under WORK/SET/predictions.json).
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ import argparse
 import json
 import random
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -37,6 +41,7 @@ from logit2prompt.evaluation.metrics import paired_gain, score
 from logit2prompt.evaluation.results import write_results
 from logit2prompt.models.inverter import Inverter
 from logit2prompt.models.retrieval import NeighbourMemory
+from logit2prompt.recipes.methods import EXTRACTION_BEST
 from logit2prompt.targets import DEFAULT_TARGET, load_target
 from logit2prompt.training.config import TrainConfig
 from logit2prompt.training.trainer import Trainer
@@ -48,24 +53,29 @@ RESULTS = Path(__file__).parent / "results" / "adapt_ood.json"
 SHIPPED = "smollm2-135m-instruct"
 
 
-def adaptation_prompts(path: Path, evaluated: list[str], n: int, seed: int) -> list[str]:
-    """A seeded `n` of the file's rows that are not evaluated, after the first FIRST rows
-    where enough remain, with near duplicates of evaluated prompts removed."""
+def adaptation_prompts(
+    path: Path, evaluated: list[str], n: int, seed: int, pool_name: str = "same"
+) -> list[str]:
+    """A seeded `n` of the file's rows that are not evaluated (of the first FIRST rows, or
+    with `pool_name` "later" of those after them where enough remain), with near duplicates
+    of evaluated prompts removed."""
     rows = [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
     index = NearDuplicateIndex(evaluated)
     later = [p for p in rows[FIRST:] if not index.matches(p)]
-    pool = later if len(later) >= n else [p for p in rows if not index.matches(p)]
+    if pool_name == "later" and len(later) >= n:
+        pool = later
+    else:
+        pool = [p for p in rows[:FIRST] if not index.matches(p)]
     pool = list(dict.fromkeys(pool))  # exact repeats once
     return random.Random(f"{seed}:adapt:{path.stem}").sample(pool, min(n, len(pool)))
 
 
 def store_of(target, prompts: list[str], out: Path, steps: int) -> DistributionStore:
-    if not (out / "manifest.json").is_file():
-        out.mkdir(parents=True, exist_ok=True)
-        path = out.with_suffix(".jsonl")
-        path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-        corpus = load_corpus(str(path), count_tokens=target.count_tokens, max_tokens=None)
-        collect(target, corpus, str(out), steps=steps, batch_size=16, progress=False)
+    path = out.with_suffix(".jsonl")
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    corpus = load_corpus(str(path), count_tokens=target.count_tokens, max_tokens=None)
+    # A rerun skips the shards already collected (and a killed one resumes).
+    collect(target, corpus, str(out), steps=steps, batch_size=16, progress=False)
     store = DistributionStore(out)
     store.attach(target)
     return store
@@ -94,6 +104,13 @@ def main() -> None:
     parser.add_argument("--adapt", type=int, default=50, help="adaptation prompts per set")
     parser.add_argument("--steps", type=int, default=64, help="fine-tuning steps of 4")
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument(
+        "--pool",
+        choices=("same", "later"),
+        default="same",
+        help="where adaptation prompts come from",
+    )
+    parser.add_argument("--versus", help="shipped_ood.py's results: its user-mode extraction")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default="runs/adapt")
     parser.add_argument("--out", default=str(RESULTS))
@@ -107,17 +124,24 @@ def main() -> None:
         "steps": args.steps,
         "lr": args.lr,
         "limit": args.limit,
+        "pool": args.pool,
         "sets": {},
     }
     lines = [
         "| set | shipped | memory swapped | fine-tuned | fine-tuned - shipped (BLEU) "
-        "| fine-tuned - shipped (F1) | minutes |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| fine-tuned - shipped (F1) | extraction | fine-tuned - extraction (BLEU) | minutes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     every = rows_of(data, args.limit, args.seed)
+    extraction: dict[str, str] = {}
+    if args.versus:
+        user = json.loads(Path(args.versus).read_text())["modes"]["user"]["examples"]
+        extraction = {e["hidden"]: e[EXTRACTION_BEST] for e in user}
     for name in SETS:
         evaluated = [r["prompt"] for r in every if r["set"] == name]
-        adapt = adaptation_prompts(data / f"{name}.jsonl", evaluated, args.adapt, args.seed)
+        adapt = adaptation_prompts(
+            data / f"{name}.jsonl", evaluated, args.adapt, args.seed, args.pool
+        )
         test = store_of(target, evaluated, work / name / "test", obs_steps)
         train = store_of(target, adapt, work / name / "adapt", obs_steps)
         refs = test.prompts
@@ -139,10 +163,18 @@ def main() -> None:
             progress=False,
             seed=args.seed,
         )
-        t0 = time.perf_counter()
-        Trainer(cfg).run(resume=True)
-        minutes = (time.perf_counter() - t0) / 60
+        trainer = Trainer(cfg)
+        trainer.run(resume=True)
+        minutes = trainer.train_seconds / 60  # training steps, a resumed run's included
         preds["fine-tuned"] = invert(Inverter.from_pretrained(out), test)
+        (work / name / "predictions.json").write_text(json.dumps({"hidden": refs, **preds}))
+        versus = {}
+        if extraction and all(r in extraction for r in refs):
+            replies = [extraction[r] for r in refs]
+            versus = {
+                "extraction": score(replies, refs),
+                "fine-tuned minus extraction": paired_gain(preds["fine-tuned"], replies, refs),
+            }
         entry = {
             "evaluated": len(refs),
             "adaptation_prompts": len(adapt),
@@ -152,6 +184,7 @@ def main() -> None:
             "gain_over_shipped": {
                 k: paired_gain(preds[k], preds["shipped"], refs) for k in preds if k != "shipped"
             },
+            "versus_user_extraction": versus,
             "examples": [
                 {"hidden": h, **{k: v[i] for k, v in preds.items()}} for i, h in enumerate(refs[:5])
             ],
@@ -167,7 +200,15 @@ def main() -> None:
                 f"{rows[k]['bleu']['mean']:.1f} / {rows[k]['token_f1']['mean']:.1f}"
                 for k in ("shipped", "memory swapped", "fine-tuned")
             )
-            + f" | {cell(gain['bleu'])} | {cell(gain['token_f1'])} | {minutes:.1f} |"
+            + f" | {cell(gain['bleu'])} | {cell(gain['token_f1'])} | "
+            + (
+                f"{versus['extraction']['bleu']['mean']:.1f} / "
+                f"{versus['extraction']['token_f1']['mean']:.1f} | "
+                f"{cell(versus['fine-tuned minus extraction']['bleu'])}"
+                if versus
+                else "— | —"
+            )
+            + f" | {minutes:.1f} |"
         )
         print(lines[-1], flush=True)
     print("BLEU / token F1 per row; gains paired per prompt, 95% bootstrap CIs")
