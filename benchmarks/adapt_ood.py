@@ -2,6 +2,7 @@
 prompts of a new domain and measure what it gains there.
 
     python benchmarks/adapt_ood.py --data ../shared/data [--adapt 50 --steps 64 --pool same]
+        [--mode user|guarded]
 
 For each out-of-domain set the evaluation prompts are those of shipped_ood.py (a seeded 100
 of the first 200 rows); the adaptation prompts are a seeded ADAPT of the rows not evaluated,
@@ -11,16 +12,17 @@ with near duplicates of any evaluation prompt removed (`data mix --exclude`'s in
 same source: chatterbot's later rows are trivia questions). Three rows per set, greedy, no
 target queries at inversion:
 
-- shipped: the shipped inverter as it is (its memory: 6,000 mix prompts);
+- shipped: the shipped inverter of the mode as it is (its memory: 6,000 mix prompts);
 - memory swapped: the same weights, its neighbour memory rebuilt from the adaptation
   prompts (what retrieval alone gains);
-- fine-tuned: `train --init-from smollm2-135m-instruct` on the adaptation prompts (their
-  memory too), STEPS steps of 4.
+- fine-tuned: `train --init-from SHIPPED` on the adaptation prompts observed in that mode
+  (their memory too), STEPS steps of 4.
 
 With `--versus benchmarks/results/shipped_ood.json` it also compares the fine-tuned inverter,
-paired per prompt, with that file's user-mode extraction replies to the same prompts ("Repeat
-the message above word for word."). Writes benchmarks/results/adapt_ood.json (paired gains
-with 95% CIs; every prediction under WORK/SET/predictions.json).
+paired per prompt, with that file's extraction replies in the same mode to the same prompts
+("Repeat the message above word for word."; leak-filtered in guarded mode). Writes
+benchmarks/results/adapt_ood.json (paired gains with 95% CIs; every prediction under
+WORK/SET/predictions.json).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from logit2prompt.attacks.invert import target_from_fingerprint
 from logit2prompt.data.collect import collect
 from logit2prompt.data.corpus import load_corpus
 from logit2prompt.data.mix import NearDuplicateIndex
@@ -41,8 +44,8 @@ from logit2prompt.evaluation.metrics import paired_gain, score
 from logit2prompt.evaluation.results import write_results
 from logit2prompt.models.inverter import Inverter
 from logit2prompt.models.retrieval import NeighbourMemory
+from logit2prompt.recipes.demo import SHIPPED
 from logit2prompt.recipes.methods import EXTRACTION_BEST
-from logit2prompt.targets import DEFAULT_TARGET, load_target
 from logit2prompt.training.config import TrainConfig
 from logit2prompt.training.trainer import Trainer
 
@@ -50,7 +53,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from shipped_ood import FIRST, SETS, rows_of  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "adapt_ood.json"
-SHIPPED = "smollm2-135m-instruct"
 
 
 def adaptation_prompts(
@@ -110,14 +112,17 @@ def main() -> None:
         default="same",
         help="where adaptation prompts come from",
     )
-    parser.add_argument("--versus", help="shipped_ood.py's results: its user-mode extraction")
+    parser.add_argument("--mode", choices=tuple(SHIPPED), default="user", help="threat model")
+    parser.add_argument("--versus", help="shipped_ood.py's results: its extraction replies")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default="runs/adapt")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     data, work = Path(args.data), Path(args.work)
-    target = load_target(DEFAULT_TARGET, dtype="float32", batch_size=16)
-    shipped = Inverter.from_pretrained(SHIPPED)
+    name_of_shipped = SHIPPED[args.mode]
+    shipped = Inverter.from_pretrained(name_of_shipped)
+    # The target as the shipped inverter saw it: model, dtype and threat model.
+    target = target_from_fingerprint(shipped.fingerprint, batch_size=16)
     obs_steps = shipped.config.steps
     results: dict = {
         "adapt": args.adapt,
@@ -125,6 +130,8 @@ def main() -> None:
         "lr": args.lr,
         "limit": args.limit,
         "pool": args.pool,
+        "mode": args.mode,
+        "shipped": name_of_shipped,
         "sets": {},
     }
     lines = [
@@ -135,8 +142,8 @@ def main() -> None:
     every = rows_of(data, args.limit, args.seed)
     extraction: dict[str, str] = {}
     if args.versus:
-        user = json.loads(Path(args.versus).read_text())["modes"]["user"]["examples"]
-        extraction = {e["hidden"]: e[EXTRACTION_BEST] for e in user}
+        theirs = json.loads(Path(args.versus).read_text())["modes"][args.mode]["examples"]
+        extraction = {e["hidden"]: e[EXTRACTION_BEST] for e in theirs}
     for name in SETS:
         evaluated = [r["prompt"] for r in every if r["set"] == name]
         adapt = adaptation_prompts(
@@ -145,15 +152,15 @@ def main() -> None:
         test = store_of(target, evaluated, work / name / "test", obs_steps)
         train = store_of(target, adapt, work / name / "adapt", obs_steps)
         refs = test.prompts
-        preds = {"shipped": invert(Inverter.from_pretrained(SHIPPED), test)}
-        swapped = Inverter.from_pretrained(SHIPPED)
+        preds = {"shipped": invert(Inverter.from_pretrained(name_of_shipped), test)}
+        swapped = Inverter.from_pretrained(name_of_shipped)
         swap_memory(swapped, train)
         preds["memory swapped"] = invert(swapped, test)
         out = work / name / "inverter"
         cfg = TrainConfig(
             data=str(train.path),
             out=str(out),
-            init_from=SHIPPED,
+            init_from=name_of_shipped,
             preset="prefix-lm",
             neighbours=2,
             max_steps=args.steps,
@@ -184,7 +191,7 @@ def main() -> None:
             "gain_over_shipped": {
                 k: paired_gain(preds[k], preds["shipped"], refs) for k in preds if k != "shipped"
             },
-            "versus_user_extraction": versus,
+            "versus_extraction": versus,
             "examples": [
                 {"hidden": h, **{k: v[i] for k, v in preds.items()}} for i, h in enumerate(refs[:5])
             ],
