@@ -73,6 +73,7 @@ def adaptation_prompts(
 
 
 def store_of(target, prompts: list[str], out: Path, steps: int) -> DistributionStore:
+    out.mkdir(parents=True, exist_ok=True)
     path = out.with_suffix(".jsonl")
     path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     corpus = load_corpus(str(path), count_tokens=target.count_tokens, max_tokens=None)
