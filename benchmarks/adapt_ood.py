@@ -33,9 +33,7 @@ import random
 import sys
 from pathlib import Path
 
-import torch
-
-from logit2prompt.attacks.invert import target_from_fingerprint
+from logit2prompt.attacks.invert import invert_store, target_from_fingerprint
 from logit2prompt.data.collect import collect
 from logit2prompt.data.corpus import load_corpus
 from logit2prompt.data.mix import NearDuplicateIndex
@@ -84,12 +82,6 @@ def store_of(target, prompts: list[str], out: Path, steps: int) -> DistributionS
     return store
 
 
-def invert(model: Inverter, store: DistributionStore) -> list[str]:
-    steps = model.config.steps
-    x = torch.from_numpy(store.vectors(range(len(store)), steps))
-    return model.invert(x.view(len(store), steps, -1), batch_size=32)
-
-
 def swap_memory(model: Inverter, store: DistributionStore) -> None:
     """Rebuild the neighbour memory from `store`'s prompts (as `train --init-from` does)."""
     steps = model.config.steps
@@ -125,6 +117,7 @@ def main() -> None:
     # The target as the shipped inverter saw it: model, dtype and threat model.
     target = target_from_fingerprint(shipped.fingerprint, batch_size=16)
     obs_steps = shipped.config.steps
+    swapped = Inverter.from_pretrained(name_of_shipped)  # its memory is replaced per set
     results: dict = {
         "adapt": args.adapt,
         "steps": args.steps,
@@ -153,10 +146,9 @@ def main() -> None:
         test = store_of(target, evaluated, work / name / "test", obs_steps)
         train = store_of(target, adapt, work / name / "adapt", obs_steps)
         refs = test.prompts
-        preds = {"shipped": invert(Inverter.from_pretrained(name_of_shipped), test)}
-        swapped = Inverter.from_pretrained(name_of_shipped)
+        preds = {"shipped": invert_store(shipped, test, batch_size=32, progress=False)}
         swap_memory(swapped, train)
-        preds["memory swapped"] = invert(swapped, test)
+        preds["memory swapped"] = invert_store(swapped, test, batch_size=32, progress=False)
         out = work / name / "inverter"
         cfg = TrainConfig(
             data=str(train.path),
@@ -174,7 +166,8 @@ def main() -> None:
         trainer = Trainer(cfg)
         trainer.run(resume=True)
         minutes = trainer.train_seconds / 60  # training steps, a resumed run's included
-        preds["fine-tuned"] = invert(Inverter.from_pretrained(out), test)
+        tuned = Inverter.from_pretrained(out)
+        preds["fine-tuned"] = invert_store(tuned, test, batch_size=32, progress=False)
         (work / name / "predictions.json").write_text(json.dumps({"hidden": refs, **preds}))
         versus = {}
         if extraction and all(r in extraction for r in refs):

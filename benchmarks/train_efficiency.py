@@ -77,13 +77,8 @@ CANDIDATES = {
     # Neighbours cut to their first 16 tokens: ~26% fewer decoder tokens per example on
     # BIG-bench (prompts average 27 tokens, two neighbours each).
     "b4-n16": dict(LORA_B16, per_device_batch_size=4, overrides={"neighbour_length": 16}),
-    # ... and their keys and values computed without gradients: a forward pass per neighbour
+    # Neighbours' keys and values computed without gradients: a forward pass per neighbour
     # token instead of forward + backward.
-    "b4-n16-detach": dict(
-        LORA_B16,
-        per_device_batch_size=4,
-        overrides={"neighbour_length": 16, "detach_neighbours": True},
-    ),
     "b4-detach": dict(LORA_B16, per_device_batch_size=4, overrides={"detach_neighbours": True}),
 }
 RECIPES = {"today": TODAY, "lora-b16": LORA_B16, "new": NEW, **CANDIDATES}
