@@ -2,14 +2,15 @@
 demo's table on more prompts, with paired gains.
 
     python benchmarks/shipped_ood.py --data ../shared/data --limit 100 \
-        [--checkpoint user=DIR guarded=DIR]
+        [--checkpoint user=DIR guarded=DIR] [--versus RESULTS.json]
 
 For each set (a seeded sample of LIMIT of the first 200 prompts of each OOD file, the rows the
 demo's prompts come from) and each mode, the demo's rows (`recipes/demo.py`): the inverter,
 re-ranked by the target, the nearest memorised training prompt, and the best of the demo's
 extraction strings (leak-filtered in guarded mode), with the inverter's paired BLEU gain over
-the last two. Default checkpoints: the shipped ones. Writes
-benchmarks/results/shipped_ood.json.
+the last two. Default checkpoints: the shipped ones. `--versus` pairs the inverter, per prompt,
+with the inverter row of an earlier run of this script (e.g. a new checkpoint against the
+shipped one). Writes benchmarks/results/shipped_ood.json.
 """
 
 from __future__ import annotations
@@ -47,16 +48,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--modes", default="user,guarded")
     parser.add_argument("--checkpoint", nargs="*", default=[], help="MODE=DIR (default: shipped)")
+    parser.add_argument("--versus", help="an earlier results file: paired gain over its inverter")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
+    earlier = json.loads(Path(args.versus).read_text())["modes"] if args.versus else {}
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
     rows = rows_of(Path(args.data), args.limit, args.seed)
     cfg = demo.DemoConfig(modes=args.modes, progress=False)
     results: dict = {"limit": args.limit, "modes": {}}
     lines = [
         "| mode | set | inverter | re-ranked | nearest | extraction | inverter - nearest "
-        "| inverter - extraction |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| inverter - extraction | inverter - earlier |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for mode in cfg.mode_list():
         res = demo.run_mode(mode, rows, cfg, checkpoints.get(mode))
@@ -67,17 +70,21 @@ def main() -> None:
             for other in (demo.NEAREST, demo.EXTRACTION_BEST):
                 gain = paired_gain(inv, [e[other] for e in ex], refs)
                 table[demo.INVERTER][f"gain_over {other}"] = gain
-            cells = [f"{table[m]['bleu']['mean']:.1f}" for m in demo.ROWS]
-            gains = [table[demo.INVERTER][f"gain_over {o}"]["bleu"] for o in demo.ROWS[2:]]
-            lines.append(
-                f"| {mode} | {group} | "
-                + " | ".join(cells)
-                + " | "
-                + " | ".join(
-                    f"{g['mean']:+.1f} [{g['ci95'][0]:+.1f}, {g['ci95'][1]:+.1f}]" for g in gains
+            if mode in earlier:
+                theirs = {e["hidden"]: e[demo.INVERTER] for e in earlier[mode]["examples"]}
+                table[demo.INVERTER]["gain_over earlier inverter"] = paired_gain(
+                    inv, [theirs[r] for r in refs], refs
                 )
-                + " |"
-            )
+                table[demo.INVERTER]["earlier"] = {"checkpoint": earlier[mode]["checkpoint"]}
+            cells = [
+                f"{table[m]['bleu']['mean']:.1f} / {table[m]['token_f1']['mean']:.1f}"
+                for m in demo.ROWS
+            ]
+            mine = table[demo.INVERTER]
+            keys = [f"gain_over {o}" for o in (*demo.ROWS[2:], "earlier inverter")]
+            cell = lambda g: f"{g['mean']:+.1f} [{g['ci95'][0]:+.1f}, {g['ci95'][1]:+.1f}]"  # noqa: E731
+            gains = [cell(mine[k]["bleu"]) if k in mine else "—" for k in keys]
+            lines.append(f"| {mode} | {group} | " + " | ".join([*cells, *gains]) + " |")
         results["modes"][mode] = res
         write_results(args.out, results, command=["python", *sys.argv])
     print("BLEU per row; gains are paired, with 95% bootstrap CIs")

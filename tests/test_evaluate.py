@@ -119,7 +119,7 @@ class _Tables(HTMLParser):
             self.rows += 1
 
 
-def test_evaluate_end_to_end_with_every_baseline(checkpoint, tmp_path, capsys):
+def test_evaluate_end_to_end_with_every_baseline(checkpoint, user_target, tmp_path, capsys):
     from logit2prompt.cli.main import main
 
     prompts = tmp_path / "ood.jsonl"
@@ -159,6 +159,11 @@ def test_evaluate_end_to_end_with_every_baseline(checkpoint, tmp_path, capsys):
     assert s["extraction (oracle)"]["bleu"]["mean"] >= s["extraction (best string)"]["bleu"]["mean"]
     assert results["group_field"] == "task" and len(results["by_group"]) == 2
     assert sum(r["n"] for r in results["by_length"]) == len(TEST)
+    # Buckets are in target tokens, the unit of --max-tokens.
+    lengths = user_target.count_tokens(TEST)
+    for row in results["by_length"]:
+        lo, hi = (int(x) for x in row["tokens"].split("-"))
+        assert row["n"] == sum(lo <= n <= hi for n in lengths)
     rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert [r["hidden"] for r in rows] == TEST
     parser = _Tables()
@@ -195,6 +200,34 @@ def test_evaluate_refuses_bad_setups(checkpoint, tiny_lm_dir, tmp_path):
     empty.write_text("\n")
     with pytest.raises(Logit2PromptError):
         evaluate(EvalConfig(**{**base, "prompts": str(empty)}, baselines=()))
+
+
+def test_evaluate_keeps_prompts_up_to_max_tokens(checkpoint, user_target, tmp_path):
+    """Prompts past 64 tokens are dropped by default (the paper's limit) and kept, in their
+    own length bucket, with --max-tokens."""
+    from logit2prompt.evaluation.evaluate import EvalConfig, evaluate
+
+    long = " ".join(TRAIN)  # well past 64 tokens of the tiny tokenizer, under its context
+    n_long = user_target.count_tokens([long])[0]
+    assert 64 < n_long <= 200
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join([*TEST[:3], long]) + "\n")
+    base = dict(
+        checkpoint=str(checkpoint / "inv"),
+        prompts=str(prompts),
+        baselines=(),
+        semantic=False,
+        functional=False,
+        progress=False,
+    )
+    short = evaluate(EvalConfig(**base, out=str(tmp_path / "a")))
+    assert short["corpus"]["n"] == 3 and short["corpus"]["dropped"]["too_long"] == 1
+    assert all(int(r["tokens"].split("-")[1]) <= 64 for r in short["by_length"])
+    both = evaluate(EvalConfig(**base, out=str(tmp_path / "b"), max_tokens=200))
+    assert both["corpus"]["n"] == 4
+    (row,) = [r for r in both["by_length"] if int(r["tokens"].split("-")[0]) > 64]
+    lo, hi = (int(x) for x in row["tokens"].split("-"))
+    assert row["n"] == 1 and lo <= n_long <= hi
 
 
 def test_text_only_baseline_trains_saves_and_evaluates(checkpoint, tmp_path):

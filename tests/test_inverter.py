@@ -724,6 +724,39 @@ def test_max_minutes_counts_training_steps_only(tiny_store, tiny_lm_dir, tmp_pat
     assert 0 < entry["train_minutes"] * 60 <= trainer.train_seconds + 1e-9
 
 
+def test_long_prompts_grow_a_new_inverters_max_length(raw_target, tiny_lm_dir, tmp_path, caplog):
+    """A store of prompts past 64 tokens trains a new inverter that writes them whole (its
+    max_length grows and is saved); a fixed max_length cuts them with a warning."""
+    long = " ".join(MEMORISE)
+    prompts = [long, MEMORISE[0]]
+    store = _store(raw_target, tmp_path / "long", prompts)
+
+    def run(out: str, **kw) -> TrainConfig:
+        return _cfg(store, tmp_path / out, tiny_lm_dir, per_device_batch_size=2, **kw)
+
+    trainer = Trainer(run("grown", max_steps=2, overrides={}))
+    ids = trainer.model.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    assert len(ids[0]) > 64
+    assert trainer.model.config.max_length == len(ids[0]) + 1
+    assert trainer.labels[0][:-1] == ids[0]  # whole, then EOS
+    trainer.run()
+    assert Inverter.from_pretrained(tmp_path / "grown").config.max_length == len(ids[0]) + 1
+    caplog.clear()
+    fixed = Trainer(run("fixed", max_steps=2, overrides={"max_length": 24}))
+    assert fixed.model.config.max_length == 24 and len(fixed.labels[0]) == 24
+    assert "1 of 2 prompts" in caplog.text and "are cut" in caplog.text
+    # A checkpoint keeps its max_length unless --set changes it; nothing else may change.
+    tune = dict(max_steps=1, init_from=str(tmp_path / "fixed"))
+    fixed.run()
+    kept = Trainer(run("t1", **tune, overrides={}))
+    assert kept.model.config.max_length == 24
+    whole = len(ids[0]) + 1
+    grown = Trainer(run("t2", **tune, overrides={"max_length": whole}))
+    assert grown.model.config.max_length == whole and grown.labels[0][:-1] == ids[0]
+    with pytest.raises(CheckpointError, match="--set d_model cannot change a checkpoint"):
+        Trainer(run("t3", **tune, overrides={"d_model": 64}))
+
+
 @pytest.mark.parametrize("preset", ["tiny", "prefix-lm"])
 def test_gradient_checkpointing_trains_the_same_weights(preset, tiny_store, tiny_lm_dir, tmp_path):
     """Recomputing activations in the backward pass changes memory, not the result."""
@@ -884,3 +917,37 @@ def test_batch_defaults_to_the_presets(tiny_store, tiny_lm_dir, tmp_path):
     recorded = json.loads((tmp_path / "p" / "training_args.json").read_text())
     assert recorded["per_device_batch_size"] == 4
     assert default_batch("small") == default_batch("tiny") == 32
+
+
+def test_adapt_recipe_fine_tunes_on_a_domain_and_resumes(trained, tmp_path):
+    """`logit2prompt adapt`: the prompts observed on the checkpoint's own target, then a
+    fine-tune from it that changes its weights, records where it started and reruns as a
+    no-op; too few prompts are refused before anything is collected."""
+    from logit2prompt.cli.main import main
+    from logit2prompt.errors import CorpusError
+    from logit2prompt.recipes.adapt import AdaptConfig, adapt
+
+    trained = trained[0]
+    prompts = tmp_path / "domain.txt"
+    prompts.write_text("\n".join(FIXTURE_PROMPTS[8:20]) + "\n")
+    args = ["adapt", "--checkpoint", str(trained), "--prompts", str(prompts)]
+    assert main([*args, "--out", str(tmp_path / "a"), "--max-steps", "3", "--no-progress"]) == 0
+    path = tmp_path / "a" / "inverter"
+    store = DistributionStore(tmp_path / "a" / "store")
+    base = Inverter.from_pretrained(trained)
+    assert store.fingerprint == base.fingerprint and store.prompts == FIXTURE_PROMPTS[8:20]
+    tuned = Inverter.from_pretrained(path)
+    assert json.loads((path / "training_args.json").read_text())["init_from"] == str(trained)
+    before, after = base.state_dict(), tuned.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    cfg = AdaptConfig(
+        prompts=str(prompts), out=str(tmp_path / "a"), checkpoint=str(trained), max_steps=3
+    )
+    cfg.progress = False
+    assert adapt(cfg) == path and (path / "model.safetensors").stat().st_mtime_ns == stamp
+    few = tmp_path / "few.txt"
+    few.write_text("\n".join(FIXTURE_PROMPTS[:3]) + "\n")
+    with pytest.raises(CorpusError, match="at least 8"):
+        adapt(AdaptConfig(prompts=str(few), out=str(tmp_path / "b"), checkpoint=str(trained)))
+    assert not (tmp_path / "b").exists()

@@ -255,6 +255,13 @@ def cmd_demo(args) -> None:
     print(format_demo(run_demo(config_from_args(DemoConfig, args, progress=not args.no_progress))))
 
 
+def cmd_adapt(args) -> None:
+    from ..recipes.adapt import AdaptConfig, adapt
+
+    path = adapt(config_from_args(AdaptConfig, args, progress=not args.no_progress))
+    print(f"adapted inverter: {path}\n  logit2prompt invert --checkpoint {path} --text ...")
+
+
 def quickstart_config(args) -> QuickstartConfig:
     from ..recipes.quickstart import QuickstartConfig
 

@@ -32,6 +32,7 @@ from .args import (
     add_target_args,
 )
 from .commands import (
+    cmd_adapt,
     cmd_collect,
     cmd_data,
     cmd_defend_sweep,
@@ -232,6 +233,12 @@ EXAMPLES = {
         "logit2prompt invert --checkpoint runs/inv --prompts my_prompts.jsonl \\",
         "    --fallback-to stores/train --out predictions.jsonl",
     ],
+    "adapt": [
+        "logit2prompt adapt --prompts my_domain.jsonl --out runs/adapted",
+        "logit2prompt adapt --checkpoint smollm2-135m-instruct-guarded --prompts sys.jsonl "
+        "--out runs/adapted-guarded",
+        'logit2prompt invert --checkpoint runs/adapted/inverter --text "..."',
+    ],
     "demo": [
         "logit2prompt demo",
         "logit2prompt demo --modes guarded --per-set 4 --out runs/demo-guarded",
@@ -345,6 +352,7 @@ def _add_invert_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from ..defenses.sweep import SweepConfig
     from ..evaluation.evaluate import EvalConfig
+    from ..recipes.adapt import AdaptConfig
     from ..recipes.demo import DemoConfig
     from ..recipes.quickstart import QuickstartConfig
     from ..training.config import TrainConfig
@@ -474,6 +482,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, DemoConfig, skip={"progress"})
     add_progress_arg(p)
 
+    p = _command(sub, "adapt", "fine-tune an inverter on ~50 prompts of a domain", cmd_adapt)
+    add_dataclass_args(p, AdaptConfig, skip={"progress"})
+    add_progress_arg(p)
+
     p = _command(
         sub, "quickstart", "corpus -> collect -> train -> evaluate, on the default", cmd_quickstart
     )
@@ -489,9 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "evaluate", "score the inverter and baselines; JSON + HTML report", cmd_evaluate
     )
     # the corpus and decoding flags are the shared ones (as collect and invert spell them)
-    shared = {"prompts", "field", "split", "limit", "num_beams", "no_repeat_ngram_size"}
+    shared = {"prompts", "field", "split", "limit", "max_tokens", "num_beams"}
+    shared.add("no_repeat_ngram_size")
     add_dataclass_args(p, EvalConfig, skip={*shared, "progress"}, rename={"sample": "sample-size"})
-    add_corpus_args(p, max_tokens=False)
+    add_corpus_args(p)
     add_decoding_args(p, sampling=False)
     add_renamed_flag(p, "--sample", "--sample-size")  # `invert --sample` is a switch
     add_progress_arg(p)

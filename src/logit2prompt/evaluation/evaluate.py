@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..data.corpus import DEFAULT_MAX_TOKENS
 from ..defenses.leak import LeakFilter
 from ..errors import Logit2PromptError
 from ..recipes import methods
@@ -32,7 +34,8 @@ FLAGGED = {
     "refine": lambda cfg: cfg.refine_rounds > 0,
 }
 GROUP_FIELDS = ("task", "source", "category", "type")  # the first one a corpus has is used
-LENGTH_BUCKETS = ((1, 5), (6, 10), (11, 15), (16, 20), (21, 30), (31, 10_000))
+# In target tokens, the unit of `--max-tokens`; past 64 is where the paper's setting ends.
+LENGTH_BUCKETS = ((1, 8), (9, 16), (17, 32), (33, 64), (65, 128), (129, 256), (257, 1 << 30))
 MAX_GROUPS = 30
 EXAMPLES_PER_KIND = 5
 
@@ -59,6 +62,10 @@ class EvalConfig:
     field: str = "prompt"
     split: str | None = None
     limit: int | None = None  # the first N prompts
+    max_tokens: int = dataclasses.field(
+        default=DEFAULT_MAX_TOKENS,
+        metadata={"help": "drop prompts longer than this many target tokens"},
+    )
     sample: int | None = dataclasses.field(
         default=None, metadata={"help": "a seeded random N of the prompts (after --limit)"}
     )
@@ -240,17 +247,18 @@ def score_methods(
     return per
 
 
-def length_breakdown(references, per) -> list[dict]:
-    lengths = [len(r.split()) for r in references]
+def length_breakdown(lengths: Sequence[int], per) -> list[dict]:
+    """Mean BLEU and token F1 per method in each bucket of `LENGTH_BUCKETS` (target tokens of
+    the hidden prompt)."""
     rows = []
     for lo, hi in LENGTH_BUCKETS:
         idx = [i for i, n in enumerate(lengths) if lo <= n <= hi]
         if not idx:
             continue
-        label = f"{lo}-{hi}" if hi < 10_000 else f"{lo}+"
+        label = f"{lo}-{hi}" if hi < LENGTH_BUCKETS[-1][1] else f"{lo}+"
         rows.append(
             {
-                "words": label,
+                "tokens": label,
                 "n": len(idx),
                 "bleu": {m: float(np.mean([s["bleu"][i] for i in idx])) for m, s in per.items()},
                 "token_f1": {
@@ -336,6 +344,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         resolve_corpus(cfg.prompts),
         field_name=cfg.field,
         count_tokens=target.count_tokens,
+        max_tokens=cfg.max_tokens,
         split=cfg.split,
         limit=cfg.limit,
     )
@@ -374,7 +383,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         "best_attack": best_attack,
         "leak_filter": leak,
         "summary": summary,
-        "by_length": length_breakdown(references, per),
+        "by_length": length_breakdown(target.count_tokens(references), per),
         "group_field": field,
         "by_group": groups,
         "examples": examples(references, preds, per),

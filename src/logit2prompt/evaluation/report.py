@@ -50,13 +50,13 @@ def _new_figure(size=(7, 4)):
 
 
 def length_plot(by_length: list[dict]) -> bytes:
-    """Mean BLEU of each method by the hidden prompt's length in words."""
+    """Mean BLEU of each method by the hidden prompt's length in target tokens."""
     fig, ax = _new_figure()
-    labels = [r["words"] for r in by_length]
+    labels = [r["tokens"] for r in by_length]
     methods = list(by_length[0]["bleu"]) if by_length else []
     for m in methods:
         ax.plot(labels, [r["bleu"][m] for r in by_length], "-o", label=m)
-    ax.set_xlabel("hidden prompt length (words)")
+    ax.set_xlabel("hidden prompt length (target tokens)")
     ax.set_ylabel("mean sentence BLEU")
     ax.set_title("Recovery by prompt length")
     ax.legend(fontsize=7)

@@ -48,6 +48,9 @@ OPTIMIZER_STATE = "optimizer.pt"
 RNG_STATE = "rng_state_{}.pt"
 FINAL_MARKER = "TRAINING_COMPLETE"
 logger = logging.getLogger(__name__)
+# InverterConfig fields that `--set` may change on an `--init-from` checkpoint: no weight shape
+# or value depends on them.
+INIT_OVERRIDES = frozenset({"max_length", "neighbour_length"})
 READ_BATCH = 256  # vectors read from the store at a time for statistics and the memory
 # Steps a multi-step inverter can read at inversion (test-time extension past training's).
 MULTI_STEP_POSITIONS = 64
@@ -157,6 +160,7 @@ class Trainer:
                 # (--neighbours 0, the default, keeps the checkpoint's own).
                 self.model = self.model.with_neighbours(cfg.neighbours)
             self.model.fingerprint = fingerprint
+            self._override_checkpoint(self.model.config)
         else:
             self.model = self._new_model(fingerprint)
         if cfg.gradient_checkpointing:
@@ -167,9 +171,7 @@ class Trainer:
             enable = getattr(decoder, "activation_checkpointing_enable", None)
             enable = enable or decoder.gradient_checkpointing_enable
             enable({"use_reentrant": False})
-        self.labels = encode_labels(
-            self.model.tokenizer, self.store.prompts, self.model.config.max_length
-        )
+        self.labels = self._labels(fresh=not cfg.init_from)
         self.micro_per_epoch = len(self.train_idx) // self.global_micro
         self.optimizer = torch.optim.AdamW(
             self._param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay
@@ -182,6 +184,50 @@ class Trainer:
         # Seconds spent in optimizer steps over all runs of this output (resumes included);
         # validation and checkpoints are not counted: the x-axis of learning curves.
         self.train_seconds = 0.0
+
+    def _override_checkpoint(self, config) -> None:
+        """`--set` on a fine-tuned checkpoint: only the lengths it writes and reads apply (no
+        weight depends on them), e.g. `--set max_length=257` to adapt it to longer prompts."""
+        wrong = sorted(set(self.cfg.overrides) - INIT_OVERRIDES)
+        if wrong:
+            raise CheckpointError(
+                f"--set {', '.join(wrong)} cannot change a checkpoint given to --init-from (its "
+                f"architecture is kept); only {', '.join(sorted(INIT_OVERRIDES))} can"
+            )
+        for key, value in self.cfg.overrides.items():
+            low = 2 if key == "max_length" else 0  # a prompt token and EOS; 0: whole neighbours
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise CheckpointError(f"--set {key}={value!r}: expected a number of tokens")
+            setattr(config, key, value)
+
+    def _labels(self, fresh: bool) -> list[list[int]]:
+        """The store's prompts as label ids. A new inverter's `max_length` grows to fit the
+        longest prompt (`collect --max-tokens` decides how long they are) unless `--set
+        max_length` fixes it; prompts longer than a fixed one are cut, with a warning."""
+        config = self.model.config
+        ids = self.model.tokenizer(list(self.store.prompts), add_special_tokens=False)
+        lengths = [len(x) + 1 for x in ids["input_ids"]]  # + EOS
+        longest = max(lengths, default=0)
+        if longest > config.max_length and fresh and "max_length" not in self.cfg.overrides:
+            logger.info(
+                "max_length %d -> %d tokens (with EOS): the longest prompt of %s",
+                config.max_length,
+                longest,
+                self.cfg.data,
+            )
+            config.max_length = longest
+        cut = sum(n > config.max_length for n in lengths)
+        if cut:
+            logger.warning(
+                "%d of %d prompts of %s are longer than the inverter's max_length (%d tokens "
+                "with EOS) and are cut; --set max_length=%d keeps them whole",
+                cut,
+                len(lengths),
+                self.cfg.data,
+                config.max_length,
+                longest,
+            )
+        return encode_labels(self.model.tokenizer, self.store.prompts, config.max_length)
 
     def _token_subset(self):
         """The token subset the inverter reads (None: whole vectors): a subset store's own,
