@@ -501,8 +501,15 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "evaluate", "score the inverter and baselines; JSON + HTML report", cmd_evaluate
     )
     # the corpus and decoding flags are the shared ones (as collect and invert spell them)
-    shared = {"prompts", "field", "split", "limit", "max_tokens", "num_beams"}
-    shared.add("no_repeat_ngram_size")
+    shared = {
+        "prompts",
+        "field",
+        "split",
+        "limit",
+        "max_tokens",
+        "num_beams",
+        "no_repeat_ngram_size",
+    }
     add_dataclass_args(p, EvalConfig, skip={*shared, "progress"}, rename={"sample": "sample-size"})
     add_corpus_args(p)
     add_decoding_args(p, sampling=False)

@@ -186,15 +186,23 @@ class Trainer:
         self.train_seconds = 0.0
 
     def _override_checkpoint(self, config) -> None:
-        """`--set` on a fine-tuned checkpoint: only the lengths it writes and reads apply (no
-        weight depends on them), e.g. `--set max_length=257` to adapt it to longer prompts."""
-        wrong = sorted(set(self.cfg.overrides) - INIT_OVERRIDES)
+        """`--set` on a fine-tuned checkpoint: only the lengths it writes and reads may change
+        (no weight depends on them), e.g. `--set max_length=257` to adapt it to longer
+        prompts; any other field must equal the checkpoint's."""
+        # The same value as the checkpoint's is no change (a recipe may pass its --set again).
+        wrong = sorted(
+            k
+            for k, v in self.cfg.overrides.items()
+            if k not in INIT_OVERRIDES and getattr(config, k, None) != v
+        )
         if wrong:
             raise CheckpointError(
                 f"--set {', '.join(wrong)} cannot change a checkpoint given to --init-from (its "
                 f"architecture is kept); only {', '.join(sorted(INIT_OVERRIDES))} can"
             )
         for key, value in self.cfg.overrides.items():
+            if key not in INIT_OVERRIDES:
+                continue
             low = 2 if key == "max_length" else 0  # a prompt token and EOS; 0: whole neighbours
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise CheckpointError(f"--set {key}={value!r}: expected a number of tokens")
