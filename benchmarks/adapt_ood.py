@@ -38,13 +38,13 @@ from logit2prompt.data.collect import collect
 from logit2prompt.data.corpus import load_corpus
 from logit2prompt.data.mix import NearDuplicateIndex
 from logit2prompt.data.store import DistributionStore
-from logit2prompt.evaluation.metrics import paired_gain, score
+from logit2prompt.evaluation.metrics import format_ci, paired_gain, score
 from logit2prompt.evaluation.results import write_results
 from logit2prompt.models.inverter import Inverter
 from logit2prompt.models.retrieval import NeighbourMemory
+from logit2prompt.recipes.adapt import AdaptConfig, fine_tune_config
 from logit2prompt.recipes.demo import SHIPPED
 from logit2prompt.recipes.methods import EXTRACTION_BEST
-from logit2prompt.training.config import TrainConfig
 from logit2prompt.training.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -150,19 +150,17 @@ def main() -> None:
         swap_memory(swapped, train)
         preds["memory swapped"] = invert_store(swapped, test, batch_size=32, progress=False)
         out = work / name / "inverter"
-        cfg = TrainConfig(
-            data=str(train.path),
-            out=str(out),
-            init_from=name_of_shipped,
-            preset="prefix-lm",
-            neighbours=2,
+        # `logit2prompt adapt`'s fine-tune, on the store collected above.
+        adapt_cfg = AdaptConfig(
+            prompts=str(train.path.with_suffix(".jsonl")),
+            out=str(work / name),
+            checkpoint=name_of_shipped,
             max_steps=args.steps,
             lr=args.lr,
-            warmup_steps=max(1, args.steps // 10),
-            save_every=args.steps,
-            progress=False,
             seed=args.seed,
+            progress=False,
         )
+        cfg = fine_tune_config(adapt_cfg, shipped, train.path, out)
         trainer = Trainer(cfg)
         trainer.run(resume=True)
         minutes = trainer.train_seconds / 60  # training steps, a resumed run's included
@@ -194,18 +192,17 @@ def main() -> None:
         write_results(args.out, results, command=["python", *sys.argv])
         rows = entry["rows"]
         gain = entry["gain_over_shipped"]["fine-tuned"]
-        cell = lambda g: f"{g['mean']:+.1f} [{g['ci95'][0]:+.1f}, {g['ci95'][1]:+.1f}]"  # noqa: E731
         lines.append(
             f"| {name} | "
             + " | ".join(
                 f"{rows[k]['bleu']['mean']:.1f} / {rows[k]['token_f1']['mean']:.1f}"
                 for k in ("shipped", "memory swapped", "fine-tuned")
             )
-            + f" | {cell(gain['bleu'])} | {cell(gain['token_f1'])} | "
+            + f" | {format_ci(gain['bleu'], '+.1f')} | {format_ci(gain['token_f1'], '+.1f')} | "
             + (
                 f"{versus['extraction']['bleu']['mean']:.1f} / "
                 f"{versus['extraction']['token_f1']['mean']:.1f} | "
-                f"{cell(versus['fine-tuned minus extraction']['bleu'])}"
+                f"{format_ci(versus['fine-tuned minus extraction']['bleu'], '+.1f')}"
                 if versus
                 else "— | —"
             )

@@ -21,7 +21,7 @@ import random
 import sys
 from pathlib import Path
 
-from logit2prompt.evaluation.metrics import paired_gain
+from logit2prompt.evaluation.metrics import format_ci, paired_gain
 from logit2prompt.evaluation.results import write_results
 from logit2prompt.recipes import demo
 
@@ -82,8 +82,7 @@ def main() -> None:
             ]
             mine = table[demo.INVERTER]
             keys = [f"gain_over {o}" for o in (*demo.ROWS[2:], "earlier inverter")]
-            cell = lambda g: f"{g['mean']:+.1f} [{g['ci95'][0]:+.1f}, {g['ci95'][1]:+.1f}]"  # noqa: E731
-            gains = [cell(mine[k]["bleu"]) if k in mine else "—" for k in keys]
+            gains = [format_ci(mine[k]["bleu"], "+.1f") if k in mine else "—" for k in keys]
             lines.append(f"| {mode} | {group} | " + " | ".join([*cells, *gains]) + " |")
         results["modes"][mode] = res
         write_results(args.out, results, command=["python", *sys.argv])

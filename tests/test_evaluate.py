@@ -37,6 +37,19 @@ def checkpoint(user_target, tiny_lm_dir, tmp_path_factory):
     return root
 
 
+def _inverter_only(checkpoint, prompts) -> dict:
+    """EvalConfig fields for the inverter alone: no baselines, no semantic or functional
+    metrics, no progress bars."""
+    return dict(
+        checkpoint=str(checkpoint / "inv"),
+        prompts=str(prompts),
+        baselines=(),
+        semantic=False,
+        functional=False,
+        progress=False,
+    )
+
+
 def test_cosine_similarity_of_sentence_embeddings():
     from logit2prompt.evaluation.similarity import cosine_similarity
 
@@ -212,14 +225,7 @@ def test_evaluate_keeps_prompts_up_to_max_tokens(checkpoint, user_target, tmp_pa
     assert 64 < n_long <= 200
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join([*TEST[:3], long]) + "\n")
-    base = dict(
-        checkpoint=str(checkpoint / "inv"),
-        prompts=str(prompts),
-        baselines=(),
-        semantic=False,
-        functional=False,
-        progress=False,
-    )
+    base = _inverter_only(checkpoint, prompts)
     short = evaluate(EvalConfig(**base, out=str(tmp_path / "a")))
     assert short["corpus"]["n"] == 3 and short["corpus"]["dropped"]["too_long"] == 1
     assert all(int(r["tokens"].split("-")[1]) <= 64 for r in short["by_length"])
@@ -332,14 +338,7 @@ def test_external_predictions_are_scored_or_refused(checkpoint, tmp_path):
     good = write("mine", [{"hidden": p, "recovered": p} for p in TEST])
     short = write("short", [{"hidden": p, "recovered": p} for p in TEST[:-1]])
     shuffled = write("shuffled", [{"hidden": p, "recovered": p} for p in reversed(TEST)])
-    base = dict(
-        checkpoint=str(checkpoint / "inv"),
-        prompts=str(prompts),
-        baselines=(),
-        semantic=False,
-        functional=False,
-        progress=False,
-    )
+    base = _inverter_only(checkpoint, prompts)
     results = evaluate(EvalConfig(**base, out=str(tmp_path / "a"), predictions=(good,)))
     assert results["summary"]["mine"]["exact"]["mean"] == 100.0
     with pytest.raises(Logit2PromptError, match="7 predictions but 8 prompts"):

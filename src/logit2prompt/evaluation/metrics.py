@@ -156,11 +156,15 @@ def format_cell(entry: dict, fmt: str) -> str:
     return f"{mean} [{format(ci[0], fmt)},{format(ci[1], fmt)}]" if ci else mean
 
 
+def format_ci(entry: dict, fmt: str = "+.2f") -> str:
+    """A mean and its 95% CI, e.g. `+1.0 [-0.7, +2.9]` (a paired gain's sign shown)."""
+    lo, hi = entry["ci95"]
+    return f"{format(entry['mean'], fmt)} [{format(lo, fmt)}, {format(hi, fmt)}]"
+
+
 def format_gain(gain: dict[str, dict]) -> str:
     """`paired_gain`'s result on one line: each metric's mean difference and its 95% CI."""
-    return ", ".join(
-        f"{k} {v['mean']:+.2f} [{v['ci95'][0]:+.2f}, {v['ci95'][1]:+.2f}]" for k, v in gain.items()
-    )
+    return ", ".join(f"{k} {format_ci(v)}" for k, v in gain.items())
 
 
 def format_table(rows: dict[str, dict[str, dict]]) -> str:

@@ -52,13 +52,11 @@ def _new_figure(size=(7, 4)):
 def length_plot(by_length: list[dict]) -> bytes:
     """Mean BLEU of each method by the hidden prompt's length in target tokens."""
     fig, ax = _new_figure()
-    # Results written before the buckets were in target tokens label them in words.
-    unit = "tokens" if not by_length or "tokens" in by_length[0] else "words"
-    labels = [r[unit] for r in by_length]
+    labels = [r["tokens"] for r in by_length]
     methods = list(by_length[0]["bleu"]) if by_length else []
     for m in methods:
         ax.plot(labels, [r["bleu"][m] for r in by_length], "-o", label=m)
-    ax.set_xlabel(f"hidden prompt length ({'target tokens' if unit == 'tokens' else 'words'})")
+    ax.set_xlabel("hidden prompt length (target tokens)")
     ax.set_ylabel("mean sentence BLEU")
     ax.set_title("Recovery by prompt length")
     ax.legend(fontsize=7)

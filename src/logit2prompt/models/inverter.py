@@ -352,9 +352,13 @@ def fill_token_ids(config: InverterConfig, tokenizer) -> None:
     config.decoder_start_token_id = bos if bos is not None and bos != eos else config.pad_token_id
 
 
-def encode_labels(tokenizer, prompts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Target token ids of each prompt, truncated, ending with EOS."""
-    ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+def encode_labels(
+    tokenizer, prompts: Sequence[str], max_length: int, ids: Sequence[list[int]] | None = None
+) -> list[list[int]]:
+    """Target token ids of each prompt, truncated, ending with EOS (`ids`: the prompts
+    already tokenised without special tokens)."""
+    if ids is None:
+        ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
     return [x[: max_length - 1] + [eos] for x in ids]
 

@@ -60,7 +60,6 @@ def adapt(cfg: AdaptConfig) -> Path:
     from ..attacks.invert import target_for
     from ..data.collect import collect
     from ..models.inverter import Inverter
-    from ..training.config import TrainConfig
     from ..training.trainer import Trainer, is_trained
 
     inverter = Inverter.from_pretrained(cfg.checkpoint)
@@ -91,9 +90,27 @@ def adapt(cfg: AdaptConfig) -> Path:
         batch_size=16,
         progress=cfg.progress,
     )
-    train = TrainConfig(
+    train = fine_tune_config(cfg, inverter, store, out / "inverter")
+    del inverter  # the trainer loads its own copy
+    if is_trained(train.out):
+        logger.info("%s is already adapted (delete it to adapt again)", train.out)
+        return Path(train.out)
+    trainer = Trainer(train)
+    trainer.run(resume=True)
+    logger.info(
+        "adapted %s in %.1f training minutes: %s", cfg.checkpoint, trainer.train_seconds / 60, out
+    )
+    return out / "inverter"
+
+
+def fine_tune_config(cfg: AdaptConfig, inverter, store: Path, out: Path):
+    """The `TrainConfig` that fine-tunes `cfg.checkpoint` (loaded as `inverter`) on `store`:
+    its own architecture and neighbours, `cfg`'s steps, batch, learning rate and seed."""
+    from ..training.config import TrainConfig
+
+    return TrainConfig(
         data=str(store),
-        out=str(out / "inverter"),
+        out=str(out),
         init_from=cfg.checkpoint,
         neighbours=inverter.config.neighbours,
         per_device_batch_size=cfg.batch_size,
@@ -105,13 +122,3 @@ def adapt(cfg: AdaptConfig) -> Path:
         seed=cfg.seed,
         **({"preset": "prefix-lm"} if inverter.causal else {}),
     )
-    del inverter  # the trainer loads its own copy
-    if is_trained(train.out):
-        logger.info("%s is already adapted (delete it to adapt again)", train.out)
-        return Path(train.out)
-    trainer = Trainer(train)
-    trainer.run(resume=True)
-    logger.info(
-        "adapted %s in %.1f training minutes: %s", cfg.checkpoint, trainer.train_seconds / 60, out
-    )
-    return out / "inverter"

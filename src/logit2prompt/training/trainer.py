@@ -213,8 +213,9 @@ class Trainer:
         longest prompt (`collect --max-tokens` decides how long they are) unless `--set
         max_length` fixes it; prompts longer than a fixed one are cut, with a warning."""
         config = self.model.config
-        ids = self.model.tokenizer(list(self.store.prompts), add_special_tokens=False)
-        lengths = [len(x) + 1 for x in ids["input_ids"]]  # + EOS
+        prompts = list(self.store.prompts)
+        ids = self.model.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        lengths = [len(x) + 1 for x in ids]  # + EOS
         longest = max(lengths, default=0)
         if longest > config.max_length and fresh and "max_length" not in self.cfg.overrides:
             logger.info(
@@ -235,7 +236,7 @@ class Trainer:
                 config.max_length,
                 longest,
             )
-        return encode_labels(self.model.tokenizer, self.store.prompts, config.max_length)
+        return encode_labels(self.model.tokenizer, prompts, config.max_length, ids=ids)
 
     def _token_subset(self):
         """The token subset the inverter reads (None: whole vectors): a subset store's own,
