@@ -84,11 +84,8 @@ def store_of(target, prompts: list[str], out: Path, steps: int) -> DistributionS
 
 def swap_memory(model: Inverter, store: DistributionStore) -> None:
     """Rebuild the neighbour memory from `store`'s prompts (as `train --init-from` does)."""
-    steps = model.config.steps
-    vectors = store.vectors(range(len(store)), steps).reshape(len(store), -1)
-    memory = NeighbourMemory.build(
-        store.prompts, [vectors], model.config.dim, dims=model.config.neighbour_dims
-    )
+    cfg = model.config
+    memory = NeighbourMemory.from_store(store, cfg.dim, steps=cfg.steps, dims=cfg.neighbour_dims)
     model.set_memory(memory)
 
 

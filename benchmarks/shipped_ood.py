@@ -2,15 +2,20 @@
 demo's table on more prompts, with paired gains.
 
     python benchmarks/shipped_ood.py --data ../shared/data --limit 100 \
-        [--checkpoint user=DIR guarded=DIR] [--versus RESULTS.json]
+        [--modes user,guarded,system] [--checkpoint MODE=DIR ...] [--versus RESULTS.json] \
+        [--attacks all]
 
 For each set (a seeded sample of LIMIT of the first 200 prompts of each OOD file, the rows the
 demo's prompts come from) and each mode, the demo's rows (`recipes/demo.py`): the inverter,
 re-ranked by the target, the nearest memorised training prompt, and the best of the demo's
 extraction strings (leak-filtered in guarded mode), with the inverter's paired BLEU gain over
-the last two. Default checkpoints: the shipped ones. `--versus` pairs the inverter, per prompt,
-with the inverter row of an earlier run of this script (e.g. a new checkpoint against the
-shipped one). Writes benchmarks/results/shipped_ood.json.
+the last two. Default checkpoints: the shipped ones (user, guarded); system mode, for which none
+is shipped, needs `--checkpoint system=DIR`. `--attacks all` asks every string of the built-in
+list instead of the demo's one: the best-string row is then the best of them over the mode's
+prompts (a choice made on the scored prompts, which flatters the baseline), and the per-prompt
+oracle among them is one more row. `--versus` pairs the inverter, per prompt, with the inverter
+row of an earlier run of this script (e.g. a new checkpoint against the shipped one). Writes
+benchmarks/results/shipped_ood.json.
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ import random
 import sys
 from pathlib import Path
 
+from logit2prompt.attacks.extraction import load_attacks
 from logit2prompt.evaluation.metrics import format_ci, paired_gain
 from logit2prompt.evaluation.results import write_results
 from logit2prompt.recipes import demo
+from logit2prompt.recipes.methods import EXTRACTION_ORACLE
 
 RESULTS = Path(__file__).parent / "results" / "shipped_ood.json"
 SETS = ("chatterbot_first_turns", "donotanswer_questions", "self_instruct_seed")
@@ -46,23 +53,32 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="folder with the OOD .jsonl files")
     parser.add_argument("--limit", type=int, default=100, help="prompts per set")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--modes", default="user,guarded")
+    parser.add_argument("--modes", default="user,guarded", help="user, guarded, system")
     parser.add_argument("--checkpoint", nargs="*", default=[], help="MODE=DIR (default: shipped)")
     parser.add_argument("--versus", help="an earlier results file: paired gain over its inverter")
+    parser.add_argument(
+        "--attacks", choices=("demo", "all"), default="demo", help="extraction strings asked"
+    )
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     earlier = json.loads(Path(args.versus).read_text())["modes"] if args.versus else {}
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
     rows = rows_of(Path(args.data), args.limit, args.seed)
     cfg = demo.DemoConfig(modes=args.modes, progress=False)
-    results: dict = {"limit": args.limit, "modes": {}}
+    attacks = demo.ATTACKS if args.attacks == "demo" else tuple(load_attacks(None))
+    shown = (*demo.ROWS, EXTRACTION_ORACLE) if len(attacks) > 1 else demo.ROWS
+    results: dict = {"limit": args.limit, "attacks": len(attacks), "modes": {}}
     lines = [
-        "| mode | set | inverter | re-ranked | nearest | extraction | inverter - nearest "
-        "| inverter - extraction | inverter - earlier |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| mode | set | inverter | re-ranked | nearest | extraction "
+        + ("| extraction oracle " if len(attacks) > 1 else "")
+        + "| inverter - nearest | inverter - extraction | inverter - earlier |",
+        "| --- " * (len(shown) + 5) + "|",
     ]
-    for mode in cfg.mode_list():
-        res = demo.run_mode(mode, rows, cfg, checkpoints.get(mode))
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if missing := [m for m in modes if m not in demo.SHIPPED and m not in checkpoints]:
+        parser.error(f"no inverter is shipped for {', '.join(missing)} mode: pass --checkpoint")
+    for mode in modes:
+        res = demo.run_mode(mode, rows, cfg, checkpoints.get(mode), attacks=attacks)
         for group, table in res["sets"].items():
             ex = [e for e in res["examples"] if e["set"] == group]
             refs = [e["hidden"] for e in ex]
@@ -78,7 +94,7 @@ def main() -> None:
                 table[demo.INVERTER]["earlier"] = {"checkpoint": earlier[mode]["checkpoint"]}
             cells = [
                 f"{table[m]['bleu']['mean']:.1f} / {table[m]['token_f1']['mean']:.1f}"
-                for m in demo.ROWS
+                for m in shown
             ]
             mine = table[demo.INVERTER]
             keys = [f"gain_over {o}" for o in (*demo.ROWS[2:], "earlier inverter")]

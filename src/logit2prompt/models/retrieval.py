@@ -15,7 +15,7 @@ File: `neighbours.safetensors` in the checkpoint directory (keys, center, bucket
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ MEMORY_WEIGHTS = "neighbours.safetensors"
 MEMORY_PROMPTS = "neighbours.json"
 SEARCH_BLOCK = 4096  # rows per block of queries and of memory, bounds memory on big stores
 CANDIDATE_SLACK = 8  # extra neighbours fetched so excluded ones (self, same text) can be dropped
+READ_BATCH = 256  # store vectors read at a time to build a memory
 
 
 class NeighbourMemory:
@@ -81,6 +82,32 @@ class NeighbourMemory:
         # part carries no distance information but would eat fp16 precision.
         center = stacked.mean(0)
         return cls(list(prompts), stacked - center, center, buckets, signs)
+
+    @classmethod
+    def from_store(
+        cls,
+        store,
+        dim: int,
+        *,
+        steps: int,
+        dims: int = 1024,
+        seed: int = 0,
+        transform: Callable[[np.ndarray], np.ndarray] | None = None,
+        subset=None,
+        progress: bool = False,
+    ) -> NeighbourMemory:
+        """The memory of a `DistributionStore`'s prompts and first `steps` steps, read
+        READ_BATCH rows at a time (`transform`: e.g. the training defense, applied per batch;
+        `subset`: observations through a token subset, as the store's `batches` reads them)."""
+        from tqdm.auto import tqdm
+
+        batches = (
+            vectors if transform is None else transform(vectors)
+            for _, _, vectors in store.batches(READ_BATCH, steps=steps, subset=subset)
+        )
+        total = -(-len(store) // READ_BATCH)
+        bar = tqdm(batches, total=total, desc="neighbour memory", disable=not progress)
+        return cls.build(store.prompts, bar, dim, dims=dims, seed=seed)
 
     def sketch(self, vectors: torch.Tensor) -> torch.Tensor:
         """Flat `[B, dim]` vectors -> `[B, dims]` sketches."""

@@ -27,7 +27,15 @@ from ..evaluation.report import page
 from ..models.inverter import Inverter, native_bf16
 from ..models.pretrained import shipped
 from ..targets import DEFAULT_TARGET
-from .methods import EXTRACTION_BEST, INVERTER, NEAREST, RERANKED, MethodContext, run_methods
+from .methods import (
+    EXTRACTION_BEST,
+    EXTRACTION_ORACLE,
+    INVERTER,
+    NEAREST,
+    RERANKED,
+    MethodContext,
+    run_methods,
+)
 from .quickstart import peak_rss_gb
 
 logger = logging.getLogger(__name__)
@@ -99,10 +107,19 @@ def load_demo_prompts(path: str | None, per_set: int) -> list[dict]:
     return rows
 
 
-def run_mode(mode: str, rows: list[dict], cfg: DemoConfig, checkpoint: str | None = None) -> dict:
+def run_mode(
+    mode: str,
+    rows: list[dict],
+    cfg: DemoConfig,
+    checkpoint: str | None = None,
+    attacks: tuple[str, ...] = ATTACKS,
+) -> dict:
     """One threat model: observe, invert, run the baselines, score per set (`checkpoint`:
-    another inverter for that mode than the shipped one)."""
-    name = checkpoint or SHIPPED[mode]
+    another inverter for that mode than the shipped one; `attacks`: the extraction strings,
+    with the per-prompt oracle among them as one more row when there are several)."""
+    name = checkpoint or SHIPPED.get(mode)
+    if name is None:
+        raise Logit2PromptError(f"no inverter is shipped for {mode} mode: give a checkpoint")
     if checkpoint is None and name not in shipped():
         raise Logit2PromptError(f"no shipped inverter for {mode} mode ({name}); see docs/")
     inverter = Inverter.from_pretrained(name)
@@ -122,12 +139,14 @@ def run_mode(mode: str, rows: list[dict], cfg: DemoConfig, checkpoint: str | Non
         rerank_beams=1,
         batch_size=cfg.batch_size,
         bf16=native_bf16(inverter.feature_mean.device.type),
-        attacks=ATTACKS,
+        attacks=attacks,
         leak_filter=LeakFilter(cfg.leak_filter) if mode == "guarded" else None,
         progress=cfg.progress,
     )
     preds = run_methods(METHODS, ctx)
-    preds = {row: preds[row] for row in ROWS}  # the oracle row is no attack anyone can run
+    # The oracle is no attack anyone can run: shown only as the ceiling of several strings.
+    shown = (*ROWS, EXTRACTION_ORACLE) if len(attacks) > 1 else ROWS
+    preds = {row: preds[row] for row in shown}
     sets: dict[str, dict] = {}
     for group in dict.fromkeys(r["set"] for r in rows):
         idx = [i for i, r in enumerate(rows) if r["set"] == group]

@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 # InverterConfig fields that `--set` may change on an `--init-from` checkpoint: no weight shape
 # or value depends on them.
 INIT_OVERRIDES = frozenset({"max_length", "neighbour_length"})
-READ_BATCH = 256  # vectors read from the store at a time for statistics and the memory
+READ_BATCH = 256  # vectors read from the store at a time for the feature statistics
 # Steps a multi-step inverter can read at inversion (test-time extension past training's).
 MULTI_STEP_POSITIONS = 64
 # Rows (prompt-steps) the statistics and the subspace are fitted on at most: with K steps a
@@ -455,23 +455,15 @@ class Trainer:
         from ..models.retrieval import NeighbourMemory
 
         model = self.accelerator.unwrap_model(self.model)
-        batches = (
-            self._defended(torch.from_numpy(vectors)).numpy()
-            for _, _, vectors in self.store.batches(
-                READ_BATCH, steps=self.steps, subset=self.subset
-            )
-        )
-        memory = NeighbourMemory.build(
-            self.store.prompts,
-            tqdm(
-                batches,
-                total=-(-len(self.store) // READ_BATCH),
-                desc="neighbour memory",
-                disable=not (self.cfg.progress and self.accelerator.is_main_process),
-            ),
+        memory = NeighbourMemory.from_store(
+            self.store,
             model.config.dim,
+            steps=self.steps,
             dims=model.config.neighbour_dims,
             seed=self.cfg.seed,
+            transform=lambda v: self._defended(torch.from_numpy(v)).numpy(),
+            subset=self.subset,
+            progress=self.cfg.progress and self.accelerator.is_main_process,
         )
         model.set_memory(memory)
         rows = list(range(len(self.store)))
