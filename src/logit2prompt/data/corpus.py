@@ -8,7 +8,7 @@ import io
 import json
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import CorpusError
@@ -54,6 +54,7 @@ class PromptRecord:
 
     text: str
     meta: dict = field(default_factory=dict)
+    tokens: int | None = None  # target tokens, once a length filter has counted them
 
     @property
     def split(self) -> str:
@@ -234,7 +235,7 @@ def filter_length(
         part = corpus.records[start : start + chunk]
         for record, n in zip(part, count_tokens([r.text for r in part]), strict=True):
             if n <= max_tokens:
-                kept.append(record)
+                kept.append(replace(record, tokens=n))
             else:
                 too_long += 1
         if limit is not None and len(kept) >= limit:

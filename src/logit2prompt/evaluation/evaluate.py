@@ -247,6 +247,13 @@ def score_methods(
     return per
 
 
+def token_counts(records, target) -> list[int]:
+    """Target tokens per record: the corpus's length filter counted them already."""
+    if all(r.tokens is not None for r in records):
+        return [r.tokens for r in records]
+    return target.count_tokens([r.text for r in records])
+
+
 def length_breakdown(lengths: Sequence[int], per) -> list[dict]:
     """Mean BLEU and token F1 per method in each bucket of `LENGTH_BUCKETS` (target tokens of
     the hidden prompt)."""
@@ -383,7 +390,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         "best_attack": best_attack,
         "leak_filter": leak,
         "summary": summary,
-        "by_length": length_breakdown(target.count_tokens(references), per),
+        "by_length": length_breakdown(token_counts(records, target), per),
         "group_field": field,
         "by_group": groups,
         "examples": examples(references, preds, per),
