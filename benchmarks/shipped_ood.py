@@ -9,12 +9,14 @@ For each set (a seeded sample of LIMIT of the first 200 prompts of each OOD file
 demo's prompts come from) and each mode, the demo's rows (`recipes/demo.py`): the inverter,
 re-ranked by the target, the nearest memorised training prompt, and the best of the demo's
 extraction strings (leak-filtered in guarded mode), with the inverter's paired BLEU gain over
-the last two. Default checkpoints: the shipped ones (user, guarded); system mode, for which none
-is shipped, needs `--checkpoint system=DIR`. `--attacks all` asks every string of the built-in
-list instead of the demo's one: the best-string row is then the best of them over the mode's
-prompts (a choice made on the scored prompts, which flatters the baseline), and the per-prompt
-oracle among them is one more row. `--versus` pairs the inverter, per prompt, with the inverter
-row of an earlier run of this script (e.g. a new checkpoint against the shipped one). Writes
+the last two. Default checkpoints: the shipped ones (user, guarded); system mode, for which
+none is shipped, needs `--checkpoint system=DIR`. `--attacks all` asks every string of the
+built-in list instead of the demo's one: the best-string row is then the best of them over the
+mode's prompts (a choice made on the scored prompts, which flatters the baseline), and the
+per-prompt oracle among them is one more row; each string is 64-token greedy replies to every
+prompt (on 2 CPU cores ~3.3 minutes per string for 300 prompts, so `all` takes ~45 minutes per
+mode there). `--versus` pairs the inverter, per prompt, with the inverter row of an earlier run
+of this script (e.g. a new checkpoint against the shipped one). Writes
 benchmarks/results/shipped_ood.json.
 """
 
