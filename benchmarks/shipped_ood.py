@@ -14,9 +14,9 @@ none is shipped, needs `--checkpoint system=DIR`. `--attacks all` asks every str
 built-in list instead of the demo's one: the best-string row is then the best of them over the
 mode's prompts (a choice made on the scored prompts, which flatters the baseline), and the
 per-prompt oracle among them is one more row; each string is 64-token greedy replies to every
-prompt (on 2 CPU cores ~3.3 minutes per string for 300 prompts, so `all` takes ~45 minutes per
-mode there). `--versus` pairs the inverter, per prompt, with the inverter row of an earlier run
-of this script (e.g. a new checkpoint against the shipped one). Writes
+prompt (on 2 CPU cores ~3.3 minutes per string for 300 prompts, so `all`, 12 strings, takes ~40
+minutes per mode there). `--versus` pairs the inverter, per prompt, with the inverter row of an
+earlier run of this script (e.g. a new checkpoint against the shipped one). Writes
 benchmarks/results/shipped_ood.json.
 """
 
