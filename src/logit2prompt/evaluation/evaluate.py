@@ -247,7 +247,7 @@ def score_methods(
     return per
 
 
-def token_counts(records, target) -> list[int]:
+def token_counts(records: Sequence, target) -> list[int]:
     """Target tokens per record: the corpus's length filter counted them already."""
     if all(r.tokens is not None for r in records):
         return [r.tokens for r in records]
