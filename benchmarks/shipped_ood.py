@@ -68,18 +68,15 @@ def main() -> None:
     rows = rows_of(Path(args.data), args.limit, args.seed)
     cfg = demo.DemoConfig(modes=args.modes, progress=False)
     attacks = demo.ATTACKS if args.attacks == "demo" else tuple(load_attacks(None))
-    shown = (*demo.ROWS, EXTRACTION_ORACLE) if len(attacks) > 1 else demo.ROWS
+    shown = demo.shown_rows(attacks)
     results: dict = {"limit": args.limit, "attacks": len(attacks), "modes": {}}
     lines = [
         "| mode | set | inverter | re-ranked | nearest | extraction "
-        + ("| extraction oracle " if len(attacks) > 1 else "")
+        + ("| extraction oracle " if EXTRACTION_ORACLE in shown else "")
         + "| inverter - nearest | inverter - extraction | inverter - earlier |",
         "| --- " * (len(shown) + 5) + "|",
     ]
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if missing := [m for m in modes if m not in demo.SHIPPED and m not in checkpoints]:
-        parser.error(f"no inverter is shipped for {', '.join(missing)} mode: pass --checkpoint")
-    for mode in modes:
+    for mode in cfg.mode_list(checkpoints):
         res = demo.run_mode(mode, rows, cfg, checkpoints.get(mode), attacks=attacks)
         for group, table in res["sets"].items():
             ex = [e for e in res["examples"] if e["set"] == group]

@@ -40,6 +40,7 @@ SHARD_DIR = "shards"
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
 DEFAULT_STORE_DTYPE = "float16"
 DEFAULT_SHARD_SIZE = 256
+READ_BATCH = 256  # vectors read at a time by whole-store passes (statistics, memory)
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -27,7 +27,6 @@ MEMORY_WEIGHTS = "neighbours.safetensors"
 MEMORY_PROMPTS = "neighbours.json"
 SEARCH_BLOCK = 4096  # rows per block of queries and of memory, bounds memory on big stores
 CANDIDATE_SLACK = 8  # extra neighbours fetched so excluded ones (self, same text) can be dropped
-READ_BATCH = 256  # store vectors read at a time to build a memory
 
 
 class NeighbourMemory:
@@ -100,6 +99,8 @@ class NeighbourMemory:
         READ_BATCH rows at a time (`transform`: e.g. the training defense, applied per batch;
         `subset`: observations through a token subset, as the store's `batches` reads them)."""
         from tqdm.auto import tqdm
+
+        from ..data.store import READ_BATCH
 
         batches = (
             vectors if transform is None else transform(vectors)

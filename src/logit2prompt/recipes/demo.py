@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Container, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -70,14 +71,22 @@ class DemoConfig:
     batch_size: int = field(default=48, metadata={"help": "target and decoding batch"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
 
-    def mode_list(self) -> list[str]:
+    def mode_list(self, checkpoints: Container[str] = ()) -> list[str]:
+        """The selected modes: those with a shipped inverter, or one in `checkpoints`."""
         modes = [m.strip() for m in self.modes.split(",") if m.strip()]
-        unknown = [m for m in modes if m not in SHIPPED]
+        unknown = [m for m in modes if m not in SHIPPED and m not in checkpoints]
         if not modes or unknown:
             raise Logit2PromptError(
                 f"--modes {self.modes!r}: choose among {', '.join(SHIPPED)} (comma-separated)"
+                + (f"; no inverter is shipped for {', '.join(unknown)} mode" if unknown else "")
             )
         return modes
+
+
+def shown_rows(attacks: Sequence[str]) -> tuple[str, ...]:
+    """The rows of a mode's table: the demo's, and the extraction oracle when several strings
+    are asked (the oracle is no attack anyone can run: only the ceiling of several)."""
+    return (*ROWS, EXTRACTION_ORACLE) if len(attacks) > 1 else ROWS
 
 
 def load_demo_prompts(path: str | None, per_set: int) -> list[dict]:
@@ -144,9 +153,7 @@ def run_mode(
         progress=cfg.progress,
     )
     preds = run_methods(METHODS, ctx)
-    # The oracle is no attack anyone can run: shown only as the ceiling of several strings.
-    shown = (*ROWS, EXTRACTION_ORACLE) if len(attacks) > 1 else ROWS
-    preds = {row: preds[row] for row in shown}
+    preds = {row: preds[row] for row in shown_rows(attacks)}
     sets: dict[str, dict] = {}
     for group in dict.fromkeys(r["set"] for r in rows):
         idx = [i for i, r in enumerate(rows) if r["set"] == group]

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data.store import DistributionStore
+from ..data.store import READ_BATCH, DistributionStore
 from ..defenses.chain import parse_defense
 from ..distributed import accelerate_cpu
 from ..errors import CheckpointError, StoreError
@@ -51,7 +51,6 @@ logger = logging.getLogger(__name__)
 # InverterConfig fields that `--set` may change on an `--init-from` checkpoint: no weight shape
 # or value depends on them.
 INIT_OVERRIDES = frozenset({"max_length", "neighbour_length"})
-READ_BATCH = 256  # vectors read from the store at a time for the feature statistics
 # Steps a multi-step inverter can read at inversion (test-time extension past training's).
 MULTI_STEP_POSITIONS = 64
 # Rows (prompt-steps) the statistics and the subspace are fitted on at most: with K steps a
