@@ -6,18 +6,18 @@ demo's table on more prompts, with paired gains.
         [--attacks all]
 
 For each set (a seeded sample of LIMIT of the first 200 prompts of each OOD file, the rows the
-demo's prompts come from) and each mode, the demo's rows (`recipes/demo.py`): the inverter,
-re-ranked by the target, the nearest memorised training prompt, and the best of the demo's
-extraction strings (leak-filtered in guarded mode), with the inverter's paired BLEU gain over
-the last two. Default checkpoints: the shipped ones (user, guarded); system mode, for which
-none is shipped, needs `--checkpoint system=DIR`. `--attacks all` asks every string of the
-built-in list instead of the demo's one: the best-string row is then the best of them over the
-mode's prompts (a choice made on the scored prompts, which flatters the baseline), and the
-per-prompt oracle among them is one more row; each string is 64-token greedy replies to every
-prompt (on 2 CPU cores ~3.3 minutes per string for 300 prompts, so `all`, 12 strings, takes ~40
-minutes per mode there). `--versus` pairs the inverter, per prompt, with the inverter row of an
-earlier run of this script (e.g. a new checkpoint against the shipped one). Writes
-benchmarks/results/shipped_ood.json.
+demo's prompts come from) and each mode, the demo's rows (`recipes/demo.py`): the inverter, re-
+ranked by the target, the nearest memorised training prompt, and the best of the demo's
+extraction strings (leak-filtered in guarded mode) and the observed reply itself, with the
+inverter's paired BLEU gain over the last three. Default checkpoints: the shipped ones (user,
+guarded); system mode, for which none is shipped, needs `--checkpoint system=DIR`. `--attacks
+all` asks every string of the built-in list instead of the demo's one: the best-string row is
+then the best of them over the mode's prompts (a choice made on the scored prompts, which
+flatters the baseline), and the per-prompt oracle among them is one more row; each string is
+64-token greedy replies to every prompt (on 2 CPU cores ~3.3 minutes per string for 300 prompts,
+so `all`, 12 strings, takes ~40 minutes per mode there). `--versus` pairs the inverter, per
+prompt, with the inverter row of an earlier run of this script (e.g. a new checkpoint against
+the shipped one). Writes benchmarks/results/shipped_ood.json.
 """
 
 from __future__ import annotations
@@ -37,6 +37,14 @@ from logit2prompt.recipes.methods import EXTRACTION_ORACLE
 RESULTS = Path(__file__).parent / "results" / "shipped_ood.json"
 SETS = ("chatterbot_first_turns", "donotanswer_questions", "self_instruct_seed")
 FIRST = 200  # the rows the OOD stores of the other benchmarks hold
+SHORT = {
+    demo.INVERTER: "inverter",
+    demo.RERANKED: "re-ranked",
+    demo.NEAREST: "nearest",
+    demo.EXTRACTION_BEST: "extraction",
+    demo.REPLY: "reply",
+    EXTRACTION_ORACLE: "extraction oracle",
+}
 
 
 def rows_of(data: Path, limit: int, seed: int) -> list[dict]:
@@ -70,11 +78,14 @@ def main() -> None:
     attacks = demo.ATTACKS if args.attacks == "demo" else tuple(load_attacks(None))
     shown = demo.shown_rows(attacks)
     results: dict = {"limit": args.limit, "attacks": len(attacks), "modes": {}}
+    others = (*demo.ROWS[2:], "earlier inverter")
     lines = [
-        "| mode | set | inverter | re-ranked | nearest | extraction "
-        + ("| extraction oracle " if EXTRACTION_ORACLE in shown else "")
-        + "| inverter - nearest | inverter - extraction | inverter - earlier |",
-        "| --- " * (len(shown) + 5) + "|",
+        "| mode | set | "
+        + " | ".join(SHORT[m] for m in shown)
+        + " | "
+        + " | ".join(f"inverter - {SHORT.get(o, 'earlier')}" for o in others)
+        + " |",
+        "| --- " * (len(shown) + len(others) + 2) + "|",
     ]
     for mode in cfg.mode_list(checkpoints):
         res = demo.run_mode(mode, rows, cfg, checkpoints.get(mode), attacks=attacks)
@@ -82,7 +93,7 @@ def main() -> None:
             ex = [e for e in res["examples"] if e["set"] == group]
             refs = [e["hidden"] for e in ex]
             inv = [e[demo.INVERTER] for e in ex]
-            for other in (demo.NEAREST, demo.EXTRACTION_BEST):
+            for other in demo.ROWS[2:]:
                 gain = paired_gain(inv, [e[other] for e in ex], refs)
                 table[demo.INVERTER][f"gain_over {other}"] = gain
             if mode in earlier:
@@ -96,7 +107,7 @@ def main() -> None:
                 for m in shown
             ]
             mine = table[demo.INVERTER]
-            keys = [f"gain_over {o}" for o in (*demo.ROWS[2:], "earlier inverter")]
+            keys = [f"gain_over {o}" for o in others]
             gains = [format_ci(mine[k]["bleu"], "+.1f") if k in mine else "—" for k in keys]
             lines.append(f"| {mode} | {group} | " + " | ".join([*cells, *gains]) + " |")
         results["modes"][mode] = res

@@ -12,7 +12,7 @@ from logit2prompt.data.collect import collect
 from logit2prompt.data.corpus import Corpus, PromptRecord
 from logit2prompt.data.store import DistributionStore, StorePlan, StoreWriter
 from logit2prompt.defenses.chain import parse_defense
-from logit2prompt.errors import StoreError, TargetError, VectorError
+from logit2prompt.errors import CheckpointError, StoreError, TargetError, VectorError
 from logit2prompt.models.inverter import Inverter
 from logit2prompt.targets.base import Target
 from logit2prompt.targets.defended import DefendedTarget
@@ -161,6 +161,34 @@ def test_multi_step_training_and_test_time_extension(stores, tiny_lm_dir, tmp_pa
     labels = torch.tensor([[5, 6, loaded.config.eos_token_id]] * 4)
     with torch.no_grad():
         assert torch.allclose(model.eval()(x, labels), loaded(x, labels), atol=1e-4)
+
+
+def test_init_from_extends_a_prefix_lm_to_more_steps(stores, tiny_lm_dir, tmp_path):
+    """A 2-step prefix-lm fine-tuned on 3 steps keeps its pseudo-tokens per step (so every
+    weight carries over) and then reads 3 steps by default; a T5 inverter cannot."""
+    compact, full = stores
+    kw = dict(output_tokenizer=None, decoder_lr=1e-3, max_steps=2, per_device_batch_size=4)
+    overrides = {"max_length": 24, "embed_hidden": 32, "prefix_length": 4}
+    cfg = tiny_train_config(compact.path, tmp_path / "two", tiny_lm_dir, preset="prefix-lm", **kw)
+    cfg.steps, cfg.overrides = 2, overrides
+    two = Trainer(cfg).run()
+    assert two.config.tokens_per_step == 2
+    cfg = tiny_train_config(compact.path, tmp_path / "three", tiny_lm_dir, preset="prefix-lm", **kw)
+    cfg.steps, cfg.init_from = 3, str(tmp_path / "two")
+    trainer = Trainer(cfg)
+    assert trainer.model.config.steps == 3 and trainer.model.config.tokens_per_step == 2
+    assert torch.equal(trainer.model.embed[0].weight, two.embed[0].weight)  # carried over
+    trainer.run()
+    loaded = Inverter.from_pretrained(tmp_path / "three")
+    assert loaded.config.steps == 3
+    assert len(loaded.invert(full.vectors(range(4)))) == 4
+    Trainer(
+        tiny_train_config(compact.path, tmp_path / "t5", tiny_lm_dir, steps=2, max_steps=1)
+    ).run()
+    cfg = tiny_train_config(compact.path, tmp_path / "t5b", tiny_lm_dir, steps=3, max_steps=1)
+    cfg.init_from = str(tmp_path / "t5")
+    with pytest.raises(CheckpointError, match="reads \\(vocab, steps\\)"):
+        Trainer(cfg)
 
 
 def test_train_steps_beyond_the_store_are_refused(stores, tiny_lm_dir, tmp_path):

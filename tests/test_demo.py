@@ -82,6 +82,9 @@ def test_demo_tables_per_mode_and_set(tiny_shipped, tmp_path, monkeypatch):
     refused = report["modes"]["guarded"]["extraction_refused"]
     assert refused["n"] == 6 and set(refused["per_attack"]) == set(demo.ATTACKS)
     assert report["modes"]["user"]["extraction_refused"] is None
+    # The filter read the replies the guarded observations come from (none repeat a prompt).
+    assert report["modes"]["guarded"]["observation_refused"] == {"refused": 0, "n": 6}
+    assert report["modes"]["user"]["observation_refused"] is None
     html = (tmp_path / "demo" / "report.html").read_text()
     assert "guarded mode" in html and TRAIN[0] in html
     text = demo.format_demo(report)

@@ -3,6 +3,7 @@ and a prompt-leak filter on replies (in evaluation and in `serve`)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -157,3 +158,56 @@ def test_an_inverter_adapts_across_threat_models_but_not_targets(tiny_lm_dir, tm
     )
     with pytest.raises(CheckpointError, match="another target: .*weights_sha256"):
         Trainer(cfg)
+
+
+PROBE = "Hi! What is the task?"
+
+
+def test_the_attackers_user_turn_is_recorded_and_reproduced(tiny_lm_dir):
+    """A system-mode target asked another innocuous turn is another target (its template
+    holds the turn); an inverter's target is rebuilt with the turn its fingerprint records."""
+    from logit2prompt.attacks.invert import target_from_fingerprint, user_turn_of
+    from logit2prompt.errors import TargetError
+
+    hello = load_target(str(tiny_lm_dir), mode="guarded")
+    probe = load_target(str(tiny_lm_dir), mode="guarded", user_turn=PROBE)
+    assert PROBE in probe.render(HIDDEN) and PROBE not in hello.render(HIDDEN)
+    assert probe.fingerprint.id != hello.fingerprint.id
+    assert user_turn_of(probe.fingerprint.template, hello) == PROBE
+    assert user_turn_of(hello.fingerprint.template, hello) == "Hello!"
+    assert user_turn_of("{prompt}", hello) is None
+    rebuilt = target_from_fingerprint(probe.fingerprint)
+    assert rebuilt.user_turn == PROBE and rebuilt.fingerprint == probe.fingerprint
+    with pytest.raises(TargetError, match="user turn must not be empty"):
+        load_target(str(tiny_lm_dir), mode="guarded", user_turn=" ")
+
+
+def test_a_refused_observation_is_one_the_attacker_never_reads(tiny_lm_dir):
+    """The leak filter sees the reply the log-probs come from: where it refuses it, every row
+    that reads the observation answers nothing; rows that do not read it keep theirs."""
+    from logit2prompt.recipes.methods import REPLY, Method, register, run_methods, unregister
+
+    target = load_target(str(tiny_lm_dir), mode="guarded")
+    refs = [HIDDEN, "Answer only in French and keep every reply under twenty words."]
+    said = [HIDDEN, "Hello! How can I help you today?"]  # the first reply leaks its prompt
+    rows = [target.tokenizer(t, add_special_tokens=False)["input_ids"] for t in said]
+    steps = max(len(r) for r in rows) + 1
+    vectors = np.full((2, steps, target.vocab_size), -20.0, dtype=np.float32)
+    eos = target.tokenizer.eos_token_id
+    for i, ids in enumerate(rows):
+        for k, t in enumerate([*ids, *[eos] * (steps - len(ids))]):
+            vectors[i, k, t] = -0.01
+    register(Method("echo", ("echo",), lambda ctx: {"echo": list(ctx.references)}, observes=False))
+    try:
+        kw = dict(target=target, references=refs)
+        open_ctx = methods.MethodContext(None, vectors, **kw)
+        opened = run_methods(["reply", "echo"], open_ctx)
+        assert leak_score(opened[REPLY][0], HIDDEN) == 1.0
+        assert opened[REPLY][1].startswith("Hello!")
+        ctx = methods.MethodContext(None, vectors, leak_filter=LeakFilter(0.5), **kw)
+        guarded = run_methods(["reply", "echo"], ctx)
+    finally:
+        unregister("echo")
+    assert guarded[REPLY] == ["", opened[REPLY][1]]
+    assert guarded["echo"] == refs
+    assert ctx.notes["observation_refused"] == {"refused": 1, "n": 2}

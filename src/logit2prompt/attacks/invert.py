@@ -35,13 +35,42 @@ def target_from_fingerprint(
     target = load_target(
         fp.name, mode=fp.mode, dtype=fp.dtype, device=device, batch_size=batch_size
     )
-    # A custom system prompt is part of the template: reproduce it if the name alone did not.
+    # The attacker's user turn (system modes) is part of the template: reproduce it.
+    turn = user_turn_of(fp.template, target)
+    if turn is not None and turn != getattr(target, "user_turn", turn):
+        target = load_target(
+            fp.name,
+            mode=fp.mode,
+            dtype=fp.dtype,
+            device=device,
+            batch_size=batch_size,
+            user_turn=turn,
+        )
     diffs = fp.differences(target.fingerprint)
     if diffs:
         raise VectorError(
             f"the target loaded as {fp.name!r} is not the recorded target: {'; '.join(diffs)}"
         )
     return target
+
+
+def user_turn_of(template: str, target) -> str | None:
+    """The user turn a system-mode template was rendered with, read against `target`'s own
+    chat template (None: not a system mode, or the template has another shape)."""
+    from ..targets.base import SYSTEM_MODES
+
+    if getattr(target, "mode", None) not in SYSTEM_MODES or not hasattr(target, "render"):
+        return None
+    marker = "\x00USER\x00"
+    saved = target.user_turn
+    try:
+        target.user_turn = marker
+        head, _, tail = target.render("{prompt}").partition(marker)
+    finally:
+        target.user_turn = saved
+    if not template.startswith(head) or not template.endswith(tail):
+        return None
+    return template[len(head) : len(template) - len(tail)] or None
 
 
 def load_vectors(path: str | Path) -> tuple[np.ndarray, TargetFingerprint | None]:

@@ -192,6 +192,12 @@ def add_target_args(p: argparse.ArgumentParser, *, full: bool = True) -> None:
             default=None,
             help="system message in user mode (default: the template's own)",
         )
+        g.add_argument(
+            "--user-turn",
+            default=None,
+            help="system and guarded modes: the innocuous user turn whose reply the attacker "
+            'reads (default: "Hello!"; recorded in the fingerprint\'s template)',
+        )
     g.add_argument(
         "--dtype",
         choices=TARGET_DTYPES,

@@ -5,8 +5,10 @@ embedded default target reads a handful of prompts from three out-of-domain sets
 shipped inverter trained on (`demo_prompts.jsonl`), and the shipped inverter for that mode
 reads its log-probs. Rows: the inverter; the inverter re-ranked by the target beside the 3
 nearest training prompts; the nearest training prompt (from the inverter's neighbour memory,
-no store needed); and the extraction string, asked of the target itself (in guarded mode
-through the leak filter a careful deployment puts on replies). Nothing is trained.
+no store needed); the extraction string, asked of the target itself (in guarded mode
+through the leak filter a careful deployment puts on replies); and the reply the log-probs
+were read from, as a guess. In guarded mode the filter sees that reply too: where it refuses
+it, the attacker observes nothing. Nothing is trained.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from .methods import (
     EXTRACTION_ORACLE,
     INVERTER,
     NEAREST,
+    REPLY,
     RERANKED,
     MethodContext,
     run_methods,
@@ -44,8 +47,8 @@ logger = logging.getLogger(__name__)
 DEMO_PROMPTS = "demo_prompts.jsonl"  # package data beside this module
 # The shipped inverter of each threat model, for the embedded default target.
 SHIPPED = {"user": DEFAULT_TARGET, "guarded": f"{DEFAULT_TARGET}-guarded"}
-METHODS = ("inverter", "rerank", "nn", "extraction")
-ROWS = (INVERTER, RERANKED, NEAREST, EXTRACTION_BEST)
+METHODS = ("inverter", "rerank", "nn", "extraction", "reply")
+ROWS = (INVERTER, RERANKED, NEAREST, EXTRACTION_BEST, REPLY)
 # The best single string of the built-in list on the default target, in user and guarded
 # mode alike (README leaderboard, benchmarks/guarded_extraction.py): each string costs one
 # generated reply per prompt, so the demo asks this one only.
@@ -170,6 +173,7 @@ def run_mode(
         "target": target.fingerprint.to_dict(),
         "best_attack": ctx.notes.get("best_attack"),
         "extraction_refused": ctx.notes.get("extraction_refused"),
+        "observation_refused": ctx.notes.get("observation_refused"),
         "all": {m: score(p, prompts) for m, p in preds.items()},
         "sets": sets,
         "examples": examples,
@@ -203,6 +207,9 @@ def format_demo(report: dict) -> str:
             lines.append(f"best extraction string: {res['best_attack']!r}")
         if res.get("extraction_refused"):
             lines.append(f"leak filter refused: {res['extraction_refused']['per_attack']}")
+        if res.get("observation_refused"):
+            seen = res["observation_refused"]
+            lines.append(f"leak filter refused {seen['refused']} of {seen['n']} observed replies")
         for group, table in res["sets"].items():
             lines += ["", f"{group}:", format_table(table)]
         lines.append("")

@@ -118,6 +118,21 @@ class MethodContext:
         """The inverter's answer per row: the top of its own decode."""
         return [row[0] for row in self.beams()]
 
+    def replies(self) -> list[str]:
+        """The reply each observation was read from: every step's most likely token (the
+        greedy continuation), up to the first end of turn, as the target's tokenizer writes it."""
+        if "replies" not in self._decoded:
+            tokenizer = self.target.tokenizer
+            ids = np.asarray(self.vectors).reshape(len(self), -1, self.target.vocab_size)
+            ids = ids.argmax(-1)
+            stops = {tokenizer.eos_token_id, *getattr(tokenizer, "all_special_ids", ())}
+            texts = []
+            for row in ids.tolist():
+                end = next((i for i, t in enumerate(row) if t in stops), len(row))
+                texts.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
+            self._decoded["replies"] = texts
+        return self._decoded["replies"]
+
     def nearest(self, k: int = 1) -> list[list[int]]:
         """Each row's k nearest training indices, closest first, from one shared search."""
         from ..attacks.nearest import nearest_neighbours
@@ -141,6 +156,9 @@ class Method:
     help: str = ""
     neighbours: int = 0
     beams: Callable[[MethodContext], int] | None = None
+    # Whether it reads the observation (the reply to the attacker's innocuous turn): under a
+    # leak filter, a reply the filter refuses is one the attacker never observes.
+    observes: bool = True
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -207,7 +225,21 @@ def run_methods(keys: Iterable[str], ctx: MethodContext) -> dict[str, list[str]]
         if set(rows) != set(m.names):
             raise Logit2PromptError(f"method {m.key!r} returned {list(rows)}, not {m.names}")
         preds.update(rows)
+    if ctx.leak_filter is not None and ctx.references is not None and ctx.target is not None:
+        _withhold_refused(ctx, [n for m in methods if m.observes for n in m.names], preds)
     return preds
+
+
+def _withhold_refused(ctx: MethodContext, rows: list[str], preds: dict[str, list[str]]) -> None:
+    """The leak filter sees the observed reply too: where it refuses it, the attacker gets
+    the refusal and no log-probs, so every row that reads the observation answers ""."""
+    leak = ctx.leak_filter
+    refused = [leak.blocks(r, p) for r, p in zip(ctx.replies(), ctx.references, strict=True)]
+    ctx.notes["observation_refused"] = {"refused": sum(refused), "n": len(refused)}
+    if any(refused):
+        logger.info("leak filter: %d of %d observed replies refused", sum(refused), len(ctx))
+    for name in rows:
+        preds[name] = ["" if r else p for r, p in zip(refused, preds[name], strict=True)]
 
 
 # ----------------------------------------------------------------- the built-in methods
@@ -220,6 +252,7 @@ CONSTANT = "constant guess"
 EXTRACTION_BEST, EXTRACTION_ORACLE = "extraction (best string)", "extraction (oracle)"
 FEWSHOT = "few-shot"
 TEXT = "text-only inversion"
+REPLY = "the observed reply itself"
 
 
 def _inverter(ctx: MethodContext) -> dict[str, list[str]]:
@@ -280,6 +313,10 @@ def _refine(ctx: MethodContext) -> dict[str, list[str]]:
 def _nearest(ctx: MethodContext) -> dict[str, list[str]]:
     logger.info("nearest neighbour")
     return {NEAREST: [ctx.train.prompts[row[0]] for row in ctx.nearest(1)]}
+
+
+def _reply(ctx: MethodContext) -> dict[str, list[str]]:
+    return {REPLY: ctx.replies()}
 
 
 def _constant(ctx: MethodContext) -> dict[str, list[str]]:
@@ -365,13 +402,28 @@ for _method in (
     Method(
         "nn", (NEAREST,), _nearest, frozenset({"train"}), "the nearest train prompt", neighbours=1
     ),
-    Method("constant", (CONSTANT,), _constant, frozenset({"train"}), "the train medoid"),
+    Method(
+        "reply",
+        (REPLY,),
+        _reply,
+        frozenset({"target"}),
+        "the greedy reply the log-probs were read from, as a guess (no learning)",
+    ),
+    Method(
+        "constant",
+        (CONSTANT,),
+        _constant,
+        frozenset({"train"}),
+        "the train medoid",
+        observes=False,
+    ),
     Method(
         "extraction",
         (EXTRACTION_BEST, EXTRACTION_ORACLE),
         _extraction,
         frozenset({"target", "references"}),
         "ask the target to repeat its prompt: the best string, and the per-prompt oracle",
+        observes=False,
     ),
     Method("fewshot", (FEWSHOT,), _fewshot, frozenset({"train", "target"}), "few-shot the target"),
     Method(
@@ -380,6 +432,7 @@ for _method in (
         _text,
         frozenset({"target", "references", "text_checkpoint"}),
         "invert the target's text reply",
+        observes=False,
     ),
 ):
     register(_method)

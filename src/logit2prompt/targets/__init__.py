@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import TargetError
 from .base import PROMPT_MODES, Target, TargetFingerprint
 from .embedded import DEFAULT_TARGET
 from .hf import HFTarget
@@ -15,9 +16,15 @@ def load_target(
     device: str | None = None,
     system_prompt: str | None = None,
     batch_size: int | None = None,
+    user_turn: str | None = None,
 ) -> Target:
-    """Load a target by built-in name, local directory, GGUF file, or Hugging Face Hub id."""
+    """Load a target by built-in name, local directory, GGUF file, or Hugging Face Hub id
+    (`user_turn`: the attacker's innocuous turn in the system modes; default "Hello!")."""
     kwargs = {"mode": mode, "system_prompt": system_prompt}
+    if user_turn is not None:
+        if not user_turn.strip():
+            raise TargetError("the user turn must not be empty")
+        kwargs["user_turn"] = user_turn
     if batch_size is not None:
         kwargs["batch_size"] = batch_size
     if name_or_path == DEFAULT_TARGET:

@@ -153,6 +153,7 @@ class Trainer:
             fingerprint = replace(fingerprint, defense=both)
         if cfg.init_from:
             self.model = Inverter.from_pretrained(cfg.init_from)
+            self._extend_steps(self.model)
             self._check_init(self.model)
             if cfg.neighbours and cfg.neighbours != self.model.config.neighbours:
                 # A trained prefix-lm learns to read neighbours on top of what it knows
@@ -364,6 +365,21 @@ class Trainer:
         return self._defended(
             torch.from_numpy(store.observations(list(indices), self.steps, self.subset))
         )
+
+    def _extend_steps(self, model: Inverter) -> None:
+        """A multi-step prefix-lm fine-tuned on more steps than it was trained on (up to its
+        step positions): no weight depends on the count once the pseudo-tokens per step are
+        pinned, and the new steps' position rows start at zero (as test-time extension)."""
+        config = model.config
+        if not model.causal or not config.step_positions:
+            return
+        if not config.steps < self.steps <= config.step_positions:
+            return
+        logger.info(
+            "extending %s from %d to %d steps", self.cfg.init_from, config.steps, self.steps
+        )
+        config.step_tokens = config.tokens_per_step
+        config.steps = self.steps
 
     def _check_init(self, model: Inverter) -> None:
         theirs = (model.config.vocab_size, model.config.steps)
