@@ -175,13 +175,24 @@ def test_init_from_extends_a_prefix_lm_to_more_steps(stores, tiny_lm_dir, tmp_pa
     assert two.config.tokens_per_step == 2
     cfg = tiny_train_config(compact.path, tmp_path / "three", tiny_lm_dir, preset="prefix-lm", **kw)
     cfg.steps, cfg.init_from = 3, str(tmp_path / "two")
+    # ... and reads each step's greedy token as text too (no new weight).
+    cfg.overrides = {"max_length": 24, "reply_tokens": True}
     trainer = Trainer(cfg)
     assert trainer.model.config.steps == 3 and trainer.model.config.tokens_per_step == 2
+    assert trainer.model.config.reply_tokens
     assert torch.equal(trainer.model.embed[0].weight, two.embed[0].weight)  # carried over
     trainer.run()
     loaded = Inverter.from_pretrained(tmp_path / "three")
-    assert loaded.config.steps == 3
-    assert len(loaded.invert(full.vectors(range(4)))) == 4
+    assert loaded.config.steps == 3 and loaded.config.reply_tokens
+    vectors = full.vectors(range(4))
+    assert len(loaded.invert(vectors)) == 4
+    x = torch.from_numpy(vectors.reshape(4, -1))
+    with torch.no_grad():
+        prefix = loaded.encode_inputs(x).view(4, 3, 3, -1)  # per step: its token, 2 pseudo
+        words = loaded.lm.get_input_embeddings()(torch.from_numpy(vectors.argmax(-1)))
+    assert torch.allclose(prefix[:, :, 0], words)
+    with pytest.raises(ValueError, match="whole vectors"):
+        replace(loaded.config, subset={"kind": "x"})
     Trainer(
         tiny_train_config(compact.path, tmp_path / "t5", tiny_lm_dir, steps=2, max_steps=1)
     ).run()

@@ -37,15 +37,8 @@ def target_from_fingerprint(
     )
     # The attacker's user turn (system modes) is part of the template: reproduce it.
     turn = user_turn_of(fp.template, target)
-    if turn is not None and turn != getattr(target, "user_turn", turn):
-        target = load_target(
-            fp.name,
-            mode=fp.mode,
-            dtype=fp.dtype,
-            device=device,
-            batch_size=batch_size,
-            user_turn=turn,
-        )
+    if turn is not None and turn != target.user_turn:
+        target.set_user_turn(turn)
     diffs = fp.differences(target.fingerprint)
     if diffs:
         raise VectorError(

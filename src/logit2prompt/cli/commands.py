@@ -236,8 +236,8 @@ def cmd_train(args) -> None:
     if trainer.accelerator.is_main_process:
         c = trainer.model.config
         shape = (
-            f"{c.subspace_dim} subspace coordinates -> {c.prefix_length}-token prefix of "
-            f"{c.decoder_init}"
+            f"{c.subspace_dim} subspace coordinates -> {c.tokens_per_step * c.steps}-token "
+            f"prefix ({c.tokens_per_step} per step) of {c.decoder_init}"
             if c.decoder == "causal"
             else f"{c.seq_len} chunks of {c.chunk_width}, d_model {c.d_model}"
         )

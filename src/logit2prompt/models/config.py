@@ -158,6 +158,11 @@ class PrefixLMConfig(InverterConfig):
     # gradients, each neighbour token costs a forward pass instead of forward + backward.
     # Nothing learns from the neighbours' own positions then (the rank embeddings stay zero).
     detach_neighbours: bool = False
+    # Each step's most likely token (the greedy reply the log-probs come from) as one more
+    # prefix position, embedded by the decoder itself: the reply reads as text, and the LM
+    # copies from text by attention. Needs whole vectors and the target's own vocabulary; no
+    # weight depends on it, so a trained inverter may switch it on (`--init-from`).
+    reply_tokens: bool = False
 
     @property
     def tokens_per_step(self) -> int:
@@ -166,6 +171,11 @@ class PrefixLMConfig(InverterConfig):
     def __post_init__(self) -> None:
         if self.decoder != CAUSAL:
             raise ValueError(f"PrefixLMConfig has decoder {CAUSAL!r}, not {self.decoder!r}")
+        if self.reply_tokens and (self.subset or self.output_vocab_size != self.vocab_size):
+            raise ValueError(
+                "reply_tokens reads each step's most likely token with the decoder's own "
+                "embeddings: it needs whole vectors (no token subset) over the decoder's vocabulary"
+            )
 
 
 def config_class(decoder: str) -> type[InverterConfig]:

@@ -287,7 +287,7 @@ class PrefixLMInverter(Inverter):
 
     def encode_inputs(self, vectors: torch.Tensor) -> torch.Tensor:
         """Flat float32 `[B, k * vocab]` log-probs of k steps -> the prefix
-        `[B, k * tokens_per_step, hidden]`."""
+        `[B, k * tokens_per_step, hidden]` (one more position per step with `reply_tokens`)."""
         k = self.steps_of(vectors)
         x = vectors.to(self.feature_mean.device, torch.float32).reshape(len(vectors), k, -1)
         x = x - x.mean(-1, keepdim=True)  # see centre()
@@ -296,8 +296,12 @@ class PrefixLMInverter(Inverter):
         prefix = prefix.view(len(x), k, self.config.tokens_per_step, -1)
         if self.config.step_positions:
             prefix = prefix + self.step_embedding[:k, None].to(prefix.dtype)
-        prefix = prefix.flatten(1, 2)
-        return prefix * (self.prefix_norm / prefix.norm(dim=-1, keepdim=True).clamp(min=1e-6))
+        prefix = prefix * (self.prefix_norm / prefix.norm(dim=-1, keepdim=True).clamp(min=1e-6))
+        if self.config.reply_tokens:
+            # Centring leaves each step's argmax where it was: the greedy reply's token.
+            words = self.lm.get_input_embeddings()(x.argmax(-1)).to(prefix.dtype)
+            prefix = torch.cat([words[:, :, None], prefix], 2)
+        return prefix.flatten(1, 2)
 
     def causal_context(
         self, vectors: torch.Tensor, neighbour_ids: torch.Tensor | None = None

@@ -6,6 +6,7 @@ import copy
 import hashlib
 import inspect
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -188,6 +189,11 @@ class HFTarget(Target):
         )
 
     # ----------------------------------------------------------------- prompts
+    def set_user_turn(self, user_turn: str) -> None:
+        """Ask another innocuous turn (system modes): a new template, so a new fingerprint."""
+        self.user_turn = user_turn
+        self.fingerprint = replace(self.fingerprint, template=self.render("{prompt}"))
+
     def render(self, prompt: str) -> str:
         """The text the model actually sees for a prompt under this target's mode."""
         if self.mode == "raw":

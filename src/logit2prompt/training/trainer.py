@@ -50,7 +50,7 @@ FINAL_MARKER = "TRAINING_COMPLETE"
 logger = logging.getLogger(__name__)
 # InverterConfig fields that `--set` may change on an `--init-from` checkpoint: no weight shape
 # or value depends on them.
-INIT_OVERRIDES = frozenset({"max_length", "neighbour_length"})
+INIT_OVERRIDES = frozenset({"max_length", "neighbour_length", "reply_tokens"})
 # Steps a multi-step inverter can read at inversion (test-time extension past training's).
 MULTI_STEP_POSITIONS = 64
 # Rows (prompt-steps) the statistics and the subspace are fitted on at most: with K steps a
@@ -202,6 +202,15 @@ class Trainer:
             )
         for key, value in self.cfg.overrides.items():
             if key not in INIT_OVERRIDES:
+                continue
+            if key == "reply_tokens":
+                if not isinstance(value, bool) or not hasattr(config, key):
+                    raise CheckpointError(f"--set {key}={value!r}: a prefix-lm's true or false")
+                setattr(config, key, value)
+                try:
+                    config.__post_init__()  # its checks: whole vectors, one vocabulary
+                except ValueError as exc:
+                    raise CheckpointError(f"--set {key}={value!r}: {exc}") from exc
                 continue
             low = 2 if key == "max_length" else 0  # a prompt token and EOS; 0: whole neighbours
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
