@@ -237,7 +237,9 @@ def cmd_train(args) -> None:
         c = trainer.model.config
         shape = (
             f"{c.subspace_dim} subspace coordinates -> {c.tokens_per_step * c.steps}-token "
-            f"prefix ({c.tokens_per_step} per step) of {c.decoder_init}"
+            f"prefix ({c.tokens_per_step} per step"
+            + (", and each step's greedy token" if c.reply_tokens else "")
+            + f") of {c.decoder_init}"
             if c.decoder == "causal"
             else f"{c.seq_len} chunks of {c.chunk_width}, d_model {c.d_model}"
         )
