@@ -122,9 +122,14 @@ class MethodContext:
         """The reply each observation was read from: every step's most likely token (the
         greedy continuation), up to the first end of turn, as the target's tokenizer writes it."""
         if "replies" not in self._decoded:
-            tokenizer = self.target.tokenizer
-            ids = np.asarray(self.vectors).reshape(len(self), -1, self.target.vocab_size)
-            ids = ids.argmax(-1)
+            tokenizer, vocab = self.target.tokenizer, self.target.vocab_size
+            vectors = np.asarray(self.vectors)
+            if vectors.shape[-1] != vocab:
+                raise Logit2PromptError(
+                    f"the observed reply needs whole distributions over the target's {vocab} "
+                    f"tokens; these observations hold {vectors.shape[-1]} per step"
+                )
+            ids = vectors.reshape(len(self), -1, vocab).argmax(-1)
             stops = {tokenizer.eos_token_id, *getattr(tokenizer, "all_special_ids", ())}
             texts = []
             for row in ids.tolist():
