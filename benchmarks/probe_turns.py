@@ -47,8 +47,9 @@ def main() -> None:
     leak = LeakFilter(args.leak_filter)
     results: dict = {"limit": args.limit, "tokens": args.tokens, "n": len(prompts), "turns": {}}
     lines = ["| user turn | reply as a guess (BLEU / token F1) | refused |", "| --- | --- | --- |"]
+    target = load_target(mode="guarded", batch_size=48)
     for turn in TURNS:
-        target = load_target(mode="guarded", user_turn=turn, batch_size=48)
+        target.set_user_turn(turn)
         replies = target.complete([target.render(p) for p in prompts], args.tokens)
         refused = [leak.blocks(r, p) for r, p in zip(replies, prompts, strict=True)]
         guesses = ["" if b else r for b, r in zip(refused, replies, strict=True)]

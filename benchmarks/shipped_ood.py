@@ -6,8 +6,8 @@ demo's table on more prompts, with paired gains.
         [--attacks all]
 
 For each set (a seeded sample of LIMIT of the first 200 prompts of each OOD file, the rows the
-demo's prompts come from) and each mode, the demo's rows (`recipes/demo.py`): the inverter, re-
-ranked by the target, the nearest memorised training prompt, and the best of the demo's
+demo's prompts come from) and each mode, the demo's rows (`recipes/demo.py`): the inverter,
+re-ranked by the target, the nearest memorised training prompt, and the best of the demo's
 extraction strings (leak-filtered in guarded mode) and the observed reply itself, with the
 inverter's paired BLEU gain over the last three. Default checkpoints: the shipped ones (user,
 guarded); system mode, for which none is shipped, needs `--checkpoint system=DIR`. `--attacks

@@ -68,6 +68,7 @@ class MethodContext:
     near: list[list[int]] | None = None
     notes: dict = field(default_factory=dict)  # side results: best_attack, fallback_kept
     _decoded: dict = field(default_factory=dict, repr=False)
+    _replies: list[str] | None = field(default=None, repr=False)
     _neighbours: int = field(default=1, repr=False)
 
     def __len__(self) -> int:
@@ -121,7 +122,7 @@ class MethodContext:
     def replies(self) -> list[str]:
         """The reply each observation was read from: every step's most likely token (the
         greedy continuation), up to the first end of turn, as the target's tokenizer writes it."""
-        if "replies" not in self._decoded:
+        if self._replies is None:
             tokenizer, vocab = self.target.tokenizer, self.target.vocab_size
             vectors = np.asarray(self.vectors)
             if vectors.shape[-1] != vocab:
@@ -135,8 +136,8 @@ class MethodContext:
             for row in ids.tolist():
                 end = next((i for i, t in enumerate(row) if t in stops), len(row))
                 texts.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
-            self._decoded["replies"] = texts
-        return self._decoded["replies"]
+            self._replies = texts
+        return self._replies
 
     def nearest(self, k: int = 1) -> list[list[int]]:
         """Each row's k nearest training indices, closest first, from one shared search."""
