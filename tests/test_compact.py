@@ -202,6 +202,44 @@ def test_init_from_extends_a_prefix_lm_to_more_steps(stores, tiny_lm_dir, tmp_pa
         Trainer(cfg)
 
 
+def test_a_text_only_prefix_lm_reads_the_greedy_reply_alone(stores, tiny_lm_dir, tmp_path):
+    """pseudo_tokens=false: the prefix is the decoder's embedding of each step's argmax, so
+    two observations with the same greedy reply give the same prompt, and no MLP is built."""
+    compact, full = stores
+    cfg = tiny_train_config(
+        compact.path,
+        tmp_path / "text",
+        tiny_lm_dir,
+        preset="prefix-lm",
+        output_tokenizer=None,
+        max_steps=2,
+        per_device_batch_size=4,
+    )
+    cfg.steps = 3
+    cfg.overrides = {"max_length": 24, "reply_tokens": True, "pseudo_tokens": False}
+    trainer = Trainer(cfg)
+    assert trainer.model.embed is None
+    assert not any(
+        n.startswith(("embed.", "step_embedding")) for n, _ in trainer.model.named_parameters()
+    )
+    trainer.run()
+    loaded = Inverter.from_pretrained(tmp_path / "text")
+    assert not loaded.config.pseudo_tokens and loaded.config.tokens_per_step == 0
+    vectors = full.vectors(range(4))
+    x = torch.from_numpy(vectors.reshape(4, -1))
+    # Another observation with the same argmax at every step: sharper, shifted.
+    y = torch.from_numpy((vectors * 3 - 1).reshape(4, -1))
+    with torch.no_grad():
+        prefix = loaded.encode_inputs(x)
+        words = loaded.lm.get_input_embeddings()(torch.from_numpy(vectors.argmax(-1)))
+        assert prefix.shape == (4, 3, words.shape[-1])
+        assert torch.equal(prefix, words) and torch.equal(loaded.encode_inputs(y), prefix)
+    assert loaded.invert(vectors) == loaded.invert(vectors * 3 - 1)
+    cfg.overrides = {"max_length": 24, "pseudo_tokens": False}
+    with pytest.raises(ValueError, match="nothing to read"):
+        Trainer(cfg)
+
+
 def test_train_steps_beyond_the_store_are_refused(stores, tiny_lm_dir, tmp_path):
     compact, _ = stores
     cfg = tiny_train_config(compact.path, tmp_path / "m", tiny_lm_dir, steps=4)

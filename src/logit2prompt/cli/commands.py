@@ -235,14 +235,17 @@ def cmd_train(args) -> None:
     trainer = Trainer(cfg)
     if trainer.accelerator.is_main_process:
         c = trainer.model.config
-        shape = (
-            f"{c.subspace_dim} subspace coordinates -> {c.tokens_per_step * c.steps}-token "
-            f"prefix ({c.tokens_per_step} per step"
-            + (", and each step's greedy token" if c.reply_tokens else "")
-            + f") of {c.decoder_init}"
-            if c.decoder == "causal"
-            else f"{c.seq_len} chunks of {c.chunk_width}, d_model {c.d_model}"
-        )
+        if c.decoder != "causal":
+            shape = f"{c.seq_len} chunks of {c.chunk_width}, d_model {c.d_model}"
+        elif not c.pseudo_tokens:
+            shape = f"the {c.steps}-token greedy reply as text (text-only) -> {c.decoder_init}"
+        else:
+            shape = (
+                f"{c.subspace_dim} subspace coordinates -> {c.tokens_per_step * c.steps}-token "
+                f"prefix ({c.tokens_per_step} per step"
+                + (", and each step's greedy token" if c.reply_tokens else "")
+                + f") of {c.decoder_init}"
+            )
         print(
             f"training on {len(trainer.train_idx)} prompts from {cfg.data} "
             f"({trainer.store.fingerprint.describe()}); inverter: {shape}, "

@@ -163,18 +163,32 @@ class PrefixLMConfig(InverterConfig):
     # copies from text by attention. Needs whole vectors and the target's own vocabulary; no
     # weight depends on it, so a trained inverter may switch it on (`--init-from`).
     reply_tokens: bool = False
+    # False: no pseudo-tokens at all, the prefix is the greedy reply alone (text-only
+    # inversion of the same observation, output2prompt's input with this decoder; needs
+    # reply_tokens). The log-probs then serve only to find the reply and the neighbours.
+    pseudo_tokens: bool = True
 
     @property
     def tokens_per_step(self) -> int:
+        """Pseudo-tokens per step (the reply token, if any, not counted)."""
+        if not self.pseudo_tokens:
+            return 0
         return self.step_tokens or max(1, self.prefix_length // self.steps)
 
     def __post_init__(self) -> None:
         if self.decoder != CAUSAL:
             raise ValueError(f"PrefixLMConfig has decoder {CAUSAL!r}, not {self.decoder!r}")
-        if self.reply_tokens and (self.subset or self.output_vocab_size != self.vocab_size):
+        # The output vocabulary is known once the tokenizer is (fill_token_ids checks again).
+        other_vocab = self.output_vocab_size not in (0, self.vocab_size)
+        if self.reply_tokens and (self.subset or other_vocab):
             raise ValueError(
                 "reply_tokens reads each step's most likely token with the decoder's own "
                 "embeddings: it needs whole vectors (no token subset) over the decoder's vocabulary"
+            )
+        if not (self.pseudo_tokens or self.reply_tokens):
+            raise ValueError(
+                "pseudo_tokens=false leaves the prefix-lm nothing to read: set reply_tokens=true "
+                "too (a text-only inverter of the greedy reply)"
             )
 
 

@@ -350,6 +350,7 @@ def fill_token_ids(config: InverterConfig, tokenizer) -> None:
     # Start decoding from BOS where the tokenizer has one, so start != end-of-sequence.
     bos = tokenizer.bos_token_id
     config.decoder_start_token_id = bos if bos is not None and bos != eos else config.pad_token_id
+    config.__post_init__()  # checks that need the output vocabulary
 
 
 def encode_labels(

@@ -233,13 +233,18 @@ class PrefixLMInverter(Inverter):
         gen.pad_token_id, gen.eos_token_id = config.pad_token_id, config.eos_token_id
         gen.bos_token_id = None
         hidden = vocab.shape[1]
-        self.embed = nn.Sequential(
-            nn.Linear(config.subspace_dim, config.embed_hidden),
-            nn.Dropout(config.dropout),
-            nn.GELU(),
-            nn.Linear(config.embed_hidden, config.tokens_per_step * hidden),
+        # Text-only (no pseudo-tokens): no MLP and no step rows, so nothing sits unused.
+        self.embed = (
+            nn.Sequential(
+                nn.Linear(config.subspace_dim, config.embed_hidden),
+                nn.Dropout(config.dropout),
+                nn.GELU(),
+                nn.Linear(config.embed_hidden, config.tokens_per_step * hidden),
+            )
+            if config.pseudo_tokens
+            else None
         )
-        if config.step_positions:
+        if config.step_positions and config.pseudo_tokens:
             # Zero at first (the LM's own positions order the steps); rows of steps never
             # trained on stay zero, so test-time extension reads them as plain steps.
             self.step_embedding = nn.Parameter(torch.zeros(config.step_positions, hidden))
@@ -290,6 +295,8 @@ class PrefixLMInverter(Inverter):
         `[B, k * tokens_per_step, hidden]` (one more position per step with `reply_tokens`)."""
         k = self.steps_of(vectors)
         x = vectors.to(self.feature_mean.device, torch.float32).reshape(len(vectors), k, -1)
+        if self.embed is None:  # text-only: the greedy reply, as the decoder embeds it
+            return self.lm.get_input_embeddings()(x.argmax(-1))
         x = x - x.mean(-1, keepdim=True)  # see centre()
         coords = (x @ self.basis - self.feature_mean) / self.feature_std  # [B, k, r]
         prefix = self.embed(coords.to(self.embed[0].weight.dtype))
