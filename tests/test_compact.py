@@ -214,6 +214,7 @@ def test_a_text_only_prefix_lm_reads_the_greedy_reply_alone(stores, tiny_lm_dir,
         output_tokenizer=None,
         max_steps=2,
         per_device_batch_size=4,
+        lora_rank=4,
     )
     cfg.steps = 3
     cfg.overrides = {"max_length": 24, "reply_tokens": True, "pseudo_tokens": False}
@@ -235,6 +236,17 @@ def test_a_text_only_prefix_lm_reads_the_greedy_reply_alone(stores, tiny_lm_dir,
         assert prefix.shape == (4, 3, words.shape[-1])
         assert torch.equal(prefix, words) and torch.equal(loaded.encode_inputs(y), prefix)
     assert loaded.invert(vectors) == loaded.invert(vectors * 3 - 1)
+    assert loaded.memory is None
+    # Exported with a memory of its store: the nearest-neighbour baseline runs beside it.
+    from logit2prompt.attacks.nearest import MemoryNeighbours
+    from logit2prompt.cli.main import main
+
+    args = ["export", "--checkpoint", str(tmp_path / "text"), "--out", str(tmp_path / "slim")]
+    assert main([*args, "--memory-data", str(full.path)]) == 0
+    slim = Inverter.from_pretrained(tmp_path / "slim")
+    assert slim.memory is not None and slim.memory.prompts == full.prompts
+    assert slim.invert(vectors) == loaded.invert(vectors)
+    assert [row[0] for row in MemoryNeighbours(slim).search(vectors, 1)] == [0, 1, 2, 3]
     cfg.overrides = {"max_length": 24, "pseudo_tokens": False}
     with pytest.raises(ValueError, match="nothing to read"):
         Trainer(cfg)

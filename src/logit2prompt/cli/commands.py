@@ -382,6 +382,8 @@ def cmd_export(args) -> None:
 
     source = Path(args.checkpoint)
     model = Inverter.from_pretrained(source)
+    if args.memory_data:
+        _attach_memory(model, args.memory_data)
     training_args = None
     if (source / TRAINING_ARGS_NAME).is_file():
         training_args = json.loads((source / TRAINING_ARGS_NAME).read_text())
@@ -396,6 +398,35 @@ def cmd_export(args) -> None:
         slim = Inverter.from_pretrained(out)
         same = sum(a == b for a, b in zip(model.invert(x), slim.invert(x), strict=True))
         print(f"  greedy predictions identical to the original on {same} of {len(idx)} prompts")
+
+
+def _attach_memory(model, data: str) -> None:
+    """Give an inverter without neighbours a memory of `data`'s prompts, so that the
+    nearest-neighbour baseline and the re-ranker run wherever it goes (the inverter itself
+    does not read it)."""
+    from ..data.store import DistributionStore
+    from ..errors import CheckpointError, StoreError
+    from ..models.retrieval import NeighbourMemory
+
+    if model.config.neighbours:
+        raise CheckpointError(
+            "--memory-data: this inverter is retrieval-augmented; its memory is the one it "
+            "was trained with"
+        )
+    store = DistributionStore(data)
+    diffs = model.fingerprint.reading_differences(store.fingerprint)
+    if diffs:
+        raise StoreError(f"--memory-data comes from another target: {'; '.join(diffs)}")
+    if model.token_subset is not None or store.steps < model.config.steps:
+        raise StoreError(
+            f"--memory-data needs whole vectors of at least {model.config.steps} steps; "
+            f"{data} holds {store.steps}"
+        )
+    model.set_memory(
+        NeighbourMemory.from_store(
+            store, model.config.dim, steps=model.config.steps, dims=model.config.neighbour_dims
+        )
+    )
 
 
 def cmd_info(args) -> None:

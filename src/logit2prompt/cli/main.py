@@ -276,6 +276,7 @@ EXAMPLES = {
     "export": [
         "logit2prompt export --checkpoint runs/inv --out shipped/inv --verify-data stores/val",
         "logit2prompt export --checkpoint runs/inv --out shipped/inv --dtype float16",
+        "logit2prompt export --checkpoint runs/inv --out shipped/inv --memory-data stores/train",
     ],
     "info": [
         "logit2prompt info stores/train",
@@ -611,6 +612,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a store: invert its first --verify-limit prompts with both copies and compare",
     )
     p.add_argument("--verify-limit", type=int, default=32)
+    p.add_argument(
+        "--memory-data",
+        default=None,
+        help="a store of the inverter's target: keep its prompts as a neighbour memory, so "
+        "that the nearest-neighbour baseline and re-ranking run with an inverter that reads "
+        "no neighbours",
+    )
     return parser
 
 

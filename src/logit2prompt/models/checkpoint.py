@@ -29,7 +29,7 @@ from pathlib import Path
 from ..errors import CheckpointError, TargetError
 from ..targets.base import TargetFingerprint
 from .config import CAUSAL, InverterConfig
-from .retrieval import NeighbourMemory
+from .retrieval import MEMORY_WEIGHTS, NeighbourMemory
 
 CONFIG_NAME = "inverter_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -303,7 +303,9 @@ def load_inverter(directory: str | Path, device: str | None = None):
             )
     else:
         _load_slim(model, directory, derived)
-    if config.neighbours:
+    # A plain inverter may carry a memory too (`export --memory-data`): for the
+    # nearest-neighbour baseline and the re-ranker, not read by the inverter itself.
+    if config.neighbours or (directory / MEMORY_WEIGHTS).is_file():
         memory = NeighbourMemory.load(directory)
         if len(memory.buckets) != config.dim:
             raise CheckpointError(
