@@ -10,7 +10,13 @@ import pytest
 
 from logit2prompt.data.collect import collect
 from logit2prompt.data.corpus import Corpus, PromptRecord
-from logit2prompt.data.store import DistributionStore, StorePlan, StoreWriter, read_manifest
+from logit2prompt.data.store import (
+    DistributionStore,
+    StorePlan,
+    StoreWriter,
+    merge_stores,
+    read_manifest,
+)
 from logit2prompt.errors import StoreError, VectorError
 from logit2prompt.targets import load_target
 
@@ -61,6 +67,38 @@ def test_steps_are_stored(raw_target, tmp_path):
     store = DistributionStore(tmp_path / "s")
     assert store.vectors([0, 4]).shape == (2, 3, raw_target.vocab_size)
     assert store.dim == 3 * raw_target.vocab_size
+
+
+def test_stores_collected_in_pieces_merge_into_one(raw_target, tmp_path):
+    """merge: the prompts in order, the same vectors, a partial shard in the middle read
+    as any other; stores that differ or overlap are refused and the sources stay as they were."""
+    from logit2prompt.cli.main import main
+
+    a, b = _corpus(5), Corpus([PromptRecord(f"another prompt {i}", {}) for i in range(6)], "m")
+    collect(raw_target, a, tmp_path / "a", steps=2, shard_size=2, progress=False)
+    collect(raw_target, b, tmp_path / "b", steps=2, shard_size=4, progress=False)
+    assert (
+        main(["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")]) == 0
+    )
+    merged = DistributionStore(tmp_path / "m")
+    assert merged.prompts == a.texts + b.texts and len(merged) == 11
+    expected = np.concatenate(
+        [
+            DistributionStore(tmp_path / "a").vectors(range(5)),
+            DistributionStore(tmp_path / "b").vectors(range(6)),
+        ]
+    )
+    assert np.array_equal(merged.vectors(range(11)), expected)
+    assert sorted(i for idx, _, _ in merged.batches(3) for i in idx) == list(range(11))
+    assert len(DistributionStore(tmp_path / "a")) == 5  # the sources are untouched
+    with pytest.raises(StoreError, match="exists"):
+        merge_stores(tmp_path / "m", [tmp_path / "a", tmp_path / "b"])
+    with pytest.raises(StoreError, match="both hold the prompt"):
+        merge_stores(tmp_path / "m2", [tmp_path / "a", tmp_path / "m"])
+    collect(raw_target, _corpus(3), tmp_path / "c", steps=1, progress=False)
+    with pytest.raises(StoreError, match="steps"):
+        merge_stores(tmp_path / "m3", [tmp_path / "b", tmp_path / "c"])
+    assert not (tmp_path / "m3").exists() and not (tmp_path / "m2").exists()
 
 
 def test_refuses_other_target_dtype_or_corpus(tiny_lm_dir, raw_target, tmp_path):

@@ -429,6 +429,13 @@ def _attach_memory(model, data: str) -> None:
     )
 
 
+def cmd_merge(args) -> None:
+    from ..data.store import DistributionStore, merge_stores
+
+    out = merge_stores(args.out, args.stores)
+    print(f"merged {len(args.stores)} stores into {out} ({len(DistributionStore(out))} prompts)")
+
+
 def cmd_info(args) -> None:
     from ..data.store import bytes_per_step, describe_encoding, read_manifest
     from ..models.checkpoint import CONFIG_NAME, FINGERPRINT_NAME, TRAINING_ARGS_NAME, is_checkpoint

@@ -40,6 +40,7 @@ from .commands import (
     cmd_evaluate,
     cmd_export,
     cmd_info,
+    cmd_merge,
     cmd_probe_api,
     cmd_quickstart,
     cmd_serve,
@@ -277,6 +278,9 @@ EXAMPLES = {
         "logit2prompt export --checkpoint runs/inv --out shipped/inv --verify-data stores/val",
         "logit2prompt export --checkpoint runs/inv --out shipped/inv --dtype float16",
         "logit2prompt export --checkpoint runs/inv --out shipped/inv --memory-data stores/train",
+    ],
+    "merge": [
+        "logit2prompt merge stores/part1 stores/part2 --out stores/train",
     ],
     "info": [
         "logit2prompt info stores/train",
@@ -594,6 +598,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "info", "print a store's manifest or an inverter checkpoint's summary", cmd_info
     )
     p.add_argument("path", help="a distribution store or an inverter checkpoint directory")
+
+    p = _command(sub, "merge", "join stores of one target into one (shards linked)", cmd_merge)
+    p.add_argument("stores", nargs="+", help="complete stores, in the order wanted")
+    p.add_argument("--out", required=True, help="directory of the new store")
 
     p = _command(
         sub, "export", "write a slim copy of a LoRA prefix-lm checkpoint (to ship)", cmd_export

@@ -503,3 +503,60 @@ class DistributionStore:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size].tolist()
             yield idx, [self.prompts[i] for i in idx], self.observations(idx, steps, subset)
+
+
+def merge_stores(out: str | Path, sources: Sequence[str | Path]) -> Path:
+    """One store of several complete stores of the same target, steps, dtype and encoding
+    (e.g. collected in pieces), their prompts in the order given. Shards are hard-linked
+    where the file system allows (copied otherwise), so the sources stay as they were.
+    StoreError when they differ, overlap in prompts, or `out` exists."""
+    import shutil
+
+    if len(sources) < 2:
+        raise StoreError("merge needs at least two stores")
+    out = Path(out)
+    if out.exists():
+        raise StoreError(f"{out} exists; merge writes a new store")
+    stores = [DistributionStore(s) for s in sources]
+    first = stores[0]
+    keys = ("dtype", "steps", "vocab_size", "encoding")
+    for store in stores[1:]:
+        diffs = first.fingerprint.differences(store.fingerprint) + [
+            f"{k}: {first.manifest.get(k)!r} vs {store.manifest.get(k)!r}"
+            for k in keys
+            if first.manifest.get(k) != store.manifest.get(k)
+        ]
+        if diffs:
+            raise StoreError(f"{store.path} cannot join {first.path}: {'; '.join(diffs)}")
+    seen: dict[str, Path] = {}
+    for store in stores:
+        for p in store.prompts:
+            if p in seen:
+                raise StoreError(f"{store.path} and {seen[p]} both hold the prompt {p[:60]!r}")
+            seen[p] = store.path
+    shard_dir = out / SHARD_DIR
+    shard_dir.mkdir(parents=True)
+    k = start = 0
+    for store in stores:
+        for array in store._shard_files:
+            info = json.loads(array.with_suffix(".json").read_text())
+            target = shard_dir / f"{k:06d}.npy"
+            try:
+                os.link(array, target)
+            except OSError:  # another file system, or no hard links there
+                shutil.copyfile(array, target)
+            info.update(index=k, start=start)
+            write_json(shard_dir / f"{k:06d}.json", info)
+            k, start = k + 1, start + len(info["prompts"])
+    manifest = dict(first.manifest)
+    manifest.pop("collection", None)
+    manifest.update(
+        num_prompts=start,
+        num_shards=k,
+        corpus={"merged": [s.manifest["corpus"] for s in stores]},
+        merged_from=[str(s.path) for s in stores],
+        complete=True,
+    )
+    # Shards of unequal sizes: a merged store is never resumed, only read.
+    write_json(out / MANIFEST, manifest)
+    return out
