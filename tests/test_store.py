@@ -88,7 +88,8 @@ def test_stores_collected_in_pieces_merge_into_one(raw_target, tmp_path):
             DistributionStore(tmp_path / "b").vectors(range(6)),
         ]
     )
-    assert np.array_equal(merged.vectors(range(11)), expected)
+    # (compact stores: rebuilt by a matmul whose rounding depends on the batch)
+    assert np.allclose(merged.vectors(range(11)), expected, atol=1e-5)
     assert sorted(i for idx, _, _ in merged.batches(3) for i in idx) == list(range(11))
     assert len(DistributionStore(tmp_path / "a")) == 5  # the sources are untouched
     with pytest.raises(StoreError, match="exists"):

@@ -126,9 +126,9 @@ class Inverter(nn.Module):
 
     # ------------------------------------------------------------------ neighbours
     def set_memory(self, memory: NeighbourMemory) -> None:
-        """The training prompts a retrieval-augmented inverter reads beside each vector."""
-        if not self.config.neighbours:
-            raise CheckpointError("this inverter reads no neighbours (config.neighbours = 0)")
+        """The training prompts a retrieval-augmented inverter reads beside each vector (a
+        plain inverter may carry them too, for the nearest-neighbour baseline and the
+        re-ranker: it does not read them)."""
         self.memory, self._memory_ids = memory, None
 
     def neighbour_ids(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
