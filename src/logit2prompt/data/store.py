@@ -534,6 +534,17 @@ def merge_stores(out: str | Path, sources: Sequence[str | Path]) -> Path:
             if p in seen:
                 raise StoreError(f"{store.path} and {seen[p]} both hold the prompt {p[:60]!r}")
             seen[p] = store.path
+    try:
+        _link_shards(out, stores)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # no half-merged store left behind
+        raise
+    return out
+
+
+def _link_shards(out: Path, stores: Sequence[DistributionStore]) -> None:
+    import shutil
+
     shard_dir = out / SHARD_DIR
     shard_dir.mkdir(parents=True)
     k = start = 0
@@ -548,7 +559,7 @@ def merge_stores(out: str | Path, sources: Sequence[str | Path]) -> Path:
             info.update(index=k, start=start)
             write_json(shard_dir / f"{k:06d}.json", info)
             k, start = k + 1, start + len(info["prompts"])
-    manifest = dict(first.manifest)
+    manifest = dict(stores[0].manifest)
     manifest.pop("collection", None)
     manifest.update(
         num_prompts=start,
@@ -559,4 +570,3 @@ def merge_stores(out: str | Path, sources: Sequence[str | Path]) -> Path:
     )
     # Shards of unequal sizes: a merged store is never resumed, only read.
     write_json(out / MANIFEST, manifest)
-    return out
