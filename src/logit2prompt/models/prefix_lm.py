@@ -295,8 +295,10 @@ class PrefixLMInverter(Inverter):
         `[B, k * tokens_per_step, hidden]` (one more position per step with `reply_tokens`)."""
         k = self.steps_of(vectors)
         x = vectors.to(self.feature_mean.device, torch.float32).reshape(len(vectors), k, -1)
-        if self.embed is None:  # text-only: the greedy reply, as the decoder embeds it
-            return self.lm.get_input_embeddings()(x.argmax(-1))
+        # Each step's argmax (the greedy reply's token), as the decoder embeds it.
+        words = self.lm.get_input_embeddings()(x.argmax(-1)) if self.config.reply_tokens else None
+        if self.embed is None:  # text-only: the reply is the whole prefix
+            return words
         x = x - x.mean(-1, keepdim=True)  # see centre()
         coords = (x @ self.basis - self.feature_mean) / self.feature_std  # [B, k, r]
         prefix = self.embed(coords.to(self.embed[0].weight.dtype))
@@ -304,10 +306,8 @@ class PrefixLMInverter(Inverter):
         if self.config.step_positions:
             prefix = prefix + self.step_embedding[:k, None].to(prefix.dtype)
         prefix = prefix * (self.prefix_norm / prefix.norm(dim=-1, keepdim=True).clamp(min=1e-6))
-        if self.config.reply_tokens:
-            # Centring leaves each step's argmax where it was: the greedy reply's token.
-            words = self.lm.get_input_embeddings()(x.argmax(-1)).to(prefix.dtype)
-            prefix = torch.cat([words[:, :, None], prefix], 2)
+        if words is not None:
+            prefix = torch.cat([words.to(prefix.dtype)[:, :, None], prefix], 2)
         return prefix.flatten(1, 2)
 
     def causal_context(
