@@ -113,9 +113,10 @@ def cmd_data(args) -> None:
 
         manifest = json.loads(manifest_path(path).read_text())
         for src in manifest["sources"]:
+            origin = f"{src['package']} {src['version']}" if src["package"] else "no package"
             print(
                 f"  {src['name']:14} {src['kept']:>6} of {src['read']:>6} "
-                f"({src['licence']}; {src['package'] or '-'} {src['version'] or ''})"
+                f"({src['licence']}; {origin})"
             )
         print(f"  manifest: {manifest_path(path)}")
 
@@ -147,7 +148,7 @@ def _build_mix(args):
             "target": target.fingerprint.to_dict(),
             "sampling": asdict(config),
             "samples": args.target_samples,
-            "licence": "the target's (samples of its own chat prior)",
+            "licence": "the target's licence (samples of its own chat prior)",
         }
     return build_mix(
         args.out,
