@@ -14,6 +14,7 @@ from logit2prompt.data.store import (
     DistributionStore,
     StorePlan,
     StoreWriter,
+    filter_store,
     merge_stores,
     read_manifest,
 )
@@ -100,6 +101,35 @@ def test_stores_collected_in_pieces_merge_into_one(raw_target, tmp_path):
     with pytest.raises(StoreError, match="steps"):
         merge_stores(tmp_path / "m3", [tmp_path / "b", tmp_path / "c"])
     assert not (tmp_path / "m3").exists() and not (tmp_path / "m2").exists()
+
+
+def test_filter_keeps_some_sources_of_a_store(raw_target, tmp_path):
+    """filter: the kept prompts in order with their own vectors, rows of other sources and
+    prompts the store lacks left out, the source untouched; nothing kept or an existing out
+    is refused and leaves nothing behind."""
+    from logit2prompt.cli.main import main
+
+    corpus = _corpus(7)
+    collect(raw_target, corpus, tmp_path / "s", steps=2, shard_size=3, progress=False)
+    rows = [
+        {"prompt": p, "source": "a" if i in (1, 3, 4, 6) else "b"}
+        for i, p in enumerate(corpus.texts)
+    ]
+    rows.append({"prompt": "never collected", "source": "a"})
+    keep = tmp_path / "mix.jsonl"
+    keep.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["filter", str(tmp_path / "s"), "--keep", str(keep), "--sources", "a"]
+    assert main([*args, "--out", str(tmp_path / "f")]) == 0
+    source, kept = DistributionStore(tmp_path / "s"), DistributionStore(tmp_path / "f")
+    assert kept.prompts == [corpus.texts[i] for i in (1, 3, 4, 6)] and len(source) == 7
+    assert kept.meta == [source.meta[i] for i in (1, 3, 4, 6)]
+    assert np.allclose(kept.vectors(range(4)), source.vectors([1, 3, 4, 6]), atol=1e-5)
+    assert sorted(i for idx, _, _ in kept.batches(3) for i in idx) == list(range(4))
+    assert read_manifest(tmp_path / "f")["corpus"]["of"] == 7
+    assert main([*args, "--out", str(tmp_path / "f")]) != 0  # exists
+    with pytest.raises(StoreError, match="keeps none"):
+        filter_store(tmp_path / "g", tmp_path / "s", lambda p: False)
+    assert not (tmp_path / "g").exists()
 
 
 def test_refuses_other_target_dtype_or_corpus(tiny_lm_dir, raw_target, tmp_path):

@@ -437,6 +437,27 @@ def cmd_merge(args) -> None:
     print(f"merged {len(args.stores)} stores into {out} ({len(DistributionStore(out))} prompts)")
 
 
+def cmd_filter(args) -> None:
+    from ..data.store import DistributionStore, filter_store
+
+    wanted = {s for s in (args.sources or "").split(",") if s}
+    keep: set[str] = set()
+    for n, line in enumerate(Path(args.keep).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CorpusError(f"{args.keep}:{n} is not JSON: {exc}") from exc
+        if not isinstance(row, dict) or not isinstance(row.get(args.field), str):
+            raise CorpusError(f"{args.keep}:{n} has no text field {args.field!r}")
+        if not wanted or row.get("source") in wanted:
+            keep.add(" ".join(row[args.field].split()))
+    out = filter_store(args.out, args.store, lambda p: " ".join(p.split()) in keep)
+    kept, total = len(DistributionStore(out)), len(DistributionStore(args.store))
+    print(f"kept {kept} of {total} prompts of {args.store} in {out}")
+
+
 def cmd_info(args) -> None:
     from ..data.store import bytes_per_step, describe_encoding, read_manifest
     from ..models.checkpoint import CONFIG_NAME, FINGERPRINT_NAME, TRAINING_ARGS_NAME, is_checkpoint

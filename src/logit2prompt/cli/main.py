@@ -39,6 +39,7 @@ from .commands import (
     cmd_demo,
     cmd_evaluate,
     cmd_export,
+    cmd_filter,
     cmd_info,
     cmd_merge,
     cmd_probe_api,
@@ -281,6 +282,10 @@ EXAMPLES = {
     ],
     "merge": [
         "logit2prompt merge stores/part1 stores/part2 --out stores/train",
+    ],
+    "filter": [
+        "logit2prompt filter stores/train --keep corpora/mix.jsonl --sources evals,sampled-user "
+        "--out stores/train-requests",
     ],
     "info": [
         "logit2prompt info stores/train",
@@ -601,6 +606,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "merge", "join stores of one target into one (shards linked)", cmd_merge)
     p.add_argument("stores", nargs="+", help="complete stores, in the order wanted")
+    p.add_argument("--out", required=True, help="directory of the new store")
+
+    p = _command(
+        sub, "filter", "a new store of some of a store's prompts (no recollection)", cmd_filter
+    )
+    p.add_argument("store", help="a complete store")
+    p.add_argument("--keep", required=True, help="JSONL of the prompts to keep (e.g. a mix)")
+    p.add_argument("--sources", help="keep only --keep rows whose `source` is one of these")
+    p.add_argument("--field", default="prompt", help="text field of the --keep rows")
     p.add_argument("--out", required=True, help="directory of the new store")
 
     p = _command(

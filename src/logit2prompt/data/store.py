@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -542,6 +542,69 @@ def merge_stores(out: str | Path, sources: Sequence[str | Path]) -> Path:
     return out
 
 
+def filter_store(out: str | Path, source: str | Path, keep: Callable[[str], bool]) -> Path:
+    """A new store of the prompts of `source` that `keep` accepts, in their order, with the
+    same vectors (e.g. some sources of a mix, without collecting again). StoreError when
+    `out` exists or nothing is kept; a failed run leaves no half-written `out`."""
+    import shutil
+
+    store = DistributionStore(source)
+    out = Path(out)
+    if out.exists():
+        raise StoreError(f"{out} exists; filter writes a new store")
+    picked = [i for i, p in enumerate(store.prompts) if keep(p)]
+    if not picked:
+        raise StoreError(f"the filter keeps none of the {len(store)} prompts of {store.path}")
+    try:
+        shard_dir = out / SHARD_DIR
+        shard_dir.mkdir(parents=True)
+        rows_of: dict[int, list[int]] = {}
+        for i in picked:
+            slot, row = store._shard_of[i]
+            rows_of.setdefault(slot, []).append(row)
+        start = 0
+        for k, (slot, rows) in enumerate(sorted(rows_of.items())):
+            arr = np.ascontiguousarray(store._array(slot)[rows])
+            info = json.loads(store._shard_files[slot].with_suffix(".json").read_text())
+            _atomic_write(shard_dir / f"{k:06d}.npy", lambda f, a=arr: np.save(f, a))
+            write_json(
+                shard_dir / f"{k:06d}.json",
+                {
+                    "index": k,
+                    "start": start,
+                    "prompts": [info["prompts"][r] for r in rows],
+                    "meta": [info["meta"][r] for r in rows],
+                },
+            )
+            start += len(rows)
+        _copy_basis(store.path, out)
+        manifest = dict(store.manifest)
+        manifest.pop("collection", None)
+        manifest.update(
+            num_prompts=start,
+            num_shards=len(rows_of),
+            corpus={"filtered": store.manifest["corpus"], "kept": start, "of": len(store)},
+            filtered_from=str(store.path),
+            complete=True,
+        )
+        # Shards of unequal sizes, as after merge: the store is read, never resumed.
+        write_json(out / MANIFEST, manifest)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return out
+
+
+def _copy_basis(source: Path, out: Path) -> None:
+    """A fitted basis lives beside the shards: the new store needs it to decode them."""
+    import shutil
+
+    from ..targets.basis import FITTED_FILE
+
+    if (source / FITTED_FILE).is_file():
+        shutil.copyfile(source / FITTED_FILE, out / FITTED_FILE)
+
+
 def _link_shards(out: Path, stores: Sequence[DistributionStore]) -> None:
     import shutil
 
@@ -559,6 +622,7 @@ def _link_shards(out: Path, stores: Sequence[DistributionStore]) -> None:
             info.update(index=k, start=start)
             write_json(shard_dir / f"{k:06d}.json", info)
             k, start = k + 1, start + len(info["prompts"])
+    _copy_basis(stores[0].path, out)
     manifest = dict(stores[0].manifest)
     manifest.pop("collection", None)
     manifest.update(
