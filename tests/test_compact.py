@@ -10,7 +10,7 @@ import torch
 
 from logit2prompt.data.collect import collect
 from logit2prompt.data.corpus import Corpus, PromptRecord
-from logit2prompt.data.store import DistributionStore, StorePlan, StoreWriter
+from logit2prompt.data.store import DistributionStore, StorePlan, StoreWriter, filter_store
 from logit2prompt.defenses.chain import parse_defense
 from logit2prompt.errors import CheckpointError, StoreError, TargetError, VectorError
 from logit2prompt.models.inverter import Inverter
@@ -309,6 +309,10 @@ def test_target_without_weights_gets_a_fitted_basis(tiny_target, tmp_path):
     assert (tmp_path / "fit" / "basis.npy").is_file()
     reference = tiny_target.next_token_logprobs(corpus.texts, steps=2).numpy()
     assert np.abs(store.vectors(range(60)) - reference).max() < 1e-3
+    # A filtered store carries the basis its coordinates need.
+    filter_store(tmp_path / "part", tmp_path / "fit", lambda p: p in corpus.texts[10:20])
+    part = DistributionStore(tmp_path / "part")
+    assert np.abs(part.vectors(range(10)) - reference[10:20]).max() < 1e-3
     # Resuming reads the saved basis rather than fitting another.
     again = collect(blind, corpus, str(tmp_path / "fit"), steps=2, shard_size=16, progress=False)
     assert again.shards_written == 0
