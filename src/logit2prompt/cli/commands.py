@@ -438,24 +438,18 @@ def cmd_merge(args) -> None:
 
 
 def cmd_filter(args) -> None:
-    from ..data.store import DistributionStore, filter_store
+    from ..data.corpus import normalise, read_rows
+    from ..data.store import filter_store, read_manifest
 
     wanted = {s for s in (args.sources or "").split(",") if s}
-    keep: set[str] = set()
-    for n, line in enumerate(Path(args.keep).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CorpusError(f"{args.keep}:{n} is not JSON: {exc}") from exc
-        if not isinstance(row, dict) or not isinstance(row.get(args.field), str):
-            raise CorpusError(f"{args.keep}:{n} has no text field {args.field!r}")
-        if not wanted or row.get("source") in wanted:
-            keep.add(" ".join(row[args.field].split()))
-    out = filter_store(args.out, args.store, lambda p: " ".join(p.split()) in keep)
-    kept, total = len(DistributionStore(out)), len(DistributionStore(args.store))
-    print(f"kept {kept} of {total} prompts of {args.store} in {out}")
+    keep = {
+        normalise(row[args.field])
+        for row in read_rows(args.keep, args.field)
+        if isinstance(row.get(args.field), str) and (not wanted or row.get("source") in wanted)
+    }
+    out = filter_store(args.out, args.store, lambda p: normalise(p) in keep)
+    corpus = read_manifest(out)["corpus"]
+    print(f"kept {corpus['kept']} of {corpus['of']} prompts of {args.store} in {out}")
 
 
 def cmd_info(args) -> None:

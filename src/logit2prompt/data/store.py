@@ -534,103 +534,99 @@ def merge_stores(out: str | Path, sources: Sequence[str | Path]) -> Path:
             if p in seen:
                 raise StoreError(f"{store.path} and {seen[p]} both hold the prompt {p[:60]!r}")
             seen[p] = store.path
-    try:
-        _link_shards(out, stores)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)  # no half-merged store left behind
-        raise
-    return out
+
+    def link(shard_dir: Path) -> tuple[int, int]:
+        k = start = 0
+        for store in stores:
+            for array in store._shard_files:
+                info = json.loads(array.with_suffix(".json").read_text())
+                target = shard_dir / f"{k:06d}.npy"
+                try:
+                    os.link(array, target)
+                except OSError:  # another file system, or no hard links there
+                    shutil.copyfile(array, target)
+                info.update(index=k, start=start)
+                write_json(shard_dir / f"{k:06d}.json", info)
+                k, start = k + 1, start + len(info["prompts"])
+        return k, start
+
+    return _derived_store(
+        out,
+        first,
+        link,
+        corpus={"merged": [s.manifest["corpus"] for s in stores]},
+        merged_from=[str(s.path) for s in stores],
+    )
 
 
 def filter_store(out: str | Path, source: str | Path, keep: Callable[[str], bool]) -> Path:
     """A new store of the prompts of `source` that `keep` accepts, in their order, with the
     same vectors (e.g. some sources of a mix, without collecting again). StoreError when
     `out` exists or nothing is kept; a failed run leaves no half-written `out`."""
-    import shutil
-
     store = DistributionStore(source)
     out = Path(out)
     if out.exists():
         raise StoreError(f"{out} exists; filter writes a new store")
-    picked = [i for i, p in enumerate(store.prompts) if keep(p)]
-    if not picked:
+    by_shard: dict[int, list[int]] = {}  # shard slot -> kept global indices, in order
+    for i, p in enumerate(store.prompts):
+        if keep(p):
+            by_shard.setdefault(store._shard_of[i][0], []).append(i)
+    if not by_shard:
         raise StoreError(f"the filter keeps none of the {len(store)} prompts of {store.path}")
+
+    def copy(shard_dir: Path) -> tuple[int, int]:
+        start = 0
+        for k, (slot, picked) in enumerate(by_shard.items()):
+            arr = np.ascontiguousarray(store._array(slot)[[store._shard_of[i][1] for i in picked]])
+            _atomic_write(shard_dir / f"{k:06d}.npy", lambda f, a=arr: np.save(f, a))
+            info = {
+                "index": k,
+                "start": start,
+                "prompts": [store.prompts[i] for i in picked],
+                "meta": [store.meta[i] for i in picked],
+            }
+            write_json(shard_dir / f"{k:06d}.json", info)
+            start += len(picked)
+        return len(by_shard), start
+
+    kept = sum(map(len, by_shard.values()))
+    return _derived_store(
+        out,
+        store,
+        copy,
+        corpus={"filtered": store.manifest["corpus"], "kept": kept, "of": len(store)},
+        filtered_from=str(store.path),
+    )
+
+
+def _derived_store(
+    out: Path,
+    base: DistributionStore,
+    write_shards: Callable[[Path], tuple[int, int]],
+    **manifest_fields,
+) -> Path:
+    """Write a complete store at `out`: shards from `write_shards(shard_dir)` (which returns
+    the shard and prompt counts), `base`'s manifest and its fitted basis if it has one. On any
+    failure no half-written `out` is left."""
+    import shutil
+
+    from ..targets.basis import FITTED_FILE
+
     try:
         shard_dir = out / SHARD_DIR
         shard_dir.mkdir(parents=True)
-        rows_of: dict[int, list[int]] = {}
-        for i in picked:
-            slot, row = store._shard_of[i]
-            rows_of.setdefault(slot, []).append(row)
-        start = 0
-        for k, (slot, rows) in enumerate(sorted(rows_of.items())):
-            arr = np.ascontiguousarray(store._array(slot)[rows])
-            info = json.loads(store._shard_files[slot].with_suffix(".json").read_text())
-            _atomic_write(shard_dir / f"{k:06d}.npy", lambda f, a=arr: np.save(f, a))
-            write_json(
-                shard_dir / f"{k:06d}.json",
-                {
-                    "index": k,
-                    "start": start,
-                    "prompts": [info["prompts"][r] for r in rows],
-                    "meta": [info["meta"][r] for r in rows],
-                },
-            )
-            start += len(rows)
-        _copy_basis(store.path, out)
-        manifest = dict(store.manifest)
+        num_shards, num_prompts = write_shards(shard_dir)
+        # A fitted basis lives beside the shards: the new store needs it to decode them.
+        if (base.path / FITTED_FILE).is_file():
+            shutil.copyfile(base.path / FITTED_FILE, out / FITTED_FILE)
+        manifest = dict(base.manifest)
         manifest.pop("collection", None)
         manifest.update(
-            num_prompts=start,
-            num_shards=len(rows_of),
-            corpus={"filtered": store.manifest["corpus"], "kept": start, "of": len(store)},
-            filtered_from=str(store.path),
-            complete=True,
+            num_prompts=num_prompts, num_shards=num_shards, complete=True, **manifest_fields
         )
-        # Shards of unequal sizes, as after merge: the store is read, never resumed.
+        # Shards of unequal sizes: a derived store is never resumed, only read.
         write_json(out / MANIFEST, manifest)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
     return out
-
-
-def _copy_basis(source: Path, out: Path) -> None:
-    """A fitted basis lives beside the shards: the new store needs it to decode them."""
-    import shutil
-
-    from ..targets.basis import FITTED_FILE
-
-    if (source / FITTED_FILE).is_file():
-        shutil.copyfile(source / FITTED_FILE, out / FITTED_FILE)
-
-
-def _link_shards(out: Path, stores: Sequence[DistributionStore]) -> None:
-    import shutil
-
-    shard_dir = out / SHARD_DIR
-    shard_dir.mkdir(parents=True)
-    k = start = 0
-    for store in stores:
-        for array in store._shard_files:
-            info = json.loads(array.with_suffix(".json").read_text())
-            target = shard_dir / f"{k:06d}.npy"
-            try:
-                os.link(array, target)
-            except OSError:  # another file system, or no hard links there
-                shutil.copyfile(array, target)
-            info.update(index=k, start=start)
-            write_json(shard_dir / f"{k:06d}.json", info)
-            k, start = k + 1, start + len(info["prompts"])
-    _copy_basis(stores[0].path, out)
-    manifest = dict(stores[0].manifest)
-    manifest.pop("collection", None)
-    manifest.update(
-        num_prompts=start,
-        num_shards=k,
-        corpus={"merged": [s.manifest["corpus"] for s in stores]},
-        merged_from=[str(s.path) for s in stores],
-        complete=True,
-    )
-    # Shards of unequal sizes: a merged store is never resumed, only read.
-    write_json(out / MANIFEST, manifest)
