@@ -32,13 +32,14 @@ from logit2prompt.attacks.extraction import load_attacks
 from logit2prompt.evaluation.metrics import format_ci, paired_gain
 from logit2prompt.evaluation.results import write_results
 from logit2prompt.recipes import demo
-from logit2prompt.recipes.methods import EXTRACTION_ORACLE
+from logit2prompt.recipes.methods import EXTRACTION_ORACLE, MBR
 
 RESULTS = Path(__file__).parent / "results" / "shipped_ood.json"
 SETS = ("chatterbot_first_turns", "donotanswer_questions", "self_instruct_seed")
 FIRST = 200  # the rows the OOD stores of the other benchmarks hold
 SHORT = {
     demo.INVERTER: "inverter",
+    MBR: "inverter (MBR)",
     demo.RERANKED: "re-ranked",
     demo.NEAREST: "nearest",
     demo.EXTRACTION_BEST: "extraction",
@@ -69,6 +70,9 @@ def main() -> None:
     parser.add_argument(
         "--attacks", choices=("demo", "all"), default="demo", help="extraction strings asked"
     )
+    parser.add_argument(
+        "--mbr-samples", type=int, default=0, help="also the MBR choice among this many samples"
+    )
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     earlier = json.loads(Path(args.versus).read_text())["modes"] if args.versus else {}
@@ -76,40 +80,52 @@ def main() -> None:
     rows = rows_of(Path(args.data), args.limit, args.seed)
     cfg = demo.DemoConfig(modes=args.modes, progress=False)
     attacks = demo.ATTACKS if args.attacks == "demo" else tuple(load_attacks(None))
-    shown = demo.shown_rows(attacks)
     results: dict = {"limit": args.limit, "attacks": len(attacks), "modes": {}}
-    others = (*demo.ROWS[2:], "earlier inverter")
+    if args.mbr_samples:
+        cfg.mbr_samples = args.mbr_samples
+        results["mbr_samples"] = args.mbr_samples
+    shown = demo.shown_rows(attacks, bool(args.mbr_samples))
+    # The rows a gain is reported for, and what each is paired with.
+    subjects = (demo.INVERTER, MBR) if args.mbr_samples else (demo.INVERTER,)
+    others = (*demo.ROWS[2:], "earlier inverter") + ((demo.INVERTER,) if args.mbr_samples else ())
     lines = [
-        "| mode | set | "
+        "| mode | set | row | "
         + " | ".join(SHORT[m] for m in shown)
         + " | "
-        + " | ".join(f"inverter - {SHORT.get(o, 'earlier')}" for o in others)
+        + " | ".join(f"row - {SHORT.get(o, 'earlier')}" for o in others)
         + " |",
-        "| --- " * (len(shown) + len(others) + 2) + "|",
+        "| --- " * (len(shown) + len(others) + 3) + "|",
     ]
     for mode in cfg.mode_list(checkpoints):
         res = demo.run_mode(mode, rows, cfg, checkpoints.get(mode), attacks=attacks)
         for group, table in res["sets"].items():
             ex = [e for e in res["examples"] if e["set"] == group]
             refs = [e["hidden"] for e in ex]
-            inv = [e[demo.INVERTER] for e in ex]
-            for other in demo.ROWS[2:]:
-                gain = paired_gain(inv, [e[other] for e in ex], refs)
-                table[demo.INVERTER][f"gain_over {other}"] = gain
+            theirs = {}
             if mode in earlier:
                 theirs = {e["hidden"]: e[demo.INVERTER] for e in earlier[mode]["examples"]}
-                table[demo.INVERTER]["gain_over earlier inverter"] = paired_gain(
-                    inv, [theirs[r] for r in refs], refs
-                )
-                table[demo.INVERTER]["earlier"] = {"checkpoint": earlier[mode]["checkpoint"]}
             cells = [
                 f"{table[m]['bleu']['mean']:.1f} / {table[m]['token_f1']['mean']:.1f}"
                 for m in shown
             ]
-            mine = table[demo.INVERTER]
-            keys = [f"gain_over {o}" for o in others]
-            gains = [format_ci(mine[k]["bleu"], "+.1f") if k in mine else "—" for k in keys]
-            lines.append(f"| {mode} | {group} | " + " | ".join([*cells, *gains]) + " |")
+            for subject in subjects:
+                mine = table[subject]
+                preds = [e[subject] for e in ex]
+                for other in others:
+                    if other == subject:
+                        continue
+                    if other == "earlier inverter":
+                        if not theirs:
+                            continue
+                        theirs_ = [theirs[r] for r in refs]
+                        mine["earlier"] = {"checkpoint": earlier[mode]["checkpoint"]}
+                    else:
+                        theirs_ = [e[other] for e in ex]
+                    mine[f"gain_over {other}"] = paired_gain(preds, theirs_, refs)
+                keys = [f"gain_over {o}" for o in others]
+                gains = [format_ci(mine[k]["bleu"], "+.1f") if k in mine else "—" for k in keys]
+                row = " | ".join([*cells, *gains])
+                lines.append(f"| {mode} | {group} | {SHORT[subject]} | {row} |")
         results["modes"][mode] = res
         write_results(args.out, results, command=["python", *sys.argv])
     print("BLEU per row; gains are paired, with 95% bootstrap CIs")

@@ -457,6 +457,29 @@ def test_invert_cli_fallback_to_a_store(trained, tiny_store, raw_target, tmp_pat
     assert main(["invert", "--checkpoint", str(out), "--data", str(extra), *alone]) == 2
 
 
+def test_invert_cli_mbr(trained, tiny_store, tmp_path, capsys, monkeypatch):
+    """`--mbr-samples N` answers with the consensus of the inverter's samples: on prompts it has
+    memorised, the samples agree with the greedy output, which is the prompt. It never loads
+    the target, and clashing choices are refused."""
+    import logit2prompt.attacks.invert
+    from logit2prompt.cli.main import main
+
+    def no_target(*_, **__):
+        raise AssertionError("--mbr-samples must not query the target")
+
+    monkeypatch.setattr(logit2prompt.attacks.invert, "target_for", no_target)
+    out, _ = trained
+    preds = tmp_path / "mbr.jsonl"
+    args = ["invert", "--checkpoint", str(out), "--data", str(tiny_store), "--no-progress"]
+    assert main([*args, "--mbr-samples", "4", "--out", str(preds)]) == 0
+    assert [json.loads(x)["recovered"] for x in preds.read_text().splitlines()] == MEMORISE
+    capsys.readouterr()
+    assert main([*args, "--mbr-samples", "4", "--num-beams", "2"]) == 2
+    assert "drop --num-beams" in capsys.readouterr().err
+    assert main([*args, "--mbr-samples", "1"]) == 2
+    assert "at least 2 samples" in capsys.readouterr().err
+
+
 def test_info_summarises_stores_and_checkpoints(trained, tiny_store, capsys):
     from logit2prompt.cli.main import main
 

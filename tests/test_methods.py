@@ -164,3 +164,50 @@ def test_shared_work_runs_once_and_matches_each_method_alone(
     assert preds[methods.FALLBACK] == alone
     assert (ctx.notes["fallback_kept"] == kept).all()
     assert preds[methods.NEAREST] == nearest.nearest_neighbour(train, vectors)
+
+
+def test_mbr_picks_the_candidate_the_samples_agree_with():
+    from logit2prompt.attacks.mbr import mbr_choice, mbr_select
+
+    samples = [
+        "Write a poem about the sea.",
+        "Write a short poem about the sea.",
+        "Write a poem about cats.",
+        "Translate this text into French.",
+    ]
+    # The greedy output is an outlier: the consensus of the samples wins over it.
+    greedy = "How do I fix a flat bicycle tyre quickly?"
+    assert mbr_select([greedy], [samples]) == ["Write a poem about the sea."]
+    # A greedy output the samples agree with stays (ties go to it, as it comes first).
+    assert mbr_choice(["Write a poem about the sea.", *samples], samples) == samples[0]
+    # A string drawn twice is supported by its other draw, not by itself.
+    twice = ["Tell me a joke.", "Tell me a joke.", "Summarise the article below."]
+    assert mbr_choice(twice, twice, "f1") == "Tell me a joke."
+    once = ["Tell me a joke.", "Summarise the article below."]
+    assert mbr_choice(once, once, "f1") == "Tell me a joke."  # 0 vs 0: the earlier
+    with pytest.raises(Logit2PromptError, match="unknown MBR utility"):
+        mbr_choice(samples, samples, "rouge")
+    with pytest.raises(Logit2PromptError, match="2 greedy outputs but 1"):
+        mbr_select(["a", "b"], [samples])
+
+
+def test_mbr_row_chooses_among_seeded_samples(checkpoint, user_target):
+    from logit2prompt.data.collect import collect_vectors
+    from logit2prompt.models.inverter import Inverter
+
+    inverter = Inverter.from_pretrained(checkpoint / "inv")
+    vectors = collect_vectors(user_target, TEST, inverter.config.steps, 8)
+
+    def run(seed):
+        ctx = MethodContext(inverter, vectors, mbr_samples=4, seed=seed, progress=False)
+        return run_methods(["mbr", "inverter"], ctx), ctx.samples(4)
+
+    (preds, samples), (again, same) = run(0), run(0)
+    assert list(preds) == [methods.INVERTER, methods.MBR]
+    assert preds == again and samples == same  # seeded
+    assert all(len(s) == 4 for s in samples)
+    rows = zip(preds[methods.MBR], preds[methods.INVERTER], samples, strict=True)
+    for chosen, greedy, drawn in rows:
+        assert chosen in {greedy, *drawn}
+    with pytest.raises(Logit2PromptError, match="at least 2 samples"):
+        run_methods(["mbr"], MethodContext(inverter, vectors, mbr_samples=1, progress=False))

@@ -99,7 +99,9 @@ def cmd_invert(args) -> None:
         "bf16": args.bf16,
     }
     target = None
-    if args.rerank_with or args.fallback_to:
+    if args.mbr_samples:
+        run, chunk = _mbr_picker(args, inverter, steps), args.batch_size
+    elif args.rerank_with or args.fallback_to:
         (run, target), chunk = _with_store(args, inverter, steps), RERANK_CHUNK
     else:
         run, chunk = (lambda v: inverter.invert(v, steps=steps, **generate)), args.batch_size
@@ -158,6 +160,47 @@ def cmd_invert(args) -> None:
         for i, pred in enumerate(predictions[:20]):
             hidden = f"{references[i]!r} -> " if references else ""
             print(f"{hidden}{pred!r}" if not isinstance(pred, list) else f"{hidden}{pred}")
+
+
+def _mbr_picker(args, inverter, steps: int):
+    """`--mbr-samples N`: a function from vectors to the registry's `mbr` choice for each (bad
+    combinations refused before anything runs)."""
+    from ..recipes.methods import MethodContext, run_methods
+
+    if args.mbr_samples < 2:
+        raise Logit2PromptError(f"--mbr-samples needs at least 2 samples, got {args.mbr_samples}")
+    clash = [
+        flag
+        for flag, on in (
+            ("--rerank-with", args.rerank_with),
+            ("--fallback-to", args.fallback_to),
+            ("--sample", args.sample),
+            ("--num-return-sequences", args.num_return_sequences > 1),
+            ("--num-beams", args.num_beams > 1),
+        )
+        if on
+    ]
+    if clash:
+        raise Logit2PromptError(
+            "--mbr-samples picks one prompt per vector among the greedy output and its own "
+            f"samples; drop {', '.join(clash)}"
+        )
+    shape = (steps, inverter.config.input_width)
+
+    def pick(vectors) -> list[str]:
+        observed = inverter.as_batch(vectors, steps).reshape(-1, *shape).numpy()
+        ctx = MethodContext(
+            inverter,
+            observed,
+            batch_size=args.batch_size,
+            bf16=args.bf16,
+            mbr_samples=args.mbr_samples,
+            progress=False,
+        )
+        (answers,) = run_methods(["mbr"], ctx).values()
+        return answers
+
+    return pick
 
 
 def _with_store(args, inverter, steps: int):
@@ -353,6 +396,15 @@ def _add_invert_args(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_CONFIDENCE_NATS,
         help="see --fallback-to (default %(default)s: chosen on a validation split by "
         "benchmarks/self_rerank.py)",
+    )
+    p.add_argument(
+        "--mbr-samples",
+        type=int,
+        default=0,
+        metavar="N",
+        help="answer with the minimum-Bayes-risk choice among the greedy output and N samples: "
+        "the one the samples agree with most by BLEU and token F1 (no target queries; N times "
+        "the decoding; best where the observation says little, e.g. guarded replies)",
     )
     p.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if present)")

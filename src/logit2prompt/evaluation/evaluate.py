@@ -32,6 +32,7 @@ FLAGGED = {
     "fallback": lambda cfg: cfg.fallback,
     "rerank": lambda cfg: cfg.rerank,
     "refine": lambda cfg: cfg.refine_rounds > 0,
+    "mbr": lambda cfg: cfg.mbr_samples > 0,
 }
 GROUP_FIELDS = ("task", "source", "category", "type")  # the first one a corpus has is used
 # In target tokens, the unit of `--max-tokens`; past 64 is where the paper's setting ends.
@@ -109,6 +110,13 @@ class EvalConfig:
             "training prompt (no target queries; needs --train-data)"
         },
     )
+    mbr_samples: int = dataclasses.field(
+        default=0,
+        metadata={
+            "help": "also score the minimum-Bayes-risk choice among the inverter's greedy output "
+            "and this many samples (no target queries; 0: off)"
+        },
+    )
     predictions: tuple[str, ...] = dataclasses.field(
         default=(),
         metadata={
@@ -140,6 +148,10 @@ def _check_baselines(cfg: EvalConfig) -> None:
         raise Logit2PromptError(f"unknown baseline(s) {unknown}; choose from {choices}")
     if cfg.refine_rounds < 0:
         raise Logit2PromptError(f"refine rounds must be >= 0, got {cfg.refine_rounds}")
+    if cfg.mbr_samples == 1 or cfg.mbr_samples < 0:
+        raise Logit2PromptError(
+            f"--mbr-samples must be 0 (off) or at least 2, got {cfg.mbr_samples}"
+        )
     available = {"inverter", "target", "references"}
     if cfg.train_data:
         available.add("train")
@@ -175,6 +187,7 @@ def method_context(cfg: EvalConfig, inverter, target, references, vectors) -> me
         no_repeat_ngram_size=cfg.no_repeat_ngram_size,
         batch_size=cfg.batch_size,
         refine_rounds=cfg.refine_rounds,
+        mbr_samples=cfg.mbr_samples,
         attacks=cfg.attacks,
         leak_filter=LeakFilter(cfg.leak_filter) if cfg.leak_filter else None,
         text_checkpoint=cfg.text_checkpoint,

@@ -34,6 +34,7 @@ from .methods import (
     EXTRACTION_BEST,
     EXTRACTION_ORACLE,
     INVERTER,
+    MBR,
     NEAREST,
     REPLY,
     RERANKED,
@@ -71,6 +72,13 @@ class DemoConfig:
         default=0.5,
         metadata={"help": "guarded mode: replies repeating this share of the prompt are refused"},
     )
+    mbr_samples: int = field(
+        default=0,
+        metadata={
+            "help": "also show the minimum-Bayes-risk choice among the inverter's greedy output "
+            "and this many samples (0: off)"
+        },
+    )
     batch_size: int = field(default=48, metadata={"help": "target and decoding batch"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
 
@@ -86,10 +94,12 @@ class DemoConfig:
         return modes
 
 
-def shown_rows(attacks: Sequence[str]) -> tuple[str, ...]:
-    """The rows of a mode's table: the demo's, and the extraction oracle when several strings
-    are asked (the oracle is no attack anyone can run: only the ceiling of several)."""
-    return (*ROWS, EXTRACTION_ORACLE) if len(attacks) > 1 else ROWS
+def shown_rows(attacks: Sequence[str], mbr: bool = False) -> tuple[str, ...]:
+    """The rows of a mode's table: the demo's (with the MBR choice after the inverter when
+    asked), and the extraction oracle when several strings are asked (the oracle is no attack
+    anyone can run: only the ceiling of several)."""
+    rows = (ROWS[0], MBR, *ROWS[1:]) if mbr else ROWS
+    return (*rows, EXTRACTION_ORACLE) if len(attacks) > 1 else rows
 
 
 def load_demo_prompts(path: str | None, per_set: int) -> list[dict]:
@@ -154,9 +164,10 @@ def run_mode(
         attacks=attacks,
         leak_filter=LeakFilter(cfg.leak_filter) if mode == "guarded" else None,
         progress=cfg.progress,
+        mbr_samples=cfg.mbr_samples,
     )
-    preds = run_methods(METHODS, ctx)
-    preds = {row: preds[row] for row in shown_rows(attacks)}
+    preds = run_methods((*METHODS, "mbr") if cfg.mbr_samples else METHODS, ctx)
+    preds = {row: preds[row] for row in shown_rows(attacks, bool(cfg.mbr_samples))}
     sets: dict[str, dict] = {}
     for group in dict.fromkeys(r["set"] for r in rows):
         idx = [i for i, r in enumerate(rows) if r["set"] == group]

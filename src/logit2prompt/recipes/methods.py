@@ -65,6 +65,9 @@ class MethodContext:
     text_checkpoint: str | None = None
     progress: bool = True
     keep_beams: bool = False  # the inverter's row decodes all `num_beams` beams (see `beams`)
+    mbr_samples: int = 16  # the MBR row's pseudo-references, sampled from the inverter
+    mbr_utility: str = "bleu+f1"
+    seed: int = 0  # the inverter's sampling (MBR)
     near: list[list[int]] | None = None
     notes: dict = field(default_factory=dict)  # side results: best_attack, fallback_kept
     _decoded: dict = field(default_factory=dict, repr=False)
@@ -108,6 +111,36 @@ class MethodContext:
 
             chunks = (self.vectors[s : s + size] for s in range(0, len(self), size))
             self._decoded[key] = invert_batches(invert, chunks, len(self), self.progress)
+        return self._decoded[key]
+
+    def samples(self, n: int, temperature: float = 1.0, top_p: float = 0.95) -> list[list[str]]:
+        """`n` prompts sampled from the inverter per row (memoised; seeded by `seed`, without
+        touching the caller's random state)."""
+        key = ("sample", n, temperature, top_p)
+        if key not in self._decoded:
+            from ..attacks.invert import invert_batches
+            from ..attacks.nearest import observed_steps
+
+            # Each row decodes n sequences at once: keep a decode batch near the greedy one.
+            size = max(1, (self.decode_batch_size or self.batch_size) // max(1, n // 4))
+
+            def invert(chunk: torch.Tensor) -> list[list[str]]:
+                return self.inverter.invert(
+                    chunk,
+                    steps=observed_steps(chunk),
+                    do_sample=True,
+                    temperature=temperature,
+                    top_p=top_p,
+                    num_return_sequences=n,
+                    batch_size=size,
+                    bf16=self.bf16,
+                    grouped=True,
+                )
+
+            with torch.random.fork_rng():
+                torch.manual_seed(self.seed)
+                chunks = (self.vectors[s : s + size] for s in range(0, len(self), size))
+                self._decoded[key] = invert_batches(invert, chunks, len(self), self.progress)
         return self._decoded[key]
 
     def beams(self) -> list[list[str]]:
@@ -259,11 +292,24 @@ EXTRACTION_BEST, EXTRACTION_ORACLE = "extraction (best string)", "extraction (or
 FEWSHOT = "few-shot"
 TEXT = "text-only inversion"
 REPLY = "the observed reply itself"
+MBR = "inverter, minimum-Bayes-risk choice among its samples"
 
 
 def _inverter(ctx: MethodContext) -> dict[str, list[str]]:
     logger.info("inverting %d prompts", len(ctx))
     return {INVERTER: ctx.inverter_output()}
+
+
+def _mbr(ctx: MethodContext) -> dict[str, list[str]]:
+    from ..attacks.mbr import mbr_select
+
+    if ctx.mbr_samples < 2:
+        raise Logit2PromptError(f"MBR needs at least 2 samples per prompt, got {ctx.mbr_samples}")
+    logger.info(
+        "MBR: %d samples per prompt from the inverter, utility %s", ctx.mbr_samples, ctx.mbr_utility
+    )
+    greedy = ctx.inverter_output()
+    return {MBR: mbr_select(greedy, ctx.samples(ctx.mbr_samples), ctx.mbr_utility)}
 
 
 def _fallback(ctx: MethodContext) -> dict[str, list[str]]:
@@ -380,6 +426,14 @@ def _text(ctx: MethodContext) -> dict[str, list[str]]:
 
 for _method in (
     Method("inverter", (INVERTER,), _inverter, frozenset({"inverter"}), "the inverter's output"),
+    Method(
+        "mbr",
+        (MBR,),
+        _mbr,
+        frozenset({"inverter"}),
+        "of the inverter's greedy output and samples, the one that agrees most with the samples "
+        "by the metrics (no target queries)",
+    ),
     Method(
         "fallback",
         (FALLBACK,),
