@@ -119,3 +119,6 @@ def test_several_extraction_strings_add_their_oracle_row(tiny_shipped, monkeypat
         assert ex["bleu"][EXTRACTION_ORACLE] >= ex["bleu"][demo.EXTRACTION_BEST]
     single = demo.run_mode("user", rows, demo.DemoConfig(progress=False))
     assert list(single["sets"]["a"]) == list(demo.ROWS)
+    # --mbr-samples adds the inverter's MBR choice after its greedy row.
+    mbr = demo.run_mode("user", rows, demo.DemoConfig(progress=False, mbr_samples=2))
+    assert list(mbr["sets"]["a"]) == [demo.INVERTER, demo.MBR, *demo.ROWS[1:]]

@@ -404,7 +404,7 @@ def _add_invert_args(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="answer with the minimum-Bayes-risk choice among the greedy output and N samples: "
         "the one the samples agree with most by BLEU and token F1 (no target queries; N times "
-        "the decoding; best where the observation says little, e.g. guarded replies)",
+        "the decoding; docs/refinement.md says what it gained)",
     )
     p.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if present)")
