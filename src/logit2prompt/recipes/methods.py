@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..attacks.mbr import DEFAULT_UTILITY
 from ..attacks.rerank import DEFAULT_BEAMS, DEFAULT_CONFIDENCE_NATS, DEFAULT_NEIGHBOURS
 from ..errors import Logit2PromptError
 
@@ -66,7 +67,7 @@ class MethodContext:
     progress: bool = True
     keep_beams: bool = False  # the inverter's row decodes all `num_beams` beams (see `beams`)
     mbr_samples: int = 16  # the MBR row's pseudo-references, sampled from the inverter
-    mbr_utility: str = "bleu+f1"
+    mbr_utility: str = DEFAULT_UTILITY  # see attacks.mbr.UTILITIES
     seed: int = 0  # the inverter's sampling (MBR)
     near: list[list[int]] | None = None
     notes: dict = field(default_factory=dict)  # side results: best_attack, fallback_kept
