@@ -91,57 +91,49 @@ class MethodContext:
 
     def decode(self, beams: int, returns: int = 1) -> list[list[str]]:
         """The inverter's `returns` best of `beams` beams per row (memoised per pair)."""
-        key = (beams, returns)
-        if key not in self._decoded:
-            from ..attacks.invert import invert_batches
-            from ..attacks.nearest import observed_steps
-
-            size = self.decode_batch_size or self.batch_size
-
-            def invert(chunk: torch.Tensor) -> list[list[str]]:
-                return self.inverter.invert(
-                    chunk,
-                    steps=observed_steps(chunk),
-                    num_beams=beams,
-                    num_return_sequences=returns,
-                    no_repeat_ngram_size=self.no_repeat_ngram_size,
-                    batch_size=size,
-                    bf16=self.bf16,
-                    grouped=True,
-                )
-
-            chunks = (self.vectors[s : s + size] for s in range(0, len(self), size))
-            self._decoded[key] = invert_batches(invert, chunks, len(self), self.progress)
-        return self._decoded[key]
+        return self._memo_decode(
+            (beams, returns),
+            self.decode_batch_size or self.batch_size,
+            num_beams=beams,
+            num_return_sequences=returns,
+            no_repeat_ngram_size=self.no_repeat_ngram_size,
+        )
 
     def samples(self, n: int, temperature: float = 1.0, top_p: float = 0.95) -> list[list[str]]:
         """`n` prompts sampled from the inverter per row (memoised; seeded by `seed`, without
         touching the caller's random state)."""
-        key = ("sample", n, temperature, top_p)
+        # Each row decodes n sequences at once: keep a decode batch near the greedy one.
+        size = max(1, (self.decode_batch_size or self.batch_size) // max(1, n // 4))
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed)
+            return self._memo_decode(
+                ("sample", n, temperature, top_p),
+                size,
+                do_sample=True,
+                temperature=temperature,
+                top_p=top_p,
+                num_return_sequences=n,
+            )
+
+    def _memo_decode(self, key: tuple, size: int, **generate) -> list[list[str]]:
+        """The inverter's decode of every row in batches of `size` rows (a list per row),
+        memoised under `key`."""
         if key not in self._decoded:
             from ..attacks.invert import invert_batches
             from ..attacks.nearest import observed_steps
-
-            # Each row decodes n sequences at once: keep a decode batch near the greedy one.
-            size = max(1, (self.decode_batch_size or self.batch_size) // max(1, n // 4))
 
             def invert(chunk: torch.Tensor) -> list[list[str]]:
                 return self.inverter.invert(
                     chunk,
                     steps=observed_steps(chunk),
-                    do_sample=True,
-                    temperature=temperature,
-                    top_p=top_p,
-                    num_return_sequences=n,
                     batch_size=size,
                     bf16=self.bf16,
                     grouped=True,
+                    **generate,
                 )
 
-            with torch.random.fork_rng():
-                torch.manual_seed(self.seed)
-                chunks = (self.vectors[s : s + size] for s in range(0, len(self), size))
-                self._decoded[key] = invert_batches(invert, chunks, len(self), self.progress)
+            chunks = (self.vectors[s : s + size] for s in range(0, len(self), size))
+            self._decoded[key] = invert_batches(invert, chunks, len(self), self.progress)
         return self._decoded[key]
 
     def beams(self) -> list[list[str]]:
