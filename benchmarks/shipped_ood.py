@@ -101,9 +101,11 @@ def main() -> None:
         for group, table in res["sets"].items():
             ex = [e for e in res["examples"] if e["set"] == group]
             refs = [e["hidden"] for e in ex]
-            theirs = {}
+            earlier_by_prompt = {}
             if mode in earlier:
-                theirs = {e["hidden"]: e[demo.INVERTER] for e in earlier[mode]["examples"]}
+                earlier_by_prompt = {
+                    e["hidden"]: e[demo.INVERTER] for e in earlier[mode]["examples"]
+                }
             cells = [
                 f"{table[m]['bleu']['mean']:.1f} / {table[m]['token_f1']['mean']:.1f}"
                 for m in shown
@@ -115,13 +117,13 @@ def main() -> None:
                     if other == subject:
                         continue
                     if other == "earlier inverter":
-                        if not theirs:
+                        if not earlier_by_prompt:
                             continue
-                        theirs_ = [theirs[r] for r in refs]
+                        other_preds = [earlier_by_prompt[r] for r in refs]
                         mine["earlier"] = {"checkpoint": earlier[mode]["checkpoint"]}
                     else:
-                        theirs_ = [e[other] for e in ex]
-                    mine[f"gain_over {other}"] = paired_gain(preds, theirs_, refs)
+                        other_preds = [e[other] for e in ex]
+                    mine[f"gain_over {other}"] = paired_gain(preds, other_preds, refs)
                 keys = [f"gain_over {o}" for o in others]
                 gains = [format_ci(mine[k]["bleu"], "+.1f") if k in mine else "—" for k in keys]
                 row = " | ".join([*cells, *gains])

@@ -165,8 +165,6 @@ def cmd_invert(args) -> None:
 def _mbr_picker(args, inverter, steps: int):
     """`--mbr-samples N`: a function from vectors to the registry's `mbr` choice for each (bad
     combinations refused before anything runs)."""
-    from ..recipes.methods import MethodContext, run_methods
-
     if args.mbr_samples < 2:
         raise Logit2PromptError(f"--mbr-samples needs at least 2 samples, got {args.mbr_samples}")
     clash = [
@@ -185,19 +183,27 @@ def _mbr_picker(args, inverter, steps: int):
             "--mbr-samples picks one prompt per vector among the greedy output and its own "
             f"samples; drop {', '.join(clash)}"
         )
+    return _method_picker(
+        inverter,
+        steps,
+        "mbr",
+        batch_size=args.batch_size,
+        bf16=args.bf16,
+        mbr_samples=args.mbr_samples,
+    )
+
+
+def _method_picker(inverter, steps: int, key: str, **context):
+    """A function from vectors to the registry method `key`'s one answer per vector, each call
+    run in a fresh `MethodContext(inverter, observations, **context)`."""
+    from ..recipes.methods import MethodContext, run_methods
+
     shape = (steps, inverter.config.input_width)
 
     def pick(vectors) -> list[str]:
         observed = inverter.as_batch(vectors, steps).reshape(-1, *shape).numpy()
-        ctx = MethodContext(
-            inverter,
-            observed,
-            batch_size=args.batch_size,
-            bf16=args.bf16,
-            mbr_samples=args.mbr_samples,
-            progress=False,
-        )
-        (answers,) = run_methods(["mbr"], ctx).values()
+        ctx = MethodContext(inverter, observed, progress=False, **context)
+        (answers,) = run_methods([key], ctx).values()
         return answers
 
     return pick
@@ -210,7 +216,7 @@ def _with_store(args, inverter, steps: int):
     queries it). Bad arguments and a foreign store are refused before anything is loaded."""
     from ..attacks.invert import ensure_same_target, target_for
     from ..data.store import DistributionStore
-    from ..recipes.methods import MethodContext, get_method, run_methods
+    from ..recipes.methods import get_method
 
     if args.rerank_with and args.fallback_to:
         raise Logit2PromptError("--rerank-with and --fallback-to are two ways to pick; use one")
@@ -224,29 +230,22 @@ def _with_store(args, inverter, steps: int):
     train = DistributionStore(args.rerank_with or args.fallback_to)
     ensure_same_target(inverter, train)
     method = get_method("rerank" if args.rerank_with else "fallback")
-    shape = (steps, inverter.config.input_width)
     target = None
     if "target" in method.needs:
         target = target_for(inverter, device=args.device, batch_size=args.batch_size)
-
-    def pick(vectors) -> list[str]:
-        observed = inverter.as_batch(vectors, steps).reshape(-1, *shape).numpy()
-        ctx = MethodContext(
-            inverter,
-            observed,
-            target=target,
-            train=train,
-            num_beams=args.num_beams,
-            rerank_beams=args.num_beams,  # the re-ranker's candidates: --num-beams beams
-            no_repeat_ngram_size=args.no_repeat_ngram_size,
-            batch_size=args.batch_size,
-            bf16=args.bf16,
-            confidence_nats=args.confidence_nats,
-            progress=False,
-        )
-        (answers,) = run_methods([method.key], ctx).values()
-        return answers
-
+    pick = _method_picker(
+        inverter,
+        steps,
+        method.key,
+        target=target,
+        train=train,
+        num_beams=args.num_beams,
+        rerank_beams=args.num_beams,  # the re-ranker's candidates: --num-beams beams
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        batch_size=args.batch_size,
+        bf16=args.bf16,
+        confidence_nats=args.confidence_nats,
+    )
     return pick, target
 
 
