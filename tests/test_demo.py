@@ -55,6 +55,32 @@ def test_memory_neighbours_find_what_the_store_finds(tiny_shipped, tiny_lm_dir):
         memory.search(vectors[:, 0, :5], 1)
 
 
+def test_evaluate_searches_the_neighbour_memory_without_a_store(tiny_shipped, tmp_path):
+    """`evaluate --baselines nn,rerank` on an inverter with a neighbour memory needs no
+    --train-data; few-shot, which reads stored vectors, still does."""
+    from logit2prompt.evaluation.evaluate import EvalConfig, evaluate
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(TRAIN[:4]) + "\n")
+    base = dict(checkpoint=tiny_shipped["user"], prompts=str(prompts), progress=False)
+    res = evaluate(
+        EvalConfig(
+            **base,
+            out=str(tmp_path / "o"),
+            baselines=("nn",),
+            rerank=True,
+            semantic=False,
+            functional=False,
+        )
+    )
+    # Memorised prompts are their own nearest memory entry.
+    assert res["summary"]["nearest neighbour"]["exact"]["mean"] == 100.0
+    assert res["baseline_prompts"] == {"source": "neighbour memory", "n": len(TRAIN)}
+    assert any(k.endswith("re-ranked by the target") for k in res["summary"])
+    with pytest.raises(Logit2PromptError, match="neighbour memory holds no vectors"):
+        evaluate(EvalConfig(**base, out=str(tmp_path / "f"), baselines=("fewshot",)))
+
+
 def test_demo_tables_per_mode_and_set(tiny_shipped, tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "SHIPPED", tiny_shipped)
     monkeypatch.setattr(demo, "shipped", lambda: list(tiny_shipped.values()))

@@ -198,7 +198,7 @@ def test_evaluate_refuses_bad_setups(checkpoint, tiny_lm_dir, tmp_path):
         evaluate(EvalConfig(**base, baselines=("magic",)))
     with pytest.raises(Logit2PromptError, match="--train-data"):
         evaluate(EvalConfig(**base, baselines=("nn",)))
-    with pytest.raises(Logit2PromptError, match=r"\['refine'\] need the training store"):
+    with pytest.raises(Logit2PromptError, match=r"\['refine'\] need the training prompts"):
         evaluate(EvalConfig(**base, baselines=(), refine_rounds=1))
     with pytest.raises(Logit2PromptError, match="refine rounds must be >= 0"):
         evaluate(EvalConfig(**base, baselines=(), refine_rounds=-1))

@@ -65,6 +65,20 @@ def test_extraction_faces_the_leak_filter():
     assert out[methods.EXTRACTION_ORACLE] == [REFUSAL, REFUSAL]
     refused = guarded.notes["extraction_refused"]
     assert refused["n"] == 2 and set(refused["per_attack"].values()) == {2}
+    assert all(mask == [True, True] for mask in guarded.notes["extraction_blocked"].values())
+
+
+def test_length_buckets_count_the_refused_extraction_replies():
+    from logit2prompt.evaluation.evaluate import length_breakdown
+
+    per = {"m": {"bleu": [10.0, 20.0, 30.0], "token_f1": [0.1, 0.2, 0.3]}}
+    rows = length_breakdown([5, 6, 100], per, refused=[True, False, False])
+    assert [(r["tokens"], r["n"], r["extraction_refused"]) for r in rows] == [
+        ("1-8", 2, 1),
+        ("65-128", 1, 0),
+    ]
+    assert rows[0]["bleu"]["m"] == 15.0 and abs(rows[0]["token_f1"]["m"] - 15.0) < 1e-9
+    assert "extraction_refused" not in length_breakdown([5], {"m": per["m"]})[0]
 
 
 def test_server_leak_filter_refuses_leaking_replies(tiny_lm_dir, monkeypatch):

@@ -96,12 +96,12 @@ def test_missing_needs_are_refused_before_any_work(checkpoint, tmp_path):
     from logit2prompt.evaluation.evaluate import EvalConfig, evaluate
 
     ctx = MethodContext(object(), np.zeros((2, 1, 4), np.float32), target=object())
-    with pytest.raises(Logit2PromptError, match=r"\['rerank'\] need the training store"):
+    with pytest.raises(Logit2PromptError, match=r"\['rerank'\] need the training prompts"):
         run_methods(["inverter", "rerank"], ctx)  # the inverter did not run first
     with pytest.raises(Logit2PromptError, match="unknown method 'magic'"):
         run_methods(["magic"], ctx)
     base = dict(checkpoint=str(checkpoint / "inv"), prompts="-", out=str(tmp_path / "o"))
-    with pytest.raises(Logit2PromptError, match=r"\['fallback'\] need the training store"):
+    with pytest.raises(Logit2PromptError, match=r"\['fallback'\] need the training prompts"):
         evaluate(EvalConfig(**base, baselines=(), fallback=True))
     with pytest.raises(Logit2PromptError, match="--text-checkpoint"):
         evaluate(EvalConfig(**base, baselines=("text",)))

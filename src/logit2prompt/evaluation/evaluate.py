@@ -58,7 +58,10 @@ class EvalConfig:
     )
     train_data: str | None = dataclasses.field(
         default=None,
-        metadata={"help": "the training store (nn, constant, fewshot, --rerank, --refine-rounds)"},
+        metadata={
+            "help": "the training store (nn, constant, fewshot, --rerank, --refine-rounds); "
+            "without it they search the inverter's neighbour memory, if it has one"
+        },
     )
     field: str = "prompt"
     split: str | None = None
@@ -152,13 +155,21 @@ def _check_baselines(cfg: EvalConfig) -> None:
         raise Logit2PromptError(
             f"--mbr-samples must be 0 (off) or at least 2, got {cfg.mbr_samples}"
         )
+
+
+def _check_needs(cfg: EvalConfig, memory: bool) -> None:
+    """Every selected method can run: a training store, or for the methods that only need the
+    training prompts, the inverter's own neighbour memory (`memory`)."""
     available = {"inverter", "target", "references"}
     if cfg.train_data:
+        available |= {"train", "store"}
+    elif memory:
         available.add("train")
     if cfg.text_checkpoint:
         available.add("text_checkpoint")
     hints = {
-        "train": "pass --train-data",
+        "train": "pass --train-data (or use an inverter that carries a neighbour memory)",
+        "store": "pass --train-data (a neighbour memory holds no vectors)",
         "text_checkpoint": "pass --text-checkpoint (train one with `logit2prompt train-text`)",
     }
     methods.check_requirements(selected_methods(cfg), available, hints)
@@ -167,9 +178,14 @@ def _check_baselines(cfg: EvalConfig) -> None:
 def method_context(cfg: EvalConfig, inverter, target, references, vectors) -> methods.MethodContext:
     """The methods' shared context for this evaluation (the training store loaded and checked
     to come from the inverter's target)."""
+    from ..attacks.nearest import MemoryNeighbours
     from ..data.store import DistributionStore
 
     train = None
+    if not cfg.train_data and inverter.memory is not None:
+        # A shipped inverter carries its training prompts: nn, rerank, ... need no store.
+        logger.info("no --train-data: the baselines search the inverter's neighbour memory")
+        train = MemoryNeighbours(inverter)
     if cfg.train_data:
         train = DistributionStore(cfg.train_data)
         diffs = inverter.fingerprint.differences(train.fingerprint) if inverter.fingerprint else []
@@ -193,6 +209,16 @@ def method_context(cfg: EvalConfig, inverter, target, references, vectors) -> me
         text_checkpoint=cfg.text_checkpoint,
         progress=cfg.progress,
     )
+
+
+def baseline_prompts(train) -> dict | None:
+    """Where the nearest-neighbour style baselines found their training prompts."""
+    from ..attacks.nearest import MemoryNeighbours
+
+    if train is None:
+        return None
+    source = "neighbour memory" if isinstance(train, MemoryNeighbours) else "store"
+    return {"source": source, "n": len(train)}
 
 
 def method_predictions(cfg: EvalConfig, inverter, target, references, vectors) -> dict:
@@ -267,25 +293,29 @@ def token_counts(records: Sequence, target) -> list[int]:
     return target.count_tokens([r.text for r in records])
 
 
-def length_breakdown(lengths: Sequence[int], per) -> list[dict]:
+def length_breakdown(
+    lengths: Sequence[int], per, refused: Sequence[bool] | None = None
+) -> list[dict]:
     """Mean BLEU and token F1 per method in each bucket of `LENGTH_BUCKETS` (target tokens of
-    the hidden prompt)."""
+    the hidden prompt); with `refused` (per prompt: the leak filter refused the best extraction
+    string's reply), how many it refused in each bucket."""
     rows = []
     for lo, hi in LENGTH_BUCKETS:
         idx = [i for i, n in enumerate(lengths) if lo <= n <= hi]
         if not idx:
             continue
         label = f"{lo}-{hi}" if hi < LENGTH_BUCKETS[-1][1] else f"{lo}+"
-        rows.append(
-            {
-                "tokens": label,
-                "n": len(idx),
-                "bleu": {m: float(np.mean([s["bleu"][i] for i in idx])) for m, s in per.items()},
-                "token_f1": {
-                    m: 100 * float(np.mean([s["token_f1"][i] for i in idx])) for m, s in per.items()
-                },
-            }
-        )
+        row = {
+            "tokens": label,
+            "n": len(idx),
+            "bleu": {m: float(np.mean([s["bleu"][i] for i in idx])) for m, s in per.items()},
+            "token_f1": {
+                m: 100 * float(np.mean([s["token_f1"][i] for i in idx])) for m, s in per.items()
+            },
+        }
+        if refused is not None:
+            row["extraction_refused"] = sum(bool(refused[i]) for i in idx)
+        rows.append(row)
     return rows
 
 
@@ -359,6 +389,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     _check_baselines(cfg)
     inverter = Inverter.from_pretrained(cfg.checkpoint)
+    _check_needs(cfg, inverter.memory is not None)
     target = target_for(inverter, batch_size=cfg.batch_size)
     corpus = load_corpus(
         resolve_corpus(cfg.prompts),
@@ -401,9 +432,14 @@ def evaluate(cfg: EvalConfig) -> dict:
             "dropped": corpus.dropped,
         },
         "best_attack": best_attack,
+        "baseline_prompts": baseline_prompts(ctx.train),
         "leak_filter": leak,
         "summary": summary,
-        "by_length": length_breakdown(token_counts(records, target), per),
+        "by_length": length_breakdown(
+            token_counts(records, target),
+            per,
+            ctx.notes.get("extraction_blocked", {}).get(best_attack),
+        ),
         "group_field": field,
         "by_group": groups,
         "examples": examples(references, preds, per),

@@ -32,7 +32,8 @@ NEEDS = {
     "target": "the target (it sends it queries)",
     "references": "the hidden prompts themselves",
     "text_checkpoint": "a text-only inverter",
-    "train": "the training store",
+    "train": "the training prompts (a store, or the inverter's neighbour memory)",
+    "store": "the training store's vectors",
 }
 
 
@@ -86,6 +87,7 @@ class MethodContext:
             "references": self.references is not None,
             "text_checkpoint": bool(self.text_checkpoint),
             "train": self.train is not None,
+            "store": self.train is not None and getattr(self.train, "steps", 0) > 0,
         }
         return {k for k, v in have.items() if v}
 
@@ -380,14 +382,15 @@ def _extraction(ctx: MethodContext) -> dict[str, list[str]]:
     replies = extraction_predictions(ctx.target, ctx.references, attacks)
     if ctx.leak_filter is not None:
         # The deployment refuses replies that repeat the prompt: that is what the attack gets.
-        leak, refused = ctx.leak_filter, {}
+        leak, refused, mask = ctx.leak_filter, {}, {}
         for attack, texts in replies.items():
             blocked = [leak.blocks(r, p) for r, p in zip(texts, ctx.references, strict=True)]
-            refused[attack] = sum(blocked)
+            refused[attack], mask[attack] = sum(blocked), blocked
             replies[attack] = [
                 leak.refusal if b else r for b, r in zip(blocked, texts, strict=True)
             ]
         ctx.notes["extraction_refused"] = {"per_attack": refused, "n": len(ctx.references)}
+        ctx.notes["extraction_blocked"] = mask  # per attack, per prompt
     best, best_preds, oracle = best_and_oracle(replies, ctx.references)
     ctx.notes["best_attack"] = best
     return {EXTRACTION_BEST: best_preds, EXTRACTION_ORACLE: oracle}
@@ -478,7 +481,13 @@ for _method in (
         "ask the target to repeat its prompt: the best string, and the per-prompt oracle",
         observes=False,
     ),
-    Method("fewshot", (FEWSHOT,), _fewshot, frozenset({"train", "target"}), "few-shot the target"),
+    Method(
+        "fewshot",
+        (FEWSHOT,),
+        _fewshot,
+        frozenset({"train", "store", "target"}),
+        "few-shot the target",
+    ),
     Method(
         "text",
         (TEXT,),
