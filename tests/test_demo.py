@@ -81,6 +81,54 @@ def test_evaluate_searches_the_neighbour_memory_without_a_store(tiny_shipped, tm
         evaluate(EvalConfig(**base, out=str(tmp_path / "f"), baselines=("fewshot",)))
 
 
+def test_observe_and_search_recovers_memorised_prompts(tiny_shipped):
+    """The whole search on a guarded deployment: observe the inverter's turn, propose its
+    output and memory neighbours, judge them by KL; memorised prompts come back exactly."""
+    from logit2prompt.attacks.search import observe_and_search
+    from logit2prompt.defenses.leak import LeakFilter
+
+    inverter = Inverter.from_pretrained(tiny_shipped["guarded"])
+    hidden = TRAIN[:4]
+    found = observe_and_search(
+        [inverter], hidden, leak_filter=LeakFilter(0.5), steps=3, neighbours=2, progress=False
+    )
+    assert found.chosen == hidden
+    assert found.turns == ["Hello!"] and found.refused == [[False] * 4]
+    assert all(h in row for h, row in zip(hidden, found.candidates, strict=True))
+    assert found.by_turn == {"Hello!": hidden}
+    with pytest.raises(Logit2PromptError, match="system-mode"):
+        observe_and_search([Inverter.from_pretrained(tiny_shipped["user"])], hidden)
+
+
+def test_evaluate_scores_the_search_row(tiny_shipped, tmp_path):
+    from logit2prompt.evaluation.evaluate import EvalConfig, evaluate
+    from logit2prompt.recipes.methods import SEARCH
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(TRAIN[:3]) + "\n")
+    base = dict(prompts=str(prompts), baselines=(), leak_filter=0.5, progress=False)
+    res = evaluate(
+        EvalConfig(
+            **base,
+            checkpoint=tiny_shipped["guarded"],
+            out=str(tmp_path / "o"),
+            search=True,
+            semantic=False,
+            functional=False,
+        )
+    )
+    assert res["summary"][SEARCH]["exact"]["mean"] == 100.0
+    with pytest.raises(Logit2PromptError, match="system-mode"):
+        evaluate(
+            EvalConfig(
+                **base,
+                checkpoint=tiny_shipped["guarded"],
+                out=str(tmp_path / "u"),
+                search_with=(tiny_shipped["user"],),
+            )
+        )
+
+
 def test_demo_tables_per_mode_and_set(tiny_shipped, tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "SHIPPED", tiny_shipped)
     monkeypatch.setattr(demo, "shipped", lambda: list(tiny_shipped.values()))

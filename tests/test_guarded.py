@@ -66,6 +66,8 @@ def test_extraction_faces_the_leak_filter():
     refused = guarded.notes["extraction_refused"]
     assert refused["n"] == 2 and set(refused["per_attack"].values()) == {2}
     assert all(mask == [True, True] for mask in guarded.notes["extraction_blocked"].values())
+    # Extraction alone observes nothing, so it runs without observations.
+    assert methods.run_methods(["extraction"], guarded) == out
 
 
 def test_length_buckets_count_the_refused_extraction_replies():

@@ -33,6 +33,7 @@ FLAGGED = {
     "rerank": lambda cfg: cfg.rerank,
     "refine": lambda cfg: cfg.refine_rounds > 0,
     "mbr": lambda cfg: cfg.mbr_samples > 0,
+    "search": lambda cfg: cfg.search or bool(cfg.search_with),
 }
 GROUP_FIELDS = ("task", "source", "category", "type")  # the first one a corpus has is used
 # In target tokens, the unit of `--max-tokens`; past 64 is where the paper's setting ends.
@@ -120,6 +121,21 @@ class EvalConfig:
             "and this many samples (no target queries; 0: off)"
         },
     )
+    search: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "also score the search: the inverter's output and memory neighbours judged "
+            "by the target's KL on the observed reply (white-box target)"
+        },
+    )
+    search_with: tuple[str, ...] = dataclasses.field(
+        default=(),
+        metadata={
+            "help": "more inverters for the search (implies --search), each asking its own "
+            "innocuous turn; their candidates join, and every turn judges",
+            "sep": None,
+        },
+    )
     predictions: tuple[str, ...] = dataclasses.field(
         default=(),
         metadata={
@@ -204,6 +220,7 @@ def method_context(cfg: EvalConfig, inverter, target, references, vectors) -> me
         batch_size=cfg.batch_size,
         refine_rounds=cfg.refine_rounds,
         mbr_samples=cfg.mbr_samples,
+        search_with=tuple(cfg.search_with),
         attacks=cfg.attacks,
         leak_filter=LeakFilter(cfg.leak_filter) if cfg.leak_filter else None,
         text_checkpoint=cfg.text_checkpoint,

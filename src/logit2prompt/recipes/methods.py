@@ -70,6 +70,7 @@ class MethodContext:
     mbr_samples: int = 16  # the MBR row's pseudo-references, sampled from the inverter
     mbr_utility: str = DEFAULT_UTILITY  # see attacks.mbr.UTILITIES
     seed: int = 0  # the inverter's sampling (MBR)
+    search_with: tuple = ()  # more inverters (checkpoints) for the search, each on its own turn
     near: list[list[int]] | None = None
     notes: dict = field(default_factory=dict)  # side results: best_attack, fallback_kept
     _decoded: dict = field(default_factory=dict, repr=False)
@@ -259,8 +260,9 @@ def run_methods(keys: Iterable[str], ctx: MethodContext) -> dict[str, list[str]]
         if set(rows) != set(m.names):
             raise Logit2PromptError(f"method {m.key!r} returned {list(rows)}, not {m.names}")
         preds.update(rows)
-    if ctx.leak_filter is not None and ctx.references is not None and ctx.target is not None:
-        _withhold_refused(ctx, [n for m in methods if m.observes for n in m.names], preds)
+    observing = [n for m in methods if m.observes for n in m.names]
+    if observing and ctx.leak_filter is not None and ctx.references is not None and ctx.target:
+        _withhold_refused(ctx, observing, preds)
     return preds
 
 
@@ -288,6 +290,7 @@ FEWSHOT = "few-shot"
 TEXT = "text-only inversion"
 REPLY = "the observed reply itself"
 MBR = "inverter, minimum-Bayes-risk choice among its samples"
+SEARCH = "candidates judged by the target on every observed turn"
 
 
 def _inverter(ctx: MethodContext) -> dict[str, list[str]]:
@@ -305,6 +308,24 @@ def _mbr(ctx: MethodContext) -> dict[str, list[str]]:
     )
     greedy = ctx.inverter_output()
     return {MBR: mbr_select(greedy, ctx.samples(ctx.mbr_samples), ctx.mbr_utility)}
+
+
+def _search(ctx: MethodContext) -> dict[str, list[str]]:
+    from ..attacks.search import observe_and_search
+    from ..models.inverter import Inverter
+
+    others = [Inverter.from_pretrained(c) for c in ctx.search_with]
+    logger.info("search: candidates of %d inverter(s), judged by the target", 1 + len(others))
+    found = observe_and_search(
+        [ctx.inverter, *others],
+        ctx.references,
+        leak_filter=ctx.leak_filter,
+        batch_size=ctx.batch_size,
+        bf16=ctx.bf16,
+        progress=ctx.progress,
+    )
+    ctx.notes["search_turns"] = {t: sum(r) for t, r in zip(found.turns, found.refused, strict=True)}
+    return {SEARCH: found.chosen}
 
 
 def _fallback(ctx: MethodContext) -> dict[str, list[str]]:
@@ -429,6 +450,16 @@ for _method in (
         frozenset({"inverter"}),
         "of the inverter's greedy output and samples, the one that agrees most with the samples "
         "by the metrics (no target queries)",
+    ),
+    Method(
+        "search",
+        (SEARCH,),
+        _search,
+        frozenset({"inverter", "target", "references"}),
+        "the inverter's (and --search-with inverters') outputs and memory neighbours, judged by "
+        "the target's KL on the replies to each inverter's innocuous turn",
+        # It observes each turn itself; a refused turn is one it does not read.
+        observes=False,
     ),
     Method(
         "fallback",

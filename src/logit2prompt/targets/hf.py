@@ -362,6 +362,54 @@ class HFTarget(Target):
         logprobs = torch.stack(result, dim=1)
         return (logprobs, torch.stack(states, dim=1)) if hidden else logprobs
 
+    @torch.inference_mode()
+    def forced_logprobs(
+        self, prompts: Sequence[str], replies: Sequence[Sequence[int]]
+    ) -> torch.Tensor:
+        """Float32 log-probs `[n, steps, vocab]` of each rendered prompt followed by its reply's
+        token ids, teacher-forced: step t is the distribution after the reply's first t tokens
+        (so a prompt with its own greedy reply gives back `next_token_logprobs`). Every reply
+        has the same number of tokens, `steps`; one forward pass per prompt, no generation."""
+        if len(prompts) != len(replies):
+            raise TargetError(f"{len(prompts)} prompts but {len(replies)} replies")
+        steps = {len(r) for r in replies}
+        if len(steps) > 1 or 0 in steps:
+            raise TargetError(f"every reply needs the same, non-zero length; got {sorted(steps)}")
+        k = steps.pop() if steps else 1
+        encoded = self.encode(prompts)
+        if any(len(x) == 0 for x in encoded):
+            raise TargetError("an encoded prompt is empty; the target needs at least one token")
+        seqs = [x + list(r[: k - 1]) for x, r in zip(encoded, replies, strict=True)]
+        limit = self.max_context
+        if limit is not None and max((len(x) for x in seqs), default=0) > limit:
+            raise TargetError(f"an input is longer than the target's context of {limit} tokens")
+        basis = self.output_basis()
+        out = torch.empty(len(seqs), k, self.vocab_size)
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # less padding
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            batch = [seqs[i] for i in rows]
+            width = max(len(x) for x in batch)
+            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            attention = torch.zeros_like(ids)
+            for i, x in enumerate(batch):  # right padding: positions count from 0 as usual
+                ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+                attention[i, : len(x)] = 1
+            first = torch.tensor([len(encoded[i]) - 1 for i in rows])
+            where = first[:, None] + torch.arange(k)[None]  # the last prompt token, then replies
+            ids, attention = ids.to(self.device), attention.to(self.device)
+            if basis is not None:
+                state = self.model.base_model(input_ids=ids, attention_mask=attention)
+                state = state.last_hidden_state
+                picked = state[torch.arange(len(batch))[:, None], where.to(self.device)]
+                logprobs = basis.logprobs(picked.float())
+            else:
+                logits = self.model(input_ids=ids, attention_mask=attention).logits
+                picked = logits[torch.arange(len(batch))[:, None], where.to(self.device)]
+                logprobs = torch.log_softmax(picked.float(), dim=-1)
+            out[rows] = logprobs.cpu()
+        return out
+
     def output_basis(self) -> OutputBasis | None:
         """The output layer as a basis of this target's log-prob vectors (fp32 `W`, bias),
         or None when the model's logits are not `W.h` of its final hidden state.

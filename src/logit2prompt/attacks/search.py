@@ -1,0 +1,222 @@
+"""Search by the target over several observations: pick, among candidate prompts from any
+source, the one under which the attacker's own copy of the target best explains every reply
+it observed.
+
+A guarded deployment answers an innocuous turn ("Hello!", "Hi! What is the task?") with a reply
+that says little in its words, but its log-probs, step by step, depend on the hidden prompt.
+For each candidate the local target is run once per observed turn, teacher-forced along the
+observed greedy reply, and the candidate's score is the summed KL divergence from the observed
+distributions to its own (zero for the hidden prompt itself). Candidates come from inverters
+(their greedy output and the nearest prompts in their memories), each reading the observation
+it was trained on; the judge reads all of them. No queries beyond the observed turns: the
+judging runs on the attacker's copy of the model, so it needs white-box weights (an open
+model such as the default target). Unlike `rerank`, which compares the candidate's own greedy
+continuation, teacher forcing keeps every step aligned with what was observed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import Logit2PromptError
+
+logger = logging.getLogger(__name__)
+
+CHUNK = 256  # candidates per forced pass (bounds the [chunk, steps, vocab] buffer)
+
+
+@dataclass
+class Probe:
+    """One observed turn: the user turn the attacker sent, the observed log-probs
+    `[n, steps, vocab]` of the reply, and (optional) the rows whose reply the deployment
+    refused, for which nothing was observed."""
+
+    user_turn: str
+    observed: np.ndarray
+    refused: Sequence[bool] | None = None
+
+    def seen(self, row: int) -> bool:
+        return self.refused is None or not self.refused[row]
+
+
+def forced_kl(
+    target,
+    probe: Probe,
+    candidates: Sequence[Sequence[str]],
+    progress: bool = True,
+) -> list[np.ndarray]:
+    """Per row, per candidate: the summed KL(observed || target given the candidate) over the
+    probe's steps, teacher-forced along the observed greedy reply (NaN where the row was not
+    observed). `target` is switched to the probe's user turn and back."""
+    observed = np.asarray(probe.observed, dtype=np.float32)
+    if observed.ndim != 3 or observed.shape[-1] != target.vocab_size:
+        raise Logit2PromptError(
+            f"search needs whole distributions [n, steps, {target.vocab_size}]; "
+            f"got an observation of shape {observed.shape}"
+        )
+    if len(candidates) != len(observed):
+        raise Logit2PromptError(f"{len(candidates)} candidate rows for {len(observed)} observed")
+    if np.isnan(observed).any():
+        raise Logit2PromptError("the observed log-probs hold NaN")
+    greedy = observed.argmax(-1)  # the reply the deployment sent, as token ids
+    pairs = [(i, c) for i, row in enumerate(candidates) if probe.seen(i) for c in row if c.strip()]
+    scores = {pair: np.nan for pair in pairs}
+    before = target.user_turn
+    target.set_user_turn(probe.user_turn)
+    try:
+        chunks = range(0, len(pairs), CHUNK)
+        for start in tqdm(chunks, desc=f"judge ({probe.user_turn})", disable=not progress):
+            part = pairs[start : start + CHUNK]
+            rows = [i for i, _ in part]
+            forced = target.forced_logprobs([c for _, c in part], greedy[rows].tolist())
+            obs = torch.from_numpy(observed[rows])
+            p = obs.exp()
+            # 0 * (-inf - x) is NaN: a token the observation gives no mass adds nothing.
+            kl = torch.where(p > 0, p * (obs - forced), torch.zeros(())).sum(-1).sum(-1)
+            for pair, value in zip(part, kl.tolist(), strict=True):
+                scores[pair] = value
+    finally:
+        target.set_user_turn(before)
+    return [
+        np.array([scores.get((i, c), np.nan) for c in row], dtype=np.float64)
+        for i, row in enumerate(candidates)
+    ]
+
+
+def judge(
+    target, probes: Sequence[Probe], candidates: Sequence[Sequence[str]], progress: bool = True
+) -> list[list[np.ndarray]]:
+    """`forced_kl` of every candidate on every probe: per probe, per row, per candidate."""
+    if not probes:
+        raise Logit2PromptError("search needs at least one observed turn")
+    if any(len(p.observed) != len(candidates) for p in probes):
+        raise Logit2PromptError("every probe must observe the same rows as the candidates")
+    out = []
+    for probe in probes:
+        logger.info("judging candidates on the reply to %r", probe.user_turn)
+        out.append(forced_kl(target, probe, candidates, progress))
+    return out
+
+
+def choose(
+    candidates: Sequence[Sequence[str]], kls: Sequence[Sequence[np.ndarray]]
+) -> tuple[list[str], list[np.ndarray]]:
+    """Per row, the candidate with the least KL summed over the probes (`judge`'s output, or
+    a subset of it) that observed the row ("" for a row with no candidate), and the totals."""
+    chosen, totals = [], []
+    for i, row in enumerate(candidates):
+        # An unobserved probe (NaN) adds no evidence.
+        total = sum((np.nan_to_num(kl[i], nan=0.0) for kl in kls), np.zeros(len(row)))
+        usable = [j for j, c in enumerate(row) if c.strip()]
+        chosen.append(row[min(usable, key=lambda j: total[j])] if usable else "")
+        totals.append(total)
+    return chosen, totals
+
+
+def search(
+    target, probes: Sequence[Probe], candidates: Sequence[Sequence[str]], progress: bool = True
+) -> tuple[list[str], list[np.ndarray]]:
+    """Per row, the candidate with the least KL summed over the probes that observed it."""
+    return choose(candidates, judge(target, probes, candidates, progress))
+
+
+def proposals(
+    inverter,
+    observed: np.ndarray,
+    neighbours: int = 8,
+    *,
+    batch_size: int = 32,
+    bf16: bool = False,
+) -> list[list[str]]:
+    """Per row, an inverter's greedy output and the `neighbours` nearest prompts of its
+    neighbour memory (none without one), for `search` to judge."""
+    from .nearest import MemoryNeighbours, nearest_neighbours
+
+    vectors = torch.from_numpy(np.asarray(observed[:, : inverter.config.steps], np.float32))
+    outputs = inverter.invert(vectors, batch_size=batch_size, bf16=bf16)
+    rows = [[o] for o in outputs]
+    if neighbours and inverter.memory is not None:
+        memory = MemoryNeighbours(inverter)
+        near = nearest_neighbours(memory, vectors.numpy(), neighbours)
+        for row, idx in zip(rows, near, strict=True):
+            row.extend(memory.prompts[j] for j in idx)
+    return [list(dict.fromkeys(row)) for row in rows]
+
+
+@dataclass
+class SearchResult:
+    """What `observe_and_search` saw and chose, per row: each probe's user turn, its refused
+    rows and its inverter's greedy output ("" where refused), the judged candidates and their
+    KL totals, and the chosen prompts (`chosen`; `by_turn`: judged on one turn alone)."""
+
+    turns: list[str]
+    refused: list[list[bool]]
+    outputs: list[list[str]]
+    candidates: list[list[str]]
+    totals: list[np.ndarray]
+    chosen: list[str]
+    by_turn: dict[str, list[str]]
+
+
+def observe_and_search(
+    inverters: Sequence,
+    prompts: Sequence[str],
+    *,
+    leak_filter=None,
+    steps: int = 16,
+    neighbours: int = 8,
+    batch_size: int = 16,
+    bf16: bool = False,
+    progress: bool = True,
+) -> SearchResult:
+    """The whole attack on a local deployment of the inverters' target: ask each inverter's
+    innocuous turn once per hidden prompt (reading `steps` steps, more where an inverter needs
+    more; `leak_filter` refuses replies that repeat the prompt, and a refused turn is not
+    observed), let each inverter propose candidates from the observation it was trained on,
+    and judge every candidate on every observed turn. The inverters must share one target and
+    mode; their user turns differ (each is recorded in its fingerprint)."""
+    from ..recipes.methods import MethodContext
+    from .invert import target_for, user_turn_of
+
+    if not inverters:
+        raise Logit2PromptError("search needs at least one inverter")
+    target = target_for(inverters[0], batch_size=batch_size)
+    turns, probes, outputs, refused_all = [], [], [], []
+    candidates: list[list[str]] = [[] for _ in prompts]
+    for inverter in inverters:
+        fp = inverter.fingerprint
+        turn = user_turn_of(fp.template, target) if fp is not None else None
+        if turn is None:
+            raise Logit2PromptError("search needs inverters trained on a system-mode target")
+        target.set_user_turn(turn)
+        diffs = fp.differences(target.fingerprint)
+        if diffs:
+            raise Logit2PromptError(f"the inverters' targets differ: {'; '.join(diffs)}")
+        logger.info("observing %d replies to %r", len(prompts), turn)
+        # The judge reads `steps`; the inverter needs at least the steps it was trained on.
+        read = max(steps, inverter.config.steps)
+        observed = target.next_token_logprobs(list(prompts), steps=read).numpy()
+        replies = MethodContext(None, observed, target=target).replies()
+        refused = [
+            leak_filter is not None and leak_filter.blocks(r, p)
+            for r, p in zip(replies, prompts, strict=True)
+        ]
+        proposed = proposals(inverter, observed, neighbours, batch_size=32, bf16=bf16)
+        for row, new, blocked in zip(candidates, proposed, refused, strict=True):
+            if not blocked:
+                row.extend(c for c in new if c not in row)
+        turns.append(turn)
+        probes.append(Probe(turn, observed, refused))
+        outputs.append(["" if b else row[0] for b, row in zip(refused, proposed, strict=True)])
+        refused_all.append(refused)
+    kls = judge(target, probes, candidates, progress)
+    chosen, totals = choose(candidates, kls)
+    # Each turn alone as the judge, for comparison (no more target passes).
+    by_turn = {t: choose(candidates, [kl])[0] for t, kl in zip(turns, kls, strict=True)}
+    return SearchResult(turns, refused_all, outputs, candidates, totals, chosen, by_turn)

@@ -1,0 +1,82 @@
+"""Search by the target: teacher-forced log-probs, and candidates judged by their KL from the
+observed replies to one or more innocuous turns."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from logit2prompt.attacks.search import Probe, choose, forced_kl, judge, search
+from logit2prompt.errors import Logit2PromptError, TargetError
+from logit2prompt.targets import load_target
+
+from .conftest import FIXTURE_PROMPTS
+
+HIDDEN = FIXTURE_PROMPTS[:4]
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_lm_dir):
+    return load_target(str(tiny_lm_dir), mode="guarded", batch_size=3)
+
+
+def test_forced_along_the_greedy_reply_is_what_was_observed(guarded):
+    """Teacher forcing a prompt along its own greedy reply reproduces `next_token_logprobs`,
+    whatever the padding of the batch (prompts of different lengths, batches of 3)."""
+    observed = guarded.next_token_logprobs(HIDDEN, steps=5)
+    forced = guarded.forced_logprobs(HIDDEN, observed.argmax(-1).tolist())
+    assert forced.shape == observed.shape
+    assert torch.allclose(forced, observed, atol=1e-4)
+    # Along another reply, the steps after the first differ.
+    other = guarded.forced_logprobs(HIDDEN[:1], [[5, 6, 7, 8, 9]])
+    assert torch.allclose(other[0, 0], observed[0, 0], atol=1e-4)
+    assert not torch.allclose(other[0, 1:], observed[0, 1:], atol=1e-3)
+    with pytest.raises(TargetError, match="same, non-zero length"):
+        guarded.forced_logprobs(HIDDEN[:2], [[1, 2], [1]])
+    with pytest.raises(TargetError, match="2 prompts but 1 replies"):
+        guarded.forced_logprobs(HIDDEN[:2], [[1, 2]])
+
+
+def test_search_finds_the_hidden_prompt_among_candidates_on_two_turns(guarded):
+    turns = ["Hello!", "Hi! What is the task?"]
+    probes = []
+    for turn in turns:
+        guarded.set_user_turn(turn)
+        probes.append(Probe(turn, guarded.next_token_logprobs(HIDDEN, steps=4).numpy()))
+    guarded.set_user_turn("Hello!")
+    distractors = FIXTURE_PROMPTS[4:8]
+    candidates = [[d, h, ""] for d, h in zip(distractors, HIDDEN, strict=True)]
+    chosen, totals = search(guarded, probes, candidates, progress=False)
+    assert chosen == HIDDEN
+    assert all(t[1] < 1e-3 and t[0] > t[1] for t in totals)
+    assert guarded.user_turn == "Hello!"  # the judge put the turn back
+    # The observed turn matters: judged on the wrong turn's observation, the hidden prompt
+    # no longer explains it exactly.
+    swapped = Probe(turns[1], probes[0].observed)
+    wrong = forced_kl(guarded, swapped, [[h] for h in HIDDEN], progress=False)
+    assert all(w[0] > 1e-3 for w in wrong)
+
+
+def test_a_refused_turn_adds_no_evidence(guarded):
+    observed = guarded.next_token_logprobs(HIDDEN[:2], steps=3).numpy()
+    blind = Probe("Hello!", observed, refused=[True, False])
+    kls = judge(guarded, [blind], [[HIDDEN[0], HIDDEN[1]], [HIDDEN[0], HIDDEN[1]]], False)
+    assert np.isnan(kls[0][0]).all() and not np.isnan(kls[0][1]).any()
+    chosen, _ = choose([[HIDDEN[0], HIDDEN[1]], [HIDDEN[0], HIDDEN[1]]], kls)
+    assert chosen == [HIDDEN[0], HIDDEN[1]]  # row 0: no evidence, the first candidate
+    assert choose([[""]], [[np.array([np.nan])]])[0] == [""]
+
+
+def test_search_refuses_what_it_cannot_judge(guarded):
+    observed = guarded.next_token_logprobs(HIDDEN[:2], steps=2).numpy()
+    with pytest.raises(Logit2PromptError, match="whole distributions"):
+        forced_kl(guarded, Probe("Hello!", observed[..., :10]), [["a"], ["b"]], False)
+    bad = observed.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(Logit2PromptError, match="NaN"):
+        forced_kl(guarded, Probe("Hello!", bad), [["a"], ["b"]], False)
+    with pytest.raises(Logit2PromptError, match="same rows"):
+        search(guarded, [Probe("Hello!", observed)], [["a"]], False)
+    with pytest.raises(Logit2PromptError, match="at least one"):
+        search(guarded, [], [["a"], ["b"]], False)
