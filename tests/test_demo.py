@@ -96,6 +96,13 @@ def test_observe_and_search_recovers_memorised_prompts(tiny_shipped):
     assert found.turns == ["Hello!"] and found.refused == [[False] * 4]
     assert all(h in row for h, row in zip(hidden, found.candidates, strict=True))
     assert found.by_turn == {"Hello!": hidden}
+    for row, origin in zip(found.candidates, found.origins, strict=True):
+        assert len(row) == len(origin) and origin[0] == "inverter:Hello!"
+        assert {o.split(":")[0] for o in origin} <= {"inverter", "memory", "reply"}
+    # Without the memory the hidden prompts are no candidates, so they are not chosen (unless
+    # the tiny inverter writes them itself).
+    no_memory = found.choose(lambda origin: not origin.startswith("memory:"))
+    assert all(c in row for c, row in zip(no_memory, found.candidates, strict=True))
     with pytest.raises(Logit2PromptError, match="system-mode"):
         observe_and_search([Inverter.from_pretrained(tiny_shipped["user"])], hidden)
 

@@ -17,7 +17,7 @@ continuation, teacher forcing keeps every step aligned with what was observed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,15 +105,18 @@ def judge(
 
 
 def choose(
-    candidates: Sequence[Sequence[str]], kls: Sequence[Sequence[np.ndarray]]
+    candidates: Sequence[Sequence[str]],
+    kls: Sequence[Sequence[np.ndarray]],
+    allowed: Sequence[Sequence[bool]] | None = None,
 ) -> tuple[list[str], list[np.ndarray]]:
     """Per row, the candidate with the least KL summed over the probes (`judge`'s output, or
-    a subset of it) that observed the row ("" for a row with no candidate), and the totals."""
+    a subset of it) that observed the row ("" for a row with no candidate), and the totals;
+    `allowed` (per row, per candidate) leaves some candidates out."""
     chosen, totals = [], []
     for i, row in enumerate(candidates):
         # An unobserved probe (NaN) adds no evidence.
         total = sum((np.nan_to_num(kl[i], nan=0.0) for kl in kls), np.zeros(len(row)))
-        usable = [j for j, c in enumerate(row) if c.strip()]
+        usable = [j for j, c in enumerate(row) if c.strip() and (allowed is None or allowed[i][j])]
         chosen.append(row[min(usable, key=lambda j: total[j])] if usable else "")
         totals.append(total)
     return chosen, totals
@@ -159,9 +162,16 @@ class SearchResult:
     refused: list[list[bool]]
     outputs: list[list[str]]
     candidates: list[list[str]]
+    origins: list[list[str]]  # per candidate: "inverter", "memory" or "reply", ":" its turn
+    kls: list[list[np.ndarray]]  # per probe, per row, per candidate (`judge`)
     totals: list[np.ndarray]
     chosen: list[str]
     by_turn: dict[str, list[str]]
+
+    def choose(self, keep: Callable[[str], bool]) -> list[str]:
+        """The choice among the candidates whose origin `keep` accepts (an ablation)."""
+        allowed = [[keep(o) for o in row] for row in self.origins]
+        return choose(self.candidates, self.kls, allowed)[0]
 
 
 def observe_and_search(
@@ -173,14 +183,16 @@ def observe_and_search(
     neighbours: int = 8,
     batch_size: int = 16,
     bf16: bool = False,
+    replies: bool = True,
     progress: bool = True,
 ) -> SearchResult:
     """The whole attack on a local deployment of the inverters' target: ask each inverter's
     innocuous turn once per hidden prompt (reading `steps` steps, more where an inverter needs
     more; `leak_filter` refuses replies that repeat the prompt, and a refused turn is not
-    observed), let each inverter propose candidates from the observation it was trained on,
-    and judge every candidate on every observed turn. The inverters must share one target and
-    mode; their user turns differ (each is recorded in its fingerprint)."""
+    observed), let each inverter propose candidates from the observation it was trained on
+    (with `replies`, the observed reply itself is one more: "The task is to ..." can be the
+    closest guess), and judge every candidate on every observed turn. The inverters must share
+    one target and mode; their user turns differ (each is recorded in its fingerprint)."""
     from ..recipes.methods import MethodContext
     from .invert import target_for, user_turn_of
 
@@ -189,6 +201,7 @@ def observe_and_search(
     target = target_for(inverters[0], batch_size=batch_size)
     turns, probes, outputs, refused_all = [], [], [], []
     candidates: list[list[str]] = [[] for _ in prompts]
+    origins: list[list[str]] = [[] for _ in prompts]
     for inverter in inverters:
         fp = inverter.fingerprint
         turn = user_turn_of(fp.template, target) if fp is not None else None
@@ -202,15 +215,22 @@ def observe_and_search(
         # The judge reads `steps`; the inverter needs at least the steps it was trained on.
         read = max(steps, inverter.config.steps)
         observed = target.next_token_logprobs(list(prompts), steps=read).numpy()
-        replies = MethodContext(None, observed, target=target).replies()
+        replies_seen = MethodContext(None, observed, target=target).replies()
         refused = [
             leak_filter is not None and leak_filter.blocks(r, p)
-            for r, p in zip(replies, prompts, strict=True)
+            for r, p in zip(replies_seen, prompts, strict=True)
         ]
         proposed = proposals(inverter, observed, neighbours, batch_size=32, bf16=bf16)
-        for row, new, blocked in zip(candidates, proposed, refused, strict=True):
-            if not blocked:
-                row.extend(c for c in new if c not in row)
+        for i, (new, blocked) in enumerate(zip(proposed, refused, strict=True)):
+            if blocked:
+                continue
+            kinds = ["inverter"] + ["memory"] * (len(new) - 1)
+            if replies and replies_seen[i]:
+                new, kinds = [*new, replies_seen[i]], [*kinds, "reply"]
+            for text, kind in zip(new, kinds, strict=True):
+                if text not in candidates[i]:  # the first origin of a duplicate is kept
+                    candidates[i].append(text)
+                    origins[i].append(f"{kind}:{turn}")
         turns.append(turn)
         probes.append(Probe(turn, observed, refused))
         outputs.append(["" if b else row[0] for b, row in zip(refused, proposed, strict=True)])
@@ -219,4 +239,6 @@ def observe_and_search(
     chosen, totals = choose(candidates, kls)
     # Each turn alone as the judge, for comparison (no more target passes).
     by_turn = {t: choose(candidates, [kl])[0] for t, kl in zip(turns, kls, strict=True)}
-    return SearchResult(turns, refused_all, outputs, candidates, totals, chosen, by_turn)
+    return SearchResult(
+        turns, refused_all, outputs, candidates, origins, kls, totals, chosen, by_turn
+    )
