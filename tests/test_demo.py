@@ -203,3 +203,11 @@ def test_several_extraction_strings_add_their_oracle_row(tiny_shipped, monkeypat
     # --mbr-samples adds the inverter's MBR choice after its greedy row.
     mbr = demo.run_mode("user", rows, demo.DemoConfig(progress=False, mbr_samples=2))
     assert list(mbr["sets"]["a"]) == [demo.INVERTER, demo.MBR, *demo.ROWS[1:]]
+    # --search adds its row in guarded mode only, after the inverter's, with the second
+    # proposer (here the same tiny guarded inverter) on its own turn.
+    monkeypatch.setattr(demo, "SEARCH_WITH", {"guarded": (tiny_shipped["guarded"],)})
+    cfg = demo.DemoConfig(progress=False, search=True)
+    assert list(demo.run_mode("user", rows, cfg)["sets"]["a"]) == list(demo.ROWS)
+    guarded = demo.run_mode("guarded", rows, cfg)
+    assert list(guarded["sets"]["a"]) == [demo.INVERTER, demo.SEARCH, *demo.ROWS[1:]]
+    assert guarded["sets"]["a"][demo.SEARCH]["exact"]["mean"] == 100.0

@@ -38,6 +38,7 @@ from .methods import (
     NEAREST,
     REPLY,
     RERANKED,
+    SEARCH,
     MethodContext,
     run_methods,
 )
@@ -48,6 +49,8 @@ logger = logging.getLogger(__name__)
 DEMO_PROMPTS = "demo_prompts.jsonl"  # package data beside this module
 # The shipped inverter of each threat model, for the embedded default target.
 SHIPPED = {"user": DEFAULT_TARGET, "guarded": f"{DEFAULT_TARGET}-guarded"}
+# The second proposer of the search (`--search`): another shipped inverter on its own turn.
+SEARCH_WITH = {"guarded": (f"{DEFAULT_TARGET}-guarded-task",)}
 METHODS = ("inverter", "rerank", "nn", "extraction", "reply")
 ROWS = (INVERTER, RERANKED, NEAREST, EXTRACTION_BEST, REPLY)
 # The best single string of the built-in list on the default target, in user and guarded
@@ -79,6 +82,14 @@ class DemoConfig:
             "and this many samples (0: off)"
         },
     )
+    search: bool = field(
+        default=False,
+        metadata={
+            "help": "guarded mode: also show the search (the candidates of both shipped guarded "
+            "inverters, each on its own innocuous turn, judged by the target on both; about "
+            "2 more minutes on 2 CPU cores)"
+        },
+    )
     batch_size: int = field(default=48, metadata={"help": "target and decoding batch"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
 
@@ -94,11 +105,12 @@ class DemoConfig:
         return modes
 
 
-def shown_rows(attacks: Sequence[str], mbr: bool = False) -> tuple[str, ...]:
-    """The rows of a mode's table: the demo's (with the MBR choice after the inverter when
-    asked), and the extraction oracle when several strings are asked (the oracle is no attack
-    anyone can run: only the ceiling of several)."""
-    rows = (ROWS[0], MBR, *ROWS[1:]) if mbr else ROWS
+def shown_rows(attacks: Sequence[str], mbr: bool = False, search: bool = False) -> tuple[str, ...]:
+    """The rows of a mode's table: the demo's (with the MBR choice and the search after the
+    inverter when asked), and the extraction oracle when several strings are asked (the oracle
+    is no attack anyone can run: only the ceiling of several)."""
+    extra = (MBR,) * mbr + (SEARCH,) * search
+    rows = (ROWS[0], *extra, *ROWS[1:])
     return (*rows, EXTRACTION_ORACLE) if len(attacks) > 1 else rows
 
 
@@ -166,8 +178,12 @@ def run_mode(
         progress=cfg.progress,
         mbr_samples=cfg.mbr_samples,
     )
-    preds = run_methods((*METHODS, "mbr") if cfg.mbr_samples else METHODS, ctx)
-    preds = {row: preds[row] for row in shown_rows(attacks, bool(cfg.mbr_samples))}
+    search = cfg.search and mode in SEARCH_WITH
+    if search:
+        ctx.search_with = SEARCH_WITH[mode]
+    keys = (*METHODS, *("mbr",) * bool(cfg.mbr_samples), *("search",) * search)
+    preds = run_methods(keys, ctx)
+    preds = {row: preds[row] for row in shown_rows(attacks, bool(cfg.mbr_samples), search)}
     sets: dict[str, dict] = {}
     for group in dict.fromkeys(r["set"] for r in rows):
         idx = [i for i, r in enumerate(rows) if r["set"] == group]
