@@ -80,3 +80,5 @@ def test_search_refuses_what_it_cannot_judge(guarded):
         search(guarded, [Probe("Hello!", observed)], [["a"]], False)
     with pytest.raises(Logit2PromptError, match="at least one"):
         search(guarded, [], [["a"], ["b"]], False)
+    with pytest.raises(Logit2PromptError, match="local copy"):
+        forced_kl(object(), Probe("Hello!", observed), [["a"], ["b"]], False)

@@ -56,6 +56,11 @@ def forced_kl(
     """Per row, per candidate: the summed KL(observed || target given the candidate) over the
     probe's steps, teacher-forced along the observed greedy reply (NaN where the row was not
     observed). `target` is switched to the probe's user turn and back."""
+    if not hasattr(target, "forced_logprobs"):
+        raise Logit2PromptError(
+            f"the search judges candidates on a local copy of the target's weights; "
+            f"{type(target).__name__} cannot be teacher-forced (load the model itself)"
+        )
     observed = np.asarray(probe.observed, dtype=np.float32)
     if observed.ndim != 3 or observed.shape[-1] != target.vocab_size:
         raise Logit2PromptError(
