@@ -134,6 +134,15 @@ def test_evaluate_scores_the_search_row(tiny_shipped, tmp_path):
                 search_with=(tiny_shipped["user"],),
             )
         )
+    with pytest.raises(Logit2PromptError, match="neither a checkpoint"):
+        evaluate(
+            EvalConfig(
+                **base,
+                checkpoint=tiny_shipped["guarded"],
+                out=str(tmp_path / "m"),
+                search_with=("no-such-inverter",),
+            )
+        )
 
 
 def test_demo_tables_per_mode_and_set(tiny_shipped, tmp_path, monkeypatch):

@@ -124,8 +124,8 @@ class EvalConfig:
     search: bool = dataclasses.field(
         default=False,
         metadata={
-            "help": "also score the search: the inverter's output and memory neighbours judged "
-            "by the target's KL on the observed reply (white-box target)"
+            "help": "also score the search: the inverter's output, memory neighbours and the "
+            "observed reply, judged by the target's teacher-forced KL (white-box target)"
         },
     )
     search_with: tuple[str, ...] = dataclasses.field(
@@ -171,6 +171,10 @@ def _check_baselines(cfg: EvalConfig) -> None:
         raise Logit2PromptError(
             f"--mbr-samples must be 0 (off) or at least 2, got {cfg.mbr_samples}"
         )
+    from ..models.pretrained import resolve_checkpoint
+
+    for other in cfg.search_with:  # a mistyped checkpoint fails before any target work
+        resolve_checkpoint(other)
 
 
 def _check_needs(cfg: EvalConfig, memory: bool) -> None:

@@ -261,7 +261,8 @@ def run_methods(keys: Iterable[str], ctx: MethodContext) -> dict[str, list[str]]
             raise Logit2PromptError(f"method {m.key!r} returned {list(rows)}, not {m.names}")
         preds.update(rows)
     observing = [n for m in methods if m.observes for n in m.names]
-    if observing and ctx.leak_filter is not None and ctx.references is not None and ctx.target:
+    guarded = ctx.leak_filter is not None and ctx.target is not None
+    if observing and guarded and ctx.references is not None:
         _withhold_refused(ctx, observing, preds)
     return preds
 
