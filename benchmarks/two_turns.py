@@ -62,12 +62,14 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     inverters = [Inverter.from_pretrained(c) for c in args.checkpoint]
+    # The deployment for the extraction baseline (and the token counts of --prompts); the
+    # search loads its own copy, whose user turn it switches.
+    target = target_for(inverters[0], batch_size=16)
     if args.data:
         rows = rows_of(Path(args.data), args.limit, args.seed)
     else:  # held-out prompts of the training corpus, within the inverters' 64 tokens
-        counter = target_for(inverters[0])
         corpus = load_corpus(
-            args.prompts, count_tokens=counter.count_tokens, split=args.split, limit=args.limit
+            args.prompts, count_tokens=target.count_tokens, split=args.split, limit=args.limit
         )
         rows = [{"prompt": r.text, "set": args.split} for r in corpus.records]
     prompts = [r["prompt"] for r in rows]
@@ -97,7 +99,6 @@ def main() -> None:
         for row, p in zip(found.candidates, prompts, strict=True)
     ]
     # The extraction baseline on the same deployment, facing the same filter.
-    target = target_for(inverters[0], batch_size=16)
     ctx = MethodContext(
         None,
         None,
@@ -136,9 +137,7 @@ def main() -> None:
         results["sets"][name] = table
         cells = [f"{t['bleu']['mean']:.1f} / {t['token_f1']['mean']:.1f}" for t in table.values()]
         gains = [
-            format_ci(table[SEARCH][f"gain_over {o}"][metric], "+.1f")
-            for o in (EXTRACTION, first)
-            for metric in ("bleu",)
+            format_ci(table[SEARCH][f"gain_over {o}"]["bleu"], "+.1f") for o in (EXTRACTION, first)
         ]
         lines.append(f"| {name} | " + " | ".join(cells + gains) + " |")
     results["examples"] = [

@@ -325,7 +325,6 @@ def _search(ctx: MethodContext) -> dict[str, list[str]]:
         bf16=ctx.bf16,
         progress=ctx.progress,
     )
-    ctx.notes["search_turns"] = {t: sum(r) for t, r in zip(found.turns, found.refused, strict=True)}
     return {SEARCH: found.chosen}
 
 

@@ -300,11 +300,7 @@ class HFTarget(Target):
         """Float32 log-probs `[batch, steps, vocab]` for already-encoded, unpadded inputs;
         with `hidden`, also the final hidden states `[batch, steps, width]` they come from
         (the coordinates of each step in `output_basis()`)."""
-        if any(len(x) == 0 for x in batch):
-            raise TargetError("an encoded prompt is empty; the target needs at least one token")
-        limit = self.max_context
-        if limit is not None and max(len(x) for x in batch) + steps - 1 > limit:
-            raise TargetError(f"an input is longer than the target's context of {limit} tokens")
+        self._check_lengths(batch, steps)
         basis = self.output_basis()
         if hidden and basis is None:
             raise TargetError(
@@ -377,12 +373,8 @@ class HFTarget(Target):
             raise TargetError(f"every reply needs the same, non-zero length; got {sorted(steps)}")
         k = steps.pop() if steps else 1
         encoded = self.encode(prompts)
-        if any(len(x) == 0 for x in encoded):
-            raise TargetError("an encoded prompt is empty; the target needs at least one token")
+        self._check_lengths(encoded, k)
         seqs = [x + list(r[: k - 1]) for x, r in zip(encoded, replies, strict=True)]
-        limit = self.max_context
-        if limit is not None and max((len(x) for x in seqs), default=0) > limit:
-            raise TargetError(f"an input is longer than the target's context of {limit} tokens")
         basis = self.output_basis()
         out = torch.empty(len(seqs), k, self.vocab_size)
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # less padding
@@ -409,6 +401,14 @@ class HFTarget(Target):
                 logprobs = torch.log_softmax(picked.float(), dim=-1)
             out[rows] = logprobs.cpu()
         return out
+
+    def _check_lengths(self, encoded: list[list[int]], steps: int) -> None:
+        """Refuse an empty encoded prompt, or one whose `steps` positions run past the context."""
+        if any(len(x) == 0 for x in encoded):
+            raise TargetError("an encoded prompt is empty; the target needs at least one token")
+        limit = self.max_context
+        if limit is not None and max((len(x) for x in encoded), default=0) + steps - 1 > limit:
+            raise TargetError(f"an input is longer than the target's context of {limit} tokens")
 
     def output_basis(self) -> OutputBasis | None:
         """The output layer as a basis of this target's log-prob vectors (fp32 `W`, bias),
