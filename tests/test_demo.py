@@ -84,6 +84,7 @@ def test_evaluate_searches_the_neighbour_memory_without_a_store(tiny_shipped, tm
 def test_observe_and_search_recovers_memorised_prompts(tiny_shipped):
     """The whole search on a guarded deployment: observe the inverter's turn, propose its
     output and memory neighbours, judge them by KL; memorised prompts come back exactly."""
+    from logit2prompt.attacks.invert import target_for
     from logit2prompt.attacks.search import observe_and_search
     from logit2prompt.defenses.leak import LeakFilter
 
@@ -103,6 +104,23 @@ def test_observe_and_search_recovers_memorised_prompts(tiny_shipped):
     # the tiny inverter writes them itself).
     no_memory = found.choose(lambda origin: not origin.startswith("memory:"))
     assert all(c in row for c, row in zip(no_memory, found.candidates, strict=True))
+    # On a target already loaded (its user turn put back), with a shortlist: the second
+    # turn judges one candidate per prompt, the first turn's best, and the choice holds.
+    target = target_for(inverter)
+    target.set_user_turn("Anything new?")
+    short = observe_and_search(
+        [inverter, inverter],
+        hidden,
+        steps=3,
+        neighbours=2,
+        shortlist=1,
+        target=target,
+        progress=False,
+    )
+    assert target.user_turn == "Anything new?"
+    assert short.chosen == hidden and short.shortlist == 1
+    judged_first = sum(bool(c.strip()) for row in short.candidates for c in row)  # no blanks
+    assert short.judged == judged_first + len(hidden)
     with pytest.raises(Logit2PromptError, match="system-mode"):
         observe_and_search([Inverter.from_pretrained(tiny_shipped["user"])], hidden)
 
@@ -148,6 +166,8 @@ def test_evaluate_scores_the_search_row(tiny_shipped, tmp_path):
 def test_demo_tables_per_mode_and_set(tiny_shipped, tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "SHIPPED", tiny_shipped)
     monkeypatch.setattr(demo, "shipped", lambda: list(tiny_shipped.values()))
+    # The search's second proposer (here the same tiny guarded inverter) on its own turn.
+    monkeypatch.setattr(demo, "SEARCH_WITH", {"guarded": (tiny_shipped["guarded"],)})
     prompts = tmp_path / "prompts.jsonl"
     rows = [{"prompt": p, "set": "a" if i % 2 else "b"} for i, p in enumerate(TRAIN[:6])]
     rows.append({"prompt": "A prompt beyond the per-set cap.", "set": "a"})
@@ -160,8 +180,10 @@ def test_demo_tables_per_mode_and_set(tiny_shipped, tmp_path, monkeypatch):
     assert saved["modes"].keys() == {"user", "guarded"} == report["modes"].keys()
     for mode, res in report["modes"].items():
         assert list(res["sets"]) == ["b", "a"]
+        # The search is on by default, in guarded mode only, after the inverter's row.
+        rows = demo.ROWS if mode == "user" else (demo.INVERTER, demo.SEARCH, *demo.ROWS[1:])
         for table in res["sets"].values():
-            assert list(table) == list(demo.ROWS)
+            assert list(table) == list(rows)
             assert all(m["n"]["mean"] == 3 for m in table.values())
         # The demo prompts are memorised training prompts: the nearest memory entry is each.
         assert res["all"][demo.NEAREST]["exact"]["mean"] == 100.0
@@ -212,10 +234,12 @@ def test_several_extraction_strings_add_their_oracle_row(tiny_shipped, monkeypat
     # --mbr-samples adds the inverter's MBR choice after its greedy row.
     mbr = demo.run_mode("user", rows, demo.DemoConfig(progress=False, mbr_samples=2))
     assert list(mbr["sets"]["a"]) == [demo.INVERTER, demo.MBR, *demo.ROWS[1:]]
-    # --search adds its row in guarded mode only, after the inverter's, with the second
-    # proposer (here the same tiny guarded inverter) on its own turn.
+    # The search adds its row in guarded mode only, after the inverter's, with the second
+    # proposer (here the same tiny guarded inverter) on its own turn; --no-search drops it.
     monkeypatch.setattr(demo, "SEARCH_WITH", {"guarded": (tiny_shipped["guarded"],)})
-    cfg = demo.DemoConfig(progress=False, search=True)
+    off = demo.run_mode("guarded", rows, demo.DemoConfig(progress=False, search=False))
+    assert list(off["sets"]["a"]) == list(demo.ROWS)
+    cfg = demo.DemoConfig(progress=False, search=True, search_shortlist=1)
     assert list(demo.run_mode("user", rows, cfg)["sets"]["a"]) == list(demo.ROWS)
     guarded = demo.run_mode("guarded", rows, cfg)
     assert list(guarded["sets"]["a"]) == [demo.INVERTER, demo.SEARCH, *demo.ROWS[1:]]

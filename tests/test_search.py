@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from logit2prompt.attacks.search import Probe, choose, forced_kl, judge, search
+from logit2prompt.attacks.search import (
+    Probe,
+    SearchResult,
+    choose,
+    forced_kl,
+    judge,
+    search,
+    shortlisted,
+)
 from logit2prompt.errors import Logit2PromptError, TargetError
 from logit2prompt.targets import load_target
 
@@ -66,6 +74,38 @@ def test_a_refused_turn_adds_no_evidence(guarded):
     chosen, _ = choose([[HIDDEN[0], HIDDEN[1]], [HIDDEN[0], HIDDEN[1]]], kls)
     assert chosen == [HIDDEN[0], HIDDEN[1]]  # row 0: no evidence, the first candidate
     assert choose([[""]], [[np.array([np.nan])]])[0] == [""]
+
+
+def test_a_shortlist_judges_later_turns_on_the_best_so_far_only(guarded):
+    """With a shortlist, the second turn judges each row's k best after the first, with the
+    KLs a full judge gives them; the rest are +inf there, never chosen. A row the first turn
+    did not observe is judged whole. `SearchResult.shortlisted` replays it from full KLs."""
+    probes = []
+    for turn, refused in (("Hello!", [True, False, False]), ("Hi! What is the task?", None)):
+        guarded.set_user_turn(turn)
+        observed = guarded.next_token_logprobs(HIDDEN[:3], steps=3).numpy()
+        probes.append(Probe(turn, observed, refused))
+    guarded.set_user_turn("Hello!")
+    candidates = [[*FIXTURE_PROMPTS[4:7], h, ""] for h in HIDDEN[:3]]
+    full = judge(guarded, probes, candidates, False)
+    short = judge(guarded, probes, candidates, False, shortlist=2)
+    np.testing.assert_allclose(short[0][1], full[0][1], rtol=1e-4, atol=1e-5)
+    assert np.isnan(short[0][0]).all()
+    assert np.isfinite(short[1][0][:4]).all()  # row 0: unobserved first, so judged whole
+    for i in (1, 2):
+        keep = shortlisted(candidates, [full[0]], 2)[i]
+        assert keep.sum() == 2 and keep[3]  # the hidden prompt survives the first turn
+        assert set(np.argsort(full[0][i])[:2]) == set(np.flatnonzero(keep))
+        np.testing.assert_allclose(short[1][i][keep], full[1][i][keep], rtol=1e-4, atol=1e-5)
+        assert np.isinf(short[1][i][~keep]).all()
+    assert choose(candidates, short)[0] == HIDDEN[:3]
+    found = SearchResult([p.user_turn for p in probes], [], [], candidates, [], full, [], [], {})
+    replayed = found.with_shortlist(2)
+    assert replayed.chosen == choose(candidates, short)[0] and replayed.shortlist == 2
+    assert found.judged == 3 * 4 + 3 * 4 - 4  # blanks and row 0's unobserved turn not judged
+    assert replayed.judged == 2 * 4 + 4 + 2 + 2  # row 0 whole on the second turn
+    with pytest.raises(Logit2PromptError, match="at least one candidate"):
+        judge(guarded, probes, candidates, False, shortlist=0)
 
 
 def test_search_refuses_what_it_cannot_judge(guarded):

@@ -16,6 +16,7 @@ continuation, teacher forcing keeps every step aligned with what was observed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -99,18 +100,61 @@ def forced_kl(
 
 
 def judge(
-    target, probes: Sequence[Probe], candidates: Sequence[Sequence[str]], progress: bool = True
+    target,
+    probes: Sequence[Probe],
+    candidates: Sequence[Sequence[str]],
+    progress: bool = True,
+    shortlist: int | None = None,
 ) -> list[list[np.ndarray]]:
-    """`forced_kl` of every candidate on every probe: per probe, per row, per candidate."""
+    """`forced_kl` of every candidate on every probe: per probe, per row, per candidate. With
+    `shortlist`, every probe after the first judges only each row's `shortlist` best
+    candidates so far (`shortlisted`); the others score +inf there."""
     if not probes:
         raise Logit2PromptError("search needs at least one observed turn")
     if any(len(p.observed) != len(candidates) for p in probes):
         raise Logit2PromptError("every probe must observe the same rows as the candidates")
-    out = []
+    if shortlist is not None and shortlist < 1:
+        raise Logit2PromptError(f"a shortlist keeps at least one candidate, got {shortlist}")
+    out: list[list[np.ndarray]] = []
     for probe in probes:
         logger.info("judging candidates on the reply to %r", probe.user_turn)
-        out.append(forced_kl(target, probe, candidates, progress))
+        if not out or shortlist is None:
+            out.append(forced_kl(target, probe, candidates, progress))
+            continue
+        keep = shortlisted(candidates, out, shortlist)
+        picked = [
+            [c for c, k in zip(r, m, strict=True) if k]
+            for r, m in zip(candidates, keep, strict=True)
+        ]
+        part = forced_kl(target, probe, picked, progress)
+        out.append([_spread(kl, m) for kl, m in zip(part, keep, strict=True)])
     return out
+
+
+def shortlisted(
+    candidates: Sequence[Sequence[str]], kls: Sequence[Sequence[np.ndarray]], k: int
+) -> list[np.ndarray]:
+    """Per row, a mask of the `k` non-blank candidates with the least KL summed over the probes
+    judged so far (`kls`, as from `judge`); every candidate of a row no probe observed yet."""
+    masks = []
+    for i, row in enumerate(candidates):
+        seen = [kl[i] for kl in kls if not np.isnan(kl[i]).all()]
+        mask = np.array([bool(c.strip()) for c in row])
+        if seen:
+            total = sum((np.where(np.isnan(kl), np.inf, kl) for kl in seen), np.zeros(len(row)))
+            order = [j for j in np.argsort(total, kind="stable") if mask[j]]
+            mask = np.zeros(len(row), dtype=bool)
+            mask[order[:k]] = True
+        masks.append(mask)
+    return masks
+
+
+def _spread(kl: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A shortlist's KLs back in their row's places: +inf where not judged (NaN stays NaN: the
+    probe did not observe the row, and adds no evidence)."""
+    full = np.full(len(mask), np.nan if np.isnan(kl).all() else np.inf)
+    full[mask] = kl
+    return full
 
 
 def choose(
@@ -123,8 +167,8 @@ def choose(
     `allowed` (per row, per candidate) leaves some candidates out."""
     chosen, totals = [], []
     for i, row in enumerate(candidates):
-        # An unobserved probe (NaN) adds no evidence.
-        total = sum((np.nan_to_num(kl[i], nan=0.0) for kl in kls), np.zeros(len(row)))
+        # An unobserved probe (NaN) adds no evidence; a candidate left off a shortlist is +inf.
+        total = sum((np.where(np.isnan(kl[i]), 0.0, kl[i]) for kl in kls), np.zeros(len(row)))
         usable = [j for j, c in enumerate(row) if c.strip() and (allowed is None or allowed[i][j])]
         chosen.append(row[min(usable, key=lambda j: total[j])] if usable else "")
         totals.append(total)
@@ -132,10 +176,14 @@ def choose(
 
 
 def search(
-    target, probes: Sequence[Probe], candidates: Sequence[Sequence[str]], progress: bool = True
+    target,
+    probes: Sequence[Probe],
+    candidates: Sequence[Sequence[str]],
+    progress: bool = True,
+    shortlist: int | None = None,
 ) -> tuple[list[str], list[np.ndarray]]:
     """Per row, the candidate with the least KL summed over the probes that observed it."""
-    return choose(candidates, judge(target, probes, candidates, progress))
+    return choose(candidates, judge(target, probes, candidates, progress, shortlist))
 
 
 def proposals(
@@ -165,7 +213,8 @@ def proposals(
 class SearchResult:
     """What `observe_and_search` saw and chose, per row: each probe's user turn, its refused
     rows and its inverter's greedy output ("" where refused), the judged candidates and their
-    KL totals, and the chosen prompts (`chosen`; `by_turn`: judged on one turn alone)."""
+    KL totals, and the chosen prompts (`chosen`; `by_turn`: judged on one turn alone, among
+    those it judged). `shortlist`: what later turns judged (None: every candidate)."""
 
     turns: list[str]
     refused: list[list[bool]]
@@ -176,6 +225,25 @@ class SearchResult:
     totals: list[np.ndarray]
     chosen: list[str]
     by_turn: dict[str, list[str]]
+    shortlist: int | None = None
+
+    @property
+    def judged(self) -> int:
+        """How many (candidate, turn) pairs the target judged."""
+        return int(sum(np.isfinite(kl).sum() for probe in self.kls for kl in probe))
+
+    def with_shortlist(self, k: int) -> SearchResult:
+        """The search had later turns judged only the `k` best after the first (`judge`'s
+        `shortlist`), replayed from these KLs: no more target passes."""
+        kls = [self.kls[0]]
+        for probe in self.kls[1:]:
+            keep = shortlisted(self.candidates, kls, k)
+            kls.append([_spread(kl[m], m) for kl, m in zip(probe, keep, strict=True)])
+        chosen, totals = choose(self.candidates, kls)
+        by_turn = _by_turn(self.turns, self.candidates, kls)
+        return dataclasses.replace(
+            self, kls=kls, totals=totals, chosen=chosen, by_turn=by_turn, shortlist=k
+        )
 
     def choose(self, keep: Callable[[str], bool]) -> list[str]:
         """The choice among the candidates whose origin `keep` accepts (an ablation)."""
@@ -193,6 +261,8 @@ def observe_and_search(
     batch_size: int = 16,
     bf16: bool = False,
     replies: bool = True,
+    shortlist: int | None = None,
+    target=None,
     progress: bool = True,
 ) -> SearchResult:
     """The whole attack on a local deployment of the inverters' target: ask each inverter's
@@ -200,54 +270,75 @@ def observe_and_search(
     more; `leak_filter` refuses replies that repeat the prompt, and a refused turn is not
     observed), let each inverter propose candidates from the observation it was trained on
     (with `replies`, the observed reply itself is one more: "The task is to ..." can be the
-    closest guess), and judge every candidate on every observed turn. The inverters must share
-    one target and mode; their user turns differ (each is recorded in its fingerprint)."""
+    closest guess), and judge every candidate on every observed turn (with `shortlist`, the
+    first inverter's turn judges all, later turns only each row's `shortlist` best so far:
+    fewer target passes, see `judge`). The inverters must share
+    one target and mode; their user turns differ (each is recorded in its fingerprint).
+    `target`: that target already loaded (its user turn is put back), else a copy is loaded."""
     from ..recipes.methods import MethodContext
     from .invert import target_for, user_turn_of
 
     if not inverters:
         raise Logit2PromptError("search needs at least one inverter")
-    target = target_for(inverters[0], batch_size=batch_size)
-    turns, probes, outputs, refused_all = [], [], [], []
-    candidates: list[list[str]] = [[] for _ in prompts]
-    origins: list[list[str]] = [[] for _ in prompts]
-    for inverter in inverters:
-        fp = inverter.fingerprint
-        turn = user_turn_of(fp.template, target) if fp is not None else None
-        if turn is None:
-            raise Logit2PromptError("search needs inverters trained on a system-mode target")
-        target.set_user_turn(turn)
-        diffs = fp.differences(target.fingerprint)
-        if diffs:
-            raise Logit2PromptError(f"the inverters' targets differ: {'; '.join(diffs)}")
-        logger.info("observing %d replies to %r", len(prompts), turn)
-        # The judge reads `steps`; the inverter needs at least the steps it was trained on.
-        read = max(steps, inverter.config.steps)
-        observed = target.next_token_logprobs(list(prompts), steps=read).numpy()
-        replies_seen = MethodContext(None, observed, target=target).replies()
-        refused = [
-            leak_filter is not None and leak_filter.blocks(r, p)
-            for r, p in zip(replies_seen, prompts, strict=True)
-        ]
-        proposed = proposals(inverter, observed, neighbours, batch_size=32, bf16=bf16)
-        for i, (new, blocked) in enumerate(zip(proposed, refused, strict=True)):
-            if blocked:
-                continue
-            kinds = ["inverter"] + ["memory"] * (len(new) - 1)
-            if replies and replies_seen[i]:
-                new, kinds = [*new, replies_seen[i]], [*kinds, "reply"]
-            for text, kind in zip(new, kinds, strict=True):
-                if text not in candidates[i]:  # the first origin of a duplicate is kept
-                    candidates[i].append(text)
-                    origins[i].append(f"{kind}:{turn}")
-        turns.append(turn)
-        probes.append(Probe(turn, observed, refused))
-        outputs.append(["" if b else row[0] for b, row in zip(refused, proposed, strict=True)])
-        refused_all.append(refused)
-    kls = judge(target, probes, candidates, progress)
-    chosen, totals = choose(candidates, kls)
-    # Each turn alone as the judge, for comparison (no more target passes).
-    by_turn = {t: choose(candidates, [kl])[0] for t, kl in zip(turns, kls, strict=True)}
-    return SearchResult(
-        turns, refused_all, outputs, candidates, origins, kls, totals, chosen, by_turn
-    )
+    if target is None:
+        target = target_for(inverters[0], batch_size=batch_size)
+    before = target.user_turn
+    try:
+        turns, probes, outputs, refused_all = [], [], [], []
+        candidates: list[list[str]] = [[] for _ in prompts]
+        origins: list[list[str]] = [[] for _ in prompts]
+        for inverter in inverters:
+            fp = inverter.fingerprint
+            turn = user_turn_of(fp.template, target) if fp is not None else None
+            if turn is None:
+                raise Logit2PromptError("search needs inverters trained on a system-mode target")
+            target.set_user_turn(turn)
+            diffs = fp.differences(target.fingerprint)
+            if diffs:
+                raise Logit2PromptError(f"the inverters' targets differ: {'; '.join(diffs)}")
+            logger.info("observing %d replies to %r", len(prompts), turn)
+            # The judge reads `steps`; the inverter needs at least the steps it was trained on.
+            read = max(steps, inverter.config.steps)
+            observed = target.next_token_logprobs(list(prompts), steps=read).numpy()
+            replies_seen = MethodContext(None, observed, target=target).replies()
+            refused = [
+                leak_filter is not None and leak_filter.blocks(r, p)
+                for r, p in zip(replies_seen, prompts, strict=True)
+            ]
+            proposed = proposals(inverter, observed, neighbours, batch_size=32, bf16=bf16)
+            for i, (new, blocked) in enumerate(zip(proposed, refused, strict=True)):
+                if blocked:
+                    continue
+                kinds = ["inverter"] + ["memory"] * (len(new) - 1)
+                if replies and replies_seen[i]:
+                    new, kinds = [*new, replies_seen[i]], [*kinds, "reply"]
+                for text, kind in zip(new, kinds, strict=True):
+                    if text not in candidates[i]:  # the first origin of a duplicate is kept
+                        candidates[i].append(text)
+                        origins[i].append(f"{kind}:{turn}")
+            turns.append(turn)
+            probes.append(Probe(turn, observed, refused))
+            outputs.append(["" if b else row[0] for b, row in zip(refused, proposed, strict=True)])
+            refused_all.append(refused)
+        kls = judge(target, probes, candidates, progress, shortlist)
+        chosen, totals = choose(candidates, kls)
+        by_turn = _by_turn(turns, candidates, kls)
+        return SearchResult(
+            turns,
+            refused_all,
+            outputs,
+            candidates,
+            origins,
+            kls,
+            totals,
+            chosen,
+            by_turn,
+            shortlist,
+        )
+    finally:
+        target.set_user_turn(before)
+
+
+def _by_turn(turns, candidates, kls) -> dict[str, list[str]]:
+    """Each turn alone as the judge, for comparison (no more target passes)."""
+    return {t: choose(candidates, [kl])[0] for t, kl in zip(turns, kls, strict=True)}

@@ -136,6 +136,13 @@ class EvalConfig:
             "sep": None,
         },
     )
+    search_shortlist: int = dataclasses.field(
+        default=0,
+        metadata={
+            "help": "the search's later turns judge only each prompt's K best candidates after "
+            "the first turn (0: every candidate on every turn; fewer target passes)"
+        },
+    )
     predictions: tuple[str, ...] = dataclasses.field(
         default=(),
         metadata={
@@ -171,6 +178,8 @@ def _check_baselines(cfg: EvalConfig) -> None:
         raise Logit2PromptError(
             f"--mbr-samples must be 0 (off) or at least 2, got {cfg.mbr_samples}"
         )
+    if cfg.search_shortlist < 0:
+        raise Logit2PromptError(f"--search-shortlist must be >= 0, got {cfg.search_shortlist}")
     from ..models.pretrained import resolve_checkpoint
 
     for other in cfg.search_with:  # a mistyped checkpoint fails before any target work
@@ -225,6 +234,7 @@ def method_context(cfg: EvalConfig, inverter, target, references, vectors) -> me
         refine_rounds=cfg.refine_rounds,
         mbr_samples=cfg.mbr_samples,
         search_with=tuple(cfg.search_with),
+        search_shortlist=cfg.search_shortlist or None,
         attacks=cfg.attacks,
         leak_filter=LeakFilter(cfg.leak_filter) if cfg.leak_filter else None,
         text_checkpoint=cfg.text_checkpoint,

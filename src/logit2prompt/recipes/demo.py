@@ -3,12 +3,14 @@
 For each threat model (the hidden prompt as the user turn; as a guarded system prompt), the
 embedded default target reads a handful of prompts from three out-of-domain sets that no
 shipped inverter trained on (`demo_prompts.jsonl`), and the shipped inverter for that mode
-reads its log-probs. Rows: the inverter; the inverter re-ranked by the target beside the 3
-nearest training prompts; the nearest training prompt (from the inverter's neighbour memory,
-no store needed); the extraction string, asked of the target itself (in guarded mode
-through the leak filter a careful deployment puts on replies); and the reply the log-probs
-were read from, as a guess. In guarded mode the filter sees that reply too: where it refuses
-it, the attacker observes nothing. Nothing is trained.
+reads its log-probs. Rows: the inverter; in guarded mode, the search (`attacks/search.py`:
+the candidates of both shipped guarded inverters, each reading the reply to its own innocuous
+turn, judged by the attacker's copy of the target on both); the inverter re-ranked by the
+target beside the 3 nearest training prompts; the nearest training prompt (from the
+inverter's neighbour memory, no store needed); the extraction string, asked of the target
+itself (in guarded mode through the leak filter a careful deployment puts on replies); and
+the reply the log-probs were read from, as a guess. In guarded mode the filter sees that
+reply too: where it refuses it, the attacker observes nothing. Nothing is trained.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ DEMO_PROMPTS = "demo_prompts.jsonl"  # package data beside this module
 SHIPPED = {"user": DEFAULT_TARGET, "guarded": f"{DEFAULT_TARGET}-guarded"}
 # The second proposer of the search (`--search`): another shipped inverter on its own turn.
 SEARCH_WITH = {"guarded": (f"{DEFAULT_TARGET}-guarded-task",)}
+# The second turn judges the first turn's best few only (benchmarks/two_turns.py --shortlist,
+# chosen on validation prompts): most of the search's time is judging.
+SEARCH_SHORTLIST = 4
 METHODS = ("inverter", "rerank", "nn", "extraction", "reply")
 ROWS = (INVERTER, RERANKED, NEAREST, EXTRACTION_BEST, REPLY)
 # The best single string of the built-in list on the default target, in user and guarded
@@ -83,11 +88,17 @@ class DemoConfig:
         },
     )
     search: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "guarded mode: also show the search (the candidates of both shipped guarded "
-            "inverters, each on its own innocuous turn, judged by the target on both; about "
-            "2 more minutes on 2 CPU cores)"
+            "inverters, each on its own innocuous turn, judged by the target on both)"
+        },
+    )
+    search_shortlist: int = field(
+        default=SEARCH_SHORTLIST,
+        metadata={
+            "help": "the search's second turn judges only each prompt's K best candidates "
+            "after the first (0: all of them; slower)"
         },
     )
     batch_size: int = field(default=48, metadata={"help": "target and decoding batch"})
@@ -181,6 +192,7 @@ def run_mode(
     search = cfg.search and mode in SEARCH_WITH
     if search:
         ctx.search_with = SEARCH_WITH[mode]
+        ctx.search_shortlist = cfg.search_shortlist or None
     keys = (*METHODS, *("mbr",) * bool(cfg.mbr_samples), *("search",) * search)
     preds = run_methods(keys, ctx)
     preds = {row: preds[row] for row in shown_rows(attacks, bool(cfg.mbr_samples), search)}
@@ -240,8 +252,10 @@ def format_demo(report: dict) -> str:
         for group, table in res["sets"].items():
             lines += ["", f"{group}:", format_table(table)]
         lines.append("")
+        best = SEARCH if SEARCH in res["all"] else INVERTER
+        lines.append(f"hidden prompt -> {best}:")
         for ex in res["examples"][:: max(1, len(res["examples"]) // 4)][:4]:
-            lines.append(f"  {ex['hidden']!r}\n    -> {ex[INVERTER]!r}")
+            lines.append(f"  {ex['hidden']!r}\n    -> {ex[best]!r}")
     out = Path(report["config"]["out"])
     lines += [
         "",

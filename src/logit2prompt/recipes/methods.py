@@ -71,6 +71,7 @@ class MethodContext:
     mbr_utility: str = DEFAULT_UTILITY  # see attacks.mbr.UTILITIES
     seed: int = 0  # the inverter's sampling (MBR)
     search_with: tuple = ()  # more inverters (checkpoints) for the search, each on its own turn
+    search_shortlist: int | None = None  # later turns judge only the best so far (search.judge)
     near: list[list[int]] | None = None
     notes: dict = field(default_factory=dict)  # side results: best_attack, fallback_kept
     _decoded: dict = field(default_factory=dict, repr=False)
@@ -323,8 +324,11 @@ def _search(ctx: MethodContext) -> dict[str, list[str]]:
         leak_filter=ctx.leak_filter,
         batch_size=ctx.batch_size,
         bf16=ctx.bf16,
+        shortlist=ctx.search_shortlist,
+        target=ctx.target,
         progress=ctx.progress,
     )
+    logger.info("search: %.1f candidates judged per prompt", found.judged / max(1, len(ctx)))
     return {SEARCH: found.chosen}
 
 
