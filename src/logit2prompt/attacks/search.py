@@ -272,8 +272,8 @@ def observe_and_search(
     (with `replies`, the observed reply itself is one more: "The task is to ..." can be the
     closest guess), and judge every candidate on every observed turn (with `shortlist`, the
     first inverter's turn judges all, later turns only each row's `shortlist` best so far:
-    fewer target passes, see `judge`). The inverters must share
-    one target and mode; their user turns differ (each is recorded in its fingerprint).
+    fewer target passes, see `judge`). The inverters must share one target and mode; their
+    user turns differ (each is recorded in its fingerprint).
     `target`: that target already loaded (its user turn is put back), else a copy is loaded."""
     from ..recipes.methods import MethodContext
     from .invert import target_for, user_turn_of

@@ -328,7 +328,9 @@ def _search(ctx: MethodContext) -> dict[str, list[str]]:
         target=ctx.target,
         progress=ctx.progress,
     )
-    logger.info("search: %.1f candidates judged per prompt", found.judged / max(1, len(ctx)))
+    logger.info(
+        "search: %.1f (candidate, turn) pairs judged per prompt", found.judged / max(1, len(ctx))
+    )
     return {SEARCH: found.chosen}
 
 
