@@ -3,21 +3,23 @@ demo's table on more prompts, with paired gains.
 
     python benchmarks/shipped_ood.py --data ../shared/data --limit 100 \
         [--modes user,guarded,system] [--checkpoint MODE=DIR ...] [--versus RESULTS.json] \
-        [--attacks all]
+        [--attacks all] [--no-search]
 
 For each set (a seeded sample of LIMIT of the first 200 prompts of each OOD file, the rows the
 demo's prompts come from) and each mode, the demo's rows (`recipes/demo.py`): the inverter,
 re-ranked by the target, the nearest memorised training prompt, and the best of the demo's
 extraction strings (leak-filtered in guarded mode) and the observed reply itself, with the
-inverter's paired BLEU gain over the last three. Default checkpoints: the shipped ones (user,
-guarded); system mode, for which none is shipped, needs `--checkpoint system=DIR`. `--attacks
-all` asks every string of the built-in list instead of the demo's one: the best-string row is
-then the best of them over the mode's prompts (a choice made on the scored prompts, which
-flatters the baseline), and the per-prompt oracle among them is one more row; each string is
-64-token greedy replies to every prompt (on 2 CPU cores ~3.3 minutes per string for 300 prompts,
-so `all`, 12 strings, takes ~40 minutes per mode there). `--versus` pairs the inverter, per
-prompt, with the inverter row of an earlier run of this script (e.g. a new checkpoint against
-the shipped one). Writes benchmarks/results/shipped_ood.json.
+inverter's paired BLEU gain over the last three; and the search (`attacks/search.py`, on by
+default as in the demo; `--no-search`), with its paired gains over them and the inverter.
+Default checkpoints: the shipped ones (user, guarded); system mode, for which none is shipped,
+needs `--checkpoint system=DIR`. `--attacks all` asks every string of the built-in list instead
+of the demo's one: the best-string row is then the best of them over the mode's prompts (a
+choice made on the scored prompts, which flatters the baseline), and the per-prompt oracle among
+them is one more row; each string is 64-token greedy replies to every prompt (on 2 CPU cores
+~3.3 minutes per string for 300 prompts, so `all`, 12 strings, takes ~40 minutes per mode
+there). `--versus` pairs the inverter, per prompt, with the inverter row of an earlier run of
+this script (e.g. a new checkpoint against the shipped one). Writes
+benchmarks/results/shipped_ood.json.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ SHORT = {
     demo.EXTRACTION_BEST: "extraction",
     demo.REPLY: "reply",
     EXTRACTION_ORACLE: "extraction oracle",
+    demo.SEARCH: "search",
 }
 
 
@@ -73,21 +76,24 @@ def main() -> None:
     parser.add_argument(
         "--mbr-samples", type=int, default=0, help="also the MBR choice among this many samples"
     )
+    parser.add_argument(
+        "--no-search", action="store_true", help="leave out the search (as the demo's flag)"
+    )
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     earlier = json.loads(Path(args.versus).read_text())["modes"] if args.versus else {}
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
     rows = rows_of(Path(args.data), args.limit, args.seed)
-    cfg = demo.DemoConfig(modes=args.modes, progress=False)
+    cfg = demo.DemoConfig(modes=args.modes, progress=False, search=not args.no_search)
     attacks = demo.ATTACKS if args.attacks == "demo" else tuple(load_attacks(None))
     results: dict = {"limit": args.limit, "attacks": len(attacks), "modes": {}}
     if args.mbr_samples:
         cfg.mbr_samples = args.mbr_samples
         results["mbr_samples"] = args.mbr_samples
-    shown = demo.shown_rows(attacks, bool(args.mbr_samples))
-    # The rows a gain is reported for, and what each is paired with.
-    subjects = (demo.INVERTER, MBR) if args.mbr_samples else (demo.INVERTER,)
-    others = (*demo.ROWS[2:], "earlier inverter") + ((demo.INVERTER,) if args.mbr_samples else ())
+    shown = demo.shown_rows(attacks, bool(args.mbr_samples), cfg.search)
+    # The rows a gain is reported for (those a mode has), and what each is paired with.
+    subjects = (demo.INVERTER, *(MBR,) * bool(args.mbr_samples), *(demo.SEARCH,) * cfg.search)
+    others = (*demo.ROWS[2:], "earlier inverter") + ((demo.INVERTER,) if len(subjects) > 1 else ())
     lines = [
         "| mode | set | row | "
         + " | ".join(SHORT[m] for m in shown)
@@ -108,9 +114,11 @@ def main() -> None:
                 }
             cells = [
                 f"{table[m]['bleu']['mean']:.1f} / {table[m]['token_f1']['mean']:.1f}"
+                if m in table
+                else "—"  # a mode without a search
                 for m in shown
             ]
-            for subject in subjects:
+            for subject in (s for s in subjects if s in table):
                 mine = table[subject]
                 preds = [e[subject] for e in ex]
                 for other in others:

@@ -2,6 +2,10 @@
 source, the one under which the attacker's own copy of the target best explains every reply
 it observed.
 
+In user mode there is one observation, the reply to the hidden prompt itself; its words are
+often the best guess there ("Developing anorexia is ..."), and the judge chooses between them
+and the inverter's candidates.
+
 A guarded deployment answers an innocuous turn ("Hello!", "Hi! What is the task?") with a reply
 that says little in its words, but its log-probs, step by step, depend on the hidden prompt.
 For each candidate the local target is run once per observed turn, teacher-forced along the
@@ -32,15 +36,18 @@ logger = logging.getLogger(__name__)
 # Candidates per forced pass: each holds a few [chunk, steps, vocab] float32 buffers (at 256
 # candidates x 16 steps over 49,152 tokens, ~0.8 GB each, a 7.9 GB peak in the demo).
 CHUNK = 32
+# What a user-mode probe is called where turns are named (its reply answers the hidden prompt).
+HIDDEN_TURN = "the hidden prompt"
 
 
 @dataclass
 class Probe:
-    """One observed turn: the user turn the attacker sent, the observed log-probs
-    `[n, steps, vocab]` of the reply, and (optional) the rows whose reply the deployment
-    refused, for which nothing was observed."""
+    """One observed turn: the user turn the attacker sent (None in user mode, where the
+    hidden prompt is the user turn), the observed log-probs `[n, steps, vocab]` of the reply,
+    and (optional) the rows whose reply the deployment refused, for which nothing was
+    observed."""
 
-    user_turn: str
+    user_turn: str | None
     observed: np.ndarray
     refused: Sequence[bool] | None = None
 
@@ -76,10 +83,12 @@ def forced_kl(
     pairs = [(i, c) for i, row in enumerate(candidates) if probe.seen(i) for c in row if c.strip()]
     scores = {pair: np.nan for pair in pairs}
     before = target.user_turn
-    target.set_user_turn(probe.user_turn)
+    if probe.user_turn is not None:
+        target.set_user_turn(probe.user_turn)
     try:
         chunks = range(0, len(pairs), CHUNK)
-        for start in tqdm(chunks, desc=f"judge ({probe.user_turn})", disable=not progress):
+        desc = f"judge ({probe.user_turn or HIDDEN_TURN})"
+        for start in tqdm(chunks, desc=desc, disable=not progress):
             part = pairs[start : start + CHUNK]
             rows = [i for i, _ in part]
             forced = target.forced_logprobs([c for _, c in part], greedy[rows].tolist())
@@ -117,7 +126,7 @@ def judge(
         raise Logit2PromptError(f"a shortlist keeps at least one candidate, got {shortlist}")
     out: list[list[np.ndarray]] = []
     for probe in probes:
-        logger.info("judging candidates on the reply to %r", probe.user_turn)
+        logger.info("judging candidates on the reply to %r", probe.user_turn or HIDDEN_TURN)
         if not out or shortlist is None:
             out.append(forced_kl(target, probe, candidates, progress))
             continue
@@ -273,7 +282,8 @@ def observe_and_search(
     closest guess), and judge every candidate on every observed turn (with `shortlist`, the
     first inverter's turn judges all, later turns only each row's `shortlist` best so far:
     fewer target passes, see `judge`). The inverters must share one target and mode; their
-    user turns differ (each is recorded in its fingerprint).
+    user turns differ (each is recorded in its fingerprint). In user mode the only turn is the
+    hidden prompt, observed once: one inverter.
     `target`: that target already loaded (its user turn is put back), else a copy is loaded."""
     from ..recipes.methods import MethodContext
     from .invert import target_for, user_turn_of
@@ -283,6 +293,14 @@ def observe_and_search(
     if target is None:
         target = target_for(inverters[0], batch_size=batch_size)
     before = target.user_turn
+    user_mode = [getattr(inv.fingerprint, "mode", None) == "user" for inv in inverters]
+    if any(user_mode) and not all(user_mode):
+        raise Logit2PromptError("the search's inverters must share one mode; these mix user mode")
+    if any(user_mode) and len(inverters) > 1:
+        raise Logit2PromptError(
+            "in user mode the hidden prompt is the only turn, observed once: search with one "
+            f"inverter, not {len(inverters)}"
+        )
     try:
         turns, probes, outputs, refused_all = [], [], [], []
         candidates: list[list[str]] = [[] for _ in prompts]
@@ -290,13 +308,16 @@ def observe_and_search(
         for inverter in inverters:
             fp = inverter.fingerprint
             turn = user_turn_of(fp.template, target) if fp is not None else None
-            if turn is None:
-                raise Logit2PromptError("search needs inverters trained on a system-mode target")
-            target.set_user_turn(turn)
+            if turn is None and not user_mode[0]:
+                raise Logit2PromptError(
+                    "search needs inverters trained on a user- or system-mode target"
+                )
+            if turn is not None:
+                target.set_user_turn(turn)
             diffs = fp.differences(target.fingerprint)
             if diffs:
                 raise Logit2PromptError(f"the inverters' targets differ: {'; '.join(diffs)}")
-            logger.info("observing %d replies to %r", len(prompts), turn)
+            logger.info("observing %d replies to %r", len(prompts), turn or HIDDEN_TURN)
             # The judge reads `steps`; the inverter needs at least the steps it was trained on.
             read = max(steps, inverter.config.steps)
             observed = target.next_token_logprobs(list(prompts), steps=read).numpy()
@@ -315,8 +336,8 @@ def observe_and_search(
                 for text, kind in zip(new, kinds, strict=True):
                     if text not in candidates[i]:  # the first origin of a duplicate is kept
                         candidates[i].append(text)
-                        origins[i].append(f"{kind}:{turn}")
-            turns.append(turn)
+                        origins[i].append(f"{kind}:{turn or HIDDEN_TURN}")
+            turns.append(turn or HIDDEN_TURN)
             probes.append(Probe(turn, observed, refused))
             outputs.append(["" if b else row[0] for b, row in zip(refused, proposed, strict=True)])
             refused_all.append(refused)

@@ -3,9 +3,10 @@
 For each threat model (the hidden prompt as the user turn; as a guarded system prompt), the
 embedded default target reads a handful of prompts from three out-of-domain sets that no
 shipped inverter trained on (`demo_prompts.jsonl`), and the shipped inverter for that mode
-reads its log-probs. Rows: the inverter; in guarded mode, the search (`attacks/search.py`:
-the candidates of both shipped guarded inverters, each reading the reply to its own innocuous
-turn, judged by the attacker's copy of the target on both); the inverter re-ranked by the
+reads its log-probs. Rows: the inverter; the search (`attacks/search.py`: candidates judged by
+the attacker's copy of the target; in guarded mode those of both shipped guarded inverters,
+each reading the reply to its own innocuous turn, judged on both; in user mode the inverter's
+and the observed reply, judged on that reply); the inverter re-ranked by the
 target beside the 3 nearest training prompts; the nearest training prompt (from the
 inverter's neighbour memory, no store needed); the extraction string, asked of the target
 itself (in guarded mode through the leak filter a careful deployment puts on replies); and
@@ -51,8 +52,9 @@ logger = logging.getLogger(__name__)
 DEMO_PROMPTS = "demo_prompts.jsonl"  # package data beside this module
 # The shipped inverter of each threat model, for the embedded default target.
 SHIPPED = {"user": DEFAULT_TARGET, "guarded": f"{DEFAULT_TARGET}-guarded"}
-# The second proposer of the search (`--search`): another shipped inverter on its own turn.
-SEARCH_WITH = {"guarded": (f"{DEFAULT_TARGET}-guarded-task",)}
+# The modes with a search (`--search`), and its further proposers: in guarded mode another
+# shipped inverter on its own turn; in user mode the hidden prompt is the only turn.
+SEARCH_WITH = {"guarded": (f"{DEFAULT_TARGET}-guarded-task",), "user": ()}
 # The second turn judges the first turn's best few only (benchmarks/two_turns.py --shortlist,
 # chosen on validation prompts): most of the search's time is judging.
 SEARCH_SHORTLIST = 4
@@ -90,8 +92,9 @@ class DemoConfig:
     search: bool = field(
         default=True,
         metadata={
-            "help": "guarded mode: also show the search (the candidates of both shipped guarded "
-            "inverters, each on its own innocuous turn, judged by the target on both)"
+            "help": "also show the search: candidates judged by the attacker's copy of the "
+            "target (guarded mode: both shipped guarded inverters', each on its own innocuous "
+            "turn, judged on both; user mode: the inverter's and the observed reply)"
         },
     )
     search_shortlist: int = field(
