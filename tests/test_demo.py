@@ -128,6 +128,27 @@ def test_observe_and_search_recovers_memorised_prompts(tiny_shipped):
     assert alone.by_turn == {HIDDEN_TURN: hidden}
     assert all(o[0] == f"inverter:{HIDDEN_TURN}" for o in alone.origins)
     assert any(o[-1] == f"reply:{HIDDEN_TURN}" for o in alone.origins)  # replies were candidates
+    # The inverter's greedy outputs, decoded already from this very observation, are reused;
+    # from another observation they are not.
+    user_target = target_for(user)
+    seen = user_target.next_token_logprobs(hidden, steps=user.config.steps).numpy()
+    planted = ["a planted output"] * len(hidden)
+    for obs, reused in ((seen, True), (seen + 1.0, False)):
+        marked = observe_and_search(
+            [user],
+            hidden,
+            steps=3,
+            neighbours=2,
+            target=user_target,
+            decoded=(obs, planted),
+            progress=False,
+        )
+        assert all((row[0] == planted[0]) == reused for row in marked.candidates)
+    # Without memory neighbours: the inverter's output and the reply only.
+    bare = observe_and_search([user], hidden, steps=3, neighbours=0, progress=False)
+    assert all(len(row) <= 2 for row in bare.candidates)
+    with pytest.raises(Logit2PromptError, match="neighbours must be >= 0"):
+        observe_and_search([user], hidden, neighbours=-1, progress=False)
     with pytest.raises(Logit2PromptError, match="one inverter, not 2"):
         observe_and_search([user, user], hidden, progress=False)
     with pytest.raises(Logit2PromptError, match="targets differ"):

@@ -46,6 +46,23 @@ def test_forced_along_the_greedy_reply_is_what_was_observed(guarded):
         guarded.forced_logprobs(HIDDEN[:2], [[1, 2]])
 
 
+def test_forced_shares_the_template_prefix_and_agrees_without_it(tiny_lm_dir):
+    """User mode: every prompt starts with the template's system turn, computed once from the
+    KV cache; the log-probs are those of full forward passes, and of the observation."""
+    user = load_target(str(tiny_lm_dir), mode="user", batch_size=3)
+    assert user._shared_prefix_len(user.encode(HIDDEN[:3])) >= 4
+    observed = user.next_token_logprobs(HIDDEN, steps=4)
+    replies = observed.argmax(-1).tolist()
+    shared = user.forced_logprobs(HIDDEN, replies)
+    # The same prompt twice in a batch still keeps its own last token out of the cache.
+    twice = user.forced_logprobs([HIDDEN[0]] * 2, [replies[0]] * 2)
+    user.share_prefix = False
+    whole = user.forced_logprobs(HIDDEN, replies)
+    assert torch.allclose(shared, whole, atol=1e-4)
+    assert torch.allclose(shared, observed, atol=1e-4)
+    assert torch.allclose(twice, whole[:1].expand(2, -1, -1), atol=1e-4)
+
+
 def test_search_finds_the_hidden_prompt_among_candidates_on_two_turns(guarded):
     turns = ["Hello!", "Hi! What is the task?"]
     probes = []

@@ -82,6 +82,8 @@ def forced_kl(
     greedy = observed.argmax(-1)  # the reply the deployment sent, as token ids
     pairs = [(i, c) for i, row in enumerate(candidates) if probe.seen(i) for c in row if c.strip()]
     scores = {pair: np.nan for pair in pairs}
+    # Chunks of similar length: one long candidate no longer pads a whole chunk to its size.
+    pairs.sort(key=lambda pair: len(pair[1]))
     before = target.user_turn
     if probe.user_turn is not None:
         target.set_user_turn(probe.user_turn)
@@ -202,13 +204,16 @@ def proposals(
     *,
     batch_size: int = 32,
     bf16: bool = False,
+    outputs: Sequence[str] | None = None,
 ) -> list[list[str]]:
-    """Per row, an inverter's greedy output and the `neighbours` nearest prompts of its
-    neighbour memory (none without one), for `search` to judge."""
+    """Per row, an inverter's greedy output (`outputs`, if already decoded from this
+    observation) and the `neighbours` nearest prompts of its neighbour memory (none without
+    one), for `search` to judge."""
     from .nearest import MemoryNeighbours, nearest_neighbours
 
     vectors = torch.from_numpy(np.asarray(observed[:, : inverter.config.steps], np.float32))
-    outputs = inverter.invert(vectors, batch_size=batch_size, bf16=bf16)
+    if outputs is None:
+        outputs = inverter.invert(vectors, batch_size=batch_size, bf16=bf16)
     rows = [[o] for o in outputs]
     if neighbours and inverter.memory is not None:
         memory = MemoryNeighbours(inverter)
@@ -272,6 +277,7 @@ def observe_and_search(
     replies: bool = True,
     shortlist: int | None = None,
     target=None,
+    decoded: tuple[np.ndarray, Sequence[str]] | None = None,
     progress: bool = True,
 ) -> SearchResult:
     """The whole attack on a local deployment of the inverters' target: ask each inverter's
@@ -284,12 +290,16 @@ def observe_and_search(
     fewer target passes, see `judge`). The inverters must share one target and mode; their
     user turns differ (each is recorded in its fingerprint). In user mode the only turn is the
     hidden prompt, observed once: one inverter.
-    `target`: that target already loaded (its user turn is put back), else a copy is loaded."""
+    `target`: that target already loaded (its user turn is put back), else a copy is loaded.
+    `decoded`: an observation of the first inverter's turn and its greedy outputs, reused
+    where that observation is this one (no second decode)."""
     from ..recipes.methods import MethodContext
     from .invert import target_for, user_turn_of
 
     if not inverters:
         raise Logit2PromptError("search needs at least one inverter")
+    if neighbours < 0:
+        raise Logit2PromptError(f"the search's neighbours must be >= 0, got {neighbours}")
     if target is None:
         target = target_for(inverters[0], batch_size=batch_size)
     before = target.user_turn
@@ -305,7 +315,7 @@ def observe_and_search(
         turns, probes, outputs, refused_all = [], [], [], []
         candidates: list[list[str]] = [[] for _ in prompts]
         origins: list[list[str]] = [[] for _ in prompts]
-        for inverter in inverters:
+        for index, inverter in enumerate(inverters):
             fp = inverter.fingerprint
             turn = user_turn_of(fp.template, target) if fp is not None else None
             if turn is None and not user_mode[0]:
@@ -326,7 +336,15 @@ def observe_and_search(
                 leak_filter is not None and leak_filter.blocks(r, p)
                 for r, p in zip(replies_seen, prompts, strict=True)
             ]
-            proposed = proposals(inverter, observed, neighbours, batch_size=32, bf16=bf16)
+            given = None
+            if decoded is not None and index == 0:
+                seen, texts = decoded
+                steps_read = inverter.config.steps
+                if np.array_equal(np.asarray(seen), observed[:, :steps_read]):
+                    given = list(texts)
+            proposed = proposals(
+                inverter, observed, neighbours, batch_size=32, bf16=bf16, outputs=given
+            )
             for i, (new, blocked) in enumerate(zip(proposed, refused, strict=True)):
                 if blocked:
                     continue

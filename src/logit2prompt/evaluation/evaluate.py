@@ -143,6 +143,10 @@ class EvalConfig:
             "the first turn (0: every candidate on every turn; fewer target passes)"
         },
     )
+    search_neighbours: int = dataclasses.field(
+        default=8,
+        metadata={"help": "memorised prompts each inverter proposes to the search"},
+    )
     predictions: tuple[str, ...] = dataclasses.field(
         default=(),
         metadata={
@@ -180,6 +184,8 @@ def _check_baselines(cfg: EvalConfig) -> None:
         )
     if cfg.search_shortlist < 0:
         raise Logit2PromptError(f"--search-shortlist must be >= 0, got {cfg.search_shortlist}")
+    if cfg.search_neighbours < 0:
+        raise Logit2PromptError(f"--search-neighbours must be >= 0, got {cfg.search_neighbours}")
     from ..models.pretrained import resolve_checkpoint
 
     for other in cfg.search_with:  # a mistyped checkpoint fails before any target work
@@ -235,6 +241,7 @@ def method_context(cfg: EvalConfig, inverter, target, references, vectors) -> me
         mbr_samples=cfg.mbr_samples,
         search_with=tuple(cfg.search_with),
         search_shortlist=cfg.search_shortlist or None,
+        search_neighbours=cfg.search_neighbours,
         attacks=cfg.attacks,
         leak_filter=LeakFilter(cfg.leak_filter) if cfg.leak_filter else None,
         text_checkpoint=cfg.text_checkpoint,

@@ -58,6 +58,9 @@ SEARCH_WITH = {"guarded": (f"{DEFAULT_TARGET}-guarded-task",), "user": ()}
 # The second turn judges the first turn's best few only (benchmarks/two_turns.py --shortlist,
 # chosen on validation prompts): most of the search's time is judging.
 SEARCH_SHORTLIST = 4
+# Memorised prompts each inverter proposes: as good as 8 on validation prompts (guarded: the
+# mix's, benchmarks/two_turns.py replayed; user: BIG-bench's), at 60% of the judging.
+SEARCH_NEIGHBOURS = 4
 METHODS = ("inverter", "rerank", "nn", "extraction", "reply")
 ROWS = (INVERTER, RERANKED, NEAREST, EXTRACTION_BEST, REPLY)
 # The best single string of the built-in list on the default target, in user and guarded
@@ -103,6 +106,10 @@ class DemoConfig:
             "help": "the search's second turn judges only each prompt's K best candidates "
             "after the first (0: all of them; slower)"
         },
+    )
+    search_neighbours: int = field(
+        default=SEARCH_NEIGHBOURS,
+        metadata={"help": "memorised prompts each inverter proposes to the search"},
     )
     batch_size: int = field(default=48, metadata={"help": "target and decoding batch"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
@@ -196,6 +203,7 @@ def run_mode(
     if search:
         ctx.search_with = SEARCH_WITH[mode]
         ctx.search_shortlist = cfg.search_shortlist or None
+        ctx.search_neighbours = cfg.search_neighbours
     keys = (*METHODS, *("mbr",) * bool(cfg.mbr_samples), *("search",) * search)
     preds = run_methods(keys, ctx)
     preds = {row: preds[row] for row in shown_rows(attacks, bool(cfg.mbr_samples), search)}

@@ -72,6 +72,7 @@ class MethodContext:
     seed: int = 0  # the inverter's sampling (MBR)
     search_with: tuple = ()  # more inverters (checkpoints) for the search, each on its own turn
     search_shortlist: int | None = None  # later turns judge only the best so far (search.judge)
+    search_neighbours: int = 8  # memorised prompts each inverter proposes to the search
     near: list[list[int]] | None = None
     notes: dict = field(default_factory=dict)  # side results: best_attack, fallback_kept
     _decoded: dict = field(default_factory=dict, repr=False)
@@ -318,6 +319,9 @@ def _search(ctx: MethodContext) -> dict[str, list[str]]:
 
     others = [Inverter.from_pretrained(c) for c in ctx.search_with]
     logger.info("search: candidates of %d inverter(s), judged by the target", 1 + len(others))
+    # The inverter's own greedy decode, if that is what its row is, is the search's first
+    # proposal (reused where the search observes the same log-probs).
+    greedy = ctx.num_beams == 1 and not ctx.no_repeat_ngram_size
     found = observe_and_search(
         [ctx.inverter, *others],
         ctx.references,
@@ -325,7 +329,9 @@ def _search(ctx: MethodContext) -> dict[str, list[str]]:
         batch_size=ctx.batch_size,
         bf16=ctx.bf16,
         shortlist=ctx.search_shortlist,
+        neighbours=ctx.search_neighbours,
         target=ctx.target,
+        decoded=(ctx.vectors, ctx.inverter_output()) if greedy else None,
         progress=ctx.progress,
     )
     logger.info(

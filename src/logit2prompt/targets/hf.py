@@ -374,33 +374,49 @@ class HFTarget(Target):
         k = steps.pop() if steps else 1
         encoded = self.encode(prompts)
         self._check_lengths(encoded, k)
-        seqs = [x + list(r[: k - 1]) for x, r in zip(encoded, replies, strict=True)]
-        basis = self.output_basis()
-        out = torch.empty(len(seqs), k, self.vocab_size)
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # less padding
+        out = torch.empty(len(encoded), k, self.vocab_size)
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # less padding
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
-            batch = [seqs[i] for i in rows]
-            width = max(len(x) for x in batch)
-            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-            attention = torch.zeros_like(ids)
-            for i, x in enumerate(batch):  # right padding: positions count from 0 as usual
-                ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-                attention[i, : len(x)] = 1
-            first = torch.tensor([len(encoded[i]) - 1 for i in rows])
-            where = first[:, None] + torch.arange(k)[None]  # the last prompt token, then replies
-            ids, attention = ids.to(self.device), attention.to(self.device)
-            if basis is not None:
-                state = self.model.base_model(input_ids=ids, attention_mask=attention)
-                state = state.last_hidden_state
-                picked = state[torch.arange(len(batch))[:, None], where.to(self.device)]
-                logprobs = basis.logprobs(picked.float())
-            else:
-                logits = self.model(input_ids=ids, attention_mask=attention).logits
-                picked = logits[torch.arange(len(batch))[:, None], where.to(self.device)]
-                logprobs = torch.log_softmax(picked.float(), dim=-1)
-            out[rows] = logprobs.cpu()
+            batch = [encoded[i] for i in rows]
+            out[rows] = self._forced(batch, [list(replies[i][: k - 1]) for i in rows], k)
         return out
+
+    def _forced(self, batch: list[list[int]], replies: list[list[int]], k: int) -> torch.Tensor:
+        """`forced_logprobs` of one batch: one forward pass over each prompt and its reply, the
+        tokens every prompt starts with (user mode: the template's system turn) computed once
+        and shared from the KV cache, each row left-padded after them so that its last `k`
+        positions (the last prompt token, then the reply) line up."""
+        n = len(batch)
+        # Shared by the prompts alone, so every row keeps its last prompt token of its own.
+        shared = self._shared_prefix_len(batch)
+        cache = self._prefix_cache(batch[0][:shared], n) if shared else None
+        rows = [x[shared:] + r for x, r in zip(batch, replies, strict=True)]
+        width = max(len(x) for x in rows)
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((n, shared + width), dtype=torch.long)
+        attention[:, :shared] = 1
+        for i, x in enumerate(rows):
+            ids[i, width - len(x) :] = torch.tensor(x, dtype=torch.long)
+            attention[i, shared + width - len(x) :] = 1
+        ids, attention = ids.to(self.device), attention.to(self.device)
+        # Positions count real tokens only (padding sits between the prefix and each row).
+        positions = ((attention.cumsum(-1) - 1).clamp(min=0))[:, shared:]
+        kwargs = {"use_cache": cache is not None}
+        if cache is not None:
+            kwargs[self._cache_kw] = cache
+        basis = self.output_basis()
+        if basis is not None:
+            state = self.model.base_model(
+                input_ids=ids, attention_mask=attention, position_ids=positions, **kwargs
+            ).last_hidden_state
+            return basis.logprobs(state[:, -k:].float()).cpu()
+        if self._keep_kw:
+            kwargs["logits_to_keep"] = k
+        logits = self.model(
+            input_ids=ids, attention_mask=attention, position_ids=positions, **kwargs
+        ).logits
+        return torch.log_softmax(logits[:, -k:].float(), dim=-1).cpu()
 
     def _check_lengths(self, encoded: list[list[int]], steps: int) -> None:
         """Refuse an empty encoded prompt, or one whose `steps` positions run past the context."""
