@@ -311,18 +311,7 @@ class HFTarget(Target):
         shared = self._shared_prefix_len(batch)
         self.last_shared_prefix = shared
         cache = self._prefix_cache(batch[0][:shared], n) if shared else None
-        rows = [x[shared:] for x in batch]
-        width = max(len(x) for x in rows)
-        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((n, shared + width), dtype=torch.long)
-        attention[:, :shared] = 1
-        for i, x in enumerate(rows):
-            input_ids[i, width - len(x) :] = torch.tensor(x, dtype=torch.long)
-            attention[i, shared + width - len(x) :] = 1
-        input_ids, attention = input_ids.to(self.device), attention.to(self.device)
-        # Padding sits between the shared prefix and each row's own tokens, so positions must
-        # count real tokens only.
-        positions = ((attention.cumsum(-1) - 1).clamp(min=0))[:, shared:]
+        input_ids, attention, positions = self._after_prefix([x[shared:] for x in batch], shared)
         kwargs = {"use_cache": steps > 1 or cache is not None}
         if cache is not None:
             kwargs[self._cache_kw] = cache
@@ -392,16 +381,7 @@ class HFTarget(Target):
         shared = self._shared_prefix_len(batch)
         cache = self._prefix_cache(batch[0][:shared], n) if shared else None
         rows = [x[shared:] + r for x, r in zip(batch, replies, strict=True)]
-        width = max(len(x) for x in rows)
-        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((n, shared + width), dtype=torch.long)
-        attention[:, :shared] = 1
-        for i, x in enumerate(rows):
-            ids[i, width - len(x) :] = torch.tensor(x, dtype=torch.long)
-            attention[i, shared + width - len(x) :] = 1
-        ids, attention = ids.to(self.device), attention.to(self.device)
-        # Positions count real tokens only (padding sits between the prefix and each row).
-        positions = ((attention.cumsum(-1) - 1).clamp(min=0))[:, shared:]
+        ids, attention, positions = self._after_prefix(rows, shared)
         kwargs = {"use_cache": cache is not None}
         if cache is not None:
             kwargs[self._cache_kw] = cache
@@ -417,6 +397,22 @@ class HFTarget(Target):
             input_ids=ids, attention_mask=attention, position_ids=positions, **kwargs
         ).logits
         return torch.log_softmax(logits[:, -k:].float(), dim=-1).cpu()
+
+    def _after_prefix(
+        self, rows: list[list[int]], shared: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Input ids `[n, width]` of each row's own tokens, left-padded after `shared` cached
+        prefix tokens; the attention mask `[n, shared + width]`; and position ids counting real
+        tokens only (the padding sits between the prefix and each row's own tokens)."""
+        n, width = len(rows), max(len(x) for x in rows)
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((n, shared + width), dtype=torch.long)
+        attention[:, :shared] = 1
+        for i, x in enumerate(rows):
+            ids[i, width - len(x) :] = torch.tensor(x, dtype=torch.long)
+            attention[i, shared + width - len(x) :] = 1
+        positions = ((attention.cumsum(-1) - 1).clamp(min=0))[:, shared:]
+        return ids.to(self.device), attention.to(self.device), positions.to(self.device)
 
     def _check_lengths(self, encoded: list[list[int]], steps: int) -> None:
         """Refuse an empty encoded prompt, or one whose `steps` positions run past the context."""
