@@ -87,6 +87,7 @@ def test_observe_and_search_recovers_memorised_prompts(tiny_shipped):
     from logit2prompt.attacks.invert import target_for
     from logit2prompt.attacks.search import HIDDEN_TURN, observe_and_search
     from logit2prompt.defenses.leak import LeakFilter
+    from logit2prompt.recipes.methods import MethodContext
 
     inverter = Inverter.from_pretrained(tiny_shipped["guarded"])
     hidden = TRAIN[:4]
@@ -123,14 +124,26 @@ def test_observe_and_search_recovers_memorised_prompts(tiny_shipped):
     assert short.judged == judged_first + len(hidden)
     # User mode: one observation, the reply to the hidden prompt itself, and one inverter.
     user = Inverter.from_pretrained(tiny_shipped["user"])
-    alone = observe_and_search([user], hidden, steps=3, neighbours=2, progress=False)
+    user_target = target_for(user)
+    alone = observe_and_search(
+        [user], hidden, steps=3, neighbours=2, target=user_target, progress=False
+    )
     assert alone.chosen == hidden and alone.turns == [HIDDEN_TURN]
     assert alone.by_turn == {HIDDEN_TURN: hidden}
     assert all(o[0] == f"inverter:{HIDDEN_TURN}" for o in alone.origins)
     assert any(o[-1] == f"reply:{HIDDEN_TURN}" for o in alone.origins)  # replies were candidates
+    # User mode also proposes the reply to twice the judged steps; without it, only the first.
+    longer = MethodContext(
+        None, user_target.next_token_logprobs(hidden, steps=6).numpy(), target=user_target
+    ).replies()
+    assert all(r in row for r, row in zip(longer, alone.candidates, strict=True) if r)
+    short = observe_and_search(
+        [user], hidden, steps=3, neighbours=2, longer_replies=(), progress=False
+    )
+    for origins, row in zip(short.origins, short.candidates, strict=True):
+        assert sum(o.startswith("reply:") for o in origins) <= 1 and len(origins) == len(row)
     # The inverter's greedy outputs, decoded already from this very observation, are reused;
     # from another observation they are not.
-    user_target = target_for(user)
     seen = user_target.next_token_logprobs(hidden, steps=user.config.steps).numpy()
     planted = ["a planted output"] * len(hidden)
     for obs, reused in ((seen, True), (seen + 1.0, False)):
@@ -144,9 +157,9 @@ def test_observe_and_search_recovers_memorised_prompts(tiny_shipped):
             progress=False,
         )
         assert all((row[0] == planted[0]) == reused for row in marked.candidates)
-    # Without memory neighbours: the inverter's output and the reply only.
+    # Without memory neighbours: the inverter's output and the replies only.
     bare = observe_and_search([user], hidden, steps=3, neighbours=0, progress=False)
-    assert all(len(row) <= 2 for row in bare.candidates)
+    assert not any(o.startswith("memory:") for row in bare.origins for o in row)
     with pytest.raises(Logit2PromptError, match="neighbours must be >= 0"):
         observe_and_search([user], hidden, neighbours=-1, progress=False)
     with pytest.raises(Logit2PromptError, match="one inverter, not 2"):

@@ -40,6 +40,12 @@ CHUNK = 32
 HIDDEN_TURN = "the hidden prompt"
 
 
+# User mode also proposes the reply to this many times the judged steps: on 120 BIG-bench
+# validation prompts judged on 16 steps, the 32-token reply as one more candidate lifts the
+# search from 23.1 to 25.7 BLEU (8 tokens lowers it, 24 adds nothing; benchmarks/README.md).
+USER_REPLY_FACTOR = 2
+
+
 @dataclass
 class Probe:
     """One observed turn: the user turn the attacker sent (None in user mode, where the
@@ -275,6 +281,7 @@ def observe_and_search(
     batch_size: int = 16,
     bf16: bool = False,
     replies: bool = True,
+    longer_replies: Sequence[int] | None = None,
     shortlist: int | None = None,
     target=None,
     decoded: tuple[np.ndarray, Sequence[str]] | None = None,
@@ -292,7 +299,9 @@ def observe_and_search(
     hidden prompt, observed once: one inverter.
     `target`: that target already loaded (its user turn is put back), else a copy is loaded.
     `decoded`: an observation of the first inverter's turn and its greedy outputs, reused
-    where that observation is this one (no second decode)."""
+    where that observation is this one (no second decode). `longer_replies`: more candidates,
+    the reply's first N tokens for each N (read further where needed; the judge still reads
+    what it read); None: `USER_REPLY_FACTOR` x `steps` in user mode, none in system modes."""
     from ..recipes.methods import MethodContext
     from .invert import target_for, user_turn_of
 
@@ -330,8 +339,14 @@ def observe_and_search(
             logger.info("observing %d replies to %r", len(prompts), turn or HIDDEN_TURN)
             # The judge reads `steps`; the inverter needs at least the steps it was trained on.
             read = max(steps, inverter.config.steps)
-            observed = target.next_token_logprobs(list(prompts), steps=read).numpy()
+            longer = (USER_REPLY_FACTOR * steps,) if user_mode[0] else ()
+            longer = [n for n in (longer if longer_replies is None else longer_replies) if n > read]
+            full = target.next_token_logprobs(list(prompts), steps=max([read, *longer]))
+            observed = full[:, :read].numpy()
             replies_seen = MethodContext(None, observed, target=target).replies()
+            more = [
+                MethodContext(None, full[:, :n].numpy(), target=target).replies() for n in longer
+            ]
             refused = [
                 leak_filter is not None and leak_filter.blocks(r, p)
                 for r, p in zip(replies_seen, prompts, strict=True)
@@ -349,8 +364,9 @@ def observe_and_search(
                 if blocked:
                     continue
                 kinds = ["inverter"] + ["memory"] * (len(new) - 1)
-                if replies and replies_seen[i]:
-                    new, kinds = [*new, replies_seen[i]], [*kinds, "reply"]
+                if replies:
+                    extra = [r for r in (replies_seen[i], *(m[i] for m in more)) if r]
+                    new, kinds = [*new, *extra], [*kinds, *["reply"] * len(extra)]
                 for text, kind in zip(new, kinds, strict=True):
                     if text not in candidates[i]:  # the first origin of a duplicate is kept
                         candidates[i].append(text)
