@@ -186,6 +186,29 @@ def test_evaluate_scores_the_search_row(tiny_shipped, tmp_path):
         )
     )
     assert res["summary"][SEARCH]["exact"]["mean"] == 100.0
+    # User mode: the one reply judges the inverter's output, 1 neighbour (each memorised
+    # prompt's own) and the replies.
+    user = evaluate(
+        EvalConfig(
+            **{**base, "leak_filter": None},
+            checkpoint=tiny_shipped["user"],
+            out=str(tmp_path / "user"),
+            search=True,
+            search_neighbours=1,
+            semantic=False,
+            functional=False,
+        )
+    )
+    assert user["summary"][SEARCH]["exact"]["mean"] == 100.0
+    with pytest.raises(Logit2PromptError, match="--search-neighbours must be >= 0"):
+        evaluate(
+            EvalConfig(
+                **base,
+                checkpoint=tiny_shipped["user"],
+                out=str(tmp_path / "n"),
+                search_neighbours=-1,
+            )
+        )
     with pytest.raises(Logit2PromptError, match="share one mode"):
         evaluate(
             EvalConfig(
