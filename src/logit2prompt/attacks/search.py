@@ -340,16 +340,19 @@ def observe_and_search(
             # The judge reads `steps`; the inverter needs at least the steps it was trained on.
             read = max(steps, inverter.config.steps)
             longer = (USER_REPLY_FACTOR * steps,) if user_mode[0] else ()
-            longer = [n for n in (longer if longer_replies is None else longer_replies) if n > read]
+            longer = sorted(
+                {n for n in (longer if longer_replies is None else longer_replies) if n > read}
+            )
             full = target.next_token_logprobs(list(prompts), steps=max([read, *longer]))
             observed = full[:, :read].numpy()
             replies_seen = MethodContext(None, observed, target=target).replies()
             more = [
                 MethodContext(None, full[:, :n].numpy(), target=target).replies() for n in longer
             ]
+            # The filter reads the longest reply observed, as a deployment's would.
             refused = [
                 leak_filter is not None and leak_filter.blocks(r, p)
-                for r, p in zip(replies_seen, prompts, strict=True)
+                for r, p in zip(more[-1] if more else replies_seen, prompts, strict=True)
             ]
             given = None
             if decoded is not None and index == 0:
