@@ -3,7 +3,7 @@ demo's table on more prompts, with paired gains.
 
     python benchmarks/shipped_ood.py --data ../shared/data --limit 100 \
         [--modes user,guarded,system] [--checkpoint MODE=DIR ...] [--versus RESULTS.json] \
-        [--attacks all] [--no-search]
+        [--attacks all] [--no-search] [--search-with MODE=DIR[,DIR] ...]
 
 For each set (a seeded sample of LIMIT of the first 200 prompts of each OOD file, the rows the
 demo's prompts come from) and each mode, the demo's rows (`recipes/demo.py`): the inverter,
@@ -69,6 +69,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--modes", default="user,guarded", help="user, guarded, system")
     parser.add_argument("--checkpoint", nargs="*", default=[], help="MODE=DIR (default: shipped)")
+    parser.add_argument(
+        "--search-with",
+        nargs="*",
+        default=[],
+        help="MODE=DIR[,DIR...]: the search's further proposers in that mode (default: the "
+        "demo's; MODE= for none)",
+    )
     parser.add_argument("--versus", help="an earlier results file: paired gain over its inverter")
     parser.add_argument(
         "--attacks", choices=("demo", "all"), default="demo", help="extraction strings asked"
@@ -83,10 +90,16 @@ def main() -> None:
     args = parser.parse_args()
     earlier = json.loads(Path(args.versus).read_text())["modes"] if args.versus else {}
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
+    search_with = {
+        mode: tuple(d for d in dirs.split(",") if d)
+        for mode, dirs in (item.split("=", 1) for item in args.search_with)
+    }
     rows = rows_of(Path(args.data), args.limit, args.seed)
     cfg = demo.DemoConfig(modes=args.modes, progress=False, search=not args.no_search)
     attacks = demo.ATTACKS if args.attacks == "demo" else tuple(load_attacks(None))
     results: dict = {"limit": args.limit, "attacks": len(attacks), "modes": {}}
+    if search_with:
+        results["search_with"] = {m: list(d) for m, d in search_with.items()}
     if args.mbr_samples:
         cfg.mbr_samples = args.mbr_samples
         results["mbr_samples"] = args.mbr_samples
@@ -103,7 +116,14 @@ def main() -> None:
         "| --- " * (len(shown) + len(others) + 3) + "|",
     ]
     for mode in cfg.mode_list(checkpoints):
-        res = demo.run_mode(mode, rows, cfg, checkpoints.get(mode), attacks=attacks)
+        res = demo.run_mode(
+            mode,
+            rows,
+            cfg,
+            checkpoints.get(mode),
+            attacks=attacks,
+            search_with=search_with.get(mode),
+        )
         for group, table in res["sets"].items():
             ex = [e for e in res["examples"] if e["set"] == group]
             refs = [e["hidden"] for e in ex]

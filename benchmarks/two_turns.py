@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -201,7 +202,11 @@ def rescore(path: str) -> None:
     prompts = [e["hidden"] for e in examples]
     results["sets"], lines = tabulate(examples, prompts, preds, results["turns"])
     results["rescored_by"] = ["python", *sys.argv]
-    Path(path).write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    # Beside it, then renamed: a killed rescore never leaves the only copy half-written
+    # (write_results would also replace the run's `machine` block, which rescoring keeps).
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
     print("\n".join(lines))
 
 

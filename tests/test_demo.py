@@ -122,7 +122,7 @@ def test_observe_and_search_recovers_memorised_prompts(tiny_shipped):
     assert short.chosen == hidden and short.shortlist == 1
     judged_first = sum(bool(c.strip()) for row in short.candidates for c in row)  # no blanks
     assert short.judged == judged_first + len(hidden)
-    # User mode: one observation, the reply to the hidden prompt itself, and one inverter.
+    # User mode: one observation, the reply to the hidden prompt itself.
     user = Inverter.from_pretrained(tiny_shipped["user"])
     user_target = target_for(user)
     alone = observe_and_search(
@@ -143,27 +143,37 @@ def test_observe_and_search_recovers_memorised_prompts(tiny_shipped):
     for origins, row in zip(short.origins, short.candidates, strict=True):
         assert sum(o.startswith("reply:") for o in origins) <= 1 and len(origins) == len(row)
     # The inverter's greedy outputs, decoded already from this very observation, are reused;
-    # from another observation they are not.
+    # from another observation they are not (and a decoding function is then never called).
     seen = user_target.next_token_logprobs(hidden, steps=user.config.steps).numpy()
     planted = ["a planted output"] * len(hidden)
+    calls = []
     for obs, reused in ((seen, True), (seen + 1.0, False)):
-        marked = observe_and_search(
-            [user],
-            hidden,
-            steps=3,
-            neighbours=2,
-            target=user_target,
-            decoded=(obs, planted),
-            progress=False,
-        )
-        assert all((row[0] == planted[0]) == reused for row in marked.candidates)
+        for given in (planted, lambda: calls.append(1) or planted):
+            marked = observe_and_search(
+                [user],
+                hidden,
+                steps=3,
+                neighbours=2,
+                target=user_target,
+                decoded=(obs, given),
+                progress=False,
+            )
+            assert all((row[0] == planted[0]) == reused for row in marked.candidates)
+    assert len(calls) == 1  # only where the observation was the same
     # Without memory neighbours: the inverter's output and the replies only.
     bare = observe_and_search([user], hidden, steps=3, neighbours=0, progress=False)
     assert not any(o.startswith("memory:") for row in bare.origins for o in row)
     with pytest.raises(Logit2PromptError, match="neighbours must be >= 0"):
         observe_and_search([user], hidden, neighbours=-1, progress=False)
-    with pytest.raises(Logit2PromptError, match="one inverter, not 2"):
-        observe_and_search([user, user], hidden, progress=False)
+    # Two user-mode inverters share the one observation: one turn, one probe, both outputs,
+    # and (the same inverter twice) the same candidates and judged pairs as one.
+    twice = observe_and_search(
+        [user, user], hidden, steps=3, neighbours=2, target=user_target, progress=False
+    )
+    assert twice.turns == [HIDDEN_TURN] and len(twice.kls) == 1 and len(twice.outputs) == 2
+    assert twice.outputs[0] == twice.outputs[1] == alone.outputs[0]
+    assert twice.candidates == alone.candidates and twice.judged == alone.judged
+    assert twice.chosen == hidden
     with pytest.raises(Logit2PromptError, match="targets differ"):
         observe_and_search([user], hidden, target=target, progress=False)
 

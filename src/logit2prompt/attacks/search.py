@@ -232,7 +232,8 @@ def proposals(
 @dataclass
 class SearchResult:
     """What `observe_and_search` saw and chose, per row: each probe's user turn, its refused
-    rows and its inverter's greedy output ("" where refused), the judged candidates and their
+    rows and each inverter's greedy output ("" where refused; in user mode several inverters
+    share the one turn), the judged candidates and their
     KL totals, and the chosen prompts (`chosen`; `by_turn`: judged on one turn alone, among
     those it judged). `shortlist`: what later turns judged (None: every candidate)."""
 
@@ -284,7 +285,7 @@ def observe_and_search(
     longer_replies: Sequence[int] | None = None,
     shortlist: int | None = None,
     target=None,
-    decoded: tuple[np.ndarray, Sequence[str]] | None = None,
+    decoded: tuple[np.ndarray, Sequence[str] | Callable[[], Sequence[str]]] | None = None,
     progress: bool = True,
 ) -> SearchResult:
     """The whole attack on a local deployment of the inverters' target: ask each inverter's
@@ -296,10 +297,11 @@ def observe_and_search(
     first inverter's turn judges all, later turns only each row's `shortlist` best so far:
     fewer target passes, see `judge`). The inverters must share one target and mode; their
     user turns differ (each is recorded in its fingerprint). In user mode the only turn is the
-    hidden prompt, observed once: one inverter.
+    hidden prompt, observed once: every inverter proposes from that one observation.
     `target`: that target already loaded (its user turn is put back), else a copy is loaded.
-    `decoded`: an observation of the first inverter's turn and its greedy outputs, reused
-    where that observation is this one (no second decode). `longer_replies`: more candidates,
+    `decoded`: an observation of the first inverter's turn and its greedy outputs (or a
+    function that decodes them, called only where reused), reused where that observation is
+    this one (no second decode). `longer_replies`: more candidates,
     the reply's first N tokens for each N (read further where needed; the judge still reads
     what it read); None: `USER_REPLY_FACTOR` x `steps` in user mode, none in system modes."""
     from ..recipes.methods import MethodContext
@@ -315,11 +317,6 @@ def observe_and_search(
     user_mode = [getattr(inv.fingerprint, "mode", None) == "user" for inv in inverters]
     if any(user_mode) and not all(user_mode):
         raise Logit2PromptError("the search's inverters must share one mode; these mix user mode")
-    if any(user_mode) and len(inverters) > 1:
-        raise Logit2PromptError(
-            "in user mode the hidden prompt is the only turn, observed once: search with one "
-            f"inverter, not {len(inverters)}"
-        )
     try:
         turns, probes, outputs, refused_all = [], [], [], []
         candidates: list[list[str]] = [[] for _ in prompts]
@@ -336,30 +333,36 @@ def observe_and_search(
             diffs = fp.differences(target.fingerprint)
             if diffs:
                 raise Logit2PromptError(f"the inverters' targets differ: {'; '.join(diffs)}")
-            logger.info("observing %d replies to %r", len(prompts), turn or HIDDEN_TURN)
-            # The judge reads `steps`; the inverter needs at least the steps it was trained on.
-            read = max(steps, inverter.config.steps)
-            longer = (USER_REPLY_FACTOR * steps,) if user_mode[0] else ()
-            longer = sorted(
-                {n for n in (longer if longer_replies is None else longer_replies) if n > read}
-            )
-            full = target.next_token_logprobs(list(prompts), steps=max([read, *longer]))
-            observed = full[:, :read].numpy()
-            replies_seen = MethodContext(None, observed, target=target).replies()
-            more = [
-                MethodContext(None, full[:, :n].numpy(), target=target).replies() for n in longer
-            ]
-            # The filter reads the longest reply observed, as a deployment's would.
-            refused = [
-                leak_filter is not None and leak_filter.blocks(r, p)
-                for r, p in zip(more[-1] if more else replies_seen, prompts, strict=True)
-            ]
+            # User mode: one turn, the hidden prompt, observed once for all the inverters.
+            observe = not (user_mode[0] and index)
+            if observe:
+                logger.info("observing %d replies to %r", len(prompts), turn or HIDDEN_TURN)
+                # The judge reads `steps`; an inverter needs at least the steps it was
+                # trained on (in user mode every inverter reads this one observation).
+                reading = inverters if user_mode[0] else [inverter]
+                read = max([steps, *(inv.config.steps for inv in reading)])
+                longer = (USER_REPLY_FACTOR * steps,) if user_mode[0] else ()
+                longer = sorted(
+                    {n for n in (longer if longer_replies is None else longer_replies) if n > read}
+                )
+                full = target.next_token_logprobs(list(prompts), steps=max([read, *longer]))
+                observed = full[:, :read].numpy()
+                replies_seen = MethodContext(None, observed, target=target).replies()
+                more = [
+                    MethodContext(None, full[:, :n].numpy(), target=target).replies()
+                    for n in longer
+                ]
+                # The filter reads the longest reply observed, as a deployment's would.
+                refused = [
+                    leak_filter is not None and leak_filter.blocks(r, p)
+                    for r, p in zip(more[-1] if more else replies_seen, prompts, strict=True)
+                ]
             given = None
             if decoded is not None and index == 0:
                 seen, texts = decoded
                 steps_read = inverter.config.steps
                 if np.array_equal(np.asarray(seen), observed[:, :steps_read]):
-                    given = list(texts)
+                    given = list(texts() if callable(texts) else texts)
             proposed = proposals(
                 inverter, observed, neighbours, batch_size=32, bf16=bf16, outputs=given
             )
@@ -367,17 +370,18 @@ def observe_and_search(
                 if blocked:
                     continue
                 kinds = ["inverter"] + ["memory"] * (len(new) - 1)
-                if replies:
+                if replies and observe:
                     extra = [r for r in (replies_seen[i], *(m[i] for m in more)) if r]
                     new, kinds = [*new, *extra], [*kinds, *["reply"] * len(extra)]
                 for text, kind in zip(new, kinds, strict=True):
                     if text not in candidates[i]:  # the first origin of a duplicate is kept
                         candidates[i].append(text)
                         origins[i].append(f"{kind}:{turn or HIDDEN_TURN}")
-            turns.append(turn or HIDDEN_TURN)
-            probes.append(Probe(turn, observed, refused))
             outputs.append(["" if b else row[0] for b, row in zip(refused, proposed, strict=True)])
-            refused_all.append(refused)
+            if observe:
+                turns.append(turn or HIDDEN_TURN)
+                probes.append(Probe(turn, observed, refused))
+                refused_all.append(refused)
         kls = judge(target, probes, candidates, progress, shortlist)
         chosen, totals = choose(candidates, kls)
         by_turn = _by_turn(turns, candidates, kls)

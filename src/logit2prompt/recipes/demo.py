@@ -168,10 +168,12 @@ def run_mode(
     cfg: DemoConfig,
     checkpoint: str | None = None,
     attacks: tuple[str, ...] = ATTACKS,
+    search_with: tuple[str, ...] | None = None,
 ) -> dict:
     """One threat model: observe, invert, run the baselines, score per set (`checkpoint`:
     another inverter for that mode than the shipped one; `attacks`: the extraction strings,
-    with the per-prompt oracle among them as one more row when there are several)."""
+    with the per-prompt oracle among them as one more row when there are several;
+    `search_with`: the search's further proposers, instead of `SEARCH_WITH[mode]`)."""
     name = checkpoint or SHIPPED.get(mode)
     if name is None:
         raise Logit2PromptError(f"no inverter is shipped for {mode} mode: give a checkpoint")
@@ -201,7 +203,7 @@ def run_mode(
     )
     search = cfg.search and mode in SEARCH_WITH
     if search:
-        ctx.search_with = SEARCH_WITH[mode]
+        ctx.search_with = SEARCH_WITH[mode] if search_with is None else tuple(search_with)
         ctx.search_shortlist = cfg.search_shortlist or None
         ctx.search_neighbours = cfg.search_neighbours
     keys = (*METHODS, *("mbr",) * bool(cfg.mbr_samples), *("search",) * search)

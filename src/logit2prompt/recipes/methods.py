@@ -70,7 +70,7 @@ class MethodContext:
     mbr_samples: int = 16  # the MBR row's pseudo-references, sampled from the inverter
     mbr_utility: str = DEFAULT_UTILITY  # see attacks.mbr.UTILITIES
     seed: int = 0  # the inverter's sampling (MBR)
-    search_with: tuple = ()  # more inverters (checkpoints) for the search, each on its own turn
+    search_with: tuple = ()  # more inverters (checkpoints) for the search: own turns (user: one)
     search_shortlist: int | None = None  # later turns judge only the best so far (search.judge)
     search_neighbours: int = 8  # memorised prompts each inverter proposes to the search
     near: list[list[int]] | None = None
@@ -320,7 +320,7 @@ def _search(ctx: MethodContext) -> dict[str, list[str]]:
     others = [Inverter.from_pretrained(c) for c in ctx.search_with]
     logger.info("search: candidates of %d inverter(s), judged by the target", 1 + len(others))
     # The inverter's own greedy decode, if that is what its row is, is the search's first
-    # proposal (reused where the search observes the same log-probs).
+    # proposal, decoded only where the search observes the same log-probs.
     greedy = ctx.num_beams == 1 and not ctx.no_repeat_ngram_size
     found = observe_and_search(
         [ctx.inverter, *others],
@@ -331,7 +331,7 @@ def _search(ctx: MethodContext) -> dict[str, list[str]]:
         shortlist=ctx.search_shortlist,
         neighbours=ctx.search_neighbours,
         target=ctx.target,
-        decoded=(ctx.vectors, ctx.inverter_output()) if greedy else None,
+        decoded=(ctx.vectors, ctx.inverter_output) if greedy else None,
         progress=ctx.progress,
     )
     logger.info(
