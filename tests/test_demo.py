@@ -242,8 +242,13 @@ def test_evaluate_scores_the_search_row(tiny_shipped, tmp_path):
 def test_demo_tables_per_mode_and_set(tiny_shipped, tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "SHIPPED", tiny_shipped)
     monkeypatch.setattr(demo, "shipped", lambda: list(tiny_shipped.values()))
-    # The search's second proposer (here the same tiny guarded inverter) on its own turn.
-    monkeypatch.setattr(demo, "SEARCH_WITH", {"guarded": (tiny_shipped["guarded"],), "user": ()})
+    # The search's second proposers (here the same tiny inverters): guarded, on its own turn;
+    # user, on the one observation of the hidden prompt.
+    monkeypatch.setattr(
+        demo,
+        "SEARCH_WITH",
+        {"guarded": (tiny_shipped["guarded"],), "user": (tiny_shipped["user"],)},
+    )
     prompts = tmp_path / "prompts.jsonl"
     rows = [{"prompt": p, "set": "a" if i % 2 else "b"} for i, p in enumerate(TRAIN[:6])]
     rows.append({"prompt": "A prompt beyond the per-set cap.", "set": "a"})

@@ -907,6 +907,24 @@ def test_shipped_inverters_load_by_name(trained, tmp_path, monkeypatch):
         Inverter.from_pretrained("no-such-inverter")
 
 
+def test_every_shipped_inverter_is_slim_carded_and_for_the_default_target():
+    """Each inverter in the package stays within the versioning budget (60 MB), has a model
+    card, and is fingerprinted for the embedded default target (so it resolves offline)."""
+    from logit2prompt.models import pretrained
+    from logit2prompt.targets import DEFAULT_TARGET
+
+    names = pretrained.shipped()
+    assert DEFAULT_TARGET in names and f"{DEFAULT_TARGET}-reply" in names
+    for name in names:
+        folder = pretrained.PRETRAINED_DIR / name
+        size = sum(f.stat().st_size for f in folder.iterdir())
+        assert size <= 60e6, (name, size)
+        assert "## Intended use" in (folder / "README.md").read_text(), name
+        fingerprint = json.loads((folder / "fingerprint.json").read_text())
+        assert fingerprint["name"] == DEFAULT_TARGET and fingerprint["vocab_size"] == 49152, name
+        assert (folder / "derived.json").is_file(), name  # slim: the decoder is the target's
+
+
 @pytest.mark.embedded
 def test_the_shipped_inverter_loads_offline_and_reads_its_target():
     """The inverter in the package loads by name from its slim files and the embedded target's

@@ -132,7 +132,8 @@ class EvalConfig:
         default=(),
         metadata={
             "help": "more inverters for the search (implies --search), each asking its own "
-            "innocuous turn; their candidates join, and every turn judges",
+            "innocuous turn (user mode: all read the one reply to the hidden prompt); their "
+            "candidates join, and every turn judges",
             "sep": None,
         },
     )

@@ -5,8 +5,9 @@ embedded default target reads a handful of prompts from three out-of-domain sets
 shipped inverter trained on (`demo_prompts.jsonl`), and the shipped inverter for that mode
 reads its log-probs. Rows: the inverter; the search (`attacks/search.py`: candidates judged by
 the attacker's copy of the target; in guarded mode those of both shipped guarded inverters,
-each reading the reply to its own innocuous turn, judged on both; in user mode the inverter's
-and the observed reply, judged on that reply); the inverter re-ranked by the
+each reading the reply to its own innocuous turn, judged on both; in user mode those of both
+shipped user inverters, one reading the log-probs, one the reply as text, and the observed
+reply, judged on that reply); the inverter re-ranked by the
 target beside the 3 nearest training prompts; the nearest training prompt (from the
 inverter's neighbour memory, no store needed); the extraction string, asked of the target
 itself (in guarded mode through the leak filter a careful deployment puts on replies); and
@@ -53,8 +54,9 @@ DEMO_PROMPTS = "demo_prompts.jsonl"  # package data beside this module
 # The shipped inverter of each threat model, for the embedded default target.
 SHIPPED = {"user": DEFAULT_TARGET, "guarded": f"{DEFAULT_TARGET}-guarded"}
 # The modes with a search (`--search`), and its further proposers: in guarded mode another
-# shipped inverter on its own turn; in user mode the hidden prompt is the only turn.
-SEARCH_WITH = {"guarded": (f"{DEFAULT_TARGET}-guarded-task",), "user": ()}
+# shipped inverter on its own turn; in user mode, where the hidden prompt is the only turn, a
+# reader of the reply's text on the same observation.
+SEARCH_WITH = {"guarded": (f"{DEFAULT_TARGET}-guarded-task",), "user": (f"{DEFAULT_TARGET}-reply",)}
 # The second turn judges the first turn's best few only (benchmarks/two_turns.py --shortlist,
 # chosen on validation prompts): most of the search's time is judging.
 SEARCH_SHORTLIST = 4
@@ -97,7 +99,7 @@ class DemoConfig:
         metadata={
             "help": "also show the search: candidates judged by the attacker's copy of the "
             "target (guarded mode: both shipped guarded inverters', each on its own innocuous "
-            "turn, judged on both; user mode: the inverter's and the observed reply)"
+            "turn, judged on both; user mode: both shipped user inverters' and the observed reply)"
         },
     )
     search_shortlist: int = field(
