@@ -1,0 +1,62 @@
+"""Paired gain of one row of a `shipped_ood.py` run over a row of another, on the same prompts.
+
+Two runs of `shipped_ood.py` with the same `--data`, `--limit` and `--seed` score the same
+prompts; this pairs them per prompt (95% bootstrap CIs, as the script's own gains) without
+running anything. E.g. the user-mode search with the reply reader against the search without it:
+
+    python benchmarks/paired_rows.py benchmarks/results/shipped_ood-user-reader.json \\
+        benchmarks/results/shipped_ood-user-search2.json --mode user --row search \\
+        --out benchmarks/results/paired-user-search-reader.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from logit2prompt.evaluation.metrics import format_ci, paired_gain
+from logit2prompt.evaluation.results import write_results
+from logit2prompt.recipes import demo
+
+ROWS = {"inverter": demo.INVERTER, "search": demo.SEARCH, "extraction": demo.EXTRACTION_BEST}
+
+
+def examples(path: str, mode: str) -> list[dict]:
+    modes = json.loads(Path(path).read_text())["modes"]
+    if mode not in modes:
+        sys.exit(f"{path} has no {mode!r} mode (it has {', '.join(modes)})")
+    return modes[mode]["examples"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("a", help="results of the row to measure")
+    parser.add_argument("b", help="results of the row it is paired with")
+    parser.add_argument("--mode", default="user")
+    parser.add_argument("--row", default="search", help=f"one of {', '.join(ROWS)} (both files)")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    row = ROWS[args.row]
+    a, b = examples(args.a, args.mode), examples(args.b, args.mode)
+    other = {(e["set"], e["hidden"]): e[row] for e in b}
+    results: dict = {"a": args.a, "b": args.b, "mode": args.mode, "row": row, "sets": {}}
+    print(f"{args.row}: {args.a} - {args.b}, paired, 95% bootstrap CIs")
+    for group in dict.fromkeys(e["set"] for e in a):
+        ex = [e for e in a if e["set"] == group]
+        missing = [e["hidden"] for e in ex if (group, e["hidden"]) not in other]
+        if missing:
+            sys.exit(f"{len(missing)} prompts of {group} are not in {args.b}: not the same sample")
+        refs = [e["hidden"] for e in ex]
+        gain = paired_gain([e[row] for e in ex], [other[(group, r)] for r in refs], refs)
+        results["sets"][group] = gain
+        print(
+            f"{group:26s} BLEU {format_ci(gain['bleu'], '+.1f'):22s} "
+            f"F1 {format_ci(gain['token_f1'], '+.1f')}  (n={len(ex)})"
+        )
+    write_results(args.out, results, command=["python", *sys.argv])
+
+
+if __name__ == "__main__":
+    main()
