@@ -16,11 +16,12 @@ import json
 import sys
 from pathlib import Path
 
+from shipped_ood import SHORT
+
 from logit2prompt.evaluation.metrics import format_ci, paired_gain
 from logit2prompt.evaluation.results import write_results
-from logit2prompt.recipes import demo
 
-ROWS = {"inverter": demo.INVERTER, "search": demo.SEARCH, "extraction": demo.EXTRACTION_BEST}
+ROWS = {short: row for row, short in SHORT.items()}  # the names shipped_ood.py prints
 
 
 def examples(path: str, mode: str) -> list[dict]:

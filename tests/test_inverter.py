@@ -911,10 +911,13 @@ def test_every_shipped_inverter_is_slim_carded_and_for_the_default_target():
     """Each inverter in the package stays within the versioning budget (60 MB), has a model
     card, and is fingerprinted for the embedded default target (so it resolves offline)."""
     from logit2prompt.models import pretrained
+    from logit2prompt.recipes import demo
     from logit2prompt.targets import DEFAULT_TARGET
 
     names = pretrained.shipped()
-    assert DEFAULT_TARGET in names and f"{DEFAULT_TARGET}-reply" in names
+    # Every inverter the demo runs (each mode's, and the search's further proposers) ships.
+    needed = {*demo.SHIPPED.values(), *(n for ns in demo.SEARCH_WITH.values() for n in ns)}
+    assert needed <= set(names) and f"{DEFAULT_TARGET}-reply" in needed
     for name in names:
         folder = pretrained.PRETRAINED_DIR / name
         size = sum(f.stat().st_size for f in folder.iterdir())
