@@ -84,6 +84,9 @@ def main() -> None:
         "--mbr-samples", type=int, default=0, help="also the MBR choice among this many samples"
     )
     parser.add_argument(
+        "--search-samples", type=int, default=0, help="prompts each inverter samples for the search"
+    )
+    parser.add_argument(
         "--no-search", action="store_true", help="leave out the search (as the demo's flag)"
     )
     parser.add_argument("--out", default=str(RESULTS))
@@ -100,6 +103,8 @@ def main() -> None:
     results: dict = {"limit": args.limit, "attacks": len(attacks), "modes": {}}
     if search_with:
         results["search_with"] = {m: list(d) for m, d in search_with.items()}
+    if args.search_samples:
+        cfg.search_samples = results["search_samples"] = args.search_samples
     if args.mbr_samples:
         cfg.mbr_samples = args.mbr_samples
         results["mbr_samples"] = args.mbr_samples

@@ -48,7 +48,7 @@ def main() -> None:
     observed = full[:, :JUDGED]
     replies = {n: MethodContext(None, full[:, :n], target=target).replies() for n in LENGTHS}
     candidates, kinds = [], []
-    for i, row in enumerate(proposals(inverter, observed, 4)):
+    for i, row in enumerate(proposals(inverter, observed, 4)[0]):
         row, kind = list(row), ["inverter"] + ["memory"] * (len(row) - 1)
         for n in LENGTHS:
             if replies[n][i] and replies[n][i] not in row:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from logit2prompt.attacks.nearest import MemoryNeighbours, nearest_neighbours
 from logit2prompt.data.collect import collect
@@ -178,6 +179,38 @@ def test_observe_and_search_recovers_memorised_prompts(tiny_shipped):
         observe_and_search([user], hidden, target=target, progress=False)
 
 
+def test_the_search_judges_sampled_candidates_too(tiny_shipped):
+    """`samples` adds seeded draws from each inverter to its candidates, marked "sample":
+    the same seed draws the same, the caller's random state is left alone, and the choice
+    without them is the one a search without samples makes."""
+    from logit2prompt.attacks.invert import target_for
+    from logit2prompt.attacks.search import observe_and_search, proposals
+
+    user = Inverter.from_pretrained(tiny_shipped["user"])
+    target = target_for(user)
+    hidden = TRAIN[:3]
+    kw = dict(steps=3, neighbours=1, target=target, progress=False)
+    plain = observe_and_search([user], hidden, **kw)
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    drawn = observe_and_search([user], hidden, samples=4, seed=7, **kw)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    again = observe_and_search([user], hidden, samples=4, seed=7, **kw)
+    assert drawn.candidates == again.candidates
+    kinds = {o.split(":")[0] for row in drawn.origins for o in row}
+    assert "sample" in kinds
+    for row, origins, base in zip(drawn.candidates, drawn.origins, plain.candidates, strict=True):
+        assert len(set(row)) == len(row)  # a sample equal to another candidate is not judged twice
+        assert [c for c, o in zip(row, origins, strict=True) if not o.startswith("sample:")] == base
+    assert drawn.choose(lambda o: not o.startswith("sample:")) == plain.chosen
+    observed = target.next_token_logprobs(hidden, steps=user.config.steps).numpy()
+    texts, sources = proposals(user, observed, 0, samples=3, seed=7)
+    assert [s[0] for s in sources] == ["inverter"] * 3
+    assert all(len(t) == len(s) <= 4 for t, s in zip(texts, sources, strict=True))
+    with pytest.raises(Logit2PromptError, match="samples must be >= 0"):
+        proposals(user, observed, 0, samples=-1)
+
+
 def test_evaluate_scores_the_search_row(tiny_shipped, tmp_path):
     from logit2prompt.evaluation.evaluate import EvalConfig, evaluate
     from logit2prompt.recipes.methods import SEARCH
@@ -210,15 +243,30 @@ def test_evaluate_scores_the_search_row(tiny_shipped, tmp_path):
         )
     )
     assert user["summary"][SEARCH]["exact"]["mean"] == 100.0
-    with pytest.raises(Logit2PromptError, match="--search-neighbours must be >= 0"):
-        evaluate(
-            EvalConfig(
-                **base,
-                checkpoint=tiny_shipped["user"],
-                out=str(tmp_path / "n"),
-                search_neighbours=-1,
-            )
+    # Sampled candidates join the pool; the memorised prompts are still found.
+    sampled = evaluate(
+        EvalConfig(
+            **{**base, "leak_filter": None},
+            checkpoint=tiny_shipped["user"],
+            out=str(tmp_path / "sampled"),
+            search=True,
+            search_neighbours=1,
+            search_samples=2,
+            semantic=False,
+            functional=False,
         )
+    )
+    assert sampled["summary"][SEARCH]["exact"]["mean"] == 100.0
+    for flag, field in (("neighbours", "search_neighbours"), ("samples", "search_samples")):
+        with pytest.raises(Logit2PromptError, match=f"--search-{flag} must be >= 0"):
+            evaluate(
+                EvalConfig(
+                    **base,
+                    checkpoint=tiny_shipped["user"],
+                    out=str(tmp_path / "n"),
+                    **{field: -1},
+                )
+            )
     with pytest.raises(Logit2PromptError, match="share one mode"):
         evaluate(
             EvalConfig(

@@ -44,6 +44,9 @@ HIDDEN_TURN = "the hidden prompt"
 # validation prompts judged on 16 steps, the 32-token reply as one more candidate lifts the
 # search from 23.1 to 25.7 BLEU (8 tokens lowers it, 24 adds nothing; benchmarks/README.md).
 USER_REPLY_FACTOR = 2
+# How the search's sampled candidates are drawn (`proposals(samples=N)`; as `--mbr-samples`).
+SAMPLE_TEMPERATURE = 1.0
+SAMPLE_TOP_P = 0.95
 
 
 @dataclass
@@ -211,22 +214,52 @@ def proposals(
     batch_size: int = 32,
     bf16: bool = False,
     outputs: Sequence[str] | None = None,
-) -> list[list[str]]:
+    samples: int = 0,
+    seed: int = 0,
+) -> tuple[list[list[str]], list[list[str]]]:
     """Per row, an inverter's greedy output (`outputs`, if already decoded from this
-    observation) and the `neighbours` nearest prompts of its neighbour memory (none without
-    one), for `search` to judge."""
+    observation), the `neighbours` nearest prompts of its neighbour memory (none without
+    one) and `samples` prompts sampled from it (temperature 1, top-p 0.95, seeded by `seed`
+    without touching the caller's random state), for `search` to judge; and each one's kind
+    ("inverter", "memory", "sample"; a duplicate keeps its first)."""
     from .nearest import MemoryNeighbours, nearest_neighbours
 
+    if samples < 0:
+        raise Logit2PromptError(f"the search's samples must be >= 0, got {samples}")
     vectors = torch.from_numpy(np.asarray(observed[:, : inverter.config.steps], np.float32))
     if outputs is None:
         outputs = inverter.invert(vectors, batch_size=batch_size, bf16=bf16)
-    rows = [[o] for o in outputs]
+    rows = [[(o, "inverter")] for o in outputs]
     if neighbours and inverter.memory is not None:
         memory = MemoryNeighbours(inverter)
         near = nearest_neighbours(memory, vectors.numpy(), neighbours)
         for row, idx in zip(rows, near, strict=True):
-            row.extend(memory.prompts[j] for j in idx)
-    return [list(dict.fromkeys(row)) for row in rows]
+            row.extend((memory.prompts[j], "memory") for j in idx)
+    if samples:
+        logger.info("sampling %d candidates for each of %d observations", samples, len(rows))
+        # Several draws per row at once: keep a decode batch near the greedy one's size.
+        size = max(1, batch_size // max(1, samples // 4))
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            drawn = inverter.invert(
+                vectors,
+                do_sample=True,
+                temperature=SAMPLE_TEMPERATURE,
+                top_p=SAMPLE_TOP_P,
+                num_return_sequences=samples,
+                batch_size=size,
+                bf16=bf16,
+                grouped=True,
+            )
+        for row, texts in zip(rows, drawn, strict=True):
+            row.extend((t, "sample") for t in texts)
+    texts, kinds = [], []
+    for row in rows:
+        first = dict(reversed(row))  # text -> the kind of its first occurrence
+        order = list(dict.fromkeys(t for t, _ in row))
+        texts.append(order)
+        kinds.append([first[t] for t in order])
+    return texts, kinds
 
 
 @dataclass
@@ -241,7 +274,8 @@ class SearchResult:
     refused: list[list[bool]]
     outputs: list[list[str]]
     candidates: list[list[str]]
-    origins: list[list[str]]  # per candidate: "inverter", "memory" or "reply", ":" its turn
+    # per candidate: "inverter", "memory", "sample" or "reply", ":" its turn
+    origins: list[list[str]]
     kls: list[list[np.ndarray]]  # per probe, per row, per candidate (`judge`)
     totals: list[np.ndarray]
     chosen: list[str]
@@ -284,6 +318,8 @@ def observe_and_search(
     replies: bool = True,
     longer_replies: Sequence[int] | None = None,
     shortlist: int | None = None,
+    samples: int = 0,
+    seed: int = 0,
     target=None,
     decoded: tuple[np.ndarray, Sequence[str] | Callable[[], Sequence[str]]] | None = None,
     progress: bool = True,
@@ -303,7 +339,9 @@ def observe_and_search(
     function that decodes them, called only where reused), reused where that observation is
     this one (no second decode). `longer_replies`: more candidates,
     the reply's first N tokens for each N (read further where needed; the judge still reads
-    what it read); None: `USER_REPLY_FACTOR` x `steps` in user mode, none in system modes."""
+    what it read); None: `USER_REPLY_FACTOR` x `steps` in user mode, none in system modes.
+    `samples`: each inverter also proposes this many sampled prompts (`proposals`; seeded by
+    `seed`); their origin is "sample", so `SearchResult.choose` can leave them out."""
     from ..recipes.methods import MethodContext
     from .invert import target_for, user_turn_of
 
@@ -363,13 +401,21 @@ def observe_and_search(
                 steps_read = inverter.config.steps
                 if np.array_equal(np.asarray(seen), observed[:, :steps_read]):
                     given = list(texts() if callable(texts) else texts)
-            proposed = proposals(
-                inverter, observed, neighbours, batch_size=32, bf16=bf16, outputs=given
+            proposed, proposed_kinds = proposals(
+                inverter,
+                observed,
+                neighbours,
+                batch_size=32,
+                bf16=bf16,
+                outputs=given,
+                samples=samples,
+                seed=seed,
             )
-            for i, (new, blocked) in enumerate(zip(proposed, refused, strict=True)):
+            for i, (new, kinds, blocked) in enumerate(
+                zip(proposed, proposed_kinds, refused, strict=True)
+            ):
                 if blocked:
                     continue
-                kinds = ["inverter"] + ["memory"] * (len(new) - 1)
                 if replies and observe:
                     extra = [r for r in (replies_seen[i], *(m[i] for m in more)) if r]
                     new, kinds = [*new, *extra], [*kinds, *["reply"] * len(extra)]

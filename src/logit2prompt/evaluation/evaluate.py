@@ -148,6 +148,13 @@ class EvalConfig:
         default=8,
         metadata={"help": "memorised prompts each inverter proposes to the search"},
     )
+    search_samples: int = dataclasses.field(
+        default=0,
+        metadata={
+            "help": "prompts each inverter samples for the search (temperature 1, top-p 0.95, "
+            "seeded; more candidates for the target to judge)"
+        },
+    )
     predictions: tuple[str, ...] = dataclasses.field(
         default=(),
         metadata={
@@ -187,6 +194,8 @@ def _check_baselines(cfg: EvalConfig) -> None:
         raise Logit2PromptError(f"--search-shortlist must be >= 0, got {cfg.search_shortlist}")
     if cfg.search_neighbours < 0:
         raise Logit2PromptError(f"--search-neighbours must be >= 0, got {cfg.search_neighbours}")
+    if cfg.search_samples < 0:
+        raise Logit2PromptError(f"--search-samples must be >= 0, got {cfg.search_samples}")
     from ..models.pretrained import resolve_checkpoint
 
     for other in cfg.search_with:  # a mistyped checkpoint fails before any target work
@@ -243,6 +252,7 @@ def method_context(cfg: EvalConfig, inverter, target, references, vectors) -> me
         search_with=tuple(cfg.search_with),
         search_shortlist=cfg.search_shortlist or None,
         search_neighbours=cfg.search_neighbours,
+        search_samples=cfg.search_samples,
         attacks=cfg.attacks,
         leak_filter=LeakFilter(cfg.leak_filter) if cfg.leak_filter else None,
         text_checkpoint=cfg.text_checkpoint,

@@ -113,6 +113,10 @@ class DemoConfig:
         default=SEARCH_NEIGHBOURS,
         metadata={"help": "memorised prompts each inverter proposes to the search"},
     )
+    search_samples: int = field(
+        default=0,
+        metadata={"help": "prompts each inverter samples for the search (slower)"},
+    )
     batch_size: int = field(default=48, metadata={"help": "target and decoding batch"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
 
@@ -208,6 +212,7 @@ def run_mode(
         ctx.search_with = SEARCH_WITH[mode] if search_with is None else tuple(search_with)
         ctx.search_shortlist = cfg.search_shortlist or None
         ctx.search_neighbours = cfg.search_neighbours
+        ctx.search_samples = cfg.search_samples
     keys = (*METHODS, *("mbr",) * bool(cfg.mbr_samples), *("search",) * search)
     preds = run_methods(keys, ctx)
     preds = {row: preds[row] for row in shown_rows(attacks, bool(cfg.mbr_samples), search)}

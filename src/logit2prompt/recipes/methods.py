@@ -73,6 +73,7 @@ class MethodContext:
     search_with: tuple = ()  # more inverters (checkpoints) for the search: own turns (user: one)
     search_shortlist: int | None = None  # later turns judge only the best so far (search.judge)
     search_neighbours: int = 8  # memorised prompts each inverter proposes to the search
+    search_samples: int = 0  # prompts each inverter samples for the search (seeded by `seed`)
     near: list[list[int]] | None = None
     notes: dict = field(default_factory=dict)  # side results: best_attack, fallback_kept
     _decoded: dict = field(default_factory=dict, repr=False)
@@ -330,6 +331,8 @@ def _search(ctx: MethodContext) -> dict[str, list[str]]:
         bf16=ctx.bf16,
         shortlist=ctx.search_shortlist,
         neighbours=ctx.search_neighbours,
+        samples=ctx.search_samples,
+        seed=ctx.seed,
         target=ctx.target,
         decoded=(ctx.vectors, ctx.inverter_output) if greedy else None,
         progress=ctx.progress,
