@@ -359,6 +359,7 @@ def observe_and_search(
         turns, probes, outputs, refused_all = [], [], [], []
         candidates: list[list[str]] = [[] for _ in prompts]
         origins: list[list[str]] = [[] for _ in prompts]
+        sampled: list[list[tuple[str, str]]] = [[] for _ in prompts]
         for index, inverter in enumerate(inverters):
             fp = inverter.fingerprint
             turn = user_turn_of(fp.template, target) if fp is not None else None
@@ -416,18 +417,28 @@ def observe_and_search(
             ):
                 if blocked:
                     continue
+                drawn = [(t, k) for t, k in zip(new, kinds, strict=True) if k == "sample"]
+                pairs = [(t, k) for t, k in zip(new, kinds, strict=True) if k != "sample"]
                 if replies and observe:
                     extra = [r for r in (replies_seen[i], *(m[i] for m in more)) if r]
-                    new, kinds = [*new, *extra], [*kinds, *["reply"] * len(extra)]
-                for text, kind in zip(new, kinds, strict=True):
+                    pairs += [(r, "reply") for r in extra]
+                for text, kind in pairs:
                     if text not in candidates[i]:  # the first origin of a duplicate is kept
                         candidates[i].append(text)
                         origins[i].append(f"{kind}:{turn or HIDDEN_TURN}")
+                sampled[i] += [(t, f"{k}:{turn or HIDDEN_TURN}") for t, k in drawn]
             outputs.append(["" if b else row[0] for b, row in zip(refused, proposed, strict=True)])
             if observe:
                 turns.append(turn or HIDDEN_TURN)
                 probes.append(Probe(turn, observed, refused))
                 refused_all.append(refused)
+        # Samples go last, so that leaving them out (`SearchResult.choose`) is the search
+        # without them: a sample equal to another candidate keeps that one's origin.
+        for i, row in enumerate(sampled):
+            for text, origin in row:
+                if text not in candidates[i]:
+                    candidates[i].append(text)
+                    origins[i].append(origin)
         kls = judge(target, probes, candidates, progress, shortlist)
         chosen, totals = choose(candidates, kls)
         by_turn = _by_turn(turns, candidates, kls)
