@@ -131,6 +131,12 @@ def test_subspace_fit_in_column_chunks_is_the_whole_fit(monkeypatch):
     assert np.array_equal(frozen, logprobs)
 
 
+def _tiny_prefix_lm(tiny_lm_dir, **kw) -> PrefixLMConfig:
+    """A LoRA prefix-lm on the tiny decoder, over a VOCAB-token target."""
+    base = dict(vocab_size=VOCAB, subspace_dim=4, embed_hidden=16, prefix_length=2, lora_rank=4)
+    return PrefixLMConfig(decoder_init=str(tiny_lm_dir), **{**base, **kw})
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_detached_neighbours_change_gradients_not_outputs(tiny_lm_dir, checkpointing):
     """`detach_neighbours`: the neighbours' keys and values come from a no-grad pass, so the
@@ -140,16 +146,7 @@ def test_detached_neighbours_change_gradients_not_outputs(tiny_lm_dir, checkpoin
     tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
 
     def model(detach: bool) -> PrefixLMInverter:
-        config = PrefixLMConfig(
-            vocab_size=VOCAB,
-            subspace_dim=4,
-            decoder_init=str(tiny_lm_dir),
-            embed_hidden=16,
-            prefix_length=2,
-            neighbours=2,
-            lora_rank=4,
-            detach_neighbours=detach,
-        )
+        config = _tiny_prefix_lm(tiny_lm_dir, neighbours=2, detach_neighbours=detach)
         torch.manual_seed(0)
         m = Inverter.from_config(config, tokenizer)
         m.set_feature_stats(torch.zeros(4), torch.ones(4), torch.randn(VOCAB, 4))
@@ -191,3 +188,26 @@ def test_detached_neighbours_change_gradients_not_outputs(tiny_lm_dir, checkpoin
         for n, p in plain.named_parameters():
             if p.grad is not None:
                 assert torch.allclose(p.grad, other[n], rtol=1e-4, atol=1e-5), n
+
+
+def test_bf16_decoding_casts_weights_once_and_puts_the_flags_back(tiny_lm_dir):
+    """`invert(bf16=True)` lets autocast cache each frozen weight's bf16 copy for the whole
+    decode (frozen weights are marked as needing grad for its duration only): the same
+    tokens as autocast casting at every op, every parameter's flag as before, and no grad."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    config = _tiny_prefix_lm(tiny_lm_dir, max_length=6)
+    torch.manual_seed(0)
+    m = Inverter.from_config(config, tokenizer)
+    m.set_feature_stats(torch.zeros(4), torch.ones(4), torch.randn(VOCAB, 4))
+    flags = {n: p.requires_grad for n, p in m.named_parameters()}
+    assert not all(flags.values()) and any(flags.values())  # frozen decoder, trained adapters
+    x = torch.randn(3, VOCAB).log_softmax(-1)
+    cached = m.invert(x, bf16=True)
+    m.eval()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        uncached = tokenizer.batch_decode(
+            m.generate_ids(m.as_batch(x, None)), skip_special_tokens=True
+        )
+    assert cached == [t.strip() for t in uncached]
+    assert {n: p.requires_grad for n, p in m.named_parameters()} == flags
+    assert all(p.grad is None for p in m.parameters())

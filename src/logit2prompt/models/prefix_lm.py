@@ -390,7 +390,9 @@ class PrefixLMInverter(Inverter):
         states = teacher_forced_states(self.lm, context, labels, mask)
         return torch.log_softmax(self.lm.get_output_embeddings()(states).float(), -1)
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: under inference_mode autocast caches no weight cast, and
+    # bf16 decoding then re-casts every weight at every step (Inverter._bf16_autocast).
+    @torch.no_grad()
     def generate_ids(
         self, vectors: torch.Tensor, neighbour_ids: torch.Tensor | None = None, **generate_kwargs
     ) -> torch.Tensor:

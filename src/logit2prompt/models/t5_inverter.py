@@ -288,7 +288,9 @@ class T5Inverter(Inverter):
         with head.reading(encoded, copy_ids):
             return head(decoded)
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: under inference_mode autocast caches no weight cast, and
+    # bf16 decoding then re-casts every weight at every step (Inverter._bf16_autocast).
+    @torch.no_grad()
     def generate_ids(
         self, vectors: torch.Tensor, neighbour_ids: torch.Tensor | None = None, **generate_kwargs
     ) -> torch.Tensor:
