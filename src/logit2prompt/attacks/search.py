@@ -11,11 +11,12 @@ that says little in its words, but its log-probs, step by step, depend on the hi
 For each candidate the local target is run once per observed turn, teacher-forced along the
 observed greedy reply, and the candidate's score is the summed KL divergence from the observed
 distributions to its own (zero for the hidden prompt itself). Candidates come from inverters
-(their greedy output and the nearest prompts in their memories), each reading the observation
-it was trained on; the judge reads all of them. No queries beyond the observed turns: the
-judging runs on the attacker's copy of the model, so it needs white-box weights (an open
-model such as the default target). Unlike `rerank`, which compares the candidate's own greedy
-continuation, teacher forcing keeps every step aligned with what was observed.
+(their greedy output, the nearest prompts in their memories and, optionally, samples), each
+reading the observation it was trained on; the judge reads all of them. No queries beyond
+the observed turns: the judging runs on the attacker's copy of the model, so it needs
+white-box weights (an open model such as the default target). Unlike `rerank`, which
+compares the candidate's own greedy continuation, teacher forcing keeps every step aligned
+with what was observed.
 """
 
 from __future__ import annotations
