@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -37,7 +38,7 @@ import numpy as np
 from shipped_ood import rows_of
 
 from logit2prompt.attacks.invert import target_for
-from logit2prompt.attacks.search import observe_and_search
+from logit2prompt.attacks.search import SearchResult, observe_and_search
 from logit2prompt.data.corpus import load_corpus
 from logit2prompt.defenses.leak import DEFAULT_LEAK_THRESHOLD, LeakFilter
 from logit2prompt.evaluation.metrics import format_ci, paired_gain, score, sentence_bleu
@@ -47,6 +48,7 @@ from logit2prompt.models.inverter import native_bf16
 from logit2prompt.recipes import demo
 from logit2prompt.recipes.methods import EXTRACTION_BEST, MethodContext, run_methods
 
+logger = logging.getLogger(__name__)
 RESULTS = Path(__file__).parent / "results" / "two_turns.json"
 SEARCH = "search, judged on every turn"
 ORACLE = "best candidate (oracle)"
@@ -88,7 +90,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     if args.rescore:
-        return rescore(args.rescore)
+        return rescore(args.rescore, args.shortlist)
     if not args.checkpoint:
         parser.error("--checkpoint is required (the guarded inverters)")
     inverters = [Inverter.from_pretrained(c) for c in args.checkpoint]
@@ -229,14 +231,44 @@ def tabulate(rows, prompts, preds, turns) -> tuple[dict, list[str]]:
     return sets, lines
 
 
-def rescore(path: str) -> None:
-    """Recompute a results file's tables from its saved predictions (no target passes)."""
+def rescore(path: str, shortlists: list[int] = ()) -> None:
+    """Recompute a results file's tables from its saved predictions (no target passes); with
+    `shortlists`, also replay the search whose later turns judged only each prompt's K best
+    after the first, from the saved KLs of a full search."""
     results = json.loads(Path(path).read_text())
     examples = results["examples"]
     names = [
         k for k in examples[0] if isinstance(examples[0][k], str) and k not in ("hidden", "set")
     ]
     preds = {m: [e[m] for e in examples] for m in names}
+    if shortlists:
+        turns = results["turns"]
+        if results.get("shortlist") or any(m.startswith("search, the ") for m in names):
+            logger.warning("replaying shortlists from %s, which already holds some", path)
+        # A full search's saved KLs: None only where nothing was judged (NaN in the search).
+        kls = [
+            [np.array([np.nan if v is None else v for v in e["kl"][t]]) for e in examples]
+            for t in turns
+        ]
+        full = SearchResult(
+            turns,
+            [],
+            [],
+            [e["candidates"] for e in examples],
+            [e["origins"] for e in examples],
+            kls,
+            [],
+            [],
+            {},
+        )
+        judged = results.setdefault("judged_per_prompt", {})
+        for k in shortlists:
+            name = f"search, the {k} best after {turns[0]!r} judged on the rest"
+            short = full.with_shortlist(k)
+            preds[name] = short.chosen
+            judged[name] = round(short.judged / len(examples), 1)
+            for e, chosen in zip(examples, short.chosen, strict=True):
+                e[name] = chosen
     prompts = [e["hidden"] for e in examples]
     results["sets"], lines = tabulate(examples, prompts, preds, results["turns"])
     results["rescored_by"] = ["python", *sys.argv]
