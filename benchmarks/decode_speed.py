@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-from logit2prompt.attacks.invert import target_for, user_turn_of
-from logit2prompt.attacks.search import SAMPLE_TEMPERATURE, SAMPLE_TOP_P
+from logit2prompt.attacks.invert import SAMPLE_TEMPERATURE, SAMPLE_TOP_P, target_for, user_turn_of
 from logit2prompt.evaluation.results import write_results
 from logit2prompt.inverter import Inverter
 from logit2prompt.models.inverter import native_bf16

@@ -247,7 +247,7 @@ def rescore(path: str, shortlists: list[int] = ()) -> None:
     preds = {m: [e[m] for e in examples] for m in names}
     if shortlists:
         turns = results["turns"]
-        if results.get("shortlist") or any(m.startswith("search, the ") for m in names):
+        if any(m.startswith("search, the ") for m in names):
             logger.warning("replaying shortlists from %s, which already holds some", path)
         # A full search's saved KLs: None only where nothing was judged (NaN in the search).
         kls = [

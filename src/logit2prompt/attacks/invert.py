@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,23 @@ from ..models.inverter import Inverter
 from ..targets.base import TargetFingerprint
 
 VECTOR_KEY = "logprobs"
+# How prompts are sampled from an inverter: MBR's pseudo-references and the search's samples.
+SAMPLE_TEMPERATURE = 1.0
+SAMPLE_TOP_P = 0.95
+
+
+def sample_rows(batch_size: int, samples: int) -> int:
+    """Rows per decode batch when each row draws `samples` sequences at once: near what a
+    greedy decode of `batch_size` rows holds."""
+    return max(1, batch_size // max(1, samples // 4))
+
+
+@contextmanager
+def seeded(seed: int):
+    """Draws seeded by `seed` inside, the caller's random state untouched."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        yield
 
 
 def target_for(inverter: Inverter, device: str | None = None, batch_size: int | None = None):

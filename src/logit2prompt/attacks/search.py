@@ -45,9 +45,6 @@ HIDDEN_TURN = "the hidden prompt"
 # validation prompts judged on 16 steps, the 32-token reply as one more candidate lifts the
 # search from 23.1 to 25.7 BLEU (8 tokens lowers it, 24 adds nothing; benchmarks/README.md).
 USER_REPLY_FACTOR = 2
-# How the search's sampled candidates are drawn (`proposals(samples=N)`; as `--mbr-samples`).
-SAMPLE_TEMPERATURE = 1.0
-SAMPLE_TOP_P = 0.95
 
 
 @dataclass
@@ -223,6 +220,7 @@ def proposals(
     one) and `samples` prompts sampled from it (temperature 1, top-p 0.95, seeded by `seed`
     without touching the caller's random state), for `search` to judge; and each one's kind
     ("inverter", "memory", "sample"; a duplicate keeps its first)."""
+    from .invert import SAMPLE_TEMPERATURE, SAMPLE_TOP_P, sample_rows, seeded
     from .nearest import MemoryNeighbours, nearest_neighbours
 
     if samples < 0:
@@ -238,29 +236,26 @@ def proposals(
             row.extend((memory.prompts[j], "memory") for j in idx)
     if samples:
         logger.info("sampling %d candidates for each of %d observations", samples, len(rows))
-        # Several draws per row at once: keep a decode batch near the greedy one's size.
-        size = max(1, batch_size // max(1, samples // 4))
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
+        with seeded(seed):
             drawn = inverter.invert(
                 vectors,
                 do_sample=True,
                 temperature=SAMPLE_TEMPERATURE,
                 top_p=SAMPLE_TOP_P,
                 num_return_sequences=samples,
-                batch_size=size,
+                batch_size=sample_rows(batch_size, samples),
                 bf16=bf16,
                 grouped=True,
             )
         for row, texts in zip(rows, drawn, strict=True):
             row.extend((t, "sample") for t in texts)
-    texts, kinds = [], []
+    kinds = []
     for row in rows:
-        first = dict(reversed(row))  # text -> the kind of its first occurrence
-        order = list(dict.fromkeys(t for t, _ in row))
-        texts.append(order)
-        kinds.append([first[t] for t in order])
-    return texts, kinds
+        first: dict[str, str] = {}  # text -> the kind of its first occurrence, in order
+        for text, kind in row:
+            first.setdefault(text, kind)
+        kinds.append(first)
+    return [list(k) for k in kinds], [list(k.values()) for k in kinds]
 
 
 @dataclass

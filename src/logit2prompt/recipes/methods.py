@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..attacks.invert import SAMPLE_TEMPERATURE, SAMPLE_TOP_P, sample_rows, seeded
 from ..attacks.mbr import DEFAULT_UTILITY
 from ..attacks.rerank import DEFAULT_BEAMS, DEFAULT_CONFIDENCE_NATS, DEFAULT_NEIGHBOURS
 from ..errors import Logit2PromptError
@@ -105,16 +106,15 @@ class MethodContext:
             no_repeat_ngram_size=self.no_repeat_ngram_size,
         )
 
-    def samples(self, n: int, temperature: float = 1.0, top_p: float = 0.95) -> list[list[str]]:
+    def samples(
+        self, n: int, temperature: float = SAMPLE_TEMPERATURE, top_p: float = SAMPLE_TOP_P
+    ) -> list[list[str]]:
         """`n` prompts sampled from the inverter per row (memoised; seeded by `seed`, without
         touching the caller's random state)."""
-        # Each row decodes n sequences at once: keep a decode batch near the greedy one.
-        size = max(1, (self.decode_batch_size or self.batch_size) // max(1, n // 4))
-        with torch.random.fork_rng():
-            torch.manual_seed(self.seed)
+        with seeded(self.seed):
             return self._memo_decode(
                 ("sample", n, temperature, top_p),
-                size,
+                sample_rows(self.decode_batch_size or self.batch_size, n),
                 do_sample=True,
                 temperature=temperature,
                 top_p=top_p,
