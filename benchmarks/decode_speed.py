@@ -1,11 +1,14 @@
 """How long an inverter takes to decode and to sample candidates for the search, per prompt
-and per generated token, at each precision and rows per batch.
+and per generated token, at each precision, rows per batch and sampling loop.
 
     python benchmarks/decode_speed.py --checkpoint smollm2-135m-instruct-guarded --prompts 16
 
 The observations are the first `--prompts` self-instruct seed tasks in the inverter's own
 mode and turn (`--data`). Rows: greedy decoding, and `--samples` draws per prompt (temperature
-1, top-p 0.95, as `observe_and_search(samples=N)`) at `--rows` observations per batch. Writes
+1, top-k 50, top-p 0.95, as `observe_and_search(samples=N)`) at `--rows` observations per
+batch, drawn by transformers' `generate` (the context decoded once per sample, every row to
+the longest) and, for a prefix-lm, by its own loop (`sample_ids`: the context once per
+observation, finished rows dropped, adapters folded). Writes
 benchmarks/results/decode_speed.json.
 """
 
@@ -15,16 +18,50 @@ import argparse
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from logit2prompt.attacks.invert import SAMPLE_TEMPERATURE, SAMPLE_TOP_P, target_for, user_turn_of
+from logit2prompt.attacks.invert import (
+    SAMPLE_TEMPERATURE,
+    SAMPLE_TOP_K,
+    SAMPLE_TOP_P,
+    target_for,
+    user_turn_of,
+)
 from logit2prompt.evaluation.results import write_results
 from logit2prompt.inverter import Inverter
 from logit2prompt.models.inverter import native_bf16
+from logit2prompt.models.prefix_lm import PrefixLMInverter
 
 RESULTS = Path(__file__).parent / "results" / "decode_speed.json"
+
+
+@contextmanager
+def sampling_loop(inverter, loop: str):
+    """A prefix-lm that samples with its own loop ("sampler") or with transformers'
+    `generate`, as it did before it had one."""
+    if loop == "sampler":
+        yield
+        return
+
+    def generate(vectors, neighbour_ids=None, **kwargs):
+        context, mask = inverter.causal_context(vectors, neighbour_ids)
+        limit = inverter.config.max_length
+        return inverter.lm.generate(
+            inputs_embeds=context,
+            attention_mask=mask,
+            do_sample=True,
+            max_new_tokens=limit,
+            **kwargs,
+        )
+
+    inverter.sample_ids = generate  # shadows the method for this instance only
+    try:
+        yield
+    finally:
+        del inverter.sample_ids
 
 
 def main() -> None:
@@ -34,6 +71,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--rows", type=int, nargs="+", default=[4, 16])
+    parser.add_argument(
+        "--loops", nargs="+", default=["generate", "sampler"], choices=["generate", "sampler"]
+    )
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     inverter = Inverter.from_pretrained(args.checkpoint)
@@ -47,28 +87,34 @@ def main() -> None:
     tokenizer = inverter.tokenizer
     precisions = [True, False] if native_bf16("cpu") else [False]
     rows = []
-    configs = [("greedy", 1, {}, len(prompts))]
-    sampling = dict(do_sample=True, temperature=SAMPLE_TEMPERATURE, top_p=SAMPLE_TOP_P)
+    configs = [("greedy", 1, {}, len(prompts), "generate")]
+    sampling = dict(
+        do_sample=True, temperature=SAMPLE_TEMPERATURE, top_k=SAMPLE_TOP_K, top_p=SAMPLE_TOP_P
+    )
+    loops = args.loops if isinstance(inverter, PrefixLMInverter) else ["generate"]
     for r in args.rows:
-        configs.append((f"{args.samples} samples", args.samples, sampling, r))
-    for name, n, kwargs, batch in configs:
+        for loop in loops:
+            configs.append((f"{args.samples} samples", args.samples, sampling, r, loop))
+    for name, n, kwargs, batch, loop in configs:
         for bf16 in precisions:
             torch.manual_seed(0)
             start = time.perf_counter()
-            out = inverter.invert(
-                observed,
-                num_return_sequences=n,
-                batch_size=batch,
-                bf16=bf16,
-                grouped=True,
-                **kwargs,
-            )
+            with sampling_loop(inverter, loop):
+                out = inverter.invert(
+                    observed,
+                    num_return_sequences=n,
+                    batch_size=batch,
+                    bf16=bf16,
+                    grouped=True,
+                    **kwargs,
+                )
             seconds = time.perf_counter() - start
             texts = [t for row in out for t in row]
             tokens = sum(len(tokenizer(t)["input_ids"]) for t in texts)
             rows.append(
                 {
                     "decode": name,
+                    "loop": loop,
                     "rows_per_batch": batch,
                     "precision": "bf16" if bf16 else "fp32",
                     "seconds": round(seconds, 2),
@@ -78,11 +124,11 @@ def main() -> None:
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
-    print("| decode | rows per batch | precision | s per prompt | tokens | ms per token |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| decode | loop | rows per batch | precision | s per prompt | tokens | ms per token |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(
-            f"| {r['decode']} | {r['rows_per_batch']} | {r['precision']} | "
+            f"| {r['decode']} | {r['loop']} | {r['rows_per_batch']} | {r['precision']} | "
             f"{r['seconds_per_prompt']} | {r['tokens']} | {r['ms_per_token']} |"
         )
     write_results(

@@ -20,13 +20,15 @@ from ..targets.base import TargetFingerprint
 VECTOR_KEY = "logprobs"
 # How prompts are sampled from an inverter: MBR's pseudo-references and the search's samples.
 SAMPLE_TEMPERATURE = 1.0
+SAMPLE_TOP_K = 50  # transformers' default, in effect (unstated) in every run before it was named
 SAMPLE_TOP_P = 0.95
 
 
 def sample_rows(batch_size: int, samples: int) -> int:
-    """Rows per decode batch when each row draws `samples` sequences at once: near what a
-    greedy decode of `batch_size` rows holds."""
-    return max(1, batch_size // max(1, samples // 4))
+    """Rows per decode batch when each row draws `samples` sequences at once: `batch_size`
+    rows up to 16 samples each (a prefix-lm reads each row's context once, and the more
+    sequences a step decodes the cheaper each is on a CPU), fewer beyond."""
+    return max(1, batch_size // max(1, samples // 16))
 
 
 @contextmanager

@@ -217,10 +217,10 @@ def proposals(
 ) -> tuple[list[list[str]], list[list[str]]]:
     """Per row, an inverter's greedy output (`outputs`, if already decoded from this
     observation), the `neighbours` nearest prompts of its neighbour memory (none without
-    one) and `samples` prompts sampled from it (temperature 1, top-p 0.95, seeded by `seed`
-    without touching the caller's random state), for `search` to judge; and each one's kind
+    one) and `samples` prompts sampled from it (temperature 1, top-k 50, top-p 0.95, seeded by
+    `seed` without touching the caller's random state), for `search` to judge; and each one's kind
     ("inverter", "memory", "sample"; a duplicate keeps its first)."""
-    from .invert import SAMPLE_TEMPERATURE, SAMPLE_TOP_P, sample_rows, seeded
+    from .invert import SAMPLE_TEMPERATURE, SAMPLE_TOP_K, SAMPLE_TOP_P, sample_rows, seeded
     from .nearest import MemoryNeighbours, nearest_neighbours
 
     if samples < 0:
@@ -241,6 +241,7 @@ def proposals(
                 vectors,
                 do_sample=True,
                 temperature=SAMPLE_TEMPERATURE,
+                top_k=SAMPLE_TOP_K,
                 top_p=SAMPLE_TOP_P,
                 num_return_sequences=samples,
                 batch_size=sample_rows(batch_size, samples),

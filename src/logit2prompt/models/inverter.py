@@ -236,6 +236,7 @@ class Inverter(nn.Module):
         num_return_sequences: int = 1,
         do_sample: bool = False,
         temperature: float = 1.0,
+        top_k: int = 50,
         top_p: float = 1.0,
         no_repeat_ngram_size: int = 0,
         batch_size: int = 64,
@@ -266,7 +267,8 @@ class Inverter(nn.Module):
             "do_sample": do_sample,
         }
         if do_sample:
-            kwargs.update(temperature=temperature, top_p=top_p)
+            # top_k 50 is transformers' own default for sampling, now stated.
+            kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p)
         if no_repeat_ngram_size:
             # An undertrained inverter loops ("the remaining the remaining ..."); blocking
             # repeated n-grams is the usual seq2seq remedy.

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..attacks.invert import SAMPLE_TEMPERATURE, SAMPLE_TOP_P, sample_rows, seeded
+from ..attacks.invert import SAMPLE_TEMPERATURE, SAMPLE_TOP_K, SAMPLE_TOP_P, sample_rows, seeded
 from ..attacks.mbr import DEFAULT_UTILITY
 from ..attacks.rerank import DEFAULT_BEAMS, DEFAULT_CONFIDENCE_NATS, DEFAULT_NEIGHBOURS
 from ..errors import Logit2PromptError
@@ -107,16 +107,21 @@ class MethodContext:
         )
 
     def samples(
-        self, n: int, temperature: float = SAMPLE_TEMPERATURE, top_p: float = SAMPLE_TOP_P
+        self,
+        n: int,
+        temperature: float = SAMPLE_TEMPERATURE,
+        top_k: int = SAMPLE_TOP_K,
+        top_p: float = SAMPLE_TOP_P,
     ) -> list[list[str]]:
         """`n` prompts sampled from the inverter per row (memoised; seeded by `seed`, without
         touching the caller's random state)."""
         with seeded(self.seed):
             return self._memo_decode(
-                ("sample", n, temperature, top_p),
+                ("sample", n, temperature, top_k, top_p),
                 sample_rows(self.decode_batch_size or self.batch_size, n),
                 do_sample=True,
                 temperature=temperature,
+                top_k=top_k,
                 top_p=top_p,
                 num_return_sequences=n,
             )
