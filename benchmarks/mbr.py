@@ -9,7 +9,7 @@ from one sampling pass, paired per prompt.
 The checkpoint's target reads the prompts in the checkpoint's threat model (in guarded mode
 through the demo's leak filter, which also refuses observations: a refused one predicts "");
 the inverter decodes greedily once and samples `--samples` prompts per observation once
-(`MethodContext.samples`: temperature 1, top-p 0.95, seed 0). Rows: greedy; MBR with each
+(`MethodContext.samples`: temperature 1, top-k 50, top-p 0.95, seed 0). Rows: greedy; MBR with each
 utility (`attacks.mbr.UTILITIES`) over the greedy output and the samples; the default utility
 with the first 4 and 8 samples; and the default with the observed reply (the greedy
 continuation the attacker read) as one more hypothesis. Each row's paired gain over greedy

@@ -151,8 +151,8 @@ class EvalConfig:
     search_samples: int = dataclasses.field(
         default=0,
         metadata={
-            "help": "prompts each inverter samples for the search (temperature 1, top-p 0.95, "
-            "seeded; more candidates for the target to judge)"
+            "help": "prompts each inverter samples for the search (temperature 1, top-k 50, "
+            "top-p 0.95, seeded; more candidates for the target to judge)"
         },
     )
     predictions: tuple[str, ...] = dataclasses.field(
