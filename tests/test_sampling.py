@@ -88,3 +88,10 @@ def test_sampling_only_the_likeliest_token_is_greedy_decoding(tiny_lm_dir):
     assert len(set(ends)) > 2, ends  # the batch shrinks more than once
     sampled = m.sample_ids(x, ids, num_return_sequences=3, top_k=1)
     assert torch.equal(sampled, greedy.repeat_interleave(3, 0))
+
+
+@pytest.mark.parametrize("bad", [{"temperature": 0.0}, {"top_p": 0.0}, {"top_k": -1}])
+def test_sampling_refuses_settings_without_a_distribution(tiny_lm_dir, bad):
+    m = _model(tiny_lm_dir)
+    with pytest.raises(ValueError, match="sampling needs"):
+        m.sample_ids(torch.randn(2, VOCAB).log_softmax(-1), **bad)

@@ -483,6 +483,11 @@ class PrefixLMInverter(Inverter):
         decodes every row to the longest), the LoRA adapters are folded into the weights, and
         top-k/top-p need no pass over the whole vocabulary."""
         n, limit = num_return_sequences, max_new_tokens or self.config.max_length
+        if temperature <= 0 or not 0 < top_p <= 1 or top_k < 0 or n < 1:
+            raise ValueError(
+                f"sampling needs temperature > 0, 0 < top_p <= 1, top_k >= 0 and at least one "
+                f"sequence; got {temperature}, {top_p}, {top_k}, {n}"
+            )
         eos, pad = self.config.eos_token_id, self.config.pad_token_id
         context, mask = self.causal_context(vectors, neighbour_ids)
         with merged_adapters(self.lm):
@@ -500,6 +505,7 @@ class PrefixLMInverter(Inverter):
             position = positions(mask)[:, -1:]
             rows = torch.arange(len(mask), device=mask.device)  # the output row of each
             ids = torch.full((len(mask), limit), pad, dtype=torch.long, device=mask.device)
+            t = -1  # no step at all when limit is 0
             for t in range(limit):
                 token = draw(logits, temperature, top_k, top_p)
                 ids[rows, t] = token
