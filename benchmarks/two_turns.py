@@ -22,7 +22,8 @@ by BLEU against the hidden prompt (an oracle no attacker can run), and the extra
 also proposes N sampled prompts, and the search and the oracle without them are rows beside
 (the same judged pool). User-mode inverters work too (`--leak-filter 0`; one observation, the
 reply to the hidden prompt, read by every inverter). `--rescore FILE [--shortlist K...]`
-recomputes a file's tables (and replays shortlists from its saved KLs) without target passes.
+recomputes a file's tables (and replays shortlists from its saved KLs) without target passes,
+with how the judge ranks each pool (where the oracle's candidate falls by summed KL).
 Writes benchmarks/results/two_turns.json.
 """
 
@@ -275,6 +276,9 @@ def rescore(path: str, shortlists: list[int] = ()) -> None:
                 e[name] = chosen
     prompts = [e["hidden"] for e in examples]
     results["sets"], lines = tabulate(examples, prompts, preds, results["turns"])
+    if all("kl" in e for e in examples):
+        results["judge"], more = judge_ranks(examples, results["turns"])
+        lines += more
     results["rescored_by"] = ["python", *sys.argv]
     # Beside it, then renamed: a killed rescore never leaves the only copy half-written
     # (write_results would also replace the run's `machine` block, which rescoring keeps).
@@ -282,6 +286,50 @@ def rescore(path: str, shortlists: list[int] = ()) -> None:
     tmp.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
     print("\n".join(lines))
+
+
+def judge_ranks(examples: list[dict], turns: list[str], top: int = 5) -> tuple[dict, list[str]]:
+    """Per set, how well the judge ranks the pool (from a full search's saved KLs, summed over
+    the turns as the search sums them): the pool's best candidate by sentence BLEU (the
+    oracle), the judge's choice, the best of its `top` least-KL candidates, where it ranks the
+    first candidate as good as the oracle's (median), and how often its choice is one."""
+    per: dict[str, list[tuple[float, float, float, int, int]]] = {}
+    for e in examples:
+        total = np.zeros(len(e["candidates"]))
+        for t in turns:  # an unobserved turn (None) adds no evidence, as in the search
+            total += np.array([0.0 if v is None else v for v in e["kl"][t]])
+        usable = [j for j, c in enumerate(e["candidates"]) if c.strip()]
+        if not usable:
+            continue
+        order = sorted(usable, key=lambda j: total[j])
+        bleu = {j: sentence_bleu(e["candidates"][j], e["hidden"]) for j in usable}
+        best = max(bleu.values())
+        rank = next(r for r, j in enumerate(order, 1) if bleu[j] == best)
+        top_best = max(bleu[j] for j in order[:top])
+        per.setdefault(e["set"], []).append((best, bleu[order[0]], top_best, rank, len(usable)))
+    out, lines = {}, ["", f"the judge's ranking (KL summed over {len(turns)} turn(s))"]
+    lines.append(
+        f"| set | oracle BLEU | chosen | best of the {top} least KL | median rank of the "
+        "oracle's candidate | choice as good as the oracle's |"
+    )
+    lines.append("| --- | --- | --- | --- | --- | --- |")
+    for name, rows in per.items():
+        a = np.array(rows, dtype=float)
+        out[name] = {
+            "oracle_bleu": round(a[:, 0].mean(), 2),
+            "chosen_bleu": round(a[:, 1].mean(), 2),
+            f"best_of_top{top}_bleu": round(a[:, 2].mean(), 2),
+            "median_oracle_rank": float(np.median(a[:, 3])),
+            "choice_is_best": round(float((a[:, 3] == 1).mean()), 3),
+            "candidates": round(a[:, 4].mean(), 1),
+        }
+        o = out[name]
+        lines.append(
+            f"| {name} | {o['oracle_bleu']:.1f} | {o['chosen_bleu']:.1f} | "
+            f"{o[f'best_of_top{top}_bleu']:.1f} | {o['median_oracle_rank']:g} of "
+            f"{o['candidates']:g} | {100 * o['choice_is_best']:.0f}% |"
+        )
+    return out, lines
 
 
 def _floats(values) -> list[float | None]:
