@@ -252,6 +252,8 @@ class Inverter(nn.Module):
         (always a list per vector with `grouped`, so callers need not special-case one).
         A `fingerprint` that differs from the checkpoint's target is refused. `bf16` decodes
         under bf16 autocast (faster; benchmarks/decode_precision.py measures what it costs).
+        `do_sample` draws from the `top_k` most likely tokens (transformers' default, 50), then
+        their top-p head, at `temperature`.
         """
         if self.tokenizer is None:
             raise CheckpointError(
