@@ -23,13 +23,7 @@ from pathlib import Path
 
 import torch
 
-from logit2prompt.attacks.invert import (
-    SAMPLE_TEMPERATURE,
-    SAMPLE_TOP_K,
-    SAMPLE_TOP_P,
-    target_for,
-    user_turn_of,
-)
+from logit2prompt.attacks.invert import SAMPLING, target_for, user_turn_of
 from logit2prompt.evaluation.results import write_results
 from logit2prompt.inverter import Inverter
 from logit2prompt.models.inverter import native_bf16
@@ -88,13 +82,10 @@ def main() -> None:
     precisions = [True, False] if native_bf16("cpu") else [False]
     rows = []
     configs = [("greedy", 1, {}, len(prompts), "generate")]
-    sampling = dict(
-        do_sample=True, temperature=SAMPLE_TEMPERATURE, top_k=SAMPLE_TOP_K, top_p=SAMPLE_TOP_P
-    )
     loops = args.loops if isinstance(inverter, PrefixLMInverter) else ["generate"]
     for r in args.rows:
         for loop in loops:
-            configs.append((f"{args.samples} samples", args.samples, sampling, r, loop))
+            configs.append((f"{args.samples} samples", args.samples, SAMPLING, r, loop))
     for name, n, kwargs, batch, loop in configs:
         for bf16 in precisions:
             torch.manual_seed(0)

@@ -145,19 +145,24 @@ def main() -> None:
         name = f"search, the {k} best after {found.turns[0]!r} judged on the rest"
         short = found.with_shortlist(k)
         preds[name], judged[name] = short.chosen, short.judged
-    preds[ORACLE] = [
-        max(row, key=lambda c: sentence_bleu(c, p)) if row else ""
-        for row, p in zip(found.candidates, prompts, strict=True)
+    # Each candidate's BLEU once, for the oracle with and without the samples.
+    bleus = [
+        [sentence_bleu(c, p) for c in row] for row, p in zip(found.candidates, prompts, strict=True)
     ]
+
+    def oracle(keep) -> list[str]:
+        """Per prompt, the first best candidate by BLEU among those whose origin `keep` takes."""
+        out = []
+        for row, kinds, bleu in zip(found.candidates, found.origins, bleus, strict=True):
+            kept = [j for j, o in enumerate(kinds) if keep(o)]
+            out.append(row[max(kept, key=lambda j: bleu[j])] if kept else "")
+        return out
+
+    preds[ORACLE] = oracle(lambda origin: True)
     if args.samples:
-        preds[f"{ORACLE}, without the samples"] = [
-            max(
-                [c for c, o in zip(row, kinds, strict=True) if not o.startswith("sample:")],
-                key=lambda c: sentence_bleu(c, p),
-                default="",
-            )
-            for row, kinds, p in zip(found.candidates, found.origins, prompts, strict=True)
-        ]
+        preds[f"{ORACLE}, without the samples"] = oracle(
+            lambda origin: not origin.startswith("sample:")
+        )
     # The extraction baseline on the same deployment, facing the same filter.
     ctx = MethodContext(
         None,

@@ -229,33 +229,26 @@ def test_evaluate_scores_the_search_row(tiny_shipped, tmp_path):
         )
     )
     assert res["summary"][SEARCH]["exact"]["mean"] == 100.0
+
+    def user_search(out: str, **kw) -> dict:
+        return evaluate(
+            EvalConfig(
+                **{**base, "leak_filter": None},
+                checkpoint=tiny_shipped["user"],
+                out=str(tmp_path / out),
+                search=True,
+                search_neighbours=1,
+                semantic=False,
+                functional=False,
+                **kw,
+            )
+        )
+
     # User mode: the one reply judges the inverter's output, 1 neighbour (each memorised
     # prompt's own) and the replies.
-    user = evaluate(
-        EvalConfig(
-            **{**base, "leak_filter": None},
-            checkpoint=tiny_shipped["user"],
-            out=str(tmp_path / "user"),
-            search=True,
-            search_neighbours=1,
-            semantic=False,
-            functional=False,
-        )
-    )
-    assert user["summary"][SEARCH]["exact"]["mean"] == 100.0
+    assert user_search("user")["summary"][SEARCH]["exact"]["mean"] == 100.0
     # Sampled candidates join the pool; the memorised prompts are still found.
-    sampled = evaluate(
-        EvalConfig(
-            **{**base, "leak_filter": None},
-            checkpoint=tiny_shipped["user"],
-            out=str(tmp_path / "sampled"),
-            search=True,
-            search_neighbours=1,
-            search_samples=2,
-            semantic=False,
-            functional=False,
-        )
-    )
+    sampled = user_search("sampled", search_samples=2)
     assert sampled["summary"][SEARCH]["exact"]["mean"] == 100.0
     for flag, field in (("neighbours", "search_neighbours"), ("samples", "search_samples")):
         with pytest.raises(Logit2PromptError, match=f"--search-{flag} must be >= 0"):

@@ -18,10 +18,10 @@ from ..models.inverter import Inverter
 from ..targets.base import TargetFingerprint
 
 VECTOR_KEY = "logprobs"
-# How prompts are sampled from an inverter: MBR's pseudo-references and the search's samples.
-SAMPLE_TEMPERATURE = 1.0
-SAMPLE_TOP_K = 50  # transformers' default, in effect (unstated) in every run before it was named
-SAMPLE_TOP_P = 0.95
+# How prompts are sampled from an inverter (`Inverter.invert` arguments): MBR's
+# pseudo-references and the search's samples. Top-k 50 is transformers' default, in effect
+# (unstated) in every run before it was named here.
+SAMPLING = {"do_sample": True, "temperature": 1.0, "top_k": 50, "top_p": 0.95}
 
 
 def sample_rows(batch_size: int, samples: int) -> int:

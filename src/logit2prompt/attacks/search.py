@@ -220,7 +220,7 @@ def proposals(
     one) and `samples` prompts sampled from it (temperature 1, top-k 50, top-p 0.95, seeded by
     `seed` without touching the caller's random state), for `search` to judge; and each one's kind
     ("inverter", "memory", "sample"; a duplicate keeps its first)."""
-    from .invert import SAMPLE_TEMPERATURE, SAMPLE_TOP_K, SAMPLE_TOP_P, sample_rows, seeded
+    from .invert import SAMPLING, sample_rows, seeded
     from .nearest import MemoryNeighbours, nearest_neighbours
 
     if samples < 0:
@@ -239,14 +239,11 @@ def proposals(
         with seeded(seed):
             drawn = inverter.invert(
                 vectors,
-                do_sample=True,
-                temperature=SAMPLE_TEMPERATURE,
-                top_k=SAMPLE_TOP_K,
-                top_p=SAMPLE_TOP_P,
                 num_return_sequences=samples,
                 batch_size=sample_rows(batch_size, samples),
                 bf16=bf16,
                 grouped=True,
+                **SAMPLING,
             )
         for row, texts in zip(rows, drawn, strict=True):
             row.extend((t, "sample") for t in texts)
@@ -357,6 +354,14 @@ def observe_and_search(
         candidates: list[list[str]] = [[] for _ in prompts]
         origins: list[list[str]] = [[] for _ in prompts]
         sampled: list[list[tuple[str, str]]] = [[] for _ in prompts]
+
+        def add(i: int, pairs: list[tuple[str, str]]) -> None:
+            """(text, origin) pairs into row i's candidates; a duplicate keeps its first origin."""
+            for text, origin in pairs:
+                if text not in candidates[i]:
+                    candidates[i].append(text)
+                    origins[i].append(origin)
+
         for index, inverter in enumerate(inverters):
             fp = inverter.fingerprint
             turn = user_turn_of(fp.template, target) if fp is not None else None
@@ -414,16 +419,14 @@ def observe_and_search(
             ):
                 if blocked:
                     continue
-                drawn = [(t, k) for t, k in zip(new, kinds, strict=True) if k == "sample"]
-                pairs = [(t, k) for t, k in zip(new, kinds, strict=True) if k != "sample"]
+                tagged = [
+                    (t, f"{k}:{turn or HIDDEN_TURN}") for t, k in zip(new, kinds, strict=True)
+                ]
                 if replies and observe:
                     extra = [r for r in (replies_seen[i], *(m[i] for m in more)) if r]
-                    pairs += [(r, "reply") for r in extra]
-                for text, kind in pairs:
-                    if text not in candidates[i]:  # the first origin of a duplicate is kept
-                        candidates[i].append(text)
-                        origins[i].append(f"{kind}:{turn or HIDDEN_TURN}")
-                sampled[i] += [(t, f"{k}:{turn or HIDDEN_TURN}") for t, k in drawn]
+                    tagged += [(r, f"reply:{turn or HIDDEN_TURN}") for r in extra]
+                add(i, [(t, o) for t, o in tagged if not o.startswith("sample:")])
+                sampled[i] += [(t, o) for t, o in tagged if o.startswith("sample:")]
             outputs.append(["" if b else row[0] for b, row in zip(refused, proposed, strict=True)])
             if observe:
                 turns.append(turn or HIDDEN_TURN)
@@ -432,10 +435,7 @@ def observe_and_search(
         # Samples go last, so that leaving them out (`SearchResult.choose`) is the search
         # without them: a sample equal to another candidate keeps that one's origin.
         for i, row in enumerate(sampled):
-            for text, origin in row:
-                if text not in candidates[i]:
-                    candidates[i].append(text)
-                    origins[i].append(origin)
+            add(i, row)
         kls = judge(target, probes, candidates, progress, shortlist)
         chosen, totals = choose(candidates, kls)
         by_turn = _by_turn(turns, candidates, kls)

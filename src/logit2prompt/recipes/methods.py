@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..attacks.invert import SAMPLE_TEMPERATURE, SAMPLE_TOP_K, SAMPLE_TOP_P, sample_rows, seeded
+from ..attacks.invert import SAMPLING, sample_rows, seeded
 from ..attacks.mbr import DEFAULT_UTILITY
 from ..attacks.rerank import DEFAULT_BEAMS, DEFAULT_CONFIDENCE_NATS, DEFAULT_NEIGHBOURS
 from ..errors import Logit2PromptError
@@ -106,24 +106,15 @@ class MethodContext:
             no_repeat_ngram_size=self.no_repeat_ngram_size,
         )
 
-    def samples(
-        self,
-        n: int,
-        temperature: float = SAMPLE_TEMPERATURE,
-        top_k: int = SAMPLE_TOP_K,
-        top_p: float = SAMPLE_TOP_P,
-    ) -> list[list[str]]:
+    def samples(self, n: int) -> list[list[str]]:
         """`n` prompts sampled from the inverter per row (memoised; seeded by `seed`, without
         touching the caller's random state)."""
         with seeded(self.seed):
             return self._memo_decode(
-                ("sample", n, temperature, top_k, top_p),
+                ("sample", n),
                 sample_rows(self.decode_batch_size or self.batch_size, n),
-                do_sample=True,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
                 num_return_sequences=n,
+                **SAMPLING,
             )
 
     def _memo_decode(self, key: tuple, size: int, **generate) -> list[list[str]]:
