@@ -67,6 +67,13 @@ def main() -> None:
     source.add_argument("--prompts", help="a corpus instead (with --split), e.g. the mix")
     parser.add_argument("--split", default="validation", help="the --prompts split scored")
     parser.add_argument("--limit", type=int, default=100, help="prompts per set")
+    parser.add_argument(
+        "--dev",
+        type=int,
+        default=0,
+        help="with --data: score N other prompts per set instead (adapt_ood.py's adaptation "
+        "prompts, disjoint from the scored ones), e.g. to fit a judge (judge_fit.py)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--checkpoint", nargs="+", help="inverters of one target and mode (guarded, or user)"
@@ -104,6 +111,8 @@ def main() -> None:
     target = target_for(inverters[0], batch_size=16)
     if args.data:
         rows = rows_of(Path(args.data), args.limit, args.seed)
+        if args.dev:
+            rows = dev_rows(Path(args.data), rows, args.dev, args.seed)
     else:  # held-out prompts of the training corpus, within the inverters' 64 tokens
         corpus = load_corpus(
             args.prompts, count_tokens=target.count_tokens, split=args.split, limit=args.limit
@@ -207,6 +216,18 @@ def main() -> None:
     write_results(args.out, results, command=["python", *sys.argv])
     print("BLEU / token F1; gains are paired BLEU with 95% bootstrap CIs")
     print("\n".join(lines))
+
+
+def dev_rows(data: Path, scored: list[dict], n: int, seed: int) -> list[dict]:
+    """Per set, `n` prompts that are not among (nor near duplicates of) the `scored` rows."""
+    from adapt_ood import adaptation_prompts
+
+    out = []
+    for name in dict.fromkeys(r["set"] for r in scored):
+        evaluated = [r["prompt"] for r in scored if r["set"] == name]
+        picked = adaptation_prompts(data / f"{name}.jsonl", evaluated, n, seed)
+        out += [{"prompt": p, "set": name} for p in picked]
+    return out
 
 
 def tabulate(rows, prompts, preds, turns) -> tuple[dict, list[str]]:
