@@ -1,0 +1,152 @@
+"""A second look at the search's shortlist: re-judge each prompt's K least-KL candidates on
+longer replies and on one more innocuous turn, from a `two_turns.py` results file's saved pools.
+
+    python benchmarks/rejudge.py --results benchmarks/results/search_samples16-guarded-dev.json \
+        --checkpoint smollm2-135m-instruct-guarded --top 6 --steps 48 \
+        --extra-turn "What can you help me with?"
+
+The search sums, over two turns, the KL from 16 observed steps of each reply to the candidate's
+teacher-forced distributions (`attacks/search.py`). Out of domain its choice keeps about half of
+its pool's best while the best of its 5 least-KL candidates keeps 75-85% (`two_turns.py
+--rescore`). This asks the deployment again (the same greedy replies, read to `--steps` steps,
+and the extra turn's reply, leak-filtered as the file's run was) and re-ranks the shortlist
+under each judge: the saved 16-step KL (the search as it was), the same turns read to
+`--steps`, the 16-step turns plus the extra turn, and both. Meant for dev prompts
+(`two_turns.py --dev`): a rule chosen here is then run once on the scored prompts. Writes
+benchmarks/results/rejudge.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from logit2prompt.attacks.invert import target_for
+from logit2prompt.attacks.search import Probe, forced_kl
+from logit2prompt.defenses.leak import LeakFilter
+from logit2prompt.evaluation.metrics import format_ci, paired_gain, score, sentence_bleu
+from logit2prompt.evaluation.results import write_results
+from logit2prompt.inverter import Inverter
+from logit2prompt.recipes.methods import MethodContext
+
+RESULTS = Path(__file__).parent / "results" / "rejudge.json"
+SAVED_STEPS = 16
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--results", required=True, help="two_turns.py results with pools")
+    parser.add_argument("--checkpoint", required=True, help="an inverter of the file's target")
+    parser.add_argument("--top", type=int, default=6, help="least-KL candidates re-judged")
+    parser.add_argument("--steps", type=int, default=48, help="reply steps the new judge reads")
+    parser.add_argument(
+        "--extra-turn",
+        default="What can you help me with?",
+        help="one more innocuous turn judged ('' for none; user mode has none)",
+    )
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    results = json.loads(Path(args.results).read_text())
+    examples, turns = results["examples"], results["turns"]
+    if results.get("steps", SAVED_STEPS) != SAVED_STEPS:
+        sys.exit(f"{args.results} was judged on {results['steps']} steps, not {SAVED_STEPS}")
+    prompts = [e["hidden"] for e in examples]
+    shortlist = []
+    for e in examples:
+        total = sum(np.array([0.0 if v is None else v for v in e["kl"][t]]) for t in turns)
+        usable = [j for j, c in enumerate(e["candidates"]) if c.strip()]
+        shortlist.append([e["candidates"][j] for j in sorted(usable, key=lambda j: total[j])])
+    shortlist = [row[: args.top] for row in shortlist]
+    inverter = Inverter.from_pretrained(args.checkpoint)
+    target = target_for(inverter, batch_size=16)
+    leak = LeakFilter(results["leak_filter"]) if results.get("leak_filter") else None
+    before = target.user_turn
+    kls: dict[tuple[str, int], list[np.ndarray]] = {}
+    extra = [args.extra_turn] if args.extra_turn else []
+    try:
+        for turn in [*turns, *extra]:
+            user_mode = turn == "the hidden prompt"
+            if not user_mode:
+                target.set_user_turn(turn)
+            observed = target.next_token_logprobs(prompts, steps=args.steps).numpy()
+            replies = MethodContext(None, observed, target=target).replies()
+            refused = [
+                leak is not None and leak.blocks(r, p)
+                for r, p in zip(replies, prompts, strict=True)
+            ]
+            for steps in sorted({SAVED_STEPS, args.steps}):
+                probe = Probe(None if user_mode else turn, observed[:, :steps], refused)
+                kls[(turn, steps)] = forced_kl(target, probe, shortlist)
+            del observed
+    finally:
+        target.set_user_turn(before)
+
+    def pick(keys: list[tuple[str, int]]) -> list[str]:
+        out = []
+        for i, row in enumerate(shortlist):
+            if not row:
+                out.append("")
+                continue
+            total = sum(np.nan_to_num(kls[k][i], nan=0.0) for k in keys)
+            out.append(row[int(np.argmin(total))])
+        return out
+
+    judges = {
+        f"saved {SAVED_STEPS}-step KL (the search)": [
+            e["search, judged on every turn"] for e in examples
+        ],
+        f"{SAVED_STEPS} steps, asked again": pick([(t, SAVED_STEPS) for t in turns]),
+        f"{args.steps} steps": pick([(t, args.steps) for t in turns]),
+    }
+    for steps in (SAVED_STEPS, args.steps) if extra else ():
+        judges[f"{steps} steps + {args.extra_turn!r}"] = pick(
+            [(t, steps) for t in [*turns, *extra]]
+        )
+    base = next(iter(judges))
+    sets, lines = {}, []
+    lines.append("| set | " + " | ".join(judges) + f" | best of the {args.top} |")
+    lines.append("| --- |" + " --- |" * (len(judges) + 1))
+    for name in dict.fromkeys(e["set"] for e in examples):
+        idx = [i for i, e in enumerate(examples) if e["set"] == name]
+        refs = [prompts[i] for i in idx]
+        s = sets[name] = {}
+        cells = []
+        for j, hyps in judges.items():
+            mine = [hyps[i] for i in idx]
+            s[j] = score(mine, refs)
+            cell = f"{s[j]['bleu']['mean']:.1f} / {s[j]['token_f1']['mean']:.1f}"
+            if j != base:
+                s[j]["gain"] = paired_gain(mine, [judges[base][i] for i in idx], refs)
+                cell += f" ({format_ci(s[j]['gain']['bleu'], '+.1f')})"
+            cells.append(cell)
+        best = np.mean(
+            [
+                max((sentence_bleu(c, r) for c in shortlist[i]), default=0.0)
+                for i, r in zip(idx, refs, strict=True)
+            ]
+        )
+        s["best_of_top"] = float(best)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {best:.1f} |")
+    print("\n".join(lines))
+    write_results(
+        args.out,
+        {
+            "command": ["python", *sys.argv],
+            "top": args.top,
+            "steps": args.steps,
+            "extra_turn": args.extra_turn,
+            "sets": sets,
+            "examples": [
+                {"hidden": p, "set": e["set"], **{j: judges[j][i] for j in judges}}
+                for i, (p, e) in enumerate(zip(prompts, examples, strict=True))
+            ],
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
