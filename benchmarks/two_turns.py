@@ -13,7 +13,9 @@ output and its `--neighbours` nearest memorised prompts, and each observed reply
 candidate; the attacker's own copy of the target judges every candidate by the KL from the
 observed distributions, teacher-forced along the observed replies, summed over the turns.
 `--prompts CORPUS --split validation` scores held-out prompts of the training corpus instead
-(the search's rule checked off the OOD sets). Rows: each inverter alone, the search judged on
+(the search's rule checked off the OOD sets); `--dev N` scores N other prompts of each OOD set
+(disjoint from the scored ones), pools for choosing a rule out of domain (`judge_fit.py`,
+`rejudge.py`). Rows: each inverter alone, the search judged on
 each turn alone and on all (and, from the same judged pool, without the replies as candidates
 and with the first inverter's candidates only; with `--shortlist K...`, later turns judging only
 the K best after the first turn, as `observe_and_search(shortlist=K)` does), the best candidate
