@@ -1,0 +1,57 @@
+"""The search against the extraction string on more prompts: the scored rows of `two_turns.py`
+results pooled with its `--dev` rows (disjoint prompts of the same sets), paired per prompt.
+
+    R=benchmarks/results/search_samples16; python benchmarks/pooled_search.py \
+        --mode guarded=$R-guarded.json,$R-guarded-dev.json --mode user=$R-user.json,$R-user-dev.json
+
+Valid only while nothing in the search was chosen on the dev rows. No target passes. Writes
+benchmarks/results/pooled_search.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from logit2prompt.evaluation.metrics import format_ci, paired_gain
+from logit2prompt.evaluation.results import write_results
+
+RESULTS = Path(__file__).parent / "results" / "pooled_search.json"
+SEARCH = "search, judged on every turn"
+EXTRACTIONS = ("extraction, filtered", "extraction")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mode", action="append", required=True, help="NAME=FILE,FILE...")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    out: dict[str, dict] = {}
+    lines = ["| mode | set | prompts | BLEU | token F1 |", "| --- | --- | --- | --- | --- |"]
+    for spec in args.mode:
+        name, _, files = spec.partition("=")
+        examples = []
+        for f in files.split(","):
+            examples += json.loads(Path(f).read_text())["examples"]
+        hidden = [e["hidden"] for e in examples]
+        if len(set(hidden)) != len(hidden):
+            sys.exit(f"{name}: the files share prompts")
+        ext = next(k for k in EXTRACTIONS if k in examples[0])
+        out[name] = {"files": files.split(","), "baseline": ext, "sets": {}}
+        for s in dict.fromkeys(e["set"] for e in examples):
+            rows = [e for e in examples if e["set"] == s]
+            refs = [e["hidden"] for e in rows]
+            gain = paired_gain([e[SEARCH] for e in rows], [e[ext] for e in rows], refs)
+            out[name]["sets"][s] = {"n": len(rows), "search - extraction": gain}
+            lines.append(
+                f"| {name} | {s} | {len(rows)} | {format_ci(gain['bleu'], '+.1f')} | "
+                f"{format_ci(gain['token_f1'], '+.1f')} |"
+            )
+    print("\n".join(lines))
+    write_results(args.out, {"command": ["python", *sys.argv], "modes": out})
+
+
+if __name__ == "__main__":
+    main()
