@@ -7,7 +7,7 @@ longer replies and on one more innocuous turn, from a `two_turns.py` results fil
 
 The search sums, over two turns, the KL from 16 observed steps of each reply to the candidate's
 teacher-forced distributions (`attacks/search.py`). Out of domain its choice keeps about half of
-its pool's best while the best of its 5 least-KL candidates keeps 75-85% (`two_turns.py
+its pool's best while the best of its 5 least-KL candidates keeps 76-89% (`two_turns.py
 --rescore`). This asks the deployment again (the same greedy replies, read to `--steps` steps,
 and the extra turn's reply, leak-filtered as the file's run was) and re-ranks the shortlist
 under each judge: the saved 16-step KL (the search as it was), the same turns read to
