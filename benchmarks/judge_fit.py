@@ -6,9 +6,9 @@ judged pools of dev prompts, then applied once to the pools of the scored prompt
         --test benchmarks/results/search_samples16-guarded.json [--out ...]
 
 The search picks the least summed KL (`attacks/search.py`). Out of domain that keeps half to
-two thirds of its pool's best (`two_turns.py --rescore`); in guarded mode it picks a memorised
-training prompt for 53-60% of prompts, where the pool's best is one for 15-33%. Both files are
-`two_turns.py` results with saved pools (`candidates`, `origins`, `kl`); the dev file's prompts
+two thirds of its pool's best (`two_turns.py --rescore`); in guarded mode it picks a
+memorised training prompt for 39-60% of prompts (by set), where the pool's best is one for
+15-33%. Both files are `two_turns.py` results with saved pools (`candidates`, `origins`, `kl`); the dev file's prompts
 must not be the test file's (`two_turns.py --dev 50`: per set, 50 of the rows not scored, near
 duplicates removed). The judge is linear in the features below; its objective (listwise
 cross-entropy against each pool's softmax of utility/T, or the expected utility under the
