@@ -6,17 +6,17 @@ judged pools of dev prompts, then applied once to the pools of the scored prompt
         --test benchmarks/results/search_samples16-guarded.json [--out ...]
 
 The search picks the least summed KL (`attacks/search.py`). Out of domain that keeps half to
-two thirds of its pool's best (`two_turns.py --rescore`); in guarded mode it picks a
-memorised training prompt for 39-60% of prompts (by set), where the pool's best is one for
-15-33%. Both files are `two_turns.py` results with saved pools (`candidates`, `origins`, `kl`); the dev file's prompts
-must not be the test file's (`two_turns.py --dev 50`: per set, 50 of the rows not scored, near
-duplicates removed). The judge is linear in the features below; its objective (listwise
-cross-entropy against each pool's softmax of utility/T, or the expected utility under the
-judge's softmax; utility = (BLEU/100 + token F1)/2 against the hidden prompt) and L2 penalty are
-chosen by 5-fold cross-validation on the dev pools only, against the least-KL rule there. The
-test pools are scored once: the learned choice against the least-KL choice and the test file's
-extraction row, paired per prompt (95% bootstrap CIs). No target passes: the KLs are the saved
-ones. Writes benchmarks/results/judge_fit.json.
+two thirds of its pool's best (`two_turns.py --rescore`); in guarded mode it picks a memorised
+training prompt for 39-60% of prompts (by set), where the pool's best is one for 15-33%. Both
+files are `two_turns.py` results with saved pools (`candidates`, `origins`, `kl`); the dev
+file's prompts must not be the test file's (`two_turns.py --dev 50`: per set, 50 of the rows
+not scored, near duplicates removed). The judge is linear in the features below; its objective
+(listwise cross-entropy against each pool's softmax of utility/T, or the expected utility under
+the judge's softmax; utility = (BLEU/100 + token F1)/2 against the hidden prompt) and L2
+penalty are chosen by 5-fold cross-validation on the dev pools only, against the least-KL rule
+there. The test pools are scored once: the learned choice against the least-KL choice and the
+test file's extraction row, paired per prompt (95% bootstrap CIs). No target passes: the KLs
+are the saved ones. Writes benchmarks/results/judge_fit.json.
 """
 
 from __future__ import annotations
