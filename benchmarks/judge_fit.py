@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from two_turns import extraction_row, saved_kl
 
 from logit2prompt.evaluation.metrics import format_ci, paired_gain, score, sentence_bleu, token_f1
 from logit2prompt.evaluation.results import write_results
@@ -36,8 +37,6 @@ from logit2prompt.evaluation.results import write_results
 logger = logging.getLogger(__name__)
 RESULTS = Path(__file__).parent / "results" / "judge_fit.json"
 ORIGINS = ("memory", "reply", "sample")  # against "inverter" (the greedy outputs)
-SEARCH = "search, judged on every turn"
-EXTRACTIONS = ("extraction, filtered", "extraction")
 TEMPERATURE = 0.05
 PENALTIES = (1e-3, 1e-2, 1e-1, 1.0)
 OBJECTIVES = ("listwise", "expected")
@@ -50,9 +49,7 @@ def features(example: dict, turns: list[str]) -> tuple[list[str], np.ndarray, li
     cands = [example["candidates"][j] for j in usable]
     if not cands:
         return [], np.zeros((0, 0)), []
-    per_turn = []
-    for t in turns:  # unobserved (None) adds nothing, as in the search
-        per_turn.append(np.array([example["kl"][t][j] or 0.0 for j in usable], dtype=float))
+    per_turn = [saved_kl(example, t)[usable] for t in turns]
     total = sum(per_turn)
 
     def z(x: np.ndarray) -> np.ndarray:
@@ -187,7 +184,7 @@ def main() -> None:
         "| learned - extraction (BLEU) | (F1) | pool's best (BLEU) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    extraction = next(k for k in EXTRACTIONS if k in test[0]["example"])
+    extraction = extraction_row(test_results)
     sets: dict[str, dict] = {}
     examples = []
     for name in dict.fromkeys(p["example"]["set"] for p in test):

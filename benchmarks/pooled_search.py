@@ -15,12 +15,12 @@ import json
 import sys
 from pathlib import Path
 
+from two_turns import SEARCH, extraction_row
+
 from logit2prompt.evaluation.metrics import format_ci, paired_gain
 from logit2prompt.evaluation.results import write_results
 
 RESULTS = Path(__file__).parent / "results" / "pooled_search.json"
-SEARCH = "search, judged on every turn"
-EXTRACTIONS = ("extraction, filtered", "extraction")
 
 
 def main() -> None:
@@ -32,13 +32,17 @@ def main() -> None:
     lines = ["| mode | set | prompts | BLEU | token F1 |", "| --- | --- | --- | --- | --- |"]
     for spec in args.mode:
         name, _, files = spec.partition("=")
-        examples = []
+        examples, baselines = [], set()
         for f in files.split(","):
-            examples += json.loads(Path(f).read_text())["examples"]
+            results = json.loads(Path(f).read_text())
+            examples += results["examples"]
+            baselines.add(extraction_row(results))
+        if len(baselines) > 1:
+            sys.exit(f"{name}: the files' extraction baselines differ ({sorted(baselines)})")
+        (ext,) = baselines
         hidden = [e["hidden"] for e in examples]
         if len(set(hidden)) != len(hidden):
             sys.exit(f"{name}: the files share prompts")
-        ext = next(k for k in EXTRACTIONS if k in examples[0])
         out[name] = {"files": files.split(","), "baseline": ext, "sets": {}}
         for s in dict.fromkeys(e["set"] for e in examples):
             rows = [e for e in examples if e["set"] == s]

@@ -24,9 +24,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from two_turns import SEARCH, saved_total
 
 from logit2prompt.attacks.invert import target_for
-from logit2prompt.attacks.search import Probe, forced_kl
+from logit2prompt.attacks.search import HIDDEN_TURN, Probe, forced_kl
 from logit2prompt.defenses.leak import LeakFilter
 from logit2prompt.evaluation.metrics import format_ci, paired_gain, score, sentence_bleu
 from logit2prompt.evaluation.results import write_results
@@ -57,7 +58,7 @@ def main() -> None:
     prompts = [e["hidden"] for e in examples]
     shortlist = []
     for e in examples:
-        total = sum(np.array([0.0 if v is None else v for v in e["kl"][t]]) for t in turns)
+        total = saved_total(e, turns)
         usable = [j for j, c in enumerate(e["candidates"]) if c.strip()]
         shortlist.append([e["candidates"][j] for j in sorted(usable, key=lambda j: total[j])])
     shortlist = [row[: args.top] for row in shortlist]
@@ -69,7 +70,7 @@ def main() -> None:
     extra = [args.extra_turn] if args.extra_turn else []
     try:
         for turn in [*turns, *extra]:
-            user_mode = turn == "the hidden prompt"
+            user_mode = turn == HIDDEN_TURN
             if not user_mode:
                 target.set_user_turn(turn)
             observed = target.next_token_logprobs(prompts, steps=args.steps).numpy()
@@ -96,9 +97,7 @@ def main() -> None:
         return out
 
     judges = {
-        f"saved {SAVED_STEPS}-step KL (the search)": [
-            e["search, judged on every turn"] for e in examples
-        ],
+        f"saved {SAVED_STEPS}-step KL (the search)": [e[SEARCH] for e in examples],
         f"{SAVED_STEPS} steps, asked again": pick([(t, SAVED_STEPS) for t in turns]),
         f"{args.steps} steps": pick([(t, args.steps) for t in turns]),
     }

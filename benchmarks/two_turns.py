@@ -58,6 +58,7 @@ RESULTS = Path(__file__).parent / "results" / "two_turns.json"
 SEARCH = "search, judged on every turn"
 ORACLE = "best candidate (oracle)"
 EXTRACTION = "extraction, filtered"
+UNFILTERED = "extraction"  # the row's name where no filter stands in its way (user mode)
 NO_SAMPLES = "search without the samples"
 
 
@@ -184,7 +185,7 @@ def main() -> None:
         leak_filter=leak,
         progress=False,
     )
-    extraction = EXTRACTION if leak is not None else "extraction"
+    extraction = EXTRACTION if leak is not None else UNFILTERED
     preds[extraction] = run_methods(["extraction"], ctx)[EXTRACTION_BEST]
     results: dict = {
         "limit": args.limit,
@@ -323,9 +324,7 @@ def judge_ranks(examples: list[dict], turns: list[str], top: int = 5) -> tuple[d
     first candidate as good as the oracle's (median), and how often its choice is one."""
     per: dict[str, list[tuple[float, float, float, int, int]]] = {}
     for e in examples:
-        total = np.zeros(len(e["candidates"]))
-        for t in turns:  # an unobserved turn (None) adds no evidence, as in the search
-            total += np.array([0.0 if v is None else v for v in e["kl"][t]])
+        total = saved_total(e, turns)
         usable = [j for j, c in enumerate(e["candidates"]) if c.strip()]
         if not usable:
             continue
@@ -358,6 +357,22 @@ def judge_ranks(examples: list[dict], turns: list[str], top: int = 5) -> tuple[d
             f"{o['candidates']:g} | {100 * o['choice_is_best']:.0f}% |"
         )
     return out, lines
+
+
+def extraction_row(results: dict) -> str:
+    """The extraction baseline's row in a results file: filtered where its run filtered."""
+    return EXTRACTION if results["leak_filter"] else UNFILTERED
+
+
+def saved_kl(example: dict, turn: str) -> np.ndarray:
+    """One turn's saved KL per candidate; 0 where the turn was not observed (None), which
+    adds no evidence to a sum, as in the search."""
+    return np.array([0.0 if v is None else v for v in example["kl"][turn]])
+
+
+def saved_total(example: dict, turns: list[str]) -> np.ndarray:
+    """The summed KL the search chose by, from a full search's saved pool."""
+    return sum((saved_kl(example, t) for t in turns), np.zeros(len(example["candidates"])))
 
 
 def _floats(values) -> list[float | None]:
