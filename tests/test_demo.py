@@ -211,6 +211,44 @@ def test_the_search_judges_sampled_candidates_too(tiny_shipped):
         proposals(user, observed, 0, samples=-1)
 
 
+def test_conditioned_rounds_propose_from_the_least_kl_candidates(tiny_shipped):
+    """`rounds`: the search as without them, then the neighbour-reading inverter proposes again
+    reading each row's least-KL candidates (`conditioned_proposals`), and those new candidates
+    are judged beside the rest: the first pool and its KLs are kept, the choice's KL can only
+    fall, and rounds need an inverter that reads neighbours."""
+    from logit2prompt.attacks.invert import target_for
+    from logit2prompt.attacks.search import conditioned_proposals, least_kl, observe_and_search
+
+    user = Inverter.from_pretrained(tiny_shipped["user"])
+    target = target_for(user)
+    hidden = TRAIN[:3]
+    kw = dict(steps=3, neighbours=1, samples=3, seed=5, target=target, progress=False)
+    plain = observe_and_search([user], hidden, **kw)
+    rounded = observe_and_search([user], hidden, rounds=1, **kw)
+    observed = target.next_token_logprobs(hidden, steps=user.config.steps).numpy()
+    best = least_kl(plain.candidates, plain.kls, user.config.neighbours)
+    assert all(len(b) == 1 and b[0] in row for b, row in zip(best, plain.candidates, strict=True))
+    proposed = conditioned_proposals(user, observed, best, samples=3, seed=6)
+    for i, (row, origins) in enumerate(zip(rounded.candidates, rounded.origins, strict=True)):
+        first = len(plain.candidates[i])
+        assert row[:first] == plain.candidates[i] and origins[:first] == plain.origins[i]
+        assert row[first:] == [t for t in proposed[i] if t not in plain.candidates[i]]
+        assert set(origins[first:]) <= {"round 1"}
+        assert np.array_equal(rounded.kls[0][i][:first], plain.kls[0][i])
+        assert np.isfinite(rounded.kls[0][i]).all()
+        assert rounded.totals[i].min() <= plain.totals[i].min()
+    assert sum(len(r) for r in rounded.candidates) > sum(len(r) for r in plain.candidates)
+    assert rounded.choose(lambda o: not o.startswith("round")) == plain.chosen
+    with pytest.raises(Logit2PromptError, match="rounds must be >= 0"):
+        observe_and_search([user], hidden, rounds=-1, progress=False)
+    plain_reader = Inverter.from_pretrained(tiny_shipped["user"])
+    plain_reader.config.neighbours = 0  # as an inverter trained without neighbours
+    with pytest.raises(Logit2PromptError, match="needs an inverter that reads neighbours"):
+        conditioned_proposals(plain_reader, observed, best)
+    with pytest.raises(Logit2PromptError, match="none of these does"):
+        observe_and_search([plain_reader], hidden, rounds=1, progress=False)
+
+
 def test_evaluate_scores_the_search_row(tiny_shipped, tmp_path):
     from logit2prompt.evaluation.evaluate import EvalConfig, evaluate
     from logit2prompt.recipes.methods import SEARCH

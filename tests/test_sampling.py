@@ -5,6 +5,7 @@ import torch
 from transformers import AutoTokenizer
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
+from logit2prompt.errors import CheckpointError
 from logit2prompt.models import Inverter
 from logit2prompt.models.prefix_lm import merged_adapters, nucleus
 
@@ -95,3 +96,34 @@ def test_sampling_refuses_settings_without_a_distribution(tiny_lm_dir, bad):
     m = _model(tiny_lm_dir)
     with pytest.raises(ValueError, match="sampling needs"):
         m.sample_ids(torch.randn(2, VOCAB).log_softmax(-1), **bad)
+
+
+def test_given_neighbours_read_like_the_memorys_nearest(tiny_lm_dir):
+    """`invert(neighbours=...)`: prompts given per row are read exactly as the memory's nearest
+    are (the same texts give the same decodes, greedy and seeded samples), other texts change
+    the decode, and rows that cannot be read are refused by name."""
+    from logit2prompt.models.retrieval import NeighbourMemory
+
+    m = _model(tiny_lm_dir, neighbours=2, max_length=8)
+    torch.manual_seed(2)
+    x = torch.randn(6, VOCAB).log_softmax(-1)
+    memorised = [f"memory prompt number {i} says {'x ' * i}" for i in range(6)]
+    m.set_memory(NeighbourMemory.build(memorised, [x.numpy() + 0.01], VOCAB, dims=64))
+    near = m.memory.search(m.as_batch(x, None)[:, : m.config.dim], 2)
+    texts = [[memorised[j] for j in row] for row in near]
+    assert m.invert(x, neighbours=texts) == m.invert(x)
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        drawn = m.invert(x, neighbours=texts, num_return_sequences=3, do_sample=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        assert drawn == m.invert(x, num_return_sequences=3, do_sample=True)
+    others = [[f"an unrelated request about topic {i}"] * 2 for i in range(6)]
+    assert m.invert(x, neighbours=others) != m.invert(x)
+    with pytest.raises(ValueError, match="5 neighbour rows for 6"):
+        m.invert(x, neighbours=texts[:5])
+    with pytest.raises(ValueError, match="none of them blank"):
+        m.invert(x, neighbours=[[" "], *texts[1:]])
+    plain = _model(tiny_lm_dir)
+    with pytest.raises(CheckpointError, match="reads no neighbours"):
+        plain.invert(x, neighbours=texts)

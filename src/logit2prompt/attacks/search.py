@@ -256,6 +256,56 @@ def proposals(
     return [list(k) for k in kinds], [list(k.values()) for k in kinds]
 
 
+def conditioned_proposals(
+    inverter,
+    observed: np.ndarray,
+    best: Sequence[Sequence[str]],
+    *,
+    samples: int = 16,
+    seed: int = 0,
+    batch_size: int = 16,
+    bf16: bool = False,
+) -> list[list[str]]:
+    """Per row, a retrieval-augmented inverter's greedy output and `samples` samples (as in
+    `proposals`) when it reads `best`, the candidates a judge found closest (closest first),
+    in place of its memory's nearest: the search's next round edits its best guesses instead
+    of memorised prompts. Distinct, non-blank texts, in that order."""
+    from .invert import SAMPLING, sample_rows, seeded
+
+    if not inverter.config.neighbours:
+        raise Logit2PromptError("a conditioned round needs an inverter that reads neighbours")
+    vectors = torch.from_numpy(np.asarray(observed[:, : inverter.config.steps], np.float32))
+    greedy = inverter.invert(vectors, neighbours=best, batch_size=batch_size, bf16=bf16)
+    drawn: list[list[str]] = [[] for _ in greedy]
+    if samples:
+        with seeded(seed):
+            drawn = inverter.invert(
+                vectors,
+                neighbours=best,
+                num_return_sequences=samples,
+                batch_size=sample_rows(batch_size, samples),
+                bf16=bf16,
+                grouped=True,
+                **SAMPLING,
+            )
+    return [
+        [t for t in dict.fromkeys([g, *d]) if t.strip()] for g, d in zip(greedy, drawn, strict=True)
+    ]
+
+
+def least_kl(
+    candidates: Sequence[Sequence[str]], kls: Sequence[Sequence[np.ndarray]], k: int
+) -> list[list[str]]:
+    """Per row, its `k` non-blank candidates with the least summed KL (`choose`'s totals),
+    closest first."""
+    _, totals = choose(candidates, kls)
+    out = []
+    for row, total in zip(candidates, totals, strict=True):
+        usable = [j for j, c in enumerate(row) if c.strip()]
+        out.append([row[j] for j in sorted(usable, key=lambda j: total[j])[:k]])
+    return out
+
+
 @dataclass
 class SearchResult:
     """What `observe_and_search` saw and chose, per row: each probe's user turn, its refused
@@ -314,6 +364,7 @@ def observe_and_search(
     shortlist: int | None = None,
     samples: int = 0,
     seed: int = 0,
+    rounds: int = 0,
     target=None,
     decoded: tuple[np.ndarray, Sequence[str] | Callable[[], Sequence[str]]] | None = None,
     progress: bool = True,
@@ -335,7 +386,11 @@ def observe_and_search(
     the reply's first N tokens for each N (read further where needed; the judge still reads
     what it read); None: `USER_REPLY_FACTOR` x `steps` in user mode, none in system modes.
     `samples`: each inverter also proposes this many sampled prompts (`proposals`; seeded by
-    `seed`); their origin is "sample", so `SearchResult.choose` can leave them out."""
+    `seed`); their origin is "sample", so `SearchResult.choose` can leave them out.
+    `rounds`: after the judging, each inverter that reads neighbours proposes again (greedy and
+    `samples` samples, seeded by `seed` + the round) reading each row's least-KL candidates in
+    place of its memory's nearest (`conditioned_proposals`), and the new candidates (origin
+    "round N") are judged beside the rest, once per round."""
     from ..recipes.methods import MethodContext
     from .invert import target_for, user_turn_of
 
@@ -343,6 +398,13 @@ def observe_and_search(
         raise Logit2PromptError("search needs at least one inverter")
     if neighbours < 0:
         raise Logit2PromptError(f"the search's neighbours must be >= 0, got {neighbours}")
+    if rounds < 0:
+        raise Logit2PromptError(f"the search's rounds must be >= 0, got {rounds}")
+    if rounds and not any(inv.config.neighbours for inv in inverters):
+        raise Logit2PromptError(
+            "the search's conditioned rounds need an inverter that reads neighbours "
+            "(config.neighbours > 0); none of these does"
+        )
     if target is None:
         target = target_for(inverters[0], batch_size=batch_size)
     before = target.user_turn
@@ -354,6 +416,7 @@ def observe_and_search(
         candidates: list[list[str]] = [[] for _ in prompts]
         origins: list[list[str]] = [[] for _ in prompts]
         sampled: list[list[tuple[str, str]]] = [[] for _ in prompts]
+        readings = []  # (inverter, its observation, refused rows, turn) for the rounds
 
         def add(i: int, pairs: list[tuple[str, str]]) -> None:
             """(text, origin) pairs into row i's candidates; a duplicate keeps its first origin."""
@@ -428,6 +491,8 @@ def observe_and_search(
                 add(i, [(t, o) for t, o in tagged if not o.startswith("sample:")])
                 sampled[i] += [(t, o) for t, o in tagged if o.startswith("sample:")]
             outputs.append(["" if b else row[0] for b, row in zip(refused, proposed, strict=True)])
+            if inverter.config.neighbours:
+                readings.append((inverter, observed, refused, turn or HIDDEN_TURN))
             if observe:
                 turns.append(turn or HIDDEN_TURN)
                 probes.append(Probe(turn, observed, refused))
@@ -437,6 +502,31 @@ def observe_and_search(
         for i, row in enumerate(sampled):
             add(i, row)
         kls = judge(target, probes, candidates, progress, shortlist)
+        for r in range(1, rounds + 1):
+            new: list[list[str]] = [[] for _ in prompts]
+            for inverter, observed, refused, turn in readings:
+                rows = [i for i, row in enumerate(candidates) if not refused[i] and row]
+                if not rows:
+                    continue
+                logger.info("round %d: %s proposes again from the least-KL candidates", r, turn)
+                best = least_kl(candidates, kls, inverter.config.neighbours)
+                texts = conditioned_proposals(
+                    inverter,
+                    observed[rows],
+                    [best[i] for i in rows],
+                    samples=samples,
+                    seed=seed + r,
+                    batch_size=16,
+                    bf16=bf16,
+                )
+                for i, row in zip(rows, texts, strict=True):
+                    new[i] += [t for t in row if t not in candidates[i] and t not in new[i]]
+            added = judge(target, probes, new, progress, shortlist)
+            for i, row in enumerate(new):
+                candidates[i] += row
+                origins[i] += [f"round {r}"] * len(row)
+                for probe, more in zip(kls, added, strict=True):
+                    probe[i] = np.concatenate([probe[i], more[i]])
         chosen, totals = choose(candidates, kls)
         by_turn = _by_turn(turns, candidates, kls)
         return SearchResult(

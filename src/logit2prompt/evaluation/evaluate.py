@@ -155,6 +155,13 @@ class EvalConfig:
             "top-p 0.95, seeded; more candidates for the target to judge)"
         },
     )
+    search_rounds: int = dataclasses.field(
+        default=0,
+        metadata={
+            "help": "rounds in which each neighbour-reading inverter proposes again, reading "
+            "the search's least-KL candidates as its neighbours (slower; pays in user mode)"
+        },
+    )
     predictions: tuple[str, ...] = dataclasses.field(
         default=(),
         metadata={
@@ -196,6 +203,8 @@ def _check_baselines(cfg: EvalConfig) -> None:
         raise Logit2PromptError(f"--search-neighbours must be >= 0, got {cfg.search_neighbours}")
     if cfg.search_samples < 0:
         raise Logit2PromptError(f"--search-samples must be >= 0, got {cfg.search_samples}")
+    if cfg.search_rounds < 0:
+        raise Logit2PromptError(f"--search-rounds must be >= 0, got {cfg.search_rounds}")
     from ..models.pretrained import resolve_checkpoint
 
     for other in cfg.search_with:  # a mistyped checkpoint fails before any target work
@@ -253,6 +262,7 @@ def method_context(cfg: EvalConfig, inverter, target, references, vectors) -> me
         search_shortlist=cfg.search_shortlist or None,
         search_neighbours=cfg.search_neighbours,
         search_samples=cfg.search_samples,
+        search_rounds=cfg.search_rounds,
         attacks=cfg.attacks,
         leak_filter=LeakFilter(cfg.leak_filter) if cfg.leak_filter else None,
         text_checkpoint=cfg.text_checkpoint,

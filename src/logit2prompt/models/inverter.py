@@ -138,12 +138,31 @@ class Inverter(nn.Module):
             self._memory_ids = encode_labels(
                 self.tokenizer, self.memory.prompts, self.config.max_length
             )
+        return self._pad_neighbours([[self._memory_ids[i] for i in row] for row in rows])
+
+    def text_neighbour_ids(self, rows: Sequence[Sequence[str]]) -> torch.Tensor:
+        """Given prompts per example -> `[B, k, width]` token ids, read like memory rows: the
+        neighbours a retrieval-augmented inverter reads in place of its memory's nearest
+        (e.g. the candidates a search judged closest; `invert(neighbours=...)`)."""
+        if not self.config.neighbours:
+            raise CheckpointError("this inverter reads no neighbours (config.neighbours is 0)")
+        if self.tokenizer is None:
+            raise CheckpointError("this inverter has no tokenizer to encode neighbours with")
+        if any(not row or not all(t.strip() for t in row) for row in rows):
+            raise ValueError("every example needs at least one neighbour, none of them blank")
+        flat = [t for row in rows for t in row]
+        ids = iter(encode_labels(self.tokenizer, flat, self.config.max_length))
+        return self._pad_neighbours([[next(ids) for _ in row] for row in rows])
+
+    def _pad_neighbours(self, rows: Sequence[Sequence[list[int]]]) -> torch.Tensor:
+        """Token id lists per example -> `[B, k, width]` (the first k, each cut to the
+        neighbour length), padded with -1; an example with fewer than k reads only those."""
         k = self.config.neighbours
         width = self.config.neighbour_length or self.config.max_length
         out = torch.full((len(rows), k, width), -1, dtype=torch.long)
         for b, row in enumerate(rows):
-            for r, i in enumerate(list(row)[:k]):
-                ids = self._memory_ids[i][:width]
+            for r, ids in enumerate(list(row)[:k]):
+                ids = ids[:width]
                 out[b, r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         return out
 
@@ -244,9 +263,12 @@ class Inverter(nn.Module):
         bf16: bool = False,
         grouped: bool = False,
         steps: int | None = None,
+        neighbours: Sequence[Sequence[str]] | None = None,
     ) -> list[str] | list[list[str]]:
         """Recover prompts from log-prob vectors `[vocab]`, `[B, vocab]` or `[B, S, vocab]`,
         reading the first `steps` (default: the trained number; more extends at test time).
+        `neighbours`: per vector, the prompts a retrieval-augmented inverter reads in place of
+        its memory's nearest (`text_neighbour_ids`).
 
         Returns one string per vector, or a list of `num_return_sequences` strings per vector
         (always a list per vector with `grouped`, so callers need not special-case one).
@@ -261,6 +283,11 @@ class Inverter(nn.Module):
             )
         self.ensure_fingerprint(fingerprint)
         x = self.as_batch(logprobs, steps)
+        given = None
+        if neighbours is not None:
+            if len(neighbours) != len(x):
+                raise ValueError(f"{len(neighbours)} neighbour rows for {len(x)} vectors")
+            given = self.text_neighbour_ids(neighbours)
         was_training = self.training
         self.eval()
         kwargs = {
@@ -278,7 +305,8 @@ class Inverter(nn.Module):
         texts: list[str] = []
         for start in range(0, len(x), batch_size):
             with self._bf16_autocast() if bf16 else nullcontext():
-                ids = self.generate_ids(x[start : start + batch_size], **kwargs)
+                near = None if given is None else given[start : start + batch_size]
+                ids = self.generate_ids(x[start : start + batch_size], near, **kwargs)
             texts.extend(self.tokenizer.batch_decode(ids, skip_special_tokens=True))
         self.train(was_training)
         texts = [t.strip() for t in texts]

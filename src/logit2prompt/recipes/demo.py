@@ -117,6 +117,13 @@ class DemoConfig:
         default=0,
         metadata={"help": "prompts each inverter samples for the search (slower)"},
     )
+    search_rounds: int = field(
+        default=0,
+        metadata={
+            "help": "rounds in which the search's neighbour-reading inverters propose again "
+            "from its least-KL candidates (slower)"
+        },
+    )
     batch_size: int = field(default=48, metadata={"help": "target and decoding batch"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
 
@@ -213,6 +220,7 @@ def run_mode(
         ctx.search_shortlist = cfg.search_shortlist or None
         ctx.search_neighbours = cfg.search_neighbours
         ctx.search_samples = cfg.search_samples
+        ctx.search_rounds = cfg.search_rounds
     keys = (*METHODS, *("mbr",) * bool(cfg.mbr_samples), *("search",) * search)
     preds = run_methods(keys, ctx)
     preds = {row: preds[row] for row in shown_rows(attacks, bool(cfg.mbr_samples), search)}

@@ -75,6 +75,7 @@ class MethodContext:
     search_shortlist: int | None = None  # later turns judge only the best so far (search.judge)
     search_neighbours: int = 8  # memorised prompts each inverter proposes to the search
     search_samples: int = 0  # prompts each inverter samples for the search (seeded by `seed`)
+    search_rounds: int = 0  # conditioned rounds of the search (search.observe_and_search)
     near: list[list[int]] | None = None
     notes: dict = field(default_factory=dict)  # side results: best_attack, fallback_kept
     _decoded: dict = field(default_factory=dict, repr=False)
@@ -329,6 +330,7 @@ def _search(ctx: MethodContext) -> dict[str, list[str]]:
         neighbours=ctx.search_neighbours,
         samples=ctx.search_samples,
         seed=ctx.seed,
+        rounds=ctx.search_rounds,
         target=ctx.target,
         decoded=(ctx.vectors, ctx.inverter_output) if greedy else None,
         progress=ctx.progress,

@@ -1,0 +1,184 @@
+"""A second round of proposals, conditioned on the search's best: a retrieval-augmented
+inverter reads the K candidates the target judged closest in place of its memory's nearest,
+proposes again (greedy and sampled), and the target judges the new candidates beside the pool.
+
+    python benchmarks/neighbour_round.py \
+        --results benchmarks/results/search_samples16-guarded-dev.json \
+        --checkpoint smollm2-135m-instruct-guarded --samples 16 --rounds 1
+
+The shipped v1 inverters were trained to read their 2 nearest training prompts beside the
+observation and to copy what fits. Out of domain those neighbours are far: the pool's best
+candidate by the target's KL is closer (two_turns.py's oracle and judge rows). Here they are
+replaced by that pool's least-KL candidates (`Inverter.invert(neighbours=...)`), so the
+inverter edits the search's best guesses rather than memorised prompts; no training. Each round
+asks the deployment nothing new: the observed replies (greedy, the same as the file's run, the
+leak filter applied as there) are observed again locally, the new candidates are judged by the
+same summed KL (`forced_kl` on each turn's 16 steps), and the pool's choice is the least KL over
+old and new. Rows per set: the search as saved, each round's choice, and the best candidate of
+the grown pool (oracle), with paired gains. Meant for dev prompts (`two_turns.py --dev`) first;
+writes benchmarks/results/neighbour_round.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from two_turns import SEARCH, saved_kl
+
+from logit2prompt.attacks.invert import target_for, user_turn_of
+from logit2prompt.attacks.search import (
+    HIDDEN_TURN,
+    Probe,
+    choose,
+    conditioned_proposals,
+    forced_kl,
+    least_kl,
+)
+from logit2prompt.defenses.leak import LeakFilter
+from logit2prompt.evaluation.metrics import format_ci, paired_gain, score, sentence_bleu
+from logit2prompt.evaluation.results import write_results
+from logit2prompt.inverter import Inverter
+from logit2prompt.recipes.methods import MethodContext
+
+RESULTS = Path(__file__).parent / "results" / "neighbour_round.json"
+STEPS = 16  # what the saved KLs read
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--results", required=True, help="two_turns.py results with pools")
+    parser.add_argument(
+        "--checkpoint", required=True, help="a neighbour-reading inverter of the file's target"
+    )
+    parser.add_argument("--samples", type=int, default=16, help="sampled per prompt and round")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1, help="not the first round's seed (0)")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    results = json.loads(Path(args.results).read_text())
+    examples, turns = results["examples"], results["turns"]
+    if results.get("steps", STEPS) != STEPS:
+        sys.exit(f"{args.results} was judged on {results['steps']} steps, not {STEPS}")
+    prompts = [e["hidden"] for e in examples]
+    pools = [list(e["candidates"]) for e in examples]
+    origins = [["first round"] * len(p) for p in pools]
+    inverter = Inverter.from_pretrained(args.checkpoint)
+    if not inverter.config.neighbours:
+        sys.exit(f"{args.checkpoint} reads no neighbours")
+    k = inverter.config.neighbours
+    target = target_for(inverter, batch_size=16)
+    leak = LeakFilter(results["leak_filter"]) if results.get("leak_filter") else None
+    before = target.user_turn
+    own = user_turn_of(inverter.fingerprint.template, target) or HIDDEN_TURN
+    if own not in turns:
+        sys.exit(f"{args.checkpoint} reads the reply to {own!r}, not one of the file's {turns}")
+
+    # The deployment's replies, observed again (greedy, so the same as the file's run).
+    probes: dict[str, Probe] = {}
+    try:
+        for turn in turns:
+            if turn != HIDDEN_TURN:
+                target.set_user_turn(turn)
+            observed = target.next_token_logprobs(prompts, steps=STEPS).numpy()
+            replies = MethodContext(None, observed, target=target).replies()
+            refused = [
+                leak is not None and leak.blocks(r, p)
+                for r, p in zip(replies, prompts, strict=True)
+            ]
+            probes[turn] = Probe(None if turn == HIDDEN_TURN else turn, observed, refused)
+    finally:
+        target.set_user_turn(before)
+
+    # The saved KLs in `judge`'s shape (per turn, per row): None (not observed) adds nothing.
+    kls = [[saved_kl(e, t) for e in examples] for t in turns]
+    chosen = {SEARCH: [e[SEARCH] for e in examples]}
+    seconds = []
+    for r in range(1, args.rounds + 1):
+        start = time.perf_counter()
+        seen = [i for i in range(len(prompts)) if probes[own].seen(i) and pools[i]]
+        best = least_kl(pools, kls, inverter.config.neighbours)
+        texts = conditioned_proposals(
+            inverter,
+            probes[own].observed[seen],
+            [best[i] for i in seen],
+            samples=args.samples,
+            seed=args.seed + r - 1,
+            batch_size=16,
+            bf16=True,
+        )
+        new: list[list[str]] = [[] for _ in prompts]
+        for i, row in zip(seen, texts, strict=True):
+            new[i] = [t for t in row if t not in pools[i]]
+        for t, turn in enumerate(turns):
+            for i, kl in enumerate(forced_kl(target, probes[turn], new)):
+                kls[t][i] = np.concatenate([kls[t][i], np.nan_to_num(kl, nan=0.0)])
+        for i, row in enumerate(new):
+            pools[i] += row
+            origins[i] += [f"round {r}"] * len(row)
+        chosen[f"round {r}"] = choose(pools, kls)[0]
+        seconds.append(time.perf_counter() - start)
+        print(f"round {r}: {sum(map(len, new))} new candidates, {seconds[-1]:.0f} s", flush=True)
+
+    oracle = [
+        max(pool, key=lambda c: sentence_bleu(c, p)) if pool else ""
+        for pool, p in zip(pools, prompts, strict=True)
+    ]
+    first = [
+        max(e["candidates"], key=lambda c: sentence_bleu(c, p)) if e["candidates"] else ""
+        for e, p in zip(examples, prompts, strict=True)
+    ]
+    rows = {
+        **chosen,
+        "best candidate of the first pool (oracle)": first,
+        "best candidate of the grown pool (oracle)": oracle,
+    }
+    sets, lines = {}, []
+    lines.append("| set | " + " | ".join(rows) + " |")
+    lines.append("| --- |" + " --- |" * len(rows))
+    for name in dict.fromkeys(e["set"] for e in examples):
+        idx = [i for i, e in enumerate(examples) if e["set"] == name]
+        refs = [prompts[i] for i in idx]
+        s = sets[name] = {}
+        cells = []
+        for row, hyps in rows.items():
+            mine = [hyps[i] for i in idx]
+            s[row] = score(mine, refs)
+            cell = f"{s[row]['bleu']['mean']:.1f} / {s[row]['token_f1']['mean']:.1f}"
+            if row != SEARCH:
+                s[row]["gain"] = paired_gain(mine, [chosen[SEARCH][i] for i in idx], refs)
+                cell += f" ({format_ci(s[row]['gain']['bleu'], '+.1f')})"
+            cells.append(cell)
+        last = f"round {args.rounds}"
+        s["new_chosen"] = int(
+            sum(
+                origins[i][pools[i].index(chosen[last][i])] != "first round"
+                for i in idx
+                if chosen[last][i]
+            )
+        )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+    write_results(
+        args.out,
+        {
+            "command": ["python", *sys.argv],
+            "samples": args.samples,
+            "rounds": args.rounds,
+            "neighbours": k,
+            "round_seconds": seconds,
+            "sets": sets,
+            "examples": [
+                {"hidden": p, "set": e["set"], **{row: rows[row][i] for row in rows}}
+                for i, (p, e) in enumerate(zip(prompts, examples, strict=True))
+            ],
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
