@@ -100,8 +100,8 @@ def main() -> None:
     seconds = []
     for r in range(1, args.rounds + 1):
         start = time.perf_counter()
-        seen = [i for i in range(len(prompts)) if probes[own].seen(i) and pools[i]]
         best = least_kl(pools, kls, inverter.config.neighbours)
+        seen = [i for i in range(len(prompts)) if probes[own].seen(i) and best[i]]
         texts = conditioned_proposals(
             inverter,
             probes[own].observed[seen],

@@ -141,9 +141,9 @@ def test_beams_and_sampling_return_several(trained, tiny_store):
     seen = {}
     real = model.generate_ids
 
-    def spy(vectors, **kwargs):
+    def spy(vectors, neighbour_ids=None, **kwargs):
         seen.update(kwargs)
-        ids = real(vectors, **kwargs)
+        ids = real(vectors, neighbour_ids, **kwargs)
         eos = model.config.eos_token_id
         for row in ids.tolist():
             row = row[: row.index(eos) + 1] if eos in row else row  # drop the padding after EOS

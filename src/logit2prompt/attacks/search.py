@@ -505,11 +505,11 @@ def observe_and_search(
         for r in range(1, rounds + 1):
             new: list[list[str]] = [[] for _ in prompts]
             for inverter, observed, refused, turn in readings:
-                rows = [i for i, row in enumerate(candidates) if not refused[i] and row]
+                best = least_kl(candidates, kls, inverter.config.neighbours)
+                rows = [i for i, near in enumerate(best) if not refused[i] and near]
                 if not rows:
                     continue
                 logger.info("round %d: %s proposes again from the least-KL candidates", r, turn)
-                best = least_kl(candidates, kls, inverter.config.neighbours)
                 texts = conditioned_proposals(
                     inverter,
                     observed[rows],
