@@ -74,13 +74,18 @@ def main() -> None:
         "sets": {},
     }
     print(f"{args.a} {row!r} - {args.b} {versus!r}, paired, 95% bootstrap CIs")
-    for group in dict.fromkeys(e["set"] for e in a):
-        ex = [e for e in a if e["set"] == group]
-        missing = [e["hidden"] for e in ex if (group, e["hidden"]) not in other]
+    groups = {
+        group: [e for e in a if e["set"] == group] for group in dict.fromkeys(e["set"] for e in a)
+    }
+    if len(groups) > 1:
+        groups["pooled"] = a  # every prompt of every set: a tighter interval on the shared sign
+    for group, ex in groups.items():
+        missing = [e["hidden"] for e in ex if (e["set"], e["hidden"]) not in other]
         if missing:
             sys.exit(f"{len(missing)} prompts of {group} are not in {args.b}: not the same sample")
         refs = [e["hidden"] for e in ex]
-        gain = paired_gain([e[row] for e in ex], [other[(group, r)] for r in refs], refs)
+        base = [other[(e["set"], e["hidden"])] for e in ex]
+        gain = paired_gain([e[row] for e in ex], base, refs)
         results["sets"][group] = gain
         print(
             f"{group:26s} BLEU {format_ci(gain['bleu'], '+.1f'):22s} "
