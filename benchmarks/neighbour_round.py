@@ -17,6 +17,11 @@ same summed KL (`forced_kl` on each turn's 16 steps), and the pool's choice is t
 old and new. Rows per set: the search as saved, each round's choice, and the best candidate of
 the grown pool (oracle), with paired gains. Meant for dev prompts (`two_turns.py --dev`) first;
 writes benchmarks/results/neighbour_round.json.
+
+`--pools FILE` writes the grown pools after every round (full-precision KLs, too large to
+commit: put it under runs/); given back as `--results`, the run goes on from the rounds it holds
+up to `--rounds` in all, as if never stopped, so a killed run loses one round at most and a
+4-round run extends to 8 without redoing 4.
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from two_turns import SEARCH, saved_kl
+from two_turns import SEARCH, gain_table, saved_kl
 
 from logit2prompt.attacks.invert import target_for, user_turn_of
 from logit2prompt.attacks.search import (
@@ -40,7 +46,7 @@ from logit2prompt.attacks.search import (
     least_kl,
 )
 from logit2prompt.defenses.leak import LeakFilter
-from logit2prompt.evaluation.metrics import format_ci, paired_gain, score, sentence_bleu
+from logit2prompt.evaluation.metrics import sentence_bleu
 from logit2prompt.evaluation.results import write_results
 from logit2prompt.inverter import Inverter
 from logit2prompt.recipes.methods import MethodContext
@@ -59,14 +65,30 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1, help="not the first round's seed (0)")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--pools", help="write the grown pools here after every round (runs/...)")
+    parser.add_argument("--limit", type=int, help="only the first N prompts of each set")
     args = parser.parse_args()
     results = json.loads(Path(args.results).read_text())
     examples, turns = results["examples"], results["turns"]
     if results.get("steps", STEPS) != STEPS:
         sys.exit(f"{args.results} was judged on {results['steps']} steps, not {STEPS}")
+    done = results.get("rounds_done", 0)  # a --pools file of an earlier run: go on from it
+    if done:
+        for key in ("checkpoint", "samples", "seed", "limit"):
+            if results[key] != getattr(args, key):
+                given = getattr(args, key)
+                sys.exit(f"{args.results} was grown with --{key} {results[key]}, not {given}")
+    elif args.limit:
+        kept: list[dict] = []
+        per_set: Counter[str] = Counter()
+        for e in examples:
+            if per_set[e["set"]] < args.limit:
+                kept.append(e)
+                per_set[e["set"]] += 1
+        examples = kept
     prompts = [e["hidden"] for e in examples]
     pools = [list(e["candidates"]) for e in examples]
-    origins = [["first round"] * len(p) for p in pools]
+    round_of = [list(e.get("round_of", [0] * len(e["candidates"]))) for e in examples]
     inverter = Inverter.from_pretrained(args.checkpoint)
     if not inverter.config.neighbours:
         sys.exit(f"{args.checkpoint} reads no neighbours")
@@ -97,8 +119,9 @@ def main() -> None:
     # The saved KLs in `judge`'s shape (per turn, per row): None (not observed) adds nothing.
     kls = [[saved_kl(e, t) for e in examples] for t in turns]
     chosen = {SEARCH: [e[SEARCH] for e in examples]}
-    seconds = []
-    for r in range(1, args.rounds + 1):
+    chosen.update({f"round {r}": [e[f"round {r}"] for e in examples] for r in range(1, done + 1)})
+    seconds = list(results.get("round_seconds", []))
+    for r in range(done + 1, args.rounds + 1):
         start = time.perf_counter()
         best = least_kl(pools, kls, inverter.config.neighbours)
         seen = [i for i in range(len(prompts)) if probes[own].seen(i) and best[i]]
@@ -119,49 +142,65 @@ def main() -> None:
                 kls[t][i] = np.concatenate([kls[t][i], np.nan_to_num(kl, nan=0.0)])
         for i, row in enumerate(new):
             pools[i] += row
-            origins[i] += [f"round {r}"] * len(row)
+            round_of[i] += [r] * len(row)
         chosen[f"round {r}"] = choose(pools, kls)[0]
         seconds.append(time.perf_counter() - start)
         print(f"round {r}: {sum(map(len, new))} new candidates, {seconds[-1]:.0f} s", flush=True)
+        if args.pools:
+            write_results(
+                args.pools,
+                {
+                    "turns": turns,
+                    "steps": STEPS,
+                    "leak_filter": results.get("leak_filter"),
+                    "checkpoint": args.checkpoint,
+                    "samples": args.samples,
+                    "seed": args.seed,
+                    "limit": args.limit,
+                    "rounds_done": r,
+                    "round_seconds": seconds,
+                    "examples": [
+                        {
+                            "hidden": p,
+                            "set": e["set"],
+                            **{row: chosen[row][i] for row in chosen},
+                            "candidates": pools[i],
+                            "round_of": round_of[i],
+                            # Full precision: the next round's least-KL and choice as unbroken.
+                            "kl": {t: [float(v) for v in kls[j][i]] for j, t in enumerate(turns)},
+                        }
+                        for i, (p, e) in enumerate(zip(prompts, examples, strict=True))
+                    ],
+                },
+                command=["python", *sys.argv],
+            )
 
     oracle = [
         max(pool, key=lambda c: sentence_bleu(c, p)) if pool else ""
         for pool, p in zip(pools, prompts, strict=True)
     ]
     first = [
-        max(e["candidates"], key=lambda c: sentence_bleu(c, p)) if e["candidates"] else ""
-        for e, p in zip(examples, prompts, strict=True)
+        max(
+            (c for c, k in zip(pool, of, strict=True) if k == 0),
+            key=lambda c: sentence_bleu(c, p),
+            default="",
+        )
+        for pool, of, p in zip(pools, round_of, prompts, strict=True)
     ]
     rows = {
         **chosen,
         "best candidate of the first pool (oracle)": first,
         "best candidate of the grown pool (oracle)": oracle,
     }
-    sets, lines = {}, []
-    lines.append("| set | " + " | ".join(rows) + " |")
-    lines.append("| --- |" + " --- |" * len(rows))
-    for name in dict.fromkeys(e["set"] for e in examples):
+    sets, cells = gain_table(rows, examples, SEARCH)
+    lines = ["| set | " + " | ".join(rows) + " |", "| --- |" + " --- |" * len(rows)]
+    last = f"round {args.rounds}"
+    for name in sets:
         idx = [i for i, e in enumerate(examples) if e["set"] == name]
-        refs = [prompts[i] for i in idx]
-        s = sets[name] = {}
-        cells = []
-        for row, hyps in rows.items():
-            mine = [hyps[i] for i in idx]
-            s[row] = score(mine, refs)
-            cell = f"{s[row]['bleu']['mean']:.1f} / {s[row]['token_f1']['mean']:.1f}"
-            if row != SEARCH:
-                s[row]["gain"] = paired_gain(mine, [chosen[SEARCH][i] for i in idx], refs)
-                cell += f" ({format_ci(s[row]['gain']['bleu'], '+.1f')})"
-            cells.append(cell)
-        last = f"round {args.rounds}"
-        s["new_chosen"] = int(
-            sum(
-                origins[i][pools[i].index(chosen[last][i])] != "first round"
-                for i in idx
-                if chosen[last][i]
-            )
+        sets[name]["new_chosen"] = int(
+            sum(round_of[i][pools[i].index(chosen[last][i])] > 0 for i in idx if chosen[last][i])
         )
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(cells[name]) + " |")
     print("\n".join(lines))
     write_results(
         args.out,
@@ -169,6 +208,7 @@ def main() -> None:
             "command": ["python", *sys.argv],
             "samples": args.samples,
             "rounds": args.rounds,
+            "limit": args.limit,
             "neighbours": k,
             "round_seconds": seconds,
             "sets": sets,

@@ -24,12 +24,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from two_turns import SEARCH, saved_total
+from two_turns import SEARCH, gain_table, saved_total
 
 from logit2prompt.attacks.invert import target_for
 from logit2prompt.attacks.search import HIDDEN_TURN, Probe, forced_kl
 from logit2prompt.defenses.leak import LeakFilter
-from logit2prompt.evaluation.metrics import format_ci, paired_gain, score, sentence_bleu
+from logit2prompt.evaluation.metrics import sentence_bleu
 from logit2prompt.evaluation.results import write_results
 from logit2prompt.inverter import Inverter
 from logit2prompt.recipes.methods import MethodContext
@@ -106,30 +106,16 @@ def main() -> None:
             [(t, steps) for t in [*turns, *extra]]
         )
     base = next(iter(judges))
-    sets, lines = {}, []
-    lines.append("| set | " + " | ".join(judges) + f" | best of the {args.top} |")
+    sets, cells = gain_table(judges, examples, base)
+    lines = ["| set | " + " | ".join(judges) + f" | best of the {args.top} |"]
     lines.append("| --- |" + " --- |" * (len(judges) + 1))
-    for name in dict.fromkeys(e["set"] for e in examples):
+    for name in sets:
         idx = [i for i, e in enumerate(examples) if e["set"] == name]
-        refs = [prompts[i] for i in idx]
-        s = sets[name] = {}
-        cells = []
-        for j, hyps in judges.items():
-            mine = [hyps[i] for i in idx]
-            s[j] = score(mine, refs)
-            cell = f"{s[j]['bleu']['mean']:.1f} / {s[j]['token_f1']['mean']:.1f}"
-            if j != base:
-                s[j]["gain"] = paired_gain(mine, [judges[base][i] for i in idx], refs)
-                cell += f" ({format_ci(s[j]['gain']['bleu'], '+.1f')})"
-            cells.append(cell)
         best = np.mean(
-            [
-                max((sentence_bleu(c, r) for c in shortlist[i]), default=0.0)
-                for i, r in zip(idx, refs, strict=True)
-            ]
+            [max((sentence_bleu(c, prompts[i]) for c in shortlist[i]), default=0.0) for i in idx]
         )
-        s["best_of_top"] = float(best)
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {best:.1f} |")
+        sets[name]["best_of_top"] = float(best)
+        lines.append(f"| {name} | " + " | ".join(cells[name]) + f" | {best:.1f} |")
     print("\n".join(lines))
     write_results(
         args.out,

@@ -265,6 +265,29 @@ def tabulate(rows, prompts, preds, turns) -> tuple[dict, list[str]]:
     return sets, lines
 
 
+def gain_table(
+    rows: dict[str, list[str]], examples: list[dict], base: str
+) -> tuple[dict[str, dict], dict[str, list[str]]]:
+    """Per set of `examples`, every row's scores and, but for `base`, its paired gain over
+    `base`; with each set's Markdown cells ("BLEU / F1 (BLEU gain [CI])")."""
+    sets: dict[str, dict] = {}
+    cells: dict[str, list[str]] = {}
+    for name in dict.fromkeys(e["set"] for e in examples):
+        idx = [i for i, e in enumerate(examples) if e["set"] == name]
+        refs = [examples[i]["hidden"] for i in idx]
+        s = sets[name] = {}
+        cells[name] = []
+        for row, hyps in rows.items():
+            mine = [hyps[i] for i in idx]
+            s[row] = score(mine, refs)
+            cell = f"{s[row]['bleu']['mean']:.1f} / {s[row]['token_f1']['mean']:.1f}"
+            if row != base:
+                s[row]["gain"] = paired_gain(mine, [rows[base][i] for i in idx], refs)
+                cell += f" ({format_ci(s[row]['gain']['bleu'], '+.1f')})"
+            cells[name].append(cell)
+    return sets, cells
+
+
 def rescore(path: str, shortlists: list[int] = ()) -> None:
     """Recompute a results file's tables from its saved predictions (no target passes); with
     `shortlists`, also replay the search whose later turns judged only each prompt's K best
