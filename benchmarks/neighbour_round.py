@@ -73,6 +73,8 @@ def main() -> None:
     if results.get("steps", STEPS) != STEPS:
         sys.exit(f"{args.results} was judged on {results['steps']} steps, not {STEPS}")
     done = results.get("rounds_done", 0)  # a --pools file of an earlier run: go on from it
+    if done > args.rounds:
+        sys.exit(f"{args.results} holds {done} rounds already: ask for --rounds {done} or more")
     if done:
         for key in ("checkpoint", "samples", "seed", "limit"):
             if results[key] != getattr(args, key):
