@@ -55,3 +55,15 @@ def test_machine_block_is_measured(tmp_path, monkeypatch):
     assert machine["cpu"]
     assert (machine["cuda_device"] is None) == (not torch.cuda.is_available())
     assert "command" not in out and out["x"] == 1
+
+
+def test_written_file_has_the_mode_open_would_give(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = os.umask(0o022)
+    try:
+        write_results("r.json", {"x": 1})
+        (tmp_path / "plain").write_text("x")
+    finally:
+        os.umask(before)
+    mode = (tmp_path / "r.json").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600

@@ -95,6 +95,12 @@ def relativize(obj: Any, cwd: Path | None = None) -> Any:
     return obj
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_results(path: str | Path, results: dict, *, command: list[str] | None = None) -> dict:
     """Write `results` as indented JSON to `path`, atomically; returns what was written.
 
@@ -115,6 +121,8 @@ def write_results(path: str | Path, results: dict, *, command: list[str] | None 
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        # mkstemp makes the file private (0600); give it the mode a plain open() would.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
