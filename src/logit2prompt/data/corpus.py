@@ -276,7 +276,8 @@ BUILTIN_CORPORA = ("bigbench", "mix")
 
 def resolve_corpus(name: str) -> str:
     """A built-in corpus name ('bigbench', 'mix') becomes its cached file (built on first use,
-    the mix with its default sources); paths pass through."""
+    the mix with its default sources, less any the package index no longer serves); paths
+    pass through."""
     if name == "bigbench":
         from .bigbench import build_bigbench_corpus
 
@@ -284,5 +285,5 @@ def resolve_corpus(name: str) -> str:
     if name == "mix":
         from .mix import build_mix
 
-        return str(build_mix())
+        return str(build_mix(skip_unavailable=True))
     return name

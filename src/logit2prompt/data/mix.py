@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..cache import cache_dir, sha256_file
-from ..errors import CorpusError
+from ..errors import CorpusError, PackageUnavailable
 from .corpus import normalise, read_rows, split_of, word_ngrams, words_of
 from .packages import fetch
 from .sources import SOURCES, Row
@@ -156,10 +156,13 @@ def build_mix(
     extra: dict[str, list[Row]] | None = None,
     extra_meta: dict[str, dict] | None = None,
     force: bool = False,
+    skip_unavailable: bool = False,
 ) -> Path:
     """Build (or return the cached) mixed corpus JSONL `{"prompt", "source", "kind", "origin"}`
     and its manifest (`<out>.manifest.json`). `extra` adds rows that come from elsewhere (the
-    target's own samples), described by `extra_meta`."""
+    target's own samples), described by `extra_meta`. `skip_unavailable`: a source whose
+    release the package index no longer serves is left out with a warning and named in the
+    manifest's `unavailable` (the default mix); otherwise that is an error."""
     out = Path(out) if out else cache_dir("corpora") / MIX_NAME
     # What was asked for: a cached corpus is reused only for the very same request, so a new
     # --exclude file (or cap, or source) can never be skipped silently.
@@ -175,7 +178,9 @@ def build_mix(
     }
     if out.is_file() and manifest_path(out).is_file() and not force:
         try:
-            if json.loads(manifest_path(out).read_text()).get("request") == request:
+            cached = json.loads(manifest_path(out).read_text())
+            # A mix built without an unavailable source is rebuilt: the index may serve it now.
+            if cached.get("request") == request and not cached.get("unavailable"):
                 return out
         except ValueError:
             pass  # a corrupted manifest: rebuild
@@ -197,9 +202,17 @@ def build_mix(
     rows: list[dict] = []
     reports: list[SourceReport] = []
     named: list[tuple[str, Iterable[Row], SourceReport]] = []
+    unavailable: dict[str, str] = {}
     for name in sources:
         src = SOURCES[name]
-        archive = fetch(src.dist) if src.dist else None
+        try:
+            archive = fetch(src.dist) if src.dist else None
+        except PackageUnavailable as exc:
+            if not skip_unavailable:
+                raise
+            logger.warning("mix source %s left out: %s", name, exc)
+            unavailable[name] = str(exc)
+            continue
         report = SourceReport(
             name,
             src.dist.package if src.dist else None,
@@ -287,6 +300,7 @@ def build_mix(
             "removed": sum(r.dropped.get("near_excluded", 0) for r in reports),
         },
         "sources": [vars(r) | {"meta": (extra_meta or {}).get(r.name, {})} for r in reports],
+        "unavailable": unavailable,
     }
     manifest_path(out).write_text(json.dumps(manifest, indent=1) + "\n")
     os.replace(tmp, out)

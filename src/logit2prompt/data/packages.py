@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..cache import cache_dir
-from ..errors import CorpusError
+from ..errors import CorpusError, PackageUnavailable
 
 INDEX_ENV = "LOGIT2PROMPT_PYPI_SIMPLE"
 DEFAULT_INDEX = "https://pypi.org/simple"
@@ -46,7 +46,15 @@ def _index_url(dist: Distribution) -> tuple[str, str]:
     page = urllib.request.urlopen(page_url, timeout=60).read().decode()
     match = re.search(r'href="((?:[^"]*/)?' + re.escape(dist.filename) + r'(?:#[^"]*)?)"', page)
     if not match:
-        raise CorpusError(f"{dist.filename} is not listed on {index}/{dist.package}/")
+        # Indexes drop releases (a yanked or withdrawn file): say what is there and how to
+        # supply the file, rather than just that it is missing.
+        listed = sorted(set(re.findall(r'href="(?:[^"]*/)?([^"/#]+)(?:#[^"]*)?"', page)))
+        raise PackageUnavailable(
+            f"{dist.filename} is not listed on {index}/{dist.package}/ (it lists: "
+            f"{', '.join(listed) or 'nothing'}); put a copy of the file at "
+            f"{cache_dir('downloads') / dist.filename} or set {INDEX_ENV} to an index that "
+            "serves it"
+        )
     url, _, digest = html.unescape(match.group(1)).partition("#sha256=")
     return urllib.parse.urljoin(page_url, url), digest
 
