@@ -995,3 +995,96 @@ def test_adapt_recipe_fine_tunes_on_a_domain_and_resumes(trained, tmp_path):
     with pytest.raises(CorpusError, match="at least 8"):
         adapt(AdaptConfig(prompts=str(few), out=str(tmp_path / "b"), checkpoint=str(trained)))
     assert not (tmp_path / "b").exists()
+
+
+def test_a_corrector_reads_the_neighbour_texts_it_is_given(tiny_store, tiny_lm_dir, tmp_path):
+    """--neighbour-texts: each training prompt reads the texts given for it (here near misses
+    of itself) in place of its memory's nearest; fine-tuned from a retrieval-augmented
+    checkpoint, it keeps that checkpoint's memory; prompts without texts are refused."""
+    from logit2prompt.errors import StoreError
+    from logit2prompt.training.corrector import closest_first
+
+    kw = dict(
+        preset="prefix-lm",
+        output_tokenizer=None,
+        decoder_lr=3e-3,
+        overrides={"max_length": 24, "prefix_length": 4, "embed_hidden": 64},
+    )
+    Trainer(_cfg(tiny_store, tmp_path / "m0", tiny_lm_dir, max_steps=4, neighbours=2, **kw)).run()
+    store = DistributionStore(tiny_store)
+    # Near misses: each prompt less its last word, and another prompt.
+    near = [
+        [" ".join(p.split()[:-1]), store.prompts[(i + 1) % len(store)]]
+        for i, p in enumerate(store.prompts)
+    ]
+    assert closest_first([near[0][1], near[0][0], store.prompts[0]], store.prompts[0], 2) == near[0]
+    texts = tmp_path / "near.jsonl"
+    rows = [{"prompt": p, "neighbours": n} for p, n in zip(store.prompts, near, strict=True)]
+    texts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _cfg(
+        tiny_store,
+        tmp_path / "m1",
+        tiny_lm_dir,
+        max_steps=4,
+        init_from=str(tmp_path / "m0"),
+        neighbour_texts=str(texts),
+        **kw,
+    )
+    trainer = Trainer(cfg)
+    trainer.prepare()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    assert model.memory.prompts == Inverter.from_pretrained(tmp_path / "m0").memory.prompts
+    _, _, ids = trainer._batch_tensors(np.arange(3), "cpu")
+    read = [
+        [
+            model.tokenizer.decode([t for t in row.tolist() if t >= 0], skip_special_tokens=True)
+            for row in example
+        ]
+        for example in ids
+    ]
+    assert read == near[:3]
+    Trainer(cfg).run()
+    loaded = Inverter.from_pretrained(tmp_path / "m1")
+    assert loaded.memory.prompts == model.memory.prompts
+    assert json.loads((tmp_path / "m1" / "training_args.json").read_text())["neighbour_texts"]
+
+    # `hypotheses` writes such a file from an inverter's own outputs, and resumes it.
+    from logit2prompt.cli.main import main
+
+    hyp = tmp_path / "hyp.jsonl"
+    args = ["hypotheses", "--checkpoint", str(tmp_path / "m0"), "--data", str(tiny_store)]
+    args += ["--out", str(hyp), "--samples", "2", "--batch-size", "3", "--no-progress"]
+    assert main(args) == 0
+    written = [json.loads(line) for line in hyp.read_text().splitlines()]
+    assert [r["prompt"] for r in written] == store.prompts
+    assert all(1 <= len(r["neighbours"]) <= 2 for r in written)
+    assert all(r["prompt"] not in r["neighbours"] for r in written)
+    hyp.write_text("".join(json.dumps(r) + "\n" for r in written[:4]))
+    assert main(args) == 0
+    assert [json.loads(line) for line in hyp.read_text().splitlines()][:4] == written[:4]
+    assert len(hyp.read_text().splitlines()) == len(store)
+
+    texts.write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))
+    with pytest.raises(StoreError, match="gives no neighbours for 1 of"):
+        Trainer(
+            _cfg(
+                tiny_store,
+                tmp_path / "m2",
+                tiny_lm_dir,
+                max_steps=1,
+                init_from=str(tmp_path / "m0"),
+                neighbour_texts=str(texts),
+                **kw,
+            )
+        ).prepare()
+    with pytest.raises(StoreError, match="needs an inverter that reads neighbours"):
+        Trainer(
+            _cfg(
+                tiny_store,
+                tmp_path / "m3",
+                tiny_lm_dir,
+                max_steps=1,
+                neighbour_texts=str(texts),
+                **kw,
+            )
+        ).prepare()

@@ -455,6 +455,26 @@ def cmd_filter(args) -> None:
     print(f"kept {corpus['kept']} of {corpus['of']} prompts of {args.store} in {out}")
 
 
+def cmd_hypotheses(args) -> None:
+    from ..models.inverter import Inverter, native_bf16
+    from ..training.corrector import write_hypotheses
+
+    model = Inverter.from_pretrained(args.checkpoint)
+    out = write_hypotheses(
+        model,
+        args.data,
+        args.out,
+        samples=args.samples,
+        memory=args.memory,
+        keep=args.keep,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        bf16=native_bf16(),
+        progress=not args.no_progress,
+    )
+    print(f"neighbour texts of {args.data} in {out} (train with --neighbour-texts {out})")
+
+
 def cmd_info(args) -> None:
     from ..data.store import bytes_per_step, describe_encoding, read_manifest
     from ..models.checkpoint import CONFIG_NAME, FINGERPRINT_NAME, TRAINING_ARGS_NAME, is_checkpoint

@@ -40,6 +40,7 @@ from .commands import (
     cmd_evaluate,
     cmd_export,
     cmd_filter,
+    cmd_hypotheses,
     cmd_info,
     cmd_merge,
     cmd_probe_api,
@@ -328,6 +329,11 @@ EXAMPLES = {
     "filter": [
         "logit2prompt filter stores/train --keep corpora/mix.jsonl --sources evals,sampled-user "
         "--out stores/train-requests",
+    ],
+    "hypotheses": [
+        "logit2prompt hypotheses --checkpoint default --data stores/train --out near.jsonl",
+        "logit2prompt train --init-from default --data stores/train --neighbour-texts near.jsonl "
+        "--out runs/corrector",
     ],
     "info": [
         "logit2prompt info stores/train",
@@ -669,6 +675,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sources", help="keep only --keep rows whose `source` is one of these")
     p.add_argument("--field", default="prompt", help="text field of the --keep rows")
     p.add_argument("--out", required=True, help="directory of the new store")
+
+    p = _command(
+        sub,
+        "hypotheses",
+        "an inverter's own near misses of every prompt of a store (a corrector's neighbours)",
+        cmd_hypotheses,
+    )
+    p.add_argument("--checkpoint", required=True, help="a retrieval-augmented inverter")
+    p.add_argument("--data", required=True, help="a store of its target (training prompts)")
+    p.add_argument("--out", required=True, help="JSONL of {prompt, neighbours}; resumed")
+    p.add_argument("--samples", type=int, default=3, help="samples per prompt (beside greedy)")
+    p.add_argument("--memory", type=int, default=4, help="memory neighbours among candidates")
+    p.add_argument("--keep", type=int, default=2, help="closest candidates kept per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    add_progress_arg(p)
 
     p = _command(
         sub, "export", "write a slim copy of a LoRA prefix-lm checkpoint (to ship)", cmd_export

@@ -60,6 +60,14 @@ class TrainConfig:
         default=True,
         metadata={"help": "with --neighbours: pointer-generator output (copy or generate)"},
     )
+    neighbour_texts: str | None = field(
+        default=None,
+        metadata={
+            "help": "with --neighbours: JSONL of {prompt, neighbours} giving each training prompt "
+            "the texts it reads in place of its memory's nearest, e.g. an inverter's own "
+            "hypotheses (`training.corrector`: a corrector for search rounds)"
+        },
+    )
     output_tokenizer: str | None = field(
         default=None,
         metadata={"help": "tokenizer of the recovered text (default: the target's own)"},
@@ -165,6 +173,7 @@ RECIPE_FIELDS = (
     "lora_rank",
     "neighbours",
     "neighbour_copy",
+    "neighbour_texts",
     "output_tokenizer",
     "init_from",
     "defense",
@@ -183,6 +192,7 @@ RECIPE_FIELDS = (
 
 # What checkpoints written before a recipe field existed did (they do not record it).
 RECIPE_DEFAULTS_BEFORE = {
+    "neighbour_texts": None,
     "lora_rank": 0,
     "bucket_lengths": False,
     "subset_size": 0,

@@ -178,6 +178,7 @@ class Trainer:
         )
         self.scheduler = _schedule(self.optimizer, cfg)
         self.neighbour_rows: list[list[int]] | None = None  # retrieval-augmented only
+        self.given_neighbours: list[list[str]] | None = None  # --neighbour-texts
         self._lengths: np.ndarray | None = None  # per example, for bucket_lengths
         self.step = 0
         self.history: list[dict] = []
@@ -454,7 +455,11 @@ class Trainer:
         store's own prompts, so a neighbour's length is its label length)."""
         if self._lengths is None:
             lengths = np.array([len(ids) for ids in self.labels], dtype=np.int64)
-            if self.neighbour_rows is not None:
+            if self.given_neighbours is not None:
+                model = self.accelerator.unwrap_model(self.model)
+                ids = model.text_neighbour_ids(self.given_neighbours)
+                lengths = lengths + (ids >= 0).sum((1, 2)).numpy()
+            elif self.neighbour_rows is not None:
                 config = self.accelerator.unwrap_model(self.model).config
                 cut = np.minimum(lengths, config.neighbour_length or config.max_length)
                 extra = [cut[list(rows)].sum() for rows in self.neighbour_rows]
@@ -466,10 +471,13 @@ class Trainer:
         """The model's inputs for these store indices: (vectors, labels[, neighbour ids])."""
         vectors = self._read(self.store, indices.tolist())
         padded = pad_labels([self.labels[i] for i in indices])
-        if self.neighbour_rows is None:
+        if self.neighbour_rows is None and self.given_neighbours is None:
             return vectors.to(device), padded.to(device)
         model = self.accelerator.unwrap_model(self.model)
-        ids = model.neighbour_ids([self.neighbour_rows[i] for i in indices])
+        if self.given_neighbours is not None:
+            ids = model.text_neighbour_ids([self.given_neighbours[i] for i in indices])
+        else:
+            ids = model.neighbour_ids([self.neighbour_rows[i] for i in indices])
         return vectors.to(device), padded.to(device), ids.to(device)
 
     def build_memory(self) -> None:
@@ -689,7 +697,20 @@ class Trainer:
             # with clean statistics land far outside anything it has seen.
             self.fit_feature_stats()
         if self.model.config.neighbours:
-            self.build_memory()
+            if self.cfg.neighbour_texts and getattr(self.model, "memory", None) is not None:
+                # A corrector fine-tuned from a retrieval-augmented checkpoint keeps that
+                # checkpoint's memory (its first proposals still read memory neighbours).
+                logger.info("keeping %s's neighbour memory", self.cfg.init_from)
+            else:
+                self.build_memory()
+            if self.cfg.neighbour_texts:
+                from .corrector import read_neighbour_texts
+
+                self.given_neighbours = read_neighbour_texts(
+                    self.cfg.neighbour_texts, list(self.store.prompts)
+                )
+        elif self.cfg.neighbour_texts:
+            raise StoreError("--neighbour-texts needs an inverter that reads neighbours")
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
 
     def _out_of_time(self, spent: float) -> bool:
