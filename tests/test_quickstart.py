@@ -81,3 +81,22 @@ def test_quickstart_runs_and_reuses_its_steps(synthetic_corpus, tiny_lm_dir, tmp
 
     # The README's next step after the quickstart.
     assert main(["invert", "--checkpoint", str(out / "inverter"), "--text", "Question 3"]) == 0
+
+
+def test_the_default_corpus_falls_back_to_the_mix(monkeypatch, synthetic_corpus, caplog):
+    """Where the package index no longer serves the BIG-bench release, the quickstart trains on
+    the default mix (less what the index does not serve) and says so."""
+    from logit2prompt.errors import PackageUnavailable
+    from logit2prompt.recipes import quickstart
+
+    def gone():
+        raise PackageUnavailable("bigbench-1.0.0.tar.gz is not listed on the index")
+
+    asked = {}
+    monkeypatch.setattr(quickstart, "build_bigbench_corpus", gone)
+    monkeypatch.setattr(quickstart, "build_mix", lambda **kw: asked.update(kw) or synthetic_corpus)
+    assert quickstart.default_corpus() == str(synthetic_corpus)
+    assert asked == {"skip_unavailable": True}
+    assert "trains on the default mix instead" in caplog.text
+    monkeypatch.setattr(quickstart, "build_bigbench_corpus", lambda: "bigbench.jsonl")
+    assert quickstart.default_corpus() == "bigbench.jsonl"

@@ -25,8 +25,9 @@ from ..attacks.invert import ensure_same_target
 from ..data.bigbench import build_bigbench_corpus
 from ..data.collect import DEFAULT_STEPS, collect
 from ..data.corpus import load_corpus
+from ..data.mix import build_mix
 from ..data.store import DistributionStore
-from ..errors import CheckpointError
+from ..errors import CheckpointError, PackageUnavailable
 from ..evaluation.metrics import format_table, per_example_scores, score
 from ..models.inverter import Inverter, native_bf16
 from ..targets import DEFAULT_TARGET, load_target
@@ -76,7 +77,11 @@ class QuickstartConfig:
     batch_size: int = field(default=32, metadata={"help": "target batch (collection, re-ranking)"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
     corpus: str | None = field(
-        default=None, metadata={"help": "a corpus file (default: BIG-bench, built on first use)"}
+        default=None,
+        metadata={
+            "help": "a corpus file (default: BIG-bench, built on first use; the mix where the "
+            "package index no longer serves BIG-bench)"
+        },
     )
     preset: str = field(default="prefix-lm", metadata={"help": "inverter preset"})
     observation_steps: int = field(
@@ -174,6 +179,16 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def default_corpus() -> str:
+    """BIG-bench task inputs; where the package index no longer serves that release, the
+    default mix (less any source the index does not serve), with a warning."""
+    try:
+        return str(build_bigbench_corpus())
+    except PackageUnavailable as exc:
+        logger.warning("%s; the quickstart trains on the default mix instead", exc)
+        return str(build_mix(skip_unavailable=True))
+
+
 def run_quickstart(cfg: QuickstartConfig) -> dict:
     """Run every step (reusing finished ones) and return the report; progress is logged,
     `format_report` renders the table and examples (the `quickstart` command prints it)."""
@@ -183,7 +198,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         corpus_path = cfg.corpus
     else:
         _log("building the default corpus (BIG-bench task inputs; downloaded once, then cached)")
-        corpus_path = str(build_bigbench_corpus())
+        corpus_path = default_corpus()
     dtype = cfg.dtype
     if dtype == "auto":
         dtype = "bf16" if native_bf16() else "fp32"
