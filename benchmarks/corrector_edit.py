@@ -26,6 +26,7 @@ from logit2prompt.models.inverter import native_bf16
 from logit2prompt.training.corrector import read_neighbour_texts, write_hypotheses
 
 RESULTS = Path(__file__).parent / "results" / "corrector_edit.json"
+BAR = "the first near miss itself"  # what a proposal must beat to change a search's choice
 
 
 def main() -> None:
@@ -44,18 +45,19 @@ def main() -> None:
     near = read_neighbour_texts(args.hypotheses, list(store.prompts))
     refs = list(store.prompts)
     x = torch.from_numpy(store.vectors(range(len(store))))[:, : first.config.steps]
-    rows = {"the first near miss itself": [n[0] for n in near]}
+    rows = {BAR: [n[0] for n in near]}
     for name, model in models.items():
         rows[f"{name}, memory neighbours"] = model.invert(x, batch_size=32, bf16=bf16)
         rows[f"{name}, given near misses"] = model.invert(
             x, neighbours=near, batch_size=32, bf16=bf16
         )
-    bar = rows["the first near miss itself"]
     results = {}
     for row, predictions in rows.items():
         results[row] = score(predictions, refs)
-        if row != "the first near miss itself":
-            results[row]["gain over the first near miss"] = paired_gain(predictions, bar, refs)
+        if row != BAR:
+            results[row]["gain over the first near miss"] = paired_gain(
+                predictions, rows[BAR], refs
+            )
     if len(models) == 2:
         a, b = (f"{c}, given near misses" for c in args.checkpoint)
         results[b][f"gain over {a}"] = paired_gain(rows[b], rows[a], refs)

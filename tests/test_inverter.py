@@ -47,6 +47,16 @@ def _cfg(store, out, tokenizer_dir, **kw) -> TrainConfig:
     return tiny_train_config(store, out, tokenizer_dir, **kw)
 
 
+def _tiny_prefix_lm() -> dict:
+    """TrainConfig fields of a tiny prefix-lm on the tiny target's own tokenizer (fresh dicts)."""
+    return dict(
+        preset="prefix-lm",
+        output_tokenizer=None,
+        decoder_lr=3e-3,
+        overrides={"max_length": 24, "prefix_length": 4, "embed_hidden": 64},
+    )
+
+
 def killed_after_first_checkpoint(trainer: Trainer) -> None:
     """Run `trainer` as a job killed right after writing its first checkpoint."""
 
@@ -572,12 +582,7 @@ def test_causal_lm_decoder_refuses_a_foreign_output_tokenizer(tiny_store, tiny_l
 def test_causal_lm_decoder_learns_to_read_neighbours(tiny_store, tiny_lm_dir, tmp_path):
     """--init-from a prefix-lm with --neighbours: the same weights now also read the nearest
     training prompts (left-padded context); generation and teacher forcing agree."""
-    kw = dict(
-        preset="prefix-lm",
-        output_tokenizer=None,
-        decoder_lr=3e-3,
-        overrides={"max_length": 24, "prefix_length": 4, "embed_hidden": 64},
-    )
+    kw = _tiny_prefix_lm()
     Trainer(_cfg(tiny_store, tmp_path / "m0", tiny_lm_dir, max_steps=20, **kw)).run()
     cfg = _cfg(
         tiny_store,
@@ -1004,12 +1009,7 @@ def test_a_corrector_reads_the_neighbour_texts_it_is_given(tiny_store, tiny_lm_d
     from logit2prompt.errors import StoreError
     from logit2prompt.training.corrector import closest_first
 
-    kw = dict(
-        preset="prefix-lm",
-        output_tokenizer=None,
-        decoder_lr=3e-3,
-        overrides={"max_length": 24, "prefix_length": 4, "embed_hidden": 64},
-    )
+    kw = _tiny_prefix_lm()
     Trainer(_cfg(tiny_store, tmp_path / "m0", tiny_lm_dir, max_steps=4, neighbours=2, **kw)).run()
     store = DistributionStore(tiny_store)
     # Near misses: each prompt less its last word, and another prompt.
@@ -1059,10 +1059,12 @@ def test_a_corrector_reads_the_neighbour_texts_it_is_given(tiny_store, tiny_lm_d
     assert [r["prompt"] for r in written] == store.prompts
     assert all(1 <= len(r["neighbours"]) <= 2 for r in written)
     assert all(r["prompt"] not in r["neighbours"] for r in written)
-    hyp.write_text("".join(json.dumps(r) + "\n" for r in written[:4]))
+    # Killed after 4 whole lines and half of the fifth: the half line goes, the rest is kept.
+    half = json.dumps(written[4])[:20]
+    hyp.write_text("".join(json.dumps(r) + "\n" for r in written[:4]) + half)
     assert main(args) == 0
-    assert [json.loads(line) for line in hyp.read_text().splitlines()][:4] == written[:4]
-    assert len(hyp.read_text().splitlines()) == len(store)
+    again = [json.loads(line) for line in hyp.read_text().splitlines()]
+    assert again[:4] == written[:4] and [r["prompt"] for r in again] == store.prompts
 
     texts.write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))
     with pytest.raises(StoreError, match="gives no neighbours for 1 of"):

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..data.corpus import normalise
 from ..data.store import DistributionStore
 from ..errors import StoreError
 from ..evaluation.metrics import sentence_bleu, token_f1
@@ -30,8 +31,8 @@ def closest_first(candidates: list[str], reference: str, keep: int) -> list[str]
     """The `keep` distinct non-blank candidates nearest `reference` by sentence BLEU plus token
     F1 (a stand-in for the judge's KL, which needs the target), nearest first; the reference
     itself is never kept (a corrector must not learn to copy the answer)."""
-    ref = " ".join(reference.split())
-    texts = [t for t in dict.fromkeys(c.strip() for c in candidates) if t and t != ref]
+    ref = normalise(reference)
+    texts = [t for t in dict.fromkeys(c.strip() for c in candidates) if t and normalise(t) != ref]
     score = {t: sentence_bleu(t, reference) / 100 + token_f1(t, reference) for t in texts}
     return sorted(texts, key=lambda t: -score[t])[:keep]
 
@@ -53,18 +54,19 @@ def write_hypotheses(
     inverter's greedy output, `samples` samples and its memory's `memory` nearest prompts.
     Written a batch at a time and resumed from what `out` already holds (a killed run loses
     one batch)."""
+    from ..attacks.invert import ensure_same_target
     from ..attacks.search import proposals
 
     store = store if isinstance(store, DistributionStore) else DistributionStore(store)
-    if inverter.fingerprint is not None:
-        diffs = inverter.fingerprint.differences(store.fingerprint)
-        if diffs:
-            raise StoreError(f"{store.path} comes from another target: {'; '.join(diffs)}")
+    ensure_same_target(inverter, store)
     out = Path(out)
     done: list[str] = []
     if out.is_file():
-        with open(out, encoding="utf-8") as f:
-            done = [json.loads(line)["prompt"] for line in f if line.endswith("\n")]
+        text = out.read_text(encoding="utf-8")
+        whole = text[: text.rfind("\n") + 1]
+        if whole != text:  # a killed run left half a line: drop it before appending
+            out.write_text(whole, encoding="utf-8")
+        done = [json.loads(line)["prompt"] for line in whole.splitlines()]
         if done != list(store.prompts[: len(done)]):
             raise StoreError(f"{out} holds hypotheses of other prompts than {store.path}")
     todo = list(range(len(done), len(store)))
@@ -105,12 +107,12 @@ def read_neighbour_texts(path: str | os.PathLike, prompts: list[str]) -> list[li
                     continue
                 row = json.loads(line)
                 texts = [t for t in row["neighbours"] if isinstance(t, str) and t.strip()]
-                given[" ".join(str(row["prompt"]).split())] = texts
+                given[normalise(str(row["prompt"]))] = texts
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise StoreError(
             f"--neighbour-texts {path}: not a JSONL of prompt/neighbours: {exc}"
         ) from exc
-    rows = [given.get(" ".join(p.split())) for p in prompts]
+    rows = [given.get(normalise(p)) for p in prompts]
     missing = [p for p, r in zip(prompts, rows, strict=True) if not r]
     if missing:
         raise StoreError(

@@ -697,7 +697,7 @@ class Trainer:
             # with clean statistics land far outside anything it has seen.
             self.fit_feature_stats()
         if self.model.config.neighbours:
-            if self.cfg.neighbour_texts and getattr(self.model, "memory", None) is not None:
+            if self.cfg.neighbour_texts and self.model.memory is not None:
                 # A corrector fine-tuned from a retrieval-augmented checkpoint keeps that
                 # checkpoint's memory (its first proposals still read memory neighbours).
                 logger.info("keeping %s's neighbour memory", self.cfg.init_from)
