@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from logit2prompt.data.store import DistributionStore
-from logit2prompt.evaluation.metrics import paired_gain, score
+from logit2prompt.evaluation.metrics import format_ci, paired_gain, score
 from logit2prompt.evaluation.results import write_results
 from logit2prompt.inverter import Inverter
 from logit2prompt.models.inverter import native_bf16
@@ -42,8 +42,8 @@ def main() -> None:
     bf16 = native_bf16()
     first = models[args.checkpoint[0]]
     write_hypotheses(first, store, args.hypotheses, batch_size=32, bf16=bf16, progress=False)
-    near = read_neighbour_texts(args.hypotheses, list(store.prompts))
     refs = list(store.prompts)
+    near = read_neighbour_texts(args.hypotheses, refs)
     x = torch.from_numpy(store.vectors(range(len(store))))[:, : first.config.steps]
     rows = {BAR: [n[0] for n in near]}
     for name, model in models.items():
@@ -66,11 +66,8 @@ def main() -> None:
         print(f"  {row:60} {entry['bleu']['mean']:5.1f} / {entry['token_f1']['mean']:5.1f}")
         for key, gain in entry.items():
             if key.startswith("gain"):
-                b, f = gain["bleu"], gain["token_f1"]
-                print(
-                    f"    {key}: BLEU {b['mean']:+.1f} [{b['ci95'][0]:+.1f}, {b['ci95'][1]:+.1f}]"
-                    f", F1 {f['mean']:+.1f} [{f['ci95'][0]:+.1f}, {f['ci95'][1]:+.1f}]"
-                )
+                bleu, f1 = (format_ci(gain[k], "+.1f") for k in ("bleu", "token_f1"))
+                print(f"    {key}: BLEU {bleu}, F1 {f1}")
     write_results(
         args.out,
         {
