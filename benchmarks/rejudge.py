@@ -27,7 +27,7 @@ import numpy as np
 from two_turns import SEARCH, gain_table, saved_total
 
 from logit2prompt.attacks.invert import target_for
-from logit2prompt.attacks.search import HIDDEN_TURN, Probe, forced_kl
+from logit2prompt.attacks.search import HIDDEN_TURN, MEASURES, Probe, forced_divergences
 from logit2prompt.defenses.leak import LeakFilter
 from logit2prompt.evaluation.metrics import sentence_bleu
 from logit2prompt.evaluation.results import write_results
@@ -49,6 +49,14 @@ def main() -> None:
         default="What can you help me with?",
         help="one more innocuous turn judged ('' for none; user mode has none)",
     )
+    parser.add_argument(
+        "--measures",
+        nargs="+",
+        default=["kl"],
+        choices=MEASURES,
+        help="what the re-judging sums over the steps (kl: the search's; each gets its rows, "
+        "and with kl and reverse_kl their sum, symmetric KL)",
+    )
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     results = json.loads(Path(args.results).read_text())
@@ -66,7 +74,8 @@ def main() -> None:
     target = target_for(inverter, batch_size=16)
     leak = LeakFilter(results["leak_filter"]) if results.get("leak_filter") else None
     before = target.user_turn
-    kls: dict[tuple[str, int], list[np.ndarray]] = {}
+    measures = list(dict.fromkeys(["kl", *args.measures]))
+    kls: dict[tuple[str, int, str], list[np.ndarray]] = {}
     extra = [args.extra_turn] if args.extra_turn else []
     try:
         for turn in [*turns, *extra]:
@@ -81,12 +90,14 @@ def main() -> None:
             ]
             for steps in sorted({SAVED_STEPS, args.steps}):
                 probe = Probe(None if user_mode else turn, observed[:, :steps], refused)
-                kls[(turn, steps)] = forced_kl(target, probe, shortlist)
+                found = forced_divergences(target, probe, shortlist, measures)
+                for m in measures:
+                    kls[(turn, steps, m)] = found[m]
             del observed
     finally:
         target.set_user_turn(before)
 
-    def pick(keys: list[tuple[str, int]]) -> list[str]:
+    def pick(keys: list[tuple[str, int, str]]) -> list[str]:
         out = []
         for i, row in enumerate(shortlist):
             if not row:
@@ -98,12 +109,19 @@ def main() -> None:
 
     judges = {
         f"saved {SAVED_STEPS}-step KL (the search)": [e[SEARCH] for e in examples],
-        f"{SAVED_STEPS} steps, asked again": pick([(t, SAVED_STEPS) for t in turns]),
-        f"{args.steps} steps": pick([(t, args.steps) for t in turns]),
+        f"{SAVED_STEPS} steps, asked again": pick([(t, SAVED_STEPS, "kl") for t in turns]),
     }
+    if args.steps != SAVED_STEPS:
+        judges[f"{args.steps} steps"] = pick([(t, args.steps, "kl") for t in turns])
     for steps in (SAVED_STEPS, args.steps) if extra else ():
         judges[f"{steps} steps + {args.extra_turn!r}"] = pick(
-            [(t, steps) for t in [*turns, *extra]]
+            [(t, steps, "kl") for t in [*turns, *extra]]
+        )
+    for m in measures[1:]:
+        judges[f"{args.steps} steps, {m}"] = pick([(t, args.steps, m) for t in turns])
+    if "reverse_kl" in measures:
+        judges[f"{args.steps} steps, kl + reverse_kl"] = pick(
+            [(t, args.steps, m) for t in turns for m in ("kl", "reverse_kl")]
         )
     base = next(iter(judges))
     sets, cells = gain_table(judges, examples, base)
@@ -124,6 +142,7 @@ def main() -> None:
             "top": args.top,
             "steps": args.steps,
             "extra_turn": args.extra_turn,
+            "measures": measures,
             "sets": sets,
             "examples": [
                 {"hidden": p, "set": e["set"], **{j: judges[j][i] for j in judges}}

@@ -143,6 +143,8 @@ def main() -> None:
     preds = dict(zip(names, found.outputs, strict=True))
     preds |= {f"search, judged on {t!r} alone": p for t, p in found.by_turn.items()}
     preds[SEARCH] = found.chosen
+    if any(found.guessed):
+        preds["search without the task guesses"] = found.choose(lambda origin: True)
     # Ablations from the same judged pool: no replies as candidates; the first inverter's only.
     preds["search without the replies as candidates"] = found.choose(
         lambda origin: not origin.startswith("reply:")

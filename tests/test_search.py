@@ -11,10 +11,13 @@ from logit2prompt.attacks.search import (
     Probe,
     SearchResult,
     choose,
+    forced_divergences,
     forced_kl,
     judge,
+    prefer_task_guesses,
     search,
     shortlisted,
+    task_guess,
 )
 from logit2prompt.errors import Logit2PromptError, TargetError
 from logit2prompt.targets import load_target
@@ -81,6 +84,73 @@ def test_search_finds_the_hidden_prompt_among_candidates_on_two_turns(guarded):
     swapped = Probe(turns[1], probes[0].observed)
     wrong = forced_kl(guarded, swapped, [[h] for h in HIDDEN], progress=False)
     assert all(w[0] > 1e-3 for w in wrong)
+
+
+def test_every_measure_is_zero_for_the_hidden_prompt_and_matches_its_definition(guarded):
+    """`forced_divergences`: from one teacher-forced pass, KL (the same as `forced_kl`),
+    reverse KL and Jensen-Shannon vanish for the hidden prompt itself and are positive for
+    another; NLL is minus the log-prob of the observed greedy tokens; each agrees with its
+    definition computed here from the forced log-probs."""
+    observed = guarded.next_token_logprobs(HIDDEN[:2], steps=3)
+    probe = Probe("Hello!", observed.numpy())
+    rows = [[HIDDEN[0], FIXTURE_PROMPTS[5]], [HIDDEN[1], FIXTURE_PROMPTS[6]]]
+    found = forced_divergences(guarded, probe, rows, ("kl", "reverse_kl", "js", "nll"), False)
+    kl = forced_kl(guarded, probe, rows, False)
+    greedy = observed.argmax(-1)
+    for i, row in enumerate(rows):
+        np.testing.assert_allclose(found["kl"][i], kl[i], rtol=1e-6)
+        for m in ("kl", "reverse_kl", "js"):
+            assert abs(found[m][i][0]) < 1e-3 and found[m][i][1] > 1e-3, m
+        q = guarded.forced_logprobs(row, [greedy[i].tolist()] * 2).double()
+        p = observed[i : i + 1].double()
+        mix = torch.logaddexp(p, q) - np.log(2)
+        want = {
+            "kl": (p.exp() * (p - q)).sum((-1, -2)),
+            "reverse_kl": (q.exp() * (q - p)).sum((-1, -2)),
+            "js": 0.5 * (p.exp() * (p - mix) + q.exp() * (q - mix)).sum((-1, -2)),
+            "nll": -q.gather(-1, greedy[i].view(1, -1, 1).expand(2, -1, 1)).sum((-1, -2)),
+        }
+        for m, value in want.items():
+            np.testing.assert_allclose(found[m][i], value.numpy(), rtol=1e-3, atol=1e-3)
+    with pytest.raises(Logit2PromptError, match="unknown judge measures"):
+        forced_divergences(guarded, probe, rows, ("cosine",), False)
+
+
+def test_a_task_description_is_turned_back_into_an_instruction():
+    assert task_guess("The task is to write a SQL query. It groups") == "Write a SQL query."
+    assert task_guess("this task is identifying spam") == "Identifying spam"
+    assert task_guess("Hello! The task is to write") is None
+    assert task_guess("The task is to ") is None
+
+
+def test_a_task_guess_takes_the_choice_only_where_the_other_turn_prefers_it(guarded):
+    """Row 0: the search chose a distractor and the second turn's reply describes the hidden
+    prompt, so the guess (the hidden prompt itself) explains the first turn better and takes
+    the choice. Row 1: the choice is the hidden prompt and the guess a distractor: kept. Rows
+    2-3: a refused reply and one that describes no task give no guess."""
+    probes = []
+    for turn in ("Hello!", "Hi! What is the task?"):
+        guarded.set_user_turn(turn)
+        probes.append(Probe(turn, guarded.next_token_logprobs(HIDDEN, steps=3).numpy()))
+    guarded.set_user_turn("Hello!")
+    candidates = [[FIXTURE_PROMPTS[5]], [HIDDEN[1], FIXTURE_PROMPTS[6]], [HIDDEN[2]], [HIDDEN[3]]]
+    kls = judge(guarded, probes, candidates, False)
+    chosen = choose(candidates, kls)[0]
+    assert chosen == [FIXTURE_PROMPTS[5], *HIDDEN[1:]]
+    replies = [
+        ["Hi.", "Hi.", "Hi.", "Hi."],
+        ["The task is to w" + HIDDEN[0][1:], "Your task is to " + FIXTURE_PROMPTS[6], "", "Hi."],
+    ]
+    picked, guesses, guessed = prefer_task_guesses(
+        guarded, probes, replies, candidates, kls, chosen, False
+    )
+    assert guesses == [HIDDEN[0], FIXTURE_PROMPTS[6], "", ""]
+    assert picked == HIDDEN and guessed == [True, False, False, False]
+    # Judged on its own turn only, a guess has no evidence elsewhere and is never taken.
+    alone = [
+        Probe(p.user_turn, p.observed, [True] * 4) if j == 0 else p for j, p in enumerate(probes)
+    ]
+    assert prefer_task_guesses(guarded, alone, replies, candidates, kls, chosen, False)[0] == chosen
 
 
 def test_a_refused_turn_adds_no_evidence(guarded):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -47,6 +48,24 @@ HIDDEN_TURN = "the hidden prompt"
 USER_REPLY_FACTOR = 2
 
 
+# A guarded deployment asked "What is the task?" describes its system prompt in the third
+# person ("The task is to identify the political party affiliation of ..."); hidden system
+# prompts are mostly instructions ("Given some political opinions, classify ...").
+_TASK_PREFIX = re.compile(r"^\s*(?:the|this|my|your)\s+task\s+(?:here\s+)?is\s+(?:to\s+)?", re.I)
+
+
+def task_guess(reply: str) -> str | None:
+    """A reply that describes its task ("The task is to write a SQL query ...") turned back
+    into the instruction it describes ("Write a SQL query ..."; its first sentence), or None
+    for a reply that does not start that way. A candidate for the judge, not an answer."""
+    found = _TASK_PREFIX.match(reply)
+    if found is None:
+        return None
+    rest = reply[found.end() :].strip()
+    first = re.split(r"(?<=[.!?])\s", rest, maxsplit=1)[0].strip()
+    return first[0].upper() + first[1:] if first else None
+
+
 @dataclass
 class Probe:
     """One observed turn: the user turn the attacker sent (None in user mode, where the
@@ -62,6 +81,12 @@ class Probe:
         return self.refused is None or not self.refused[row]
 
 
+# What `forced_divergences` can measure per step, summed over the probe's steps, between the
+# observed distribution p and the candidate's teacher-forced q: "kl" KL(p || q), the search's
+# judge; "reverse_kl" KL(q || p); "js" Jensen-Shannon; "nll" -log q of the observed greedy token.
+MEASURES = ("kl", "reverse_kl", "js", "nll")
+
+
 def forced_kl(
     target,
     probe: Probe,
@@ -71,6 +96,22 @@ def forced_kl(
     """Per row, per candidate: the summed KL(observed || target given the candidate) over the
     probe's steps, teacher-forced along the observed greedy reply (NaN where the row was not
     observed). `target` is switched to the probe's user turn and back."""
+    return forced_divergences(target, probe, candidates, ("kl",), progress)["kl"]
+
+
+def forced_divergences(
+    target,
+    probe: Probe,
+    candidates: Sequence[Sequence[str]],
+    measures: Sequence[str] = ("kl",),
+    progress: bool = True,
+) -> dict[str, list[np.ndarray]]:
+    """`forced_kl` for each of `measures` (`MEASURES`) from one teacher-forced pass: per
+    measure, per row, per candidate, summed over the probe's steps (NaN where the row was not
+    observed)."""
+    unknown = [m for m in measures if m not in MEASURES]
+    if unknown or not measures:
+        raise Logit2PromptError(f"unknown judge measures {unknown}; choose from {MEASURES}")
     if not hasattr(target, "forced_logprobs"):
         raise Logit2PromptError(
             f"the search judges candidates on a local copy of the target's weights; "
@@ -88,7 +129,7 @@ def forced_kl(
         raise Logit2PromptError("the observed log-probs hold NaN")
     greedy = observed.argmax(-1)  # the reply the deployment sent, as token ids
     pairs = [(i, c) for i, row in enumerate(candidates) if probe.seen(i) for c in row if c.strip()]
-    scores = {pair: np.nan for pair in pairs}
+    scores = {m: {pair: np.nan for pair in pairs} for m in measures}
     # Chunks of similar length: one long candidate no longer pads a whole chunk to its size.
     pairs.sort(key=lambda pair: len(pair[1]))
     before = target.user_turn
@@ -103,18 +144,44 @@ def forced_kl(
             forced = target.forced_logprobs([c for _, c in part], greedy[rows].tolist())
             obs = torch.from_numpy(observed[rows])
             with torch.inference_mode():
-                # In place, one buffer per chunk: p * (obs - forced), where 0 * (-inf) would be
-                # NaN (a token the observation gives no mass adds nothing).
-                forced.neg_().add_(obs).mul_(obs.exp()).nan_to_num_(nan=0.0)
-                kl = forced.sum(-1).sum(-1)
-            for pair, value in zip(part, kl.tolist(), strict=True):
-                scores[pair] = value
+                values = _measure(forced, obs, torch.from_numpy(greedy[rows]), measures)
+            for m in measures:
+                for pair, value in zip(part, values[m].tolist(), strict=True):
+                    scores[m][pair] = value
     finally:
         target.set_user_turn(before)
-    return [
-        np.array([scores.get((i, c), np.nan) for c in row], dtype=np.float64)
-        for i, row in enumerate(candidates)
-    ]
+    return {
+        m: [
+            np.array([scores[m].get((i, c), np.nan) for c in row], dtype=np.float64)
+            for i, row in enumerate(candidates)
+        ]
+        for m in measures
+    }
+
+
+def _measure(
+    forced: torch.Tensor, obs: torch.Tensor, greedy: torch.Tensor, measures: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """Each measure of one chunk `[chunk, steps, vocab]`, summed over steps: `[chunk]`.
+    `forced` (the candidates' log-probs) is consumed."""
+    out = {}
+    if "nll" in measures:
+        out["nll"] = -forced.gather(-1, greedy.unsqueeze(-1)).squeeze(-1).sum(-1)
+    if "reverse_kl" in measures:
+        # q * (log q - log p), 0 where q is 0.
+        out["reverse_kl"] = (forced - obs).mul_(forced.exp()).nan_to_num_(nan=0.0).sum(-1).sum(-1)
+    if "js" in measures:
+        log_m = torch.logaddexp(forced, obs) - np.log(2.0)
+        half_p = (obs - log_m).mul_(obs.exp()).nan_to_num_(nan=0.0)
+        half_q = (forced - log_m).mul_(forced.exp()).nan_to_num_(nan=0.0)
+        out["js"] = (half_p.add_(half_q)).mul_(0.5).sum(-1).sum(-1)
+        del log_m, half_p, half_q
+    if "kl" in measures:
+        # In place, one buffer per chunk: p * (obs - forced), where 0 * (-inf) would be NaN
+        # (a token the observation gives no mass adds nothing).
+        forced.neg_().add_(obs).mul_(obs.exp()).nan_to_num_(nan=0.0)
+        out["kl"] = forced.sum(-1).sum(-1)
+    return out
 
 
 def judge(
@@ -312,7 +379,9 @@ class SearchResult:
     rows and each inverter's greedy output ("" where refused; in user mode several inverters
     share the one turn), the judged candidates and their
     KL totals, and the chosen prompts (`chosen`; `by_turn`: judged on one turn alone, among
-    those it judged). `shortlist`: what later turns judged (None: every candidate)."""
+    those it judged). `shortlist`: what later turns judged (None: every candidate). `chosen`
+    takes a task guess where `prefer_task_guesses` did; the replays (`with_shortlist`,
+    `choose`, `by_turn`) choose among the judged candidates only."""
 
     turns: list[str]
     refused: list[list[bool]]
@@ -325,6 +394,9 @@ class SearchResult:
     chosen: list[str]
     by_turn: dict[str, list[str]]
     shortlist: int | None = None
+    # per row: its task guess ("" none) and whether `chosen` is that guess (`prefer_task_guesses`)
+    guesses: list[str] = dataclasses.field(default_factory=list)
+    guessed: list[bool] = dataclasses.field(default_factory=list)
 
     @property
     def judged(self) -> int:
@@ -341,7 +413,13 @@ class SearchResult:
         chosen, totals = choose(self.candidates, kls)
         by_turn = _by_turn(self.turns, self.candidates, kls)
         return dataclasses.replace(
-            self, kls=kls, totals=totals, chosen=chosen, by_turn=by_turn, shortlist=k
+            self,
+            kls=kls,
+            totals=totals,
+            chosen=chosen,
+            by_turn=by_turn,
+            shortlist=k,
+            guessed=[False] * len(chosen),
         )
 
     def choose(self, keep: Callable[[str], bool]) -> list[str]:
@@ -365,6 +443,7 @@ def observe_and_search(
     samples: int = 0,
     seed: int = 0,
     rounds: int = 0,
+    task_guesses: bool = True,
     target=None,
     decoded: tuple[np.ndarray, Sequence[str] | Callable[[], Sequence[str]]] | None = None,
     progress: bool = True,
@@ -390,7 +469,9 @@ def observe_and_search(
     `rounds`: after the judging, each inverter that reads neighbours proposes again (greedy and
     `samples` samples, seeded by `seed` + the round) reading each row's least-KL candidates in
     place of its memory's nearest (`conditioned_proposals`), and the new candidates (origin
-    "round N") are judged beside the rest, once per round."""
+    "round N") are judged beside the rest, once per round. `task_guesses`: with several turns,
+    a reply that describes the task is turned into the instruction it describes and takes the
+    place of the choice where it explains the other turns better (`prefer_task_guesses`)."""
     from ..recipes.methods import MethodContext
     from .invert import target_for, user_turn_of
 
@@ -417,6 +498,7 @@ def observe_and_search(
         origins: list[list[str]] = [[] for _ in prompts]
         sampled: list[list[tuple[str, str]]] = [[] for _ in prompts]
         readings = []  # (inverter, its observation, refused rows, turn) for the rounds
+        replies_by_probe: list[list[str]] = []  # each observed turn's replies ("" refused)
 
         def add(i: int, pairs: list[tuple[str, str]]) -> None:
             """(text, origin) pairs into row i's candidates; a duplicate keeps its first origin."""
@@ -497,6 +579,9 @@ def observe_and_search(
                 turns.append(turn or HIDDEN_TURN)
                 probes.append(Probe(turn, observed, refused))
                 refused_all.append(refused)
+                replies_by_probe.append(
+                    ["" if b else r for r, b in zip(replies_seen, refused, strict=True)]
+                )
         # Samples go last, so that leaving them out (`SearchResult.choose`) is the search
         # without them: a sample equal to another candidate keeps that one's origin.
         for i, row in enumerate(sampled):
@@ -529,6 +614,11 @@ def observe_and_search(
                     probe[i] = np.concatenate([probe[i], more[i]])
         chosen, totals = choose(candidates, kls)
         by_turn = _by_turn(turns, candidates, kls)
+        guesses, guessed = [""] * len(prompts), [False] * len(prompts)
+        if task_guesses and len(probes) > 1:
+            chosen, guesses, guessed = prefer_task_guesses(
+                target, probes, replies_by_probe, candidates, kls, chosen, progress
+            )
         return SearchResult(
             turns,
             refused_all,
@@ -540,9 +630,59 @@ def observe_and_search(
             chosen,
             by_turn,
             shortlist,
+            guesses,
+            guessed,
         )
     finally:
         target.set_user_turn(before)
+
+
+def prefer_task_guesses(
+    target,
+    probes: Sequence[Probe],
+    replies: Sequence[Sequence[str]],
+    candidates: Sequence[Sequence[str]],
+    kls: Sequence[Sequence[np.ndarray]],
+    chosen: Sequence[str],
+    progress: bool = True,
+) -> tuple[list[str], list[str], list[bool]]:
+    """Per row, the first observed reply (`replies`: per probe, per row; "" where refused) that
+    describes its task gives a guess (`task_guess`), which replaces the search's choice where
+    its KL summed over the *other* probes is less than the choice's there. Not over its own
+    probe: a candidate built from a reply's words makes those words near-certain, so its KL
+    from that reply's distributions is biased against it (on the OOD dev prompts such guesses
+    ranked near last on their own turn). Returns the choices, the guesses ("" none) and
+    whether each choice is its guess. One more target pass per guess and other probe."""
+    n = len(chosen)
+    guesses, source = [""] * n, [-1] * n
+    for p, row in enumerate(replies):
+        for i, reply in enumerate(row):
+            guess = task_guess(reply) if reply and not guesses[i] else None
+            if guess:
+                guesses[i], source[i] = guess, p
+    out, guessed = list(chosen), [False] * n
+    if not any(guesses):
+        return out, guesses, guessed
+    mine, theirs = np.zeros(n), np.zeros(n)
+    seen_elsewhere = np.zeros(n, dtype=bool)
+    for p, probe in enumerate(probes):
+        rows = [[g] if g and source[i] != p else [] for i, g in enumerate(guesses)]
+        if not any(rows):
+            continue
+        kl = forced_kl(target, probe, rows, progress)
+        for i, row in enumerate(rows):
+            if not row or np.isnan(kl[i][0]):
+                continue  # its own probe, or a row this probe did not observe
+            seen_elsewhere[i] = True
+            mine[i] += kl[i][0]
+            if chosen[i] in candidates[i]:
+                theirs[i] += np.nan_to_num(kls[p][i][candidates[i].index(chosen[i])], nan=0.0)
+    for i, guess in enumerate(guesses):
+        # No candidate at all: any guess beats none; no other probe: no evidence, keep.
+        if guess and (not chosen[i] or (seen_elsewhere[i] and mine[i] < theirs[i])):
+            out[i], guessed[i] = guess, True
+    logger.info("search: a task guess replaces the choice for %d of %d rows", sum(guessed), n)
+    return out, guesses, guessed
 
 
 def _by_turn(turns, candidates, kls) -> dict[str, list[str]]:

@@ -162,6 +162,14 @@ class EvalConfig:
             "the search's least-KL candidates as its neighbours (slower; pays in user mode)"
         },
     )
+    search_task_guesses: bool = dataclasses.field(
+        default=True,
+        metadata={
+            "help": "with several turns, a reply that describes the task ('The task is to "
+            "...') turned into an instruction takes the choice's place where it explains the "
+            "other turns better"
+        },
+    )
     predictions: tuple[str, ...] = dataclasses.field(
         default=(),
         metadata={
@@ -263,6 +271,7 @@ def method_context(cfg: EvalConfig, inverter, target, references, vectors) -> me
         search_neighbours=cfg.search_neighbours,
         search_samples=cfg.search_samples,
         search_rounds=cfg.search_rounds,
+        search_task_guesses=cfg.search_task_guesses,
         attacks=cfg.attacks,
         leak_filter=LeakFilter(cfg.leak_filter) if cfg.leak_filter else None,
         text_checkpoint=cfg.text_checkpoint,

@@ -124,6 +124,13 @@ class DemoConfig:
             "from its least-KL candidates (slower)"
         },
     )
+    search_task_guesses: bool = field(
+        default=True,
+        metadata={
+            "help": "guarded: a reply describing the task, as an instruction, may take the "
+            "search's choice (where it explains the other turn better)"
+        },
+    )
     batch_size: int = field(default=48, metadata={"help": "target and decoding batch"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
 
@@ -221,6 +228,7 @@ def run_mode(
         ctx.search_neighbours = cfg.search_neighbours
         ctx.search_samples = cfg.search_samples
         ctx.search_rounds = cfg.search_rounds
+        ctx.search_task_guesses = cfg.search_task_guesses
     keys = (*METHODS, *("mbr",) * bool(cfg.mbr_samples), *("search",) * search)
     preds = run_methods(keys, ctx)
     preds = {row: preds[row] for row in shown_rows(attacks, bool(cfg.mbr_samples), search)}

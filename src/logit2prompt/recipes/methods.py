@@ -76,6 +76,7 @@ class MethodContext:
     search_neighbours: int = 8  # memorised prompts each inverter proposes to the search
     search_samples: int = 0  # prompts each inverter samples for the search (seeded by `seed`)
     search_rounds: int = 0  # conditioned rounds of the search (search.observe_and_search)
+    search_task_guesses: bool = True  # a reply describing the task as a guess (search.py)
     near: list[list[int]] | None = None
     notes: dict = field(default_factory=dict)  # side results: best_attack, fallback_kept
     _decoded: dict = field(default_factory=dict, repr=False)
@@ -331,6 +332,7 @@ def _search(ctx: MethodContext) -> dict[str, list[str]]:
         samples=ctx.search_samples,
         seed=ctx.seed,
         rounds=ctx.search_rounds,
+        task_guesses=ctx.search_task_guesses,
         target=ctx.target,
         decoded=(ctx.vectors, ctx.inverter_output) if greedy else None,
         progress=ctx.progress,
