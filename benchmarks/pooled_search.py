@@ -4,8 +4,10 @@ results pooled with its `--dev` rows (disjoint prompts of the same sets), paired
     R=benchmarks/results/search_samples16; python benchmarks/pooled_search.py \
         --mode guarded=$R-guarded.json,$R-guarded-dev.json --mode user=$R-user.json,$R-user-dev.json
 
-Valid only while nothing in the search was chosen on the dev rows. No target passes. Writes
-benchmarks/results/pooled_search.json.
+Valid only while nothing in the search was chosen on the dev rows; rows chosen on dev pool
+with `--fresh` draws instead, and `--row FILE=ROW` names the row a file holds the search in
+(e.g. `task_guess.py`'s replay of a rule on a scored run). Each mode also gets a line over all
+its sets. No target passes. Writes benchmarks/results/pooled_search.json.
 """
 
 from __future__ import annotations
@@ -26,8 +28,15 @@ RESULTS = Path(__file__).parent / "results" / "pooled_search.json"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mode", action="append", required=True, help="NAME=FILE,FILE...")
+    parser.add_argument(
+        "--row",
+        action="append",
+        default=[],
+        help=f"FILE=ROW: the row FILE holds the search in (default {SEARCH!r})",
+    )
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
+    rows_of = dict(spec.split("=", 1) for spec in args.row)
     out: dict[str, dict] = {}
     lines = ["| mode | set | prompts | BLEU | token F1 |", "| --- | --- | --- | --- | --- |"]
     for spec in args.mode:
@@ -35,7 +44,10 @@ def main() -> None:
         examples, baselines = [], set()
         for f in files.split(","):
             results = json.loads(Path(f).read_text())
-            examples += results["examples"]
+            row = rows_of.get(f, SEARCH)
+            if row not in results["examples"][0]:
+                sys.exit(f"{f} has no row {row!r}")
+            examples += [{**e, SEARCH: e[row]} for e in results["examples"]]
             baselines.add(extraction_row(results))
         if len(baselines) > 1:
             sys.exit(f"{name}: the files' extraction baselines differ ({sorted(baselines)})")
@@ -44,8 +56,9 @@ def main() -> None:
         if len(set(hidden)) != len(hidden):
             sys.exit(f"{name}: the files share prompts")
         out[name] = {"files": files.split(","), "baseline": ext, "sets": {}}
-        for s in dict.fromkeys(e["set"] for e in examples):
-            rows = [e for e in examples if e["set"] == s]
+        sets = list(dict.fromkeys(e["set"] for e in examples))
+        for s in [*sets, *(["all"] if len(sets) > 1 else [])]:
+            rows = [e for e in examples if s in ("all", e["set"])]
             refs = [e["hidden"] for e in rows]
             gain = paired_gain([e[SEARCH] for e in rows], [e[ext] for e in rows], refs)
             out[name]["sets"][s] = {"n": len(rows), "search - extraction": gain}

@@ -157,6 +157,7 @@ def main() -> None:
             "source": results.get("command"),
             "turns": turns,
             "steps": steps,
+            "leak_filter": results.get("leak_filter"),
             "kl_drift_max": max(drift, default=0.0),
             "sets": sets,
             "examples": [
