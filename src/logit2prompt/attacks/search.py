@@ -16,7 +16,8 @@ reading the observation it was trained on; the judge reads all of them. No queri
 the observed turns: the judging runs on the attacker's copy of the model, so it needs
 white-box weights (an open model such as the default target). Unlike `rerank`, which
 compares the candidate's own greedy continuation, teacher forcing keeps every step aligned
-with what was observed.
+with what was observed. A reply that describes the task ("The task is to ...") becomes one more
+guess, set against the choice on the other turns only (`prefer_task_guesses`).
 """
 
 from __future__ import annotations
