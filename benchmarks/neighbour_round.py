@@ -34,7 +34,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from two_turns import SEARCH, gain_table, saved_kl
+from two_turns import SEARCH, ask_again, gain_table, saved_kl
 
 from logit2prompt.attacks.invert import target_for, user_turn_of
 from logit2prompt.attacks.search import (
@@ -45,11 +45,9 @@ from logit2prompt.attacks.search import (
     forced_kl,
     least_kl,
 )
-from logit2prompt.defenses.leak import LeakFilter
 from logit2prompt.evaluation.metrics import sentence_bleu
 from logit2prompt.evaluation.results import write_results
 from logit2prompt.inverter import Inverter
-from logit2prompt.recipes.methods import MethodContext
 
 RESULTS = Path(__file__).parent / "results" / "neighbour_round.json"
 STEPS = 16  # what the saved KLs read
@@ -96,7 +94,6 @@ def main() -> None:
         sys.exit(f"{args.checkpoint} reads no neighbours")
     k = inverter.config.neighbours
     target = target_for(inverter, batch_size=16)
-    leak = LeakFilter(results["leak_filter"]) if results.get("leak_filter") else None
     before = target.user_turn
     own = user_turn_of(inverter.fingerprint.template, target) or HIDDEN_TURN
     if own not in turns:
@@ -106,15 +103,7 @@ def main() -> None:
     probes: dict[str, Probe] = {}
     try:
         for turn in turns:
-            if turn != HIDDEN_TURN:
-                target.set_user_turn(turn)
-            observed = target.next_token_logprobs(prompts, steps=STEPS).numpy()
-            replies = MethodContext(None, observed, target=target).replies()
-            refused = [
-                leak is not None and leak.blocks(r, p)
-                for r, p in zip(replies, prompts, strict=True)
-            ]
-            probes[turn] = Probe(None if turn == HIDDEN_TURN else turn, observed, refused)
+            probes[turn] = ask_again(target, results, turn, STEPS)[0]
     finally:
         target.set_user_turn(before)
 

@@ -24,15 +24,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from two_turns import SEARCH, gain_table, saved_total
+from two_turns import SEARCH, ask_again, gain_table, saved_total
 
 from logit2prompt.attacks.invert import target_for
-from logit2prompt.attacks.search import HIDDEN_TURN, MEASURES, Probe, forced_divergences
-from logit2prompt.defenses.leak import LeakFilter
+from logit2prompt.attacks.search import MEASURES, Probe, forced_divergences
 from logit2prompt.evaluation.metrics import sentence_bleu
 from logit2prompt.evaluation.results import write_results
 from logit2prompt.inverter import Inverter
-from logit2prompt.recipes.methods import MethodContext
 
 RESULTS = Path(__file__).parent / "results" / "rejudge.json"
 SAVED_STEPS = 16
@@ -72,28 +70,19 @@ def main() -> None:
     shortlist = [row[: args.top] for row in shortlist]
     inverter = Inverter.from_pretrained(args.checkpoint)
     target = target_for(inverter, batch_size=16)
-    leak = LeakFilter(results["leak_filter"]) if results.get("leak_filter") else None
     before = target.user_turn
     measures = list(dict.fromkeys(["kl", *args.measures]))
     kls: dict[tuple[str, int, str], list[np.ndarray]] = {}
     extra = [args.extra_turn] if args.extra_turn else []
     try:
         for turn in [*turns, *extra]:
-            user_mode = turn == HIDDEN_TURN
-            if not user_mode:
-                target.set_user_turn(turn)
-            observed = target.next_token_logprobs(prompts, steps=args.steps).numpy()
-            replies = MethodContext(None, observed, target=target).replies()
-            refused = [
-                leak is not None and leak.blocks(r, p)
-                for r, p in zip(replies, prompts, strict=True)
-            ]
+            asked = ask_again(target, results, turn, args.steps)[0]
             for steps in sorted({SAVED_STEPS, args.steps}):
-                probe = Probe(None if user_mode else turn, observed[:, :steps], refused)
+                probe = Probe(asked.user_turn, asked.observed[:, :steps], asked.refused)
                 found = forced_divergences(target, probe, shortlist, measures)
                 for m in measures:
                     kls[(turn, steps, m)] = found[m]
-            del observed
+            del asked
     finally:
         target.set_user_turn(before)
 

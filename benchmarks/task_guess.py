@@ -26,15 +26,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from two_turns import EXTRACTION, ORACLE, SEARCH, gain_table, saved_total
+from two_turns import EXTRACTION, ORACLE, SEARCH, ask_again, gain_table, saved_kl, saved_total
 
 from logit2prompt.attacks.invert import target_for
-from logit2prompt.attacks.search import Probe, forced_kl, prefer_task_guesses
-from logit2prompt.defenses.leak import LeakFilter
+from logit2prompt.attacks.search import forced_kl, prefer_task_guesses
 from logit2prompt.evaluation.metrics import format_ci, paired_gain, sentence_bleu
 from logit2prompt.evaluation.results import write_results
 from logit2prompt.inverter import Inverter
-from logit2prompt.recipes.methods import MethodContext
 
 RESULTS = Path(__file__).parent / "results" / "task_guess.json"
 TASK_TURN = "Hi! What is the task?"  # the turn whose replies describe the task
@@ -57,19 +55,13 @@ def main() -> None:
         sys.exit(f"{args.results} did not ask {TASK_TURN!r}")
     inverter = Inverter.from_pretrained(args.checkpoint)
     target = target_for(inverter, batch_size=16)
-    leak = LeakFilter(results["leak_filter"]) if results.get("leak_filter") else None
     before = target.user_turn
     probes, replies, drift = [], [], []
     try:
         for turn in turns:
-            target.set_user_turn(turn)
-            observed = target.next_token_logprobs(prompts, steps=steps).numpy()
-            seen = MethodContext(None, observed, target=target).replies()
-            refused = [
-                leak is not None and leak.blocks(r, p) for r, p in zip(seen, prompts, strict=True)
-            ]
-            probes.append(Probe(turn, observed, refused))
-            replies.append(["" if b else r for r, b in zip(seen, refused, strict=True)])
+            probe, seen = ask_again(target, results, turn, steps)
+            probes.append(probe)
+            replies.append(seen)
             # The search's choice judged again: its saved KL should come back.
             again = forced_kl(target, probes[-1], [[e[SEARCH]] for e in examples], progress=False)
             for e, kl in zip(examples, again, strict=True):
@@ -80,10 +72,7 @@ def main() -> None:
     finally:
         target.set_user_turn(before)
     # The library's rule on the saved pools: the gated row is `observe_and_search`'s choice.
-    saved = [
-        [np.array([np.nan if v is None else v for v in e["kl"][t]]) for e in examples]
-        for t in turns
-    ]
+    saved = [[saved_kl(e, t) for e in examples] for t in turns]
     gated, found, guessed = prefer_task_guesses(
         target,
         probes,

@@ -47,7 +47,7 @@ import numpy as np
 from shipped_ood import rows_of
 
 from logit2prompt.attacks.invert import target_for
-from logit2prompt.attacks.search import SearchResult, observe_and_search
+from logit2prompt.attacks.search import HIDDEN_TURN, Probe, SearchResult, observe_and_search
 from logit2prompt.data.corpus import load_corpus
 from logit2prompt.defenses.leak import DEFAULT_LEAK_THRESHOLD, LeakFilter
 from logit2prompt.evaluation.metrics import format_ci, paired_gain, score, sentence_bleu
@@ -128,7 +128,7 @@ def main() -> None:
         rows = rows_of(Path(args.data), args.limit, args.seed)
         if args.fresh:
             seen = rows + dev_rows(Path(args.data), rows, args.dev or 50, args.seed)
-            rows = fresh_rows(Path(args.data), seen, args.fresh, args.seed)
+            rows = dev_rows(Path(args.data), seen, args.fresh, args.seed, "later")
         elif args.dev:
             rows = dev_rows(Path(args.data), rows, args.dev, args.seed)
     else:  # held-out prompts of the training corpus, within the inverters' 64 tokens
@@ -238,29 +238,36 @@ def main() -> None:
     print("\n".join(lines))
 
 
-def dev_rows(data: Path, scored: list[dict], n: int, seed: int) -> list[dict]:
-    """Per set, `n` prompts that are not among (nor near duplicates of) the `scored` rows."""
+def dev_rows(data: Path, scored: list[dict], n: int, seed: int, pool: str = "same") -> list[dict]:
+    """Per set, `n` prompts that are not among (nor near duplicates of) the `scored` rows;
+    with `pool` "later", drawn from the file's rows past the first 200 where it has `n` of
+    them (`--fresh`)."""
     from adapt_ood import adaptation_prompts
 
     out = []
     for name in dict.fromkeys(r["set"] for r in scored):
         evaluated = [r["prompt"] for r in scored if r["set"] == name]
-        picked = adaptation_prompts(data / f"{name}.jsonl", evaluated, n, seed)
+        picked = adaptation_prompts(data / f"{name}.jsonl", evaluated, n, seed, pool)
         out += [{"prompt": p, "set": name} for p in picked]
     return out
 
 
-def fresh_rows(data: Path, seen: list[dict], n: int, seed: int) -> list[dict]:
-    """Per set, `n` prompts that are not among (nor near duplicates of) the `seen` rows,
-    drawn from the file's rows past the first 200 where it has `n` of them."""
-    from adapt_ood import adaptation_prompts
-
-    out = []
-    for name in dict.fromkeys(r["set"] for r in seen):
-        evaluated = [r["prompt"] for r in seen if r["set"] == name]
-        picked = adaptation_prompts(data / f"{name}.jsonl", evaluated, n, seed, "later")
-        out += [{"prompt": p, "set": name} for p in picked]
-    return out
+def ask_again(target, results: dict, turn: str, steps: int) -> tuple[Probe, list[str]]:
+    """One of a results file's turns asked again of the deployment for its hidden prompts
+    (greedy: the file's run's replies), read to `steps` steps and leak-filtered as that run
+    was: the probe the search judged on, and the replies ("" where refused). Switches the
+    target's user turn (not in user mode); the caller puts it back."""
+    prompts = [e["hidden"] for e in results["examples"]]
+    leak = LeakFilter(results["leak_filter"]) if results.get("leak_filter") else None
+    if turn != HIDDEN_TURN:
+        target.set_user_turn(turn)
+    observed = target.next_token_logprobs(prompts, steps=steps).numpy()
+    replies = MethodContext(None, observed, target=target).replies()
+    refused = [
+        leak is not None and leak.blocks(r, p) for r, p in zip(replies, prompts, strict=True)
+    ]
+    probe = Probe(None if turn == HIDDEN_TURN else turn, observed, refused)
+    return probe, ["" if b else r for r, b in zip(replies, refused, strict=True)]
 
 
 def tabulate(rows, prompts, preds, turns) -> tuple[dict, list[str]]:
