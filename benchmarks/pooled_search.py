@@ -11,7 +11,8 @@ reads the extraction string's replies from the run SOURCE where FILE holds none
 (`neighbour_round.py`'s rounds over a `two_turns.py` run's pools). Each mode also gets a line
 over all its sets. No target passes. Writes benchmarks/results/pooled_search.json.
 
-    cd benchmarks; python pooled_search.py --mode "user=$R12.json,$R12-fresh.json" \
+    cd benchmarks; R12=results/neighbour_round12-user
+    python pooled_search.py --mode "user=$R12.json,$R12-fresh.json" \
         --row "$R12.json=round 12" --row "$R12-fresh.json=round 12" \
         --baseline-from $R12.json=results/search_samples16-user.json \
         --baseline-from $R12-fresh.json=results/search_samples16-user-fresh.json
