@@ -11,9 +11,9 @@ near-least-KL candidates share words the hidden prompt has, their consensus may 
 single least-KL one. Grid: K in 5, 10, 20, all; T in 0.3, 1, 3 (KL summed over the file's
 turns, in nats); the candidate's own weight counted as a match (self 1: T -> 0 gives the
 search back) or not (self 0: pure consensus). With `--guesses` (task_guess.py's replay on
-the same prompts) each choice then goes through the task-guess rule as the library's does
-(the guess replaces it where its KL on the other turn is the lesser), and the base row is
-that rule. No target passes: the saved KLs are the judge. Meant for dev prompts; writes
+the same prompts) each choice then goes through the library's task-guess rule
+(`attacks.search.gate_task_guesses`: the guess replaces it where its KL on the turns other
+than its own is the lesser), and the base row is that rule. No target passes: the saved KLs are the judge. Meant for dev prompts; writes
 benchmarks/results/kl_mbr.json.
 """
 
@@ -28,11 +28,11 @@ import numpy as np
 from two_turns import SEARCH, gain_table, saved_kl, saved_total
 
 from logit2prompt.attacks.mbr import DEFAULT_UTILITY, UTILITIES
+from logit2prompt.attacks.search import gate_task_guesses
 from logit2prompt.evaluation.results import write_results
 
 RESULTS = Path(__file__).parent / "results" / "kl_mbr.json"
 GATED = "search, or the task guess where it explains the other turns better"  # task_guess.py
-OTHER_TURN = "Hello!"  # the turn the task guess is judged on
 TOPS = (5, 10, 20, 0)  # 0: the whole pool
 TEMPERATURES = (0.3, 1.0, 3.0)
 
@@ -66,6 +66,10 @@ def main() -> None:
     guesses = json.loads(Path(args.guesses).read_text())["examples"] if args.guesses else None
     if guesses and [g["hidden"] for g in guesses] != [e["hidden"] for e in examples]:
         sys.exit(f"{args.guesses} holds other prompts than {args.results}")
+    if guesses and any(g["guesses"] and g.get("guess_turn") not in turns for g in guesses):
+        sys.exit(
+            f"{args.guesses} does not say which turn each guess came from; rerun task_guess.py"
+        )
     base = GATED if guesses else SEARCH
     cache: dict[tuple[str, str], float] = {}
     measure = UTILITIES[DEFAULT_UTILITY]
@@ -76,15 +80,23 @@ def main() -> None:
         return cache[h, r]
 
     def gated(i: int, pick: int) -> str:
-        """The pick, or the prompt's task guess where it has the lesser KL on the other turn."""
-        e = examples[i]
-        if guesses and guesses[i]["guesses"]:
-            g = guesses[i]
-            kl = g["guess_kl_by_turn"][OTHER_TURN]
-            j = int(np.argmin(kl))
-            if kl[j] < saved_kl(e, OTHER_TURN)[pick]:
-                return g["guesses"][j]
-        return e["candidates"][pick]
+        """The pick, or the prompt's task guess where the library's rule takes it (its KL on
+        the turns other than its own, from task_guess.py's saved KLs, against the pick's)."""
+        e, g = examples[i], guesses[i] if guesses else None
+        if not g or not g["guesses"]:
+            return e["candidates"][pick]
+        nan = float("nan")
+        take = gate_task_guesses(
+            [e["candidates"][pick]],
+            g["guesses"][:1],
+            [turns.index(g["guess_turn"])],
+            [
+                [nan if g["guess_kl_by_turn"][t][0] is None else g["guess_kl_by_turn"][t][0]]
+                for t in turns
+            ],
+            [[saved_kl(e, t)[pick]] for t in turns],
+        )[0]
+        return g["guesses"][0] if take else e["candidates"][pick]
 
     rows = {base: [g[base] for g in guesses] if guesses else [e[SEARCH] for e in examples]}
     for top in TOPS:

@@ -29,7 +29,7 @@ import numpy as np
 from two_turns import EXTRACTION, ORACLE, SEARCH, ask_again, gain_table, saved_kl, saved_total
 
 from logit2prompt.attacks.invert import target_for
-from logit2prompt.attacks.search import forced_kl, prefer_task_guesses
+from logit2prompt.attacks.search import find_task_guesses, forced_kl, prefer_task_guesses
 from logit2prompt.evaluation.metrics import format_ci, paired_gain, sentence_bleu
 from logit2prompt.evaluation.results import write_results
 from logit2prompt.inverter import Inverter
@@ -82,6 +82,7 @@ def main() -> None:
         [e[SEARCH] for e in examples],
     )
     guesses = [[g] if g else [] for g in found]
+    source = find_task_guesses(replies)[1]  # the turn each guess came from, for replays
     # The guesses judged on every turn too, as one more candidate of the pool.
     per_turn = {
         t: forced_kl(target, probe, guesses) for t, probe in zip(turns, probes, strict=True)
@@ -154,6 +155,7 @@ def main() -> None:
                     "hidden": p,
                     "set": e["set"],
                     "guesses": g,
+                    "guess_turn": turns[source[i]] if g else None,
                     "guess_kl": [round(float(v), 4) for v in kl],
                     "guess_kl_by_turn": {
                         t: [None if np.isnan(v) else round(float(v), 4) for v in per_turn[t][i]]

@@ -11,8 +11,10 @@ from logit2prompt.attacks.search import (
     Probe,
     SearchResult,
     choose,
+    find_task_guesses,
     forced_divergences,
     forced_kl,
+    gate_task_guesses,
     judge,
     prefer_task_guesses,
     search,
@@ -151,6 +153,36 @@ def test_a_task_guess_takes_the_choice_only_where_the_other_turn_prefers_it(guar
         Probe(p.user_turn, p.observed, [True] * 4) if j == 0 else p for j, p in enumerate(probes)
     ]
     assert prefer_task_guesses(guarded, alone, replies, candidates, kls, chosen, False)[0] == chosen
+
+
+def test_the_task_guess_rule_reads_only_the_other_probes():
+    """The pure rule behind `prefer_task_guesses`: the guess's own probe is never counted, a
+    probe that did not observe the row (NaN) adds nothing, and a row seen by no other probe
+    keeps its choice unless there is no choice at all."""
+    replies = [
+        ["", "Hi.", "The task is to sort a list.", "Hi."],
+        ["Your task is to add.", "Hi.", "", ""],
+    ]
+    guesses, source = find_task_guesses(replies)
+    assert guesses == ["Add.", "", "Sort a list.", ""] and source == [1, -1, 0, -1]
+    nan = float("nan")
+    # probe 0 then 1; row 0's guess is judged on probe 0 only (its own is 1)
+    guess_kl = [[1.0, nan, 9.0, nan], [0.0, nan, 5.0, nan]]
+    chosen_kl = [[2.0, 1.0, 9.0, 1.0], [0.0, 1.0, 6.0, 1.0]]
+    chosen = ["x", "y", "z", "w"]
+    assert gate_task_guesses(chosen, guesses, source, guess_kl, chosen_kl) == [
+        True,
+        False,
+        True,
+        False,
+    ]
+    # the same KLs with the guesses' sources swapped: now each is judged on the probe it is worse on
+    swapped = [1 - s if s >= 0 else s for s in source]
+    assert gate_task_guesses(chosen, guesses, swapped, guess_kl, chosen_kl) == [False] * 4
+    # row 0 seen by no other probe (NaN on probe 0): no evidence, kept; with no choice, taken
+    guess_kl[0][0] = nan
+    assert gate_task_guesses(chosen, guesses, source, guess_kl, chosen_kl)[0] is False
+    assert gate_task_guesses(["", *chosen[1:]], guesses, source, guess_kl, chosen_kl)[0] is True
 
 
 def test_a_refused_turn_adds_no_evidence(guarded):

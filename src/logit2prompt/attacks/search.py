@@ -638,6 +638,46 @@ def observe_and_search(
         target.set_user_turn(before)
 
 
+def find_task_guesses(replies: Sequence[Sequence[str]]) -> tuple[list[str], list[int]]:
+    """Per row, the guess (`task_guess`) from the first observed reply (`replies`: per probe,
+    per row; "" where refused) that describes its task, and that reply's probe (-1: none)."""
+    n = len(replies[0]) if replies else 0
+    guesses, source = [""] * n, [-1] * n
+    for p, row in enumerate(replies):
+        for i, reply in enumerate(row):
+            guess = task_guess(reply) if reply and not guesses[i] else None
+            if guess:
+                guesses[i], source[i] = guess, p
+    return guesses, source
+
+
+def gate_task_guesses(
+    chosen: Sequence[str],
+    guesses: Sequence[str],
+    source: Sequence[int],
+    guess_kl: Sequence[Sequence[float]],
+    chosen_kl: Sequence[Sequence[float]],
+) -> list[bool]:
+    """Whether each row's guess replaces the search's choice: the rule of
+    `prefer_task_guesses` without the target passes. `guess_kl[p][i]` and `chosen_kl[p][i]`
+    are the guess's and the choice's KL on probe p (NaN where the probe did not observe the
+    row; the choice's NaN counts 0). Summed over the probes that observed the row, other
+    than the guess's own (`source`), the guess must have the lesser KL; no choice at all:
+    any guess beats none; no other probe observed the row: no evidence, the choice stays."""
+    out = []
+    for i, guess in enumerate(guesses):
+        mine = theirs = 0.0
+        seen_elsewhere = False
+        for p, (row_guess, row_chosen) in enumerate(zip(guess_kl, chosen_kl, strict=True)):
+            if p == source[i] or np.isnan(row_guess[i]):
+                continue  # its own probe, or a row this probe did not observe
+            seen_elsewhere = True
+            mine += float(row_guess[i])
+            theirs += float(np.nan_to_num(row_chosen[i], nan=0.0))
+        out.append(bool(guess) and (not chosen[i] or (seen_elsewhere and mine < theirs)))
+    return out
+
+
 def prefer_task_guesses(
     target,
     probes: Sequence[Probe],
@@ -648,40 +688,34 @@ def prefer_task_guesses(
     progress: bool = True,
 ) -> tuple[list[str], list[str], list[bool]]:
     """Per row, the first observed reply (`replies`: per probe, per row; "" where refused) that
-    describes its task gives a guess (`task_guess`), which replaces the search's choice where
-    its KL summed over the *other* probes is less than the choice's there. Not over its own
-    probe: a candidate built from a reply's words makes those words near-certain, so its KL
-    from that reply's distributions is biased against it (on the OOD dev prompts such guesses
-    ranked near last on their own turn). Returns the choices, the guesses ("" none) and
-    whether each choice is its guess. One more target pass per guess and other probe."""
+    describes its task gives a guess (`find_task_guesses`), which replaces the search's choice
+    where its KL summed over the *other* probes is less than the choice's there
+    (`gate_task_guesses`). Not over its own probe: a candidate built from a reply's words
+    makes those words near-certain, so its KL from that reply's distributions is biased
+    against it (on the OOD dev prompts such guesses ranked near last on their own turn).
+    Returns the choices, the guesses ("" none) and whether each choice is its guess. One more
+    target pass per guess and other probe."""
     n = len(chosen)
-    guesses, source = [""] * n, [-1] * n
-    for p, row in enumerate(replies):
-        for i, reply in enumerate(row):
-            guess = task_guess(reply) if reply and not guesses[i] else None
-            if guess:
-                guesses[i], source[i] = guess, p
-    out, guessed = list(chosen), [False] * n
+    guesses, source = find_task_guesses(replies)
+    out = list(chosen)
     if not any(guesses):
-        return out, guesses, guessed
-    mine, theirs = np.zeros(n), np.zeros(n)
-    seen_elsewhere = np.zeros(n, dtype=bool)
+        return out, [""] * n, [False] * n
+    guess_kl = np.full((len(probes), n), np.nan)
+    chosen_kl = np.full((len(probes), n), np.nan)
     for p, probe in enumerate(probes):
         rows = [[g] if g and source[i] != p else [] for i, g in enumerate(guesses)]
         if not any(rows):
             continue
         kl = forced_kl(target, probe, rows, progress)
         for i, row in enumerate(rows):
-            if not row or np.isnan(kl[i][0]):
-                continue  # its own probe, or a row this probe did not observe
-            seen_elsewhere[i] = True
-            mine[i] += kl[i][0]
-            if chosen[i] in candidates[i]:
-                theirs[i] += np.nan_to_num(kls[p][i][candidates[i].index(chosen[i])], nan=0.0)
-    for i, guess in enumerate(guesses):
-        # No candidate at all: any guess beats none; no other probe: no evidence, keep.
-        if guess and (not chosen[i] or (seen_elsewhere[i] and mine[i] < theirs[i])):
-            out[i], guessed[i] = guess, True
+            if row:
+                guess_kl[p, i] = kl[i][0]
+                if chosen[i] in candidates[i]:
+                    chosen_kl[p, i] = kls[p][i][candidates[i].index(chosen[i])]
+    guessed = gate_task_guesses(chosen, guesses, source, guess_kl, chosen_kl)
+    for i, take in enumerate(guessed):
+        if take:
+            out[i] = guesses[i]
     logger.info("search: a task guess replaces the choice for %d of %d rows", sum(guessed), n)
     return out, guesses, guessed
 
