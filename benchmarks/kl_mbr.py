@@ -13,8 +13,8 @@ turns, in nats); the candidate's own weight counted as a match (self 1: T -> 0 g
 search back) or not (self 0: pure consensus). With `--guesses` (task_guess.py's replay on
 the same prompts) each choice then goes through the library's task-guess rule
 (`attacks.search.gate_task_guesses`: the guess replaces it where its KL on the turns other
-than its own is the lesser), and the base row is that rule. No target passes: the saved KLs are the judge. Meant for dev prompts; writes
-benchmarks/results/kl_mbr.json.
+than its own is the lesser), and the base row is that rule. No target passes: the saved
+KLs are the judge. Meant for dev prompts; writes benchmarks/results/kl_mbr.json.
 """
 
 from __future__ import annotations
