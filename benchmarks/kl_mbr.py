@@ -28,7 +28,7 @@ import numpy as np
 from two_turns import SEARCH, gain_table, saved_kl, saved_total
 
 from logit2prompt.attacks.mbr import DEFAULT_UTILITY, UTILITIES
-from logit2prompt.attacks.search import gate_task_guesses
+from logit2prompt.attacks.search import choose, gate_task_guesses
 from logit2prompt.evaluation.results import write_results
 
 RESULTS = Path(__file__).parent / "results" / "kl_mbr.json"
@@ -41,8 +41,10 @@ def kl_mbr(
     candidates: list[str], kl: np.ndarray, top: int, temperature: float, own: float, utility
 ) -> int:
     """Index of the candidate with the highest KL-weighted mean utility among the `top`
-    least-KL (all if 0); `own` is what a candidate's match with itself counts."""
-    order = np.argsort(kl, kind="stable")[: top or None]
+    least-KL non-blank candidates (all if 0; blanks are never chosen, as in
+    `attacks.search.choose`); `own` is what a candidate's match with itself counts."""
+    usable = [j for j, c in enumerate(candidates) if c.strip()]
+    order = np.array(sorted(usable, key=lambda j: kl[j])[: top or None])
     w = np.exp(-(kl[order] - kl[order].min()) / temperature)
     w /= w.sum()
     scores = [
@@ -105,14 +107,18 @@ def main() -> None:
                 name = f"KL-weighted MBR, {top or 'all'} least-KL, T {t}, self {own:g}"
                 rows[name] = [
                     gated(i, kl_mbr(e["candidates"], saved_total(e, turns), top, t, own, utility))
-                    if e["candidates"]
+                    if any(c.strip() for c in e["candidates"])
                     else rows[base][i]
                     for i, e in enumerate(examples)
                 ]
-    # the least-KL pick, replayed, must give the base row back (the same choice, the same gate)
+    # The library's own pick (`choose` on the saved KLs), through the gate, must give the base
+    # row back: the same pools, the same choice, the same rule.
+    least = choose(
+        [e["candidates"] for e in examples], [[saved_kl(e, t) for e in examples] for t in turns]
+    )[0]
     check = [
-        gated(i, int(np.argmin(saved_total(e, turns)))) if e["candidates"] else rows[base][i]
-        for i, e in enumerate(examples)
+        gated(i, e["candidates"].index(c)) if c else rows[base][i]
+        for i, (e, c) in enumerate(zip(examples, least, strict=True))
     ]
     if check != rows[base]:
         sys.exit("the saved pools do not reproduce the file's choice; wrong --guesses file?")

@@ -16,7 +16,10 @@ leak filter applied as there) are observed again locally, the new candidates are
 same summed KL (`forced_kl` on each turn's 16 steps), and the pool's choice is the least KL over
 old and new. Rows per set: the search as saved, each round's choice, and the best candidate of
 the grown pool (oracle), with paired gains. Meant for dev prompts (`two_turns.py --dev`) first;
-writes benchmarks/results/neighbour_round.json.
+writes benchmarks/results/neighbour_round.json. These are `observe_and_search(rounds=N)`'s
+rounds for one neighbour-reading inverter (of the shipped ones only `default` and `-guarded`
+read neighbours, so the library's rounds use the same one), without the task-guess rule
+(task_guess.py): gains are over the file's search without task guesses where it had some.
 
 `--pools FILE` writes the grown pools after every round (full-precision KLs, too large to
 commit: put it under runs/); given back as `--results`, the run goes on from the rounds it holds
@@ -34,7 +37,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from two_turns import SEARCH, ask_again, gain_table, saved_kl
+from two_turns import NO_GUESSES, SEARCH, ask_again, gain_table, saved_kl
 
 from logit2prompt.attacks.invert import target_for, user_turn_of
 from logit2prompt.attacks.search import (
@@ -48,9 +51,11 @@ from logit2prompt.attacks.search import (
 from logit2prompt.evaluation.metrics import sentence_bleu
 from logit2prompt.evaluation.results import write_results
 from logit2prompt.inverter import Inverter
+from logit2prompt.models.inverter import native_bf16
 
 RESULTS = Path(__file__).parent / "results" / "neighbour_round.json"
 STEPS = 16  # what the saved KLs read
+MAX_DRIFT = 1e-2  # saved KLs are rounded to 4 decimals; task_guess.py saw 1.7e-4 across CPUs
 
 
 def main() -> None:
@@ -103,13 +108,34 @@ def main() -> None:
     probes: dict[str, Probe] = {}
     try:
         for turn in turns:
-            probes[turn] = ask_again(target, results, turn, STEPS)[0]
+            # the kept rows only (`--limit`): row i of a probe is row i of the pools
+            probes[turn] = ask_again(target, {**results, "examples": examples}, turn, STEPS)[0]
     finally:
         target.set_user_turn(before)
 
     # The saved KLs in `judge`'s shape (per turn, per row): None (not observed) adds nothing.
     kls = [[saved_kl(e, t) for e in examples] for t in turns]
-    chosen = {SEARCH: [e[SEARCH] for e in examples]}
+    # Each pool's least-KL candidate judged again must give its saved KL back: the replies
+    # observed again are the file's, row for row.
+    least = least_kl(pools, kls, 1)
+    for t, turn in enumerate(turns):
+        again = forced_kl(target, probes[turn], least, progress=False)
+        drift = max(
+            (
+                abs(float(kl[0]) - kls[t][i][pools[i].index(row[0])])
+                for i, (row, kl) in enumerate(zip(least, again, strict=True))
+                if row and np.isfinite(kl[0])
+            ),
+            default=0.0,
+        )
+        if drift > MAX_DRIFT:
+            sys.exit(
+                f"{turn!r} observed again does not match {args.results} (KL drift {drift:.3g})"
+            )
+    # The rounds choose by KL alone; where the file's search let task guesses take choices
+    # (guarded runs since the rule), its choice without them is the row they are paired with.
+    base = NO_GUESSES if NO_GUESSES in examples[0] else SEARCH
+    chosen = {row: [e[row] for e in examples] for row in dict.fromkeys([SEARCH, base])}
     chosen.update({f"round {r}": [e[f"round {r}"] for e in examples] for r in range(1, done + 1)})
     seconds = list(results.get("round_seconds", []))
     for r in range(done + 1, args.rounds + 1):
@@ -123,7 +149,7 @@ def main() -> None:
             samples=args.samples,
             seed=args.seed + r - 1,
             batch_size=16,
-            bf16=True,
+            bf16=native_bf16("cpu"),  # as two_turns.py's search: emulated bf16 is slower
         )
         new: list[list[str]] = [[] for _ in prompts]
         for i, row in zip(seen, texts, strict=True):
@@ -183,7 +209,7 @@ def main() -> None:
         "best candidate of the first pool (oracle)": first,
         "best candidate of the grown pool (oracle)": oracle,
     }
-    sets, cells = gain_table(rows, examples, SEARCH)
+    sets, cells = gain_table(rows, examples, base)
     lines = ["| set | " + " | ".join(rows) + " |", "| --- |" + " --- |" * len(rows)]
     last = f"round {args.rounds}"
     for name in sets:

@@ -11,9 +11,12 @@ its pool's best while the best of its 5 least-KL candidates keeps 76-89% (`two_t
 --rescore`). This asks the deployment again (the same greedy replies, read to `--steps` steps,
 and the extra turn's reply, leak-filtered as the file's run was) and re-ranks the shortlist
 under each judge: the saved 16-step KL (the search as it was), the same turns read to
-`--steps`, the 16-step turns plus the extra turn, and both. Meant for dev prompts
-(`two_turns.py --dev`): a rule chosen here is then run once on the scored prompts. Writes
-benchmarks/results/rejudge.json.
+`--steps`, the 16-step turns plus the extra turn, and both. With `--steps` above 16 the
+leak filter reads the longer reply (as `observe_and_search` filters the longest reply it
+observed), so "16 steps, asked again" can differ from the saved search where only a reply's
+later words leaked (at 48 steps: 2 of the 150 guarded dev prompts, 4 of the 300 scored).
+Meant for dev prompts (`two_turns.py --dev`): a rule chosen here is then run once on the
+scored prompts. Writes benchmarks/results/rejudge.json.
 """
 
 from __future__ import annotations
@@ -24,10 +27,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from two_turns import SEARCH, ask_again, gain_table, saved_total
+from two_turns import SEARCH, ask_again, gain_table, saved_kl
 
 from logit2prompt.attacks.invert import target_for
-from logit2prompt.attacks.search import MEASURES, Probe, forced_divergences
+from logit2prompt.attacks.search import MEASURES, Probe, choose, forced_divergences, least_kl
 from logit2prompt.evaluation.metrics import sentence_bleu
 from logit2prompt.evaluation.results import write_results
 from logit2prompt.inverter import Inverter
@@ -62,12 +65,8 @@ def main() -> None:
     if results.get("steps", SAVED_STEPS) != SAVED_STEPS:
         sys.exit(f"{args.results} was judged on {results['steps']} steps, not {SAVED_STEPS}")
     prompts = [e["hidden"] for e in examples]
-    shortlist = []
-    for e in examples:
-        total = saved_total(e, turns)
-        usable = [j for j, c in enumerate(e["candidates"]) if c.strip()]
-        shortlist.append([e["candidates"][j] for j in sorted(usable, key=lambda j: total[j])])
-    shortlist = [row[: args.top] for row in shortlist]
+    saved = [[saved_kl(e, t) for e in examples] for t in turns]
+    shortlist = least_kl([e["candidates"] for e in examples], saved, args.top)
     inverter = Inverter.from_pretrained(args.checkpoint)
     target = target_for(inverter, batch_size=16)
     before = target.user_turn
@@ -87,14 +86,8 @@ def main() -> None:
         target.set_user_turn(before)
 
     def pick(keys: list[tuple[str, int, str]]) -> list[str]:
-        out = []
-        for i, row in enumerate(shortlist):
-            if not row:
-                out.append("")
-                continue
-            total = sum(np.nan_to_num(kls[k][i], nan=0.0) for k in keys)
-            out.append(row[int(np.argmin(total))])
-        return out
+        """The search's rule (`choose`) over the shortlist, summing the judges in `keys`."""
+        return choose(shortlist, [kls[k] for k in keys])[0]
 
     judges = {
         f"saved {SAVED_STEPS}-step KL (the search)": [e[SEARCH] for e in examples],

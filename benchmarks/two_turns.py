@@ -64,6 +64,7 @@ ORACLE = "best candidate (oracle)"
 EXTRACTION = "extraction, filtered"
 UNFILTERED = "extraction"  # the row's name where no filter stands in its way (user mode)
 NO_SAMPLES = "search without the samples"
+NO_GUESSES = "search without the task guesses"  # where a task guess took a choice
 
 
 def main() -> None:
@@ -159,7 +160,7 @@ def main() -> None:
     preds |= {f"search, judged on {t!r} alone": p for t, p in found.by_turn.items()}
     preds[SEARCH] = found.chosen
     if any(found.guessed):
-        preds["search without the task guesses"] = found.choose(lambda origin: True)
+        preds[NO_GUESSES] = found.choose(lambda origin: True)
     # Ablations from the same judged pool: no replies as candidates; the first inverter's only.
     preds["search without the replies as candidates"] = found.choose(
         lambda origin: not origin.startswith("reply:")
@@ -380,8 +381,9 @@ def rescore(path: str, shortlists: list[int] = ()) -> None:
 def judge_ranks(examples: list[dict], turns: list[str], top: int = 5) -> tuple[dict, list[str]]:
     """Per set, how well the judge ranks the pool (from a full search's saved KLs, summed over
     the turns as the search sums them): the pool's best candidate by sentence BLEU (the
-    oracle), the judge's choice, the best of its `top` least-KL candidates, where it ranks the
-    first candidate as good as the oracle's (median), and how often its choice is one."""
+    oracle), the judge's choice (the least-KL candidate, before any task guess), the best of
+    its `top` least-KL candidates, where it ranks the first candidate as good as the oracle's
+    (median), and how often its choice is one."""
     per: dict[str, list[tuple[float, float, float, int, int]]] = {}
     for e in examples:
         total = saved_total(e, turns)
