@@ -363,6 +363,14 @@ def test_invert_cli_every_source(trained, tiny_store, tiny_lm_dir, tmp_path, cap
 
     assert main(["invert", "--checkpoint", str(out), "--text", MEMORISE[2]]) == 0
     assert repr(MEMORISE[2]) in capsys.readouterr().out
+    # An empty or over-long --text stops with the reason instead of inverting something else.
+    assert main(["invert", "--checkpoint", str(out), "--text", "  "]) == 2
+    assert "--text is empty" in capsys.readouterr().err
+    long = ["invert", "--checkpoint", str(out), "--text", "word " * 70]
+    assert main(long) == 2
+    assert "over --max-tokens 64" in capsys.readouterr().err
+    assert main([*long, "--max-tokens", "200"]) == 0
+    assert "'word word" in capsys.readouterr().out
 
     corpus = tmp_path / "p.txt"
     corpus.write_text("\n".join([*MEMORISE[:3], "word " * 200]))  # the last one is over-long

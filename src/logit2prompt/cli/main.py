@@ -88,6 +88,8 @@ def cmd_invert(args) -> None:
 
     if args.confidence_nats != DEFAULT_CONFIDENCE_NATS and not args.fallback_to:
         raise Logit2PromptError("--confidence-nats is the threshold of --fallback-to; add it")
+    if args.text is not None and not args.text.strip():
+        raise Logit2PromptError("--text is empty: give the prompt the target should hide")
     inverter = Inverter.from_pretrained(args.checkpoint, device=args.device)
     steps = args.steps or inverter.config.steps  # observation steps (test-time K)
     generate = {
@@ -109,6 +111,14 @@ def cmd_invert(args) -> None:
     references = None
     if args.text is not None:
         target = target or target_for(inverter, device=args.device)
+        # As --prompts drops over-long prompts, a single one stops with the reason.
+        length = target.count_tokens([args.text])[0]
+        if length > args.max_tokens:
+            raise Logit2PromptError(
+                f"--text is {length} target tokens, over --max-tokens {args.max_tokens}; raise "
+                f"it to invert it anyway (this inverter writes at most "
+                f"{inverter.config.max_length} tokens)"
+            )
         predictions = run(target.next_token_logprobs([args.text], steps=steps))
         references = [args.text]
     elif args.vectors is not None:
