@@ -186,6 +186,10 @@ def test_bad_requests_get_4xx(after_server):
         (post("/chat/completions", json={**chat, "max_tokens": 10_000}), 400),
         (post("/chat/completions", json={**chat, "messages": []}), 400),
         (post("/chat/completions", json={**chat, "logit_bias": {"abc": 1}}), 400),
+        # Digits int() takes but a token id is not written with: 400, not a crash.
+        (post("/chat/completions", json={**chat, "logit_bias": {"\u00b2": 1}}), 400),
+        (post("/chat/completions", json={**chat, "logit_bias": {"--5": 1}}), 400),
+        (post("/chat/completions", json={**chat, "logit_bias": {"9" * 5000: 1}}), 400),
         (post("/chat/completions", json={**chat, "logit_bias": {"99999": 1}}), 400),
         (post("/chat/completions", json={**chat, "logit_bias": {"1": 500}}), 400),
         (
@@ -194,6 +198,12 @@ def test_bad_requests_get_4xx(after_server):
             ),
             400,
         ),
+        # What the server does not implement is refused unless it is a no-op.
+        (post("/chat/completions", json={**chat, "top_p": 0.1}), 400),
+        (post("/chat/completions", json={**chat, "top_p": 1, "stop": []}), 200),
+        (post("/chat/completions", json={**chat, "stop": ["\n"]}), 400),
+        (post("/chat/completions", json={**chat, "tools": [{"type": "function"}]}), 400),
+        (post("/completions", json={"model": MODEL, "prompt": "hi", "best_of": 2}), 400),
         (post("/completions", json={"model": MODEL, "prompt": "word " * 400}), 400),
         (post("/completions", json={"model": MODEL, "prompt": ""}), 400),
         (oversized(after_server), 413),
@@ -201,6 +211,19 @@ def test_bad_requests_get_4xx(after_server):
     for (got, body), status in cases:
         assert got == status, body
         assert body["error"]["message"] if status >= 400 else body["choices"]
+
+
+def test_completions_top_logprobs_keep_the_best_of_tokens_sharing_a_text():
+    from types import SimpleNamespace
+
+    from logit2prompt.server.app import _top_entries
+    from logit2prompt.server.engine import Step
+
+    # Ids 1 and 2 are halves of one UTF-8 character: both show as U+FFFD.
+    engine = SimpleNamespace(bytes=[b"a", b"\xe2", b"\x82", b"b"])
+    step = Step(token=2, logprob=-2.5, top=[(1, -0.5), (0, -1.0), (2, -2.5)])
+    assert _top_entries(engine, step) == {"\ufffd": -0.5, "a": -1.0}
+    assert list(_top_entries(engine, Step(3, -4.0, step.top))) == ["\ufffd", "a", "b"]
 
 
 def test_server_binds_loopback_by_default():
@@ -278,6 +301,20 @@ def test_gap_recovery_without_logprobs(blind_server, white_box, tmp_path):
 def test_top1_after_bias_falls_back_to_gap(after_server, white_box, tmp_path):
     target = api_target(after_server, white_box, tmp_path, top_k=1)
     assert target.probe()[0] == "gap"
+    # Forced, bias-block on top-1 would read nothing but bounds: refused.
+    forced = api_target(after_server, white_box, tmp_path, top_k=1, strategy="bias-block")
+    with pytest.raises(TargetError, match="at least 2 top log-probs"):
+        forced.probe()
+
+
+def test_probe_steps_down_to_the_endpoints_cap(tiny_lm_dir, white_box, tmp_path):
+    with running_server(tiny_lm_dir, "--max-top-logprobs", "3") as url:
+        # Auto: 20, 10, 5 and 4 are refused, 3 is the largest the endpoint shows.
+        assert api_target(url, white_box, tmp_path).probe() == ("bias-block", 3)
+        # Asked for by name, a refused count is an error quoting the endpoint.
+        named = api_target(url, white_box, tmp_path, top_k=5)
+        with pytest.raises(TargetError, match="refused top_logprobs=5"):
+            named.probe()
 
 
 def test_interrupted_recovery_resumes_without_asking_again(after_server, white_box, tmp_path):
@@ -311,6 +348,11 @@ def test_collect_from_an_api_target(after_server, white_box, tmp_path):
     got = torch.as_tensor(store.vectors(range(len(store))), dtype=torch.float32)[:, 0]
     assert sorted(store.prompts) == sorted(PROMPTS)
     assert (got - expected).abs().max() <= 2e-2  # the store keeps fp16
+    report = store.manifest["collection"]
+    assert report["queries_sent"] == target.sent > 0 and report["shards_written"] == 1
+    # Rerun on the finished store: nothing is asked, and the report of how it was asked stays.
+    collect(api_target(after_server, white_box, tmp_path), corpus, str(store_dir), progress=False)
+    assert DistributionStore(store_dir).manifest["collection"] == report
 
 
 def test_api_target_refuses_steps_and_empty_prompts(after_server, white_box, tmp_path):

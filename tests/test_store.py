@@ -213,3 +213,23 @@ def test_corrupted_shard_is_reported(raw_target, tmp_path):
     (out / "shards" / "000000.npy").write_bytes(b"garbage")
     with pytest.raises(StoreError, match="corrupted"):
         DistributionStore(out).vector(0)
+
+
+def test_shards_that_disagree_with_their_index_or_manifest(raw_target, tmp_path):
+    out = tmp_path / "s"
+    collect(raw_target, _corpus(6), out, shard_size=4, progress=False)
+    shards = out / "shards"
+    array = np.load(shards / "000000.npy")
+    np.save(shards / "000000.npy", array[:3])  # one row short of its index's 4 prompts
+    with pytest.raises(StoreError, match=r"expected \[4, .*lists 4 prompts"):
+        DistributionStore(out).vector(0)
+    np.save(shards / "000000.npy", array)
+    index = json.loads((shards / "000001.json").read_text())
+    index["meta"] = index["meta"][:1]
+    (shards / "000001.json").write_text(json.dumps(index))
+    with pytest.raises(StoreError, match="2 prompts, 1 meta"):
+        DistributionStore(out)
+    index["prompts"], index["meta"] = index["prompts"][:1], index["meta"][:1]
+    (shards / "000001.json").write_text(json.dumps(index))
+    with pytest.raises(StoreError, match="list 5 prompts, its manifest 6"):
+        DistributionStore(out)

@@ -111,6 +111,13 @@ def fit_basis(target: Target, corpus: Corpus, out: str, steps: int, fmt: str, ba
     return basis
 
 
+def _earlier_report(out: str) -> dict:
+    """The collection report of a store being rerun, if it has one."""
+    from .store import MANIFEST, read_manifest
+
+    return read_manifest(out).get("collection", {}) if (Path(out) / MANIFEST).is_file() else {}
+
+
 def store_subset(target: Target, out: str, size: int | None, seed: int):
     """The token subset a `--format subset` store observes: the one a store being resumed
     records, else `size` tokens (default: the hidden size + SUBSET_MARGIN, read off a
@@ -229,6 +236,7 @@ def collect(
     # anyone writes a shard; the others then read the basis it chose.
     writer = None
     if process_index == 0:
+        earlier = _earlier_report(out)
         plan = plan_for(basis)
         logger.info("store %s: %s, %s", out, describe_encoding(plan.encoding), plan.dtype)
         writer = StoreWriter(out, plan, create=True)
@@ -270,7 +278,12 @@ def collect(
     sync()
     if process_index == 0:
         report = getattr(target, "collection_report", None)
-        plan.collection = report() if report is not None else {}
+        if report is None:
+            plan.collection = {}
+        elif not todo and earlier:
+            plan.collection = earlier  # a rerun that wrote nothing keeps how the store was asked
+        else:  # the queries of this run and process: say which shards they wrote
+            plan.collection = {**report(), "shards_written": len(todo), "of": plan.num_shards}
         writer.finalise()
     return CollectResult(
         str(out),

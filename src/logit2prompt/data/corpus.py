@@ -109,13 +109,22 @@ def _rows_from_json(obj, path: Path) -> list:
 
 
 def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
+    try:  # utf-8-sig: a leading byte-order mark is not part of the first prompt
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise CorpusError(
             f"{path} is not valid UTF-8 (byte {exc.start}: "
             f"{exc.object[exc.start : exc.start + 4]!r}); re-encode it as UTF-8"
         ) from exc
+
+
+def text_lines(text: str) -> list[str]:
+    """Lines split at \\n alone (\\r\\n too): `str.splitlines` also splits at U+2028, U+0085
+    and form feeds, which JSON Lines written with ensure_ascii=False hold raw inside strings."""
+    lines = text.split("\n")
+    if lines and not lines[-1]:
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 def read_rows(source: str, field_name: str = DEFAULT_FIELD) -> list[dict]:
@@ -131,7 +140,7 @@ def read_rows(source: str, field_name: str = DEFAULT_FIELD) -> list[dict]:
     try:
         if suffix == ".jsonl":
             rows = []
-            for lineno, line in enumerate(_read_text(path).splitlines(), 1):
+            for lineno, line in enumerate(text_lines(_read_text(path)), 1):
                 if line.strip():
                     try:
                         rows.append(json.loads(line))
@@ -143,7 +152,7 @@ def read_rows(source: str, field_name: str = DEFAULT_FIELD) -> list[dict]:
             except json.JSONDecodeError as exc:
                 raise CorpusError(f"{path}: invalid JSON: {exc}") from exc
         elif suffix == ".txt":
-            rows = [{field_name: line} for line in _read_text(path).splitlines()]
+            rows = [{field_name: line} for line in text_lines(_read_text(path))]
         elif suffix == ".csv":
             rows = list(csv.DictReader(io.StringIO(_read_text(path), newline="")))
         elif suffix == ".parquet":
@@ -196,7 +205,7 @@ def clean(
     max_tokens: int | None = DEFAULT_MAX_TOKENS,
 ) -> Corpus:
     """Normalise whitespace, drop empty/duplicate/over-long prompts, and count each drop."""
-    dropped = {"missing_field": 0, "empty": 0, "duplicate": 0, "too_long": 0}
+    dropped = {"missing_field": 0, "not_text": 0, "empty": 0, "duplicate": 0, "too_long": 0}
     seen: set[str] = set()
     records = []
     for row in rows:
@@ -204,7 +213,10 @@ def clean(
         if value is None:
             dropped["missing_field"] += 1
             continue
-        text = normalise(str(value))
+        if not isinstance(value, str):  # a chat message list, a number: not a prompt's text
+            dropped["not_text"] += 1
+            continue
+        text = normalise(value)
         if not text:
             dropped["empty"] += 1
             continue

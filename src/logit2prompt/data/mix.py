@@ -165,12 +165,18 @@ def build_mix(
     manifest's `unavailable` (the default mix); otherwise that is an error."""
     out = Path(out) if out else cache_dir("corpora") / MIX_NAME
     # What was asked for: a cached corpus is reused only for the very same request, so a new
-    # --exclude file (or cap, or source) can never be skipped silently.
-    digests = {str(p): sha256_file(p) for p in exclude if Path(p).is_file()}
+    # --exclude file (or cap, or source) can never be skipped silently; every exclusion must
+    # be a file, whose contents key the request.
+    missing = [str(p) for p in exclude if not Path(p).is_file()]
+    if missing:
+        raise CorpusError(
+            f"--exclude takes local files of evaluation prompts; not a file: {', '.join(missing)}"
+        )
+    digests = {str(p): sha256_file(p) for p in exclude}
     request = {
         "sources": list(sources),
         "caps": dict(sorted((caps or {}).items())),
-        "exclude": [digests[str(p)] for p in exclude if str(p) in digests],
+        "exclude": [digests[str(p)] for p in exclude],
         "exclude_field": exclude_field,
         "threshold": threshold,
         "extra": {k: len(v) for k, v in (extra or {}).items()},
@@ -302,8 +308,12 @@ def build_mix(
         "sources": [vars(r) | {"meta": (extra_meta or {}).get(r.name, {})} for r in reports],
         "unavailable": unavailable,
     }
-    manifest_path(out).write_text(json.dumps(manifest, indent=1) + "\n")
+    # The corpus first, the manifest last: a build killed between the two leaves the old
+    # manifest, whose request no longer matches, so the next call rebuilds.
     os.replace(tmp, out)
+    tmp_manifest = manifest_path(out).with_suffix(f".tmp{os.getpid()}")
+    tmp_manifest.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp_manifest, manifest_path(out))
     return out
 
 

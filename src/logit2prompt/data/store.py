@@ -139,7 +139,7 @@ def read_manifest(path: str | Path) -> dict:
     if not file.is_file():
         raise StoreError(f"{path} is not a distribution store (no {MANIFEST})")
     try:
-        manifest = json.loads(file.read_text())
+        manifest = json.loads(file.read_text(encoding="utf-8"))
     except (ValueError, OSError) as exc:
         raise StoreError(f"{file} is unreadable or corrupted: {exc}") from exc
     if (
@@ -284,6 +284,7 @@ class DistributionStore:
         self.meta: list[dict] = []
         self._shard_of: list[tuple[int, int]] = []  # global index -> (shard, row)
         self._shard_files: list[Path] = []
+        self._shard_rows: list[int] = []  # prompts each shard's index lists
         self._arrays: dict[int, np.ndarray] = {}
         shard_dir = self.path / SHARD_DIR
         for k in range(int(self.manifest["num_shards"])):
@@ -293,15 +294,25 @@ class DistributionStore:
                     continue
                 raise StoreError(f"{self.path}: shard {k} is missing ({index})")
             try:
-                info = json.loads(index.read_text())
-            except (ValueError, OSError) as exc:
+                info = json.loads(index.read_text(encoding="utf-8"))
+                prompts, meta = info["prompts"], info["meta"]
+            except (ValueError, OSError, KeyError, TypeError) as exc:
                 raise StoreError(f"{index} is corrupted: {exc}") from exc
+            if len(prompts) != len(meta):
+                raise StoreError(f"{index} is corrupted: {len(prompts)} prompts, {len(meta)} meta")
             slot = len(self._shard_files)
             self._shard_files.append(shard_dir / f"{k:06d}.npy")
-            for row, (p, m) in enumerate(zip(info["prompts"], info["meta"], strict=True)):
+            self._shard_rows.append(len(prompts))
+            for row, (p, m) in enumerate(zip(prompts, meta, strict=True)):
                 self.prompts.append(p)
                 self.meta.append(m)
                 self._shard_of.append((slot, row))
+        expected = self.manifest.get("num_prompts")
+        if self.manifest.get("complete") and len(self.prompts) != expected:
+            raise StoreError(
+                f"{self.path}: its shards list {len(self.prompts)} prompts, its manifest "
+                f"{expected}; the store is corrupted (collect it again)"
+            )
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -318,10 +329,11 @@ class DistributionStore:
                 arr = np.load(self._shard_files[slot], mmap_mode="r")
             except (ValueError, OSError) as exc:
                 raise StoreError(f"{self._shard_files[slot]} is corrupted: {exc}") from exc
-            if arr.ndim != 3 or arr.shape[1:] != (self.steps, self.width):
+            n = self._shard_rows[slot]
+            if arr.ndim != 3 or arr.shape != (n, self.steps, self.width):
                 raise StoreError(
                     f"{self._shard_files[slot]} has shape {arr.shape}, expected "
-                    f"[n, {self.steps}, {self.width}]"
+                    f"[{n}, {self.steps}, {self.width}] (its index lists {n} prompts)"
                 )
             self._arrays[slot] = arr
         return arr
@@ -539,7 +551,7 @@ def merge_stores(out: str | Path, sources: Sequence[str | Path]) -> Path:
         k = start = 0
         for store in stores:
             for array in store._shard_files:
-                info = json.loads(array.with_suffix(".json").read_text())
+                info = json.loads(array.with_suffix(".json").read_text(encoding="utf-8"))
                 target = shard_dir / f"{k:06d}.npy"
                 try:
                     os.link(array, target)

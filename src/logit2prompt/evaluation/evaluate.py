@@ -302,10 +302,10 @@ PREDICTION_FIELDS = ("recovered", "prediction")
 def read_predictions(path: str, references: list[str]) -> list[str]:
     """Another method's predictions, one JSON object per line with the hidden prompt ('hidden')
     and the prediction ('recovered' or 'prediction'), in the order of the evaluated prompts."""
-    from ..data.corpus import normalise
+    from ..data.corpus import normalise, text_lines
 
     try:
-        rows = [json.loads(x) for x in Path(path).read_text(encoding="utf-8").splitlines() if x]
+        rows = [json.loads(x) for x in text_lines(Path(path).read_text(encoding="utf-8")) if x]
     except (OSError, ValueError) as exc:
         raise Logit2PromptError(f"cannot read predictions {path}: {exc}") from exc
     if len(rows) != len(references):

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..attacks.invert import target_for
 from ..attacks.nearest import MemoryNeighbours
+from ..data.corpus import text_lines
 from ..defenses.leak import LeakFilter
 from ..errors import Logit2PromptError
 from ..evaluation.metrics import format_table, per_example_scores, score
@@ -164,7 +165,7 @@ def load_demo_prompts(path: str | None, per_set: int) -> list[dict]:
     else:
         text = Path(path).read_text(encoding="utf-8")
     rows, counts = [], {}
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text_lines(text), 1):
         if not line.strip():
             continue
         try:

@@ -141,6 +141,11 @@ def create_app(target: HFTarget, config: ServerConfig | None = None):
             )
         if req.stream:
             raise ServerError("streaming is not supported", param="stream")
+        if name := req.unsupported():
+            raise ServerError(
+                f"{name} is not supported by this server (only its no-op value is accepted)",
+                param=name,
+            )
         if top is not None and config.max_top_logprobs == 0:
             raise ServerError("log-probs are not exposed by this server", param="logprobs")
         if top and top > config.max_top_logprobs:
@@ -221,13 +226,7 @@ def create_app(target: HFTarget, config: ServerConfig | None = None):
                 "tokens": [token_text(engine.bytes[s.token]) for s in steps],
                 "token_logprobs": [s.logprob for s in steps],
                 # As llama.cpp does: the sampled token is always among its step's entries.
-                "top_logprobs": [
-                    {
-                        **{token_text(engine.bytes[t]): v for t, v in s.top},
-                        token_text(engine.bytes[s.token]): s.logprob,
-                    }
-                    for s in steps
-                ],
+                "top_logprobs": [_top_entries(engine, s) for s in steps],
                 "text_offset": text_offset,
             }
         choice = {
@@ -287,6 +286,17 @@ def create_app(target: HFTarget, config: ServerConfig | None = None):
         return envelope("chat.completion", "chatcmpl", choice, len(ids), steps)
 
     return app
+
+
+def _top_entries(engine: Engine, step: Step) -> dict[str, float]:
+    """A completions step's `top_logprobs`: text -> log-prob, best first. Where several ids
+    share a text (partial UTF-8 shown as U+FFFD) the best one's value stands; as llama.cpp
+    does, the sampled token is always among the entries."""
+    out: dict[str, float] = {}
+    for t, v in step.top:
+        out.setdefault(token_text(engine.bytes[t]), v)
+    out.setdefault(token_text(engine.bytes[step.token]), step.logprob)
+    return out
 
 
 def startup_info(config: ServerConfig, host: str, port: int) -> dict:

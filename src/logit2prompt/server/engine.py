@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import threading
 from collections import OrderedDict
@@ -14,6 +15,8 @@ from ..targets.vocab import token_bytes, token_text
 from .schemas import ServerConfig, ServerError
 
 MIN_TEMPERATURE = 1e-4  # below this, logits / T overflows: treat as greedy, like temperature 0
+# A token id as a logit_bias key: optional sign, at most 9 digits (no vocabulary is larger).
+_TOKEN_ID = re.compile(r"\s*-?[0-9]{1,9}\s*")
 PROMPT_CACHE_SIZE = 64  # prompts whose first-token logits are kept: recovery re-asks one prompt
 
 
@@ -68,7 +71,8 @@ class Engine:
             )
         out = {}
         for key, value in bias.items():
-            if not key.strip().lstrip("-").isdigit():
+            # ASCII digits only: str.isdigit() and int() also take "²" or Arabic-Indic digits.
+            if not _TOKEN_ID.fullmatch(key):
                 raise ServerError(f"logit_bias key {key!r} is not a token id", param="logit_bias")
             tid = int(key)
             if not 0 <= tid < self.vocab:

@@ -8,7 +8,7 @@ exactly what is refused before any generation runs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -71,12 +71,37 @@ class _Request(BaseModel):
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
+    # Controls this server does not implement, accepted at their no-op values only: a client
+    # that relies on one gets a 400 (`unsupported`), not output that silently ignores it.
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+
+    NO_OP: ClassVar[dict[str, tuple]] = {
+        "top_p": (None, 1.0),
+        "stop": (None, "", []),
+        "presence_penalty": (None, 0.0),
+        "frequency_penalty": (None, 0.0),
+    }
+
+    def unsupported(self) -> str | None:
+        """The first parameter set to something this server would ignore, or None."""
+        return next((k for k, ok in self.NO_OP.items() if getattr(self, k) not in ok), None)
 
 
 class CompletionRequest(_Request):
     prompt: str | list[str]
     logprobs: int | None = Field(default=None, ge=0, le=OPENAI_TOP_LOGPROBS_CAP)
     echo: bool = False
+    best_of: int | None = Field(default=None, ge=1)
+    suffix: str | None = None
+
+    NO_OP: ClassVar[dict[str, tuple]] = {
+        **_Request.NO_OP,
+        "best_of": (None, 1),
+        "suffix": (None, ""),
+    }
 
 
 class TextPart(BaseModel):
@@ -101,3 +126,11 @@ class ChatRequest(_Request):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=OPENAI_TOP_LOGPROBS_CAP)
     max_completion_tokens: int | None = Field(default=None, ge=0)
+    tools: list | None = None
+    response_format: dict | None = None
+
+    NO_OP: ClassVar[dict[str, tuple]] = {
+        **_Request.NO_OP,
+        "tools": (None, []),
+        "response_format": (None, {"type": "text"}),
+    }

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..data.corpus import normalise
+from ..data.corpus import normalise, text_lines
 from ..data.store import DistributionStore
 from ..errors import StoreError
 from ..evaluation.metrics import sentence_bleu, token_f1
@@ -66,7 +66,7 @@ def write_hypotheses(
         whole = text[: text.rfind("\n") + 1]
         if whole != text:  # a killed run left half a line: drop it before appending
             out.write_text(whole, encoding="utf-8")
-        done = [json.loads(line)["prompt"] for line in whole.splitlines()]
+        done = [json.loads(line)["prompt"] for line in text_lines(whole)]
         if done != list(store.prompts[: len(done)]):
             raise StoreError(f"{out} holds hypotheses of other prompts than {store.path}")
     todo = list(range(len(done), len(store)))

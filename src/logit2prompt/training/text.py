@@ -96,6 +96,7 @@ def build_text_inverter(
     """Generate the target's replies to a store's prompts (cached in out/outputs.jsonl) and
     train a text inverter with the budget of the log-prob inverter at `like`."""
     from ..attacks.invert import target_from_fingerprint
+    from ..data.corpus import text_lines
     from ..data.store import DistributionStore
     from ..models.inverter import Inverter
 
@@ -108,7 +109,7 @@ def build_text_inverter(
     cache = out_dir / "outputs.jsonl"
     done: dict[str, str] = {}
     if cache.is_file():
-        for line in cache.read_text(encoding="utf-8").splitlines():
+        for line in text_lines(cache.read_text(encoding="utf-8")):
             row = json.loads(line)
             done[row["prompt"]] = row["output"]
     todo = [p for p in prompts if p not in done]

@@ -58,7 +58,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TOP_K_TRIES = (20, 5, 1)  # what the probe asks for, largest first, when top_k is not given
+# What the probe asks for, largest first, when top_k is not given: an endpoint capped at 3
+# still gets bias-block (~V/2 queries) rather than gap (~17 V).
+TOP_K_TRIES = (20, 10, 5, 4, 3, 2, 1)
 PROBE_PROMPT = "Hello"
 FULL_CHECK_TOLERANCE = 1e-3  # nats: a reconstruction's error on tokens outside the subset
 _SPEC = re.compile(r"^openai:(https?://[^/]+(?:/[^:]*)?):(.+)$")
@@ -266,11 +268,18 @@ class OpenAITarget(Target):
         for want in (self.requested_top_k,) if self.requested_top_k else TOP_K_TRIES:
             try:
                 ref = self._ask(self._request(PROBE_PROMPT, None, want))
-            except TargetError:
+            except TargetError as exc:
+                if self.requested_top_k:  # asked for by name: say why it cannot be had
+                    raise TargetError(f"the endpoint refused top_logprobs={want}: {exc}") from exc
                 continue
             if ref.top:
                 k = min(want, len(ref.top))
                 break
+        if forced == "bias-block" and k < 2:
+            raise TargetError(
+                f"bias-block needs at least 2 top log-probs; the endpoint shows {k} "
+                f"(use --api-strategy force or gap, or auto)"
+            )
         if forced:
             return forced, max(k, 1)
         if not ref or not ref.top:
