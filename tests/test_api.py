@@ -333,6 +333,17 @@ def test_interrupted_recovery_resumes_without_asking_again(after_server, white_b
     assert (vec - expected).abs().max() <= 1e-3
 
 
+def test_a_cache_whose_endpoint_changed_is_refused(after_server, tiny_lm_dir, white_box, tmp_path):
+    assert api_target(after_server, white_box, tmp_path).probe() == ("bias-block", 5)
+    again = api_target(after_server, white_box, tmp_path)
+    assert again.probe() == ("bias-block", 5) and again.probe_queries >= 1  # asked afresh
+    # The same cache read for a server whose exposed values differ (a defense added on
+    # restart): stale answers would be recovered as if current.
+    changed = running_server(tiny_lm_dir, "--max-top-logprobs", "5", "--defense", "topk:3")
+    with changed as url, pytest.raises(TargetError, match="answers otherwise.*--api-cache"):
+        api_target(url, white_box, tmp_path).probe()
+
+
 def test_collect_from_an_api_target(after_server, white_box, tmp_path):
     from logit2prompt.data.collect import collect
     from logit2prompt.data.corpus import Corpus, PromptRecord

@@ -225,6 +225,13 @@ def add_target_args(p: argparse.ArgumentParser, *, full: bool = True) -> None:
     api.add_argument("--api-concurrency", type=int, default=8, help="(default: %(default)s)")
     api.add_argument("--api-rate-limit", type=float, default=None, help="requests per second")
     api.add_argument(
+        "--api-cache",
+        default=None,
+        metavar="PATH",
+        help="SQLite file of the endpoint's answers, reused when a run resumes (default: one "
+        "per endpoint URL and model under the cache directory)",
+    )
+    api.add_argument(
         "--basis-from",
         default=None,
         metavar="TARGET",

@@ -50,6 +50,7 @@ def load_cli_target(args, device: str | None = None):
             top_k=args.api_top_k,
             concurrency=args.api_concurrency,
             rate_limit=args.api_rate_limit,
+            cache_path=args.api_cache,
             progress=not getattr(args, "no_progress", False),
         )
         strategy, k = target.probe()

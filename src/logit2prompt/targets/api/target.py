@@ -266,8 +266,10 @@ class OpenAITarget(Target):
         forced = self.requested_strategy if self.requested_strategy != "auto" else None
         ref, k = None, 0
         for want in (self.requested_top_k,) if self.requested_top_k else TOP_K_TRIES:
+            request = self._request(PROBE_PROMPT, None, want)
+            self.transport.check_cache_current(request)  # a cached answer still current?
             try:
-                ref = self._ask(self._request(PROBE_PROMPT, None, want))
+                ref = self._ask(request)
             except TargetError as exc:
                 if self.requested_top_k:  # asked for by name: say why it cannot be had
                     raise TargetError(f"the endpoint refused top_logprobs={want}: {exc}") from exc

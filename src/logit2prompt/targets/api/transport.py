@@ -36,6 +36,10 @@ class QueryBudgetExceeded(TargetError):
     """The recovery reached its query budget; rerun to continue from the cache."""
 
 
+class EndpointUnreachable(TargetError):
+    """The endpoint could not be reached (after the client's retries)."""
+
+
 @dataclass
 class Reply:
     """The parts of one API answer recovery needs, normalised across endpoint styles."""
@@ -247,6 +251,44 @@ class Transport:
         self.cache.put(request, reply)
         return reply
 
+    def check_cache_current(self, request: dict, tolerance: float = 1e-4) -> None:
+        """Ask `request` afresh where the cache answers it, and stop if the endpoint now
+        answers otherwise: a server restarted with another defense, cap or model behind the
+        same URL would else be read from the old answers."""
+        cached = self.cache.get(request)
+        if cached is None:
+            return
+        with self._count_lock:
+            self.sent += 1
+        self.limiter.wait()
+        stale = (
+            f"{self.base_url} now answers otherwise than when its query cache {self.cache.path} "
+            f"was written (restarted with other settings or another model?), so its cached "
+            f"answers are stale: use another cache (--api-cache PATH) or delete that file"
+        )
+        try:
+            fresh = self._call(request)
+        except EndpointUnreachable as exc:  # nothing to compare with: the cache answers
+            logger.warning("%s; answers come from the cache %s unchecked", exc, self.cache.path)
+            return
+        except TargetError as exc:  # it answered this very request before
+            raise TargetError(f"{stale}; now: {exc}") from exc
+        same = (
+            fresh.chosen == cached.chosen
+            and [k for k, _ in fresh.top] == [k for k, _ in cached.top]
+            and all(
+                abs(a - b) <= tolerance
+                for (_, a), (_, b) in zip(fresh.top, cached.top, strict=True)
+            )
+            and (fresh.chosen_logprob is None) == (cached.chosen_logprob is None)
+            and (
+                fresh.chosen_logprob is None
+                or abs(fresh.chosen_logprob - cached.chosen_logprob) <= tolerance
+            )
+        )
+        if not same:
+            raise TargetError(stale)
+
     def _call(self, request: dict) -> Reply:
         import openai
 
@@ -263,7 +305,7 @@ class Transport:
                 f"the endpoint {self.base_url} refused a query ({exc.status_code}): {exc.message}"
             ) from exc
         except openai.APIConnectionError as exc:
-            raise TargetError(f"cannot reach {self.base_url}: {exc}") from exc
+            raise EndpointUnreachable(f"cannot reach {self.base_url}: {exc}") from exc
         choice = resp.choices[0]
         if request["endpoint"] == "chat":
             content = (choice.logprobs.content or []) if choice.logprobs else []
