@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 
@@ -345,6 +346,18 @@ def test_external_predictions_are_scored_or_refused(checkpoint, tmp_path):
         evaluate(EvalConfig(**base, out=str(tmp_path / "b"), predictions=(short,)))
     with pytest.raises(Logit2PromptError, match="line 1 is for"):
         evaluate(EvalConfig(**base, out=str(tmp_path / "c"), predictions=(shuffled,)))
+    # A row's name is its file's stem: it may not replace a method's row or another file's.
+    (tmp_path / "again").mkdir()
+    twin = str(Path(good).parent / "again" / "mine.jsonl")
+    Path(twin).write_text(Path(good).read_text())
+    with pytest.raises(Logit2PromptError, match="rows named \\['mine'\\]"):
+        evaluate(EvalConfig(**base, out=str(tmp_path / "d"), predictions=(good, twin)))
+    inverter_row = write("inverter", [{"hidden": p, "recovered": p} for p in TEST])
+    with pytest.raises(Logit2PromptError, match="'inverter' is already scored"):
+        evaluate(EvalConfig(**base, out=str(tmp_path / "e"), predictions=(inverter_row,)))
+    chat = write("chat", [{"hidden": p, "recovered": {"role": "user"}} for p in TEST])
+    with pytest.raises(Logit2PromptError, match="is not a string"):
+        evaluate(EvalConfig(**base, out=str(tmp_path / "f"), predictions=(chat,)))
 
 
 class _OracleProposer:

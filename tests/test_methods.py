@@ -163,6 +163,11 @@ def test_shared_work_runs_once_and_matches_each_method_alone(
     alone, kept = confident_or_nearest(inverter, train, vectors, own, progress=False)
     assert preds[methods.FALLBACK] == alone
     assert (ctx.notes["fallback_kept"] == kept).all()
+    # A blank proposal (EOS first: cheap in NLL) is never kept: the nearest prompt answers.
+    blank, kept = confident_or_nearest(
+        inverter, train, vectors, [""] * len(own), nats=1e9, progress=False
+    )
+    assert not kept.any() and blank == nearest.nearest_neighbour(train, vectors)
     assert preds[methods.NEAREST] == nearest.nearest_neighbour(train, vectors)
 
 
@@ -185,6 +190,10 @@ def test_mbr_picks_the_candidate_the_samples_agree_with():
     assert mbr_choice(twice, twice, "f1") == "Tell me a joke."
     once = ["Tell me a joke.", "Summarise the article below."]
     assert mbr_choice(once, once, "f1") == "Tell me a joke."  # 0 vs 0: the earlier
+    # Blank samples agree perfectly with each other, but a blank is never the answer.
+    blanks = ["", "", "", "x y"]
+    assert mbr_choice(["Write a poem", *blanks], blanks, "f1") == "Write a poem"
+    assert mbr_choice(["", " "], ["", " "], "f1") == ""  # nothing else to choose
     with pytest.raises(Logit2PromptError, match="unknown MBR utility"):
         mbr_choice(samples, samples, "rouge")
     with pytest.raises(Logit2PromptError, match="2 greedy outputs but 1"):

@@ -20,6 +20,8 @@ def test_absolute_paths_become_relative_at_any_depth(tmp_path, monkeypatch):
         "rows": [
             {"checkpoint": str(work / "runs" / "ckpt"), "nested": [(elsewhere, 3)]},
             {"score": 0.5, "name": "not/a/path", "note": "/"},
+            # Text that starts with "/" (prompts and predictions) is not a path.
+            {"hidden": "/imagine prompt: a cat", "recovered": "/help", "x": "--ratio=/2"},
         ],
         str(work / "as-key"): work / "runs" / "a-pathlib-path",
     }
@@ -31,6 +33,7 @@ def test_absolute_paths_become_relative_at_any_depth(tmp_path, monkeypatch):
     assert written["data"] == "runs/quality/train"
     assert written["rows"][0] == {"checkpoint": "runs/ckpt", "nested": [["model.gguf", 3]]}
     assert written["rows"][1] == {"score": 0.5, "name": "not/a/path", "note": "/"}
+    assert written["rows"][2] == results["rows"][2]
     assert written["as-key"] == "runs/a-pathlib-path"
     # No absolute path of this machine survives anywhere in the file.
     assert str(tmp_path) not in (work / "results" / "r.json").read_text()

@@ -31,7 +31,7 @@ def load_attacks(path: str | Path | None = None) -> list[str]:
             resources.files("logit2prompt.attacks").joinpath("extraction_attacks.json").read_text()
         )
     else:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     data = json.loads(text)
     groups = data if isinstance(data, list) else [v for k, v in data.items() if k[:1] != "_"]
     flat = [s for g in groups for s in (g if isinstance(g, list) else [g])]

@@ -47,8 +47,12 @@ def mbr_choice(
         return hypotheses[0]
     u = UTILITIES[utility]
     cache: dict[tuple[str, str], float] = {}
-    best, best_score = hypotheses[0], float("-inf")
-    for hyp in dict.fromkeys(hypotheses):  # score each distinct string once
+    best_score = float("-inf")
+    # A blank is never a hidden prompt; it wins only where every hypothesis is blank (two blank
+    # samples agree perfectly with each other, so without this they could outvote the rest).
+    distinct = [h for h in dict.fromkeys(hypotheses) if h.strip()] or [hypotheses[0]]
+    best = distinct[0]
+    for hyp in distinct:  # score each distinct string once
         total, count, skipped = 0.0, 0, False
         for ref in references:
             if ref == hyp and not skipped:

@@ -229,7 +229,11 @@ def confident_or_nearest(
         near = nearest_neighbours(train, observed, 1)
     candidates = [[p] for p in proposals]
     nll, _ = candidate_likelihoods(inverter, observed, candidates, batch_size, progress)
-    kept = np.array([float(n[0]) < nats for n in nll], dtype=bool)
+    # A blank output (EOS first) is cheap in NLL but never a prompt: the neighbour answers.
+    kept = np.array(
+        [float(n[0]) < nats and bool(p.strip()) for n, p in zip(nll, proposals, strict=True)],
+        dtype=bool,
+    )
     answers = [
         p if keep else train.prompts[row[0]]
         for p, keep, row in zip(proposals, kept, near, strict=True)

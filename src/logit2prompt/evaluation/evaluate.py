@@ -213,15 +213,25 @@ def _check_baselines(cfg: EvalConfig) -> None:
         raise Logit2PromptError(f"--search-samples must be >= 0, got {cfg.search_samples}")
     if cfg.search_rounds < 0:
         raise Logit2PromptError(f"--search-rounds must be >= 0, got {cfg.search_rounds}")
+    names = [Path(p).stem for p in cfg.predictions]  # each file's row is named by its stem
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise Logit2PromptError(f"--predictions: several files would be rows named {twice}")
     from ..models.pretrained import resolve_checkpoint
 
     for other in cfg.search_with:  # a mistyped checkpoint fails before any target work
         resolve_checkpoint(other)
 
 
-def _check_needs(cfg: EvalConfig, memory: bool) -> None:
+def _check_needs(cfg: EvalConfig, memory: bool, subset: bool = False) -> None:
     """Every selected method can run: a training store, or for the methods that only need the
-    training prompts, the inverter's own neighbour memory (`memory`)."""
+    training prompts, the inverter's own neighbour memory (`memory`); refinement compares
+    whole vectors, which an inverter of a token subset (`subset`) does not read."""
+    if cfg.refine_rounds and subset:
+        raise Logit2PromptError(
+            "--refine-rounds compares whole next-token vectors; this inverter reads a token "
+            "subset (--subset-size), so refinement cannot run with it"
+        )
     available = {"inverter", "target", "references"}
     if cfg.train_data:
         available |= {"train", "store"}
@@ -323,7 +333,10 @@ def read_predictions(path: str, references: list[str]) -> list[str]:
                 f"{path} line {i + 1} is for {row['hidden']!r}, but prompt {i + 1} is {ref!r}"
             )
         pred = row[field]
-        out.append(pred[0] if isinstance(pred, list) else str(pred))
+        pred = pred[0] if isinstance(pred, list) and pred else pred
+        if not isinstance(pred, str):
+            raise Logit2PromptError(f"{path} line {i + 1}: {field!r} is not a string: {pred!r}")
+        out.append(pred)
     return out
 
 
@@ -457,7 +470,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     _check_baselines(cfg)
     inverter = Inverter.from_pretrained(cfg.checkpoint)
-    _check_needs(cfg, inverter.memory is not None)
+    _check_needs(cfg, inverter.memory is not None, inverter.token_subset is not None)
     target = target_for(inverter, batch_size=cfg.batch_size)
     corpus = load_corpus(
         resolve_corpus(cfg.prompts),
@@ -486,7 +499,12 @@ def evaluate(cfg: EvalConfig) -> dict:
     best_attack = ctx.notes.get("best_attack")
     leak = leak_filter_report(cfg, target, references, ctx.notes)
     for path in cfg.predictions:
-        preds[Path(path).stem] = read_predictions(path, references)
+        name = Path(path).stem  # the row's name: it must not replace a method or another file
+        if name in preds:
+            raise Logit2PromptError(
+                f"--predictions {path}: a row named {name!r} is already scored; rename the file"
+            )
+        preds[name] = read_predictions(path, references)
     per = score_methods(cfg, target, preds, references, vectors)
     summary = {m: {**summarize(s), "n": {"mean": len(references)}} for m, s in per.items()}
     field, groups = group_breakdown(metas, per)
@@ -514,7 +532,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     }
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
+    (out / "results.json").write_text(
+        json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8"
+    )
     with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
         for i, ref in enumerate(references):
             row = {

@@ -68,12 +68,22 @@ def relative_path(path: str, cwd: Path | None = None) -> str:
     return p.name or path
 
 
+def _is_path(s: str) -> bool:
+    """An absolute path, not text that starts with "/" (a prompt like "/imagine a cat" or
+    "/help", a fraction "/2"): no whitespace, and two separators or a file that exists."""
+    return (
+        s.startswith("/")
+        and not any(c.isspace() for c in s)
+        and (s.count("/") >= 2 or os.path.exists(s))
+    )
+
+
 def _relativize_str(s: str, cwd: Path) -> str:
-    if s.startswith("/"):
+    if _is_path(s):
         return relative_path(s, cwd)
     # A command-line option written as --flag=/abs/path.
     key, eq, value = s.partition("=")
-    if eq and value.startswith("/") and key.startswith("-"):
+    if eq and key.startswith("-") and _is_path(value):
         return f"{key}={relative_path(value, cwd)}"
     return s
 
