@@ -484,3 +484,12 @@ def test_rerank_at_its_beam_count_decodes_once(checkpoint, user_target):
     train = DistributionStore(checkpoint / "train")
     assert preds[INVERTER] == real(vectors, num_beams=DEFAULT_BEAMS)
     assert preds[RERANKED] == inverter_with_neighbours(inverter, user_target, train, vectors)
+
+
+def test_refinement_needs_an_inverter_of_whole_vectors():
+    from logit2prompt.evaluation.evaluate import EvalConfig, _check_needs
+
+    cfg = EvalConfig(checkpoint="x", prompts="p.txt", out="o", refine_rounds=1, train_data="s")
+    _check_needs(cfg, memory=False, subset=False)
+    with pytest.raises(Logit2PromptError, match="token subset"):
+        _check_needs(cfg, memory=False, subset=True)
