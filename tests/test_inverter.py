@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -18,7 +19,7 @@ from logit2prompt.data.store import DistributionStore
 from logit2prompt.errors import CheckpointError, VectorError
 from logit2prompt.models.inverter import Inverter, encode_labels, pad_labels
 from logit2prompt.targets import load_target
-from logit2prompt.training.trainer import TrainConfig, Trainer, is_trained
+from logit2prompt.training.trainer import TrainConfig, Trainer, is_trained, latest_checkpoint
 
 from .conftest import FIXTURE_PROMPTS, accelerate_launch, tiny_train_config
 
@@ -169,6 +170,27 @@ def test_beams_and_sampling_return_several(trained, tiny_store):
     assert isinstance(single, list) and len(single) == 1
 
 
+def test_schedule_counts_and_non_finite_gradients_stop_training(tiny_store, tiny_lm_dir, tmp_path):
+    from logit2prompt.training.trainer import check_schedule
+
+    for bad in ("save_every", "eval_every", "log_every", "grad_accum", "keep_checkpoints"):
+        with pytest.raises(CheckpointError, match=f"--{bad.replace('_', '-')} 0: must be"):
+            check_schedule(_cfg(tiny_store, tmp_path, tiny_lm_dir, **{bad: 0}))
+    trainer = Trainer(_cfg(tiny_store, tmp_path / "nan", tiny_lm_dir, save_every=5))
+    real = trainer.model.forward
+    calls = []
+
+    def poisoned(*args, **kwargs):  # a finite loss for 5 steps, then NaN
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) > 5 else loss
+
+    trainer.model.forward = poisoned
+    with pytest.raises(CheckpointError, match="non-finite .* step 6; nothing was updated and"):
+        trainer.run()
+    assert latest_checkpoint(tmp_path / "nan").name == "step-5"
+
+
 def test_resume_matches_uninterrupted(tiny_store, tiny_lm_dir, tmp_path):
     straight = Trainer(_cfg(tiny_store, tmp_path / "a", tiny_lm_dir, save_every=10)).run()
 
@@ -190,6 +212,21 @@ def test_resume_matches_uninterrupted(tiny_store, tiny_lm_dir, tmp_path):
     bigger = _cfg(tiny_store, tmp_path / "b", tiny_lm_dir, save_every=10, grad_accum=2)
     with pytest.raises(CheckpointError, match="global batch"):
         Trainer(bigger).run(resume=True)
+    # The same global batch split otherwise orders the data otherwise: refused too.
+    split = dict(save_every=10, grad_accum=2, per_device_batch_size=4)
+    with pytest.raises(CheckpointError, match="micro batch 8 there, 4 here"):
+        Trainer(_cfg(tiny_store, tmp_path / "b", tiny_lm_dir, **split)).run(resume=True)
+    # A save a kill interrupted (step-N.tmp, trainer state already written) is not resumed.
+    half = tmp_path / "b" / "checkpoints" / "step-15.tmp"
+    shutil.copytree(tmp_path / "b" / "checkpoints" / "step-10", half)
+    assert latest_checkpoint(tmp_path / "b").name == "step-10"
+    shutil.rmtree(half)
+    # A truncated checkpoint is a CheckpointError naming it, not a raw traceback.
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    weights = tmp_path / "c" / "checkpoints" / "step-10" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="cannot resume from .*step-10"):
+        Trainer(_cfg(tiny_store, tmp_path / "c", tiny_lm_dir, save_every=10)).run(resume=True)
     assert (tmp_path / "b" / "checkpoints" / "step-10").is_dir()
     resumed_trainer = Trainer(_cfg(tiny_store, tmp_path / "b", tiny_lm_dir, save_every=10))
     resumed = resumed_trainer.run(resume=True)
@@ -1098,3 +1135,17 @@ def test_a_corrector_reads_the_neighbour_texts_it_is_given(tiny_store, tiny_lm_d
                 **kw,
             )
         ).prepare()
+
+
+def test_train_cli_refuses_a_fresh_run_into_an_earlier_runs_checkpoints(
+    tiny_store, tmp_path, capsys
+):
+    from logit2prompt.cli.main import main
+
+    old = tmp_path / "out" / "checkpoints" / "step-2000"
+    old.mkdir(parents=True)
+    (old / "trainer_state.json").write_text(json.dumps({"step": 2000}))
+    assert main(["train", "--data", str(tiny_store), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "earlier run (latest: step-2000); --resume continues it" in err
+    assert old.is_dir()  # nothing of it was touched

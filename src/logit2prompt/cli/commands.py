@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..data.corpus import resolve_corpus
-from ..errors import CorpusError, TargetError
+from ..errors import CorpusError, Logit2PromptError, TargetError
 from .args import config_from_args
 
 if TYPE_CHECKING:  # annotations only: each command imports what it runs when it runs
@@ -234,9 +234,17 @@ def train_config(args) -> TrainConfig:
 
 
 def cmd_train(args) -> None:
-    from ..training.trainer import Trainer
+    from ..training.trainer import Trainer, latest_checkpoint
 
     cfg = train_config(args)
+    last = latest_checkpoint(cfg.out)
+    if last is not None and not args.resume:
+        # A fresh run there would prune its own first checkpoints as older than that run's,
+        # and a later --resume would load the earlier run's.
+        raise Logit2PromptError(
+            f"{cfg.out} holds checkpoints of an earlier run (latest: {last.name}); --resume "
+            f"continues it; to start over, train into another --out or delete {last.parent}"
+        )
     trainer = Trainer(cfg)
     if trainer.accelerator.is_main_process:
         c = trainer.model.config

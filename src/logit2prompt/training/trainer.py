@@ -91,8 +91,23 @@ def latest_checkpoint(out: str | Path) -> Path | None:
     root = Path(out) / CHECKPOINT_DIR
     if not root.is_dir():
         return None
-    done = [p for p in root.glob("step-*") if (p / TRAINER_STATE).is_file()]
+    done = [
+        p
+        for p in root.glob("step-*")
+        # step-N.tmp is a save a kill interrupted (it can hold trainer_state already).
+        if p.name[len("step-") :].isdigit() and (p / TRAINER_STATE).is_file()
+    ]
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def check_schedule(cfg: TrainConfig) -> None:
+    """CheckpointError for counts that must be positive (a zero would divide by zero after
+    the costly set-up, train nothing, or keep every checkpoint)."""
+    names = ("max_steps", "grad_accum", "per_device_batch_size", "eval_every", "eval_samples")
+    names += ("save_every", "keep_checkpoints", "log_every")
+    bad = [f"--{n.replace('_', '-')} {getattr(cfg, n)}" for n in names if getattr(cfg, n) < 1]
+    if bad:
+        raise CheckpointError(f"{', '.join(bad)}: must be at least 1")
 
 
 class Trainer:
@@ -104,6 +119,7 @@ class Trainer:
 
         if not cfg.per_device_batch_size:  # recorded resolved, so checkpoints say what ran
             cfg = replace(cfg, per_device_batch_size=default_batch(cfg.preset))
+        check_schedule(cfg)
         self.cfg = cfg
         if accelerator is None:
             # Accelerate keeps one mixed-precision setting per process and refuses a second
@@ -547,6 +563,7 @@ class Trainer:
                 "step": self.step,
                 "history": self.history,
                 "global_batch": self.global_micro * self.cfg.grad_accum,
+                "micro_batch": self.global_micro,  # with the global batch: the data order
                 "train_prompts": len(self.train_idx),
                 "train_seconds": self.train_seconds,
             }
@@ -572,14 +589,29 @@ class Trainer:
             load_model(acc.unwrap_model(self.model), str(path / "model.safetensors"))
             opt = torch.load(path / OPTIMIZER_STATE, map_location="cpu", weights_only=True)
             rng = torch.load(path / RNG_STATE.format(acc.process_index), weights_only=True)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"cannot resume from {path}: {exc}") from exc
-        self.optimizer.load_state_dict(opt["optimizer"])
-        self.scheduler.load_state_dict(opt["scheduler"])
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-        self.step = int(state["step"])
+            self.optimizer.load_state_dict(opt["optimizer"])
+            self.scheduler.load_state_dict(opt["scheduler"])
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+            step = int(state["step"])
+        except CheckpointError:
+            raise
+        except Exception as exc:  # a truncated safetensors, a foreign pickle, a missing key...
+            raise CheckpointError(f"cannot resume from {path}: {exc!r}") from exc
+        saved_steps = json.loads((path / "training_args.json").read_text()).get("max_steps")
+        if saved_steps not in (None, self.cfg.max_steps):
+            logger.warning(
+                "resuming with --max-steps %d where the run planned %d: the %s schedule is "
+                "rebuilt for the new length, so the learning rate jumps to where that one is "
+                "at step %d",
+                self.cfg.max_steps,
+                saved_steps,
+                self.cfg.schedule,
+                step,
+            )
+        logger.info("resuming from %s (step %d)", path, step)
+        self.step = step
         self.history = state.get("history", [])
         self.train_seconds = float(state.get("train_seconds", 0.0))
 
@@ -599,6 +631,7 @@ class Trainer:
         ]
         mine = {
             "global_batch": self.global_micro * self.cfg.grad_accum,
+            "micro_batch": self.global_micro,
             "train_prompts": len(self.train_idx),
         }
         diffs += [
@@ -681,6 +714,15 @@ class Trainer:
                 acc.backward(batch_loss * (acc.num_processes / total_tokens))
             loss_sum += batch_loss.detach()
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        # One value on every process; fp16's loss scaler skips overflowing steps itself.
+        finite = acc.mixed_precision == "fp16" or torch.isfinite(torch.as_tensor(grad_norm))
+        if not finite:
+            last = latest_checkpoint(cfg.out)
+            raise CheckpointError(
+                f"non-finite loss or gradient at step {self.step + 1}; nothing was updated "
+                + (f"and {last} is intact" if last else "(no checkpoint yet)")
+                + ": lower --lr or check the store for outliers, then --resume"
+            )
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
