@@ -249,6 +249,16 @@ def test_text_only_baseline_trains_saves_and_evaluates(checkpoint, tmp_path):
     )
     replies = [json.loads(x) for x in (text_dir / "outputs.jsonl").read_text().splitlines()]
     assert sorted(r["prompt"] for r in replies) == sorted(TRAIN)
+    # A killed run's half line is dropped and its reply asked again; the budget without
+    # --max-steps is the steps the reference took (its max_steps, or fewer under a time limit).
+    cache = text_dir / "outputs.jsonl"
+    cache.write_text(cache.read_text()[:-20])
+    assert main([*args, "--like", str(checkpoint / "inv"), "--no-progress"]) == 0
+    assert len(cache.read_text().splitlines()) == len(TRAIN)
+    done = json.loads((checkpoint / "inv" / "training_args.json").read_text())["steps_done"]
+    from logit2prompt.models.text_inverter import META_NAME
+
+    assert json.loads((text_dir / META_NAME).read_text())["training"]["steps"] == done == 30
     model = TextInverter.from_pretrained(text_dir)
     again = TextInverter.from_pretrained(text_dir)
     outputs = [r["output"] for r in replies[:3]]

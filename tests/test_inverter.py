@@ -319,6 +319,11 @@ def test_refuses_foreign_corrupted_and_mismatched(trained, tiny_store, tiny_lm_d
     (broken / "inverter_config.json").write_text("{oops")
     with pytest.raises(CheckpointError, match="corrupted"):
         Inverter.from_pretrained(broken)
+    odd = tmp_path / "odd"
+    shutil.copytree(out, odd)
+    (odd / "fingerprint.json").write_text(json.dumps({"name": "x"}))  # a foreign fingerprint
+    with pytest.raises(CheckpointError, match="fingerprint.json is corrupted or foreign"):
+        Inverter.from_pretrained(odd)
 
     model = Inverter.from_pretrained(out)
     user = load_target(str(tiny_lm_dir), mode="user")

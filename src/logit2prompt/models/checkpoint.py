@@ -247,9 +247,14 @@ def _load_slim(model, directory: Path, derived: dict) -> None:
             f"{directory}: the decoder weights of {derived['decoder_init']!r} differ from those "
             "this slim checkpoint was trained on (another version of the model?)"
         )
-    model.load_state_dict({k: v.to(state[k].dtype) for k, v in tensors.items()}, strict=False)
-    if coefficients is not None:
-        _rebuild_basis(model, coefficients)
+    try:
+        model.load_state_dict({k: v.to(state[k].dtype) for k, v in tensors.items()}, strict=False)
+        if coefficients is not None:
+            _rebuild_basis(model, coefficients)
+    except RuntimeError as exc:  # a tensor of another shape than the config builds
+        raise CheckpointError(
+            f"{directory / WEIGHTS_NAME} does not match its config: {exc}"
+        ) from exc
 
 
 def load_inverter(directory: str | Path, device: str | None = None):
@@ -277,9 +282,14 @@ def load_inverter(directory: str | Path, device: str | None = None):
             ) from exc
     fingerprint = None
     if (directory / FINGERPRINT_NAME).is_file():
-        fingerprint = TargetFingerprint.from_dict(
-            json.loads((directory / FINGERPRINT_NAME).read_text())
-        )
+        try:
+            fingerprint = TargetFingerprint.from_dict(
+                json.loads((directory / FINGERPRINT_NAME).read_text())
+            )
+        except (ValueError, TypeError, KeyError) as exc:
+            raise CheckpointError(
+                f"{directory / FINGERPRINT_NAME} is corrupted or foreign: {exc!r}"
+            ) from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as exc:

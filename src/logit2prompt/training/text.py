@@ -84,6 +84,15 @@ def train_text_inverter(
     return model.eval()
 
 
+def steps_done(training: dict) -> int:
+    """The optimizer steps a run took (a --max-minutes budget can stop it before
+    max_steps): recorded since they were, else its last validation step, else max_steps."""
+    if "steps_done" in training:
+        return int(training["steps_done"])
+    history = training.get("history") or []
+    return int(history[-1]["step"]) if history else int(training["max_steps"])
+
+
 def build_text_inverter(
     data: str,
     out: str,
@@ -99,17 +108,22 @@ def build_text_inverter(
     from ..data.corpus import text_lines
     from ..data.store import DistributionStore
     from ..models.inverter import Inverter
+    from ..models.pretrained import resolve_checkpoint
 
     store = DistributionStore(data)
     reference = Inverter.from_pretrained(like)
-    training = json.loads((Path(like) / "training_args.json").read_text())
+    training = json.loads((resolve_checkpoint(like) / "training_args.json").read_text())
     prompts = store.prompts[:limit] if limit else store.prompts
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = out_dir / "outputs.jsonl"
     done: dict[str, str] = {}
     if cache.is_file():
-        for line in text_lines(cache.read_text(encoding="utf-8")):
+        text = cache.read_text(encoding="utf-8")
+        whole = text[: text.rfind("\n") + 1]
+        if whole != text:  # a killed run left half a line: drop it before appending
+            cache.write_text(whole, encoding="utf-8")
+        for line in text_lines(whole):
             row = json.loads(line)
             done[row["prompt"]] = row["output"]
     todo = [p for p in prompts if p not in done]
@@ -129,7 +143,7 @@ def build_text_inverter(
                 bar.update(len(batch))
         bar.close()
     config = text_config(reference.config)
-    n_steps = steps or int(training["max_steps"])
+    n_steps = steps or steps_done(training)
     # The global batch of a single-process run (multi-process runs record the same per-device
     # size; pass --steps to adjust).
     batch = int(training["per_device_batch_size"]) * int(training.get("grad_accum", 1))

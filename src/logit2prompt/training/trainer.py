@@ -831,9 +831,10 @@ class Trainer:
         self.save_checkpoint()
         model = acc.unwrap_model(self.model)
         if acc.is_main_process:
-            model.save_pretrained(
-                cfg.out, training_args={**asdict(self.cfg), "history": self.history}
-            )
+            # The marker says the model beside it is whole: gone while it is rewritten.
+            (Path(cfg.out) / FINAL_MARKER).unlink(missing_ok=True)
+            args = {**asdict(self.cfg), "history": self.history, "steps_done": self.step}
+            model.save_pretrained(cfg.out, training_args=args)
             (Path(cfg.out) / FINAL_MARKER).write_text(str(self.step))
         acc.wait_for_everyone()
         acc.end_training()
