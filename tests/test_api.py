@@ -226,6 +226,19 @@ def test_completions_top_logprobs_keep_the_best_of_tokens_sharing_a_text():
     assert list(_top_entries(engine, Step(3, -4.0, step.top))) == ["\ufffd", "a", "b"]
 
 
+def test_sample_time_defenses_shape_what_the_server_samples(tiny_lm_dir):
+    # topk:2 changes the service: hot sampling never leaves the 2 best tokens, each sampled
+    # token is shown with its (renormalised) log-prob, never the floor of a hidden one.
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 1, "temperature": 2, "logprobs": 5}
+    with running_server(tiny_lm_dir, "--max-top-logprobs", "5", "--defense", "topk:2") as url:
+        shown = [
+            http("POST", url + "/completions", json_body={**body, "seed": s})[1]["choices"][0]
+            for s in range(24)
+        ]
+    assert all(c["logprobs"]["token_logprobs"][0] > -100 for c in shown)
+    assert len({c["logprobs"]["tokens"][0] for c in shown}) == 2  # both, at temperature 2
+
+
 def test_server_binds_loopback_by_default():
     from logit2prompt.cli.main import build_parser
 

@@ -25,6 +25,8 @@ import torch
 from ..errors import Logit2PromptError
 
 FLOOR = -100.0  # the log-prob reported for entries a defense hides (~e^-100: never sampled)
+# Defenses that change only what is displayed: the service still samples the clean distribution.
+DISPLAY_ONLY = ("expose", "round")
 DEFAULT_SENSITIVITY = 1.0  # nats; the per-logit change a privacy guarantee is stated for
 DEFAULT_DELTA = 1e-5
 
@@ -192,6 +194,11 @@ class DefenseChain:
         for d in self.defenses:
             logprobs = d.apply(logprobs)
         return logprobs
+
+    @property
+    def served(self) -> DefenseChain:
+        """The defenses that change what the service samples (all but the display-only)."""
+        return DefenseChain(tuple(d for d in self.defenses if d.kind not in DISPLAY_ONLY))
 
 
 class DefenseLogitsProcessor:

@@ -28,7 +28,7 @@ from ..data.store import DistributionStore
 from ..evaluation.metrics import score
 from ..models.inverter import Inverter
 from ..training.trainer import TrainConfig, Trainer
-from .chain import FLOOR, parse_defense
+from .chain import DISPLAY_ONLY, FLOOR, parse_defense
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +49,6 @@ DEFAULT_SPECS = (
     "round:0",
 )
 REPLY_TOKENS = 24  # tokens of each sampled reply compared
-# Defenses that change only what is shown, not what the service samples.
-DISPLAY_ONLY = ("expose", "round")
 
 
 @dataclass

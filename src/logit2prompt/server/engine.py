@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..defenses.chain import FLOOR
 from ..targets.hf import HFTarget
 from ..targets.vocab import token_bytes, token_text
 from .schemas import ServerConfig, ServerError
@@ -103,6 +104,7 @@ class Engine:
         if bias:
             bias_vec[torch.tensor(list(bias))] = torch.tensor(list(bias.values()))
         gen = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
+        served = self.config.chain.served
         steps: list[Step] = []
         cache = None
         logits = self._first_logits(ids) if max_tokens <= 1 else None
@@ -112,10 +114,14 @@ class Engine:
             biased = logits + bias_vec
             base = biased if self.config.logprobs_mode == "after" else logits
             exposed = self.config.chain.apply(torch.log_softmax(base, dim=-1)[None])[0]
+            sampled = biased
+            if served:  # topk, topp, noise, temperature change the service, not only the display
+                sampled = served.apply(torch.log_softmax(biased, dim=-1)[None])[0]
+                sampled = sampled.masked_fill(sampled <= FLOOR, float("-inf"))
             if temperature < MIN_TEMPERATURE:
-                token = int(biased.argmax())
+                token = int(sampled.argmax())
             else:
-                probs = torch.softmax(biased / temperature, dim=-1)
+                probs = torch.softmax(sampled / temperature, dim=-1)
                 token = int(torch.multinomial(probs, 1, generator=gen))
             top = []
             if top_logprobs:
