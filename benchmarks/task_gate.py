@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from two_turns import EXTRACTION, SEARCH, gain_table, saved_kl
+from two_turns import EXTRACTION, SEARCH, gain_table
 
 from logit2prompt.attacks.search import gate_task_guesses
 from logit2prompt.evaluation.metrics import format_ci, paired_gain, sentence_bleu, token_f1
@@ -65,8 +65,8 @@ def main() -> None:
         if picks[i] in e["candidates"]:
             j = e["candidates"].index(picks[i])
             for p, t in enumerate(turns):
-                if e["kl"][t][j] is not None:
-                    pick_kl[p, i] = saved_kl(e, t)[j]
+                if e["kl"][t][j] is not None:  # else NaN: not observed
+                    pick_kl[p, i] = e["kl"][t][j]
     # The library's gate reads the other turns only; where a turn never judged the guess
     # (the task_guess.py file judged it on every turn), NaN leaves it out as the library does.
     gated = gate_task_guesses(picks, guesses, source, guess_kl, pick_kl)

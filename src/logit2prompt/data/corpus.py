@@ -127,6 +127,18 @@ def text_lines(text: str) -> list[str]:
     return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
+def whole_lines(path: Path) -> list[str]:
+    """The complete lines of an append-only file (none if it does not exist); a last line a
+    killed run cut short is dropped from the file, so appending continues cleanly."""
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8")
+    whole = text[: text.rfind("\n") + 1]
+    if whole != text:
+        path.write_text(whole, encoding="utf-8")
+    return text_lines(whole)
+
+
 def read_rows(source: str, field_name: str = DEFAULT_FIELD) -> list[dict]:
     """Raw rows of a corpus file or `hf:NAME[:CONFIG[:SPLIT]]` dataset, each with `field_name`."""
     if source.startswith(HUB_PREFIX):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..data.corpus import normalise, text_lines
+from ..data.corpus import normalise, whole_lines
 from ..data.store import DistributionStore
 from ..errors import StoreError
 from ..evaluation.metrics import sentence_bleu, token_f1
@@ -60,15 +60,9 @@ def write_hypotheses(
     store = store if isinstance(store, DistributionStore) else DistributionStore(store)
     ensure_same_target(inverter, store)
     out = Path(out)
-    done: list[str] = []
-    if out.is_file():
-        text = out.read_text(encoding="utf-8")
-        whole = text[: text.rfind("\n") + 1]
-        if whole != text:  # a killed run left half a line: drop it before appending
-            out.write_text(whole, encoding="utf-8")
-        done = [json.loads(line)["prompt"] for line in text_lines(whole)]
-        if done != list(store.prompts[: len(done)]):
-            raise StoreError(f"{out} holds hypotheses of other prompts than {store.path}")
+    done = [json.loads(line)["prompt"] for line in whole_lines(out)]
+    if done != list(store.prompts[: len(done)]):
+        raise StoreError(f"{out} holds hypotheses of other prompts than {store.path}")
     todo = list(range(len(done), len(store)))
     if not todo:
         return out

@@ -105,7 +105,7 @@ def build_text_inverter(
     """Generate the target's replies to a store's prompts (cached in out/outputs.jsonl) and
     train a text inverter with the budget of the log-prob inverter at `like`."""
     from ..attacks.invert import target_from_fingerprint
-    from ..data.corpus import text_lines
+    from ..data.corpus import whole_lines
     from ..data.store import DistributionStore
     from ..models.inverter import Inverter
     from ..models.pretrained import resolve_checkpoint
@@ -118,14 +118,9 @@ def build_text_inverter(
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = out_dir / "outputs.jsonl"
     done: dict[str, str] = {}
-    if cache.is_file():
-        text = cache.read_text(encoding="utf-8")
-        whole = text[: text.rfind("\n") + 1]
-        if whole != text:  # a killed run left half a line: drop it before appending
-            cache.write_text(whole, encoding="utf-8")
-        for line in text_lines(whole):
-            row = json.loads(line)
-            done[row["prompt"]] = row["output"]
+    for line in whole_lines(cache):  # a killed run's half line is asked again
+        row = json.loads(line)
+        done[row["prompt"]] = row["output"]
     todo = [p for p in prompts if p not in done]
     if todo:
         target = target_from_fingerprint(store.fingerprint)

@@ -585,7 +585,7 @@ class Trainer:
         acc = self.accelerator
         try:
             state = json.loads((path / TRAINER_STATE).read_text())
-            self.ensure_same_recipe(path, state)
+            planned = self.ensure_same_recipe(path, state).get("max_steps")
             load_model(acc.unwrap_model(self.model), str(path / "model.safetensors"))
             opt = torch.load(path / OPTIMIZER_STATE, map_location="cpu", weights_only=True)
             rng = torch.load(path / RNG_STATE.format(acc.process_index), weights_only=True)
@@ -599,14 +599,13 @@ class Trainer:
             raise
         except Exception as exc:  # a truncated safetensors, a foreign pickle, a missing key...
             raise CheckpointError(f"cannot resume from {path}: {exc!r}") from exc
-        saved_steps = json.loads((path / "training_args.json").read_text()).get("max_steps")
-        if saved_steps not in (None, self.cfg.max_steps):
+        if planned not in (None, self.cfg.max_steps):
             logger.warning(
                 "resuming with --max-steps %d where the run planned %d: the %s schedule is "
                 "rebuilt for the new length, so the learning rate jumps to where that one is "
                 "at step %d",
                 self.cfg.max_steps,
-                saved_steps,
+                planned,
                 self.cfg.schedule,
                 step,
             )
@@ -615,7 +614,7 @@ class Trainer:
         self.history = state.get("history", [])
         self.train_seconds = float(state.get("train_seconds", 0.0))
 
-    def ensure_same_recipe(self, path: Path, state: dict) -> None:
+    def ensure_same_recipe(self, path: Path, state: dict) -> dict:
         """CheckpointError naming each difference if the checkpoint at `path` was written by a
         run with other settings (RECIPE_FIELDS, global batch, training prompts): resuming it
         would silently train a mixture of two recipes."""
@@ -644,6 +643,7 @@ class Trainer:
                 f"{path} was written by a run with other settings ({'; '.join(diffs)}); "
                 f"resume with the same ones, or train into another --out"
             )
+        return saved
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:

@@ -48,6 +48,16 @@ class Reply:
     chosen_logprob: float | None
     top: list[tuple[str, float]]  # (key, log-prob) of the first position's top entries
 
+    def matches(self, other: Reply, tolerance: float) -> bool:
+        """The same tokens, with log-probs within `tolerance` nats."""
+        mine = [self.chosen_logprob] + [lp for _, lp in self.top]
+        theirs = [other.chosen_logprob] + [lp for _, lp in other.top]
+        return (
+            (self.chosen, [k for k, _ in self.top]) == (other.chosen, [k for k, _ in other.top])
+            and (self.chosen_logprob is None) == (other.chosen_logprob is None)
+            and all(a is None or abs(a - b) <= tolerance for a, b in zip(mine, theirs, strict=True))
+        )
+
 
 class QueryCache:
     """Request -> normalised reply, in SQLite (safe across threads and killed processes)."""
@@ -273,20 +283,7 @@ class Transport:
             return
         except TargetError as exc:  # it answered this very request before
             raise TargetError(f"{stale}; now: {exc}") from exc
-        same = (
-            fresh.chosen == cached.chosen
-            and [k for k, _ in fresh.top] == [k for k, _ in cached.top]
-            and all(
-                abs(a - b) <= tolerance
-                for (_, a), (_, b) in zip(fresh.top, cached.top, strict=True)
-            )
-            and (fresh.chosen_logprob is None) == (cached.chosen_logprob is None)
-            and (
-                fresh.chosen_logprob is None
-                or abs(fresh.chosen_logprob - cached.chosen_logprob) <= tolerance
-            )
-        )
-        if not same:
+        if not fresh.matches(cached, tolerance):
             raise TargetError(stale)
 
     def _call(self, request: dict) -> Reply:
