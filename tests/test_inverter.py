@@ -237,6 +237,24 @@ def test_resume_matches_uninterrupted(tiny_store, tiny_lm_dir, tmp_path):
         assert torch.allclose(p, q, atol=1e-6), name
 
 
+def test_checkpoints_keep_the_fp16_loss_scale(tiny_store, tiny_lm_dir, tmp_path):
+    """fp16's loss scaler has learnt its scale by the time of a checkpoint: a resume starts
+    from it, not from 65536 again (a few skipped, overflowing steps per resume)."""
+    cfg = _cfg(tiny_store, tmp_path, tiny_lm_dir, save_every=10)
+    saver = Trainer(cfg)
+    saver.prepare(False)
+    # fp16 needs a GPU; the checkpoint code sees only the Accelerator's scaler.
+    saver.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    saver.accelerator.scaler.scale(torch.ones(1))  # the scale exists from the first step
+    saver.accelerator.scaler.update(new_scale=2.0**7)
+    path = saver.save_checkpoint()
+    loader = Trainer(cfg)
+    loader.prepare(False)
+    loader.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    loader.load_checkpoint(path)
+    assert loader.accelerator.scaler.get_scale() == 2.0**7
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "preset", ["tiny", "prefix-lm", "prefix-lm-neighbours", "prefix-lm-detached-neighbours"]
@@ -295,9 +313,23 @@ def test_accelerate_two_processes_match_one(tiny_store, tiny_lm_dir, tmp_path, p
         *common,
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for cmd in (one, two):
+    runs = [one, two]
+    if preset == "tiny":
+        # Two processes killed after step 4 and resumed end where the uninterrupted one does:
+        # the main process writes both processes' RNG states, and each reads its own back.
+        first_half = [a if a != "8" else "4" for a in two]  # --max-steps 8 -> 4
+        runs = [one, [*first_half, "--save-every", "4"], [*two, "--save-every", "4", "--resume"]]
+    for cmd in runs:
         result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
+    if preset == "tiny":
+        # The schedule rebuilt for the new length is said once, by the main process.
+        assert result.stderr.count("resuming with --max-steps 8 where the run planned 4") == 1
+        saved = tmp_path / "two" / "checkpoints" / "step-8"
+        assert {p.name for p in saved.glob("rng_state_*.pt")} == {
+            "rng_state_0.pt",
+            "rng_state_1.pt",
+        }
     a = load_file(tmp_path / "one" / "model.safetensors")
     b = load_file(tmp_path / "two" / "model.safetensors")
     for k in a:

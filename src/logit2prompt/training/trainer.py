@@ -541,24 +541,29 @@ class Trainer:
         acc = self.accelerator
         path = Path(self.cfg.out) / CHECKPOINT_DIR / f"step-{self.step}"
         tmp = path.with_name(path.name + ".tmp")
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        # Every process's RNG state goes through the main one, which writes the whole
+        # checkpoint: a process on another node needs no folder of its own to save.
+        rngs = [rng]
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            rngs = gather_object(rngs)
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             acc.unwrap_model(self.model).save_pretrained(tmp, training_args=asdict(self.cfg))
-            torch.save(
-                {
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                },
-                tmp / OPTIMIZER_STATE,
-            )
-        acc.wait_for_everyone()
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        torch.save(rng, tmp / RNG_STATE.format(acc.process_index))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
+            opt = {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+            }
+            if acc.scaler is not None:  # fp16: the loss scale it has learnt, and its growth
+                opt["scaler"] = acc.scaler.state_dict()
+            torch.save(opt, tmp / OPTIMIZER_STATE)
+            for i, process_rng in enumerate(rngs):
+                torch.save(process_rng, tmp / RNG_STATE.format(i))
             state = {
                 "step": self.step,
                 "history": self.history,
@@ -591,6 +596,8 @@ class Trainer:
             rng = torch.load(path / RNG_STATE.format(acc.process_index), weights_only=True)
             self.optimizer.load_state_dict(opt["optimizer"])
             self.scheduler.load_state_dict(opt["scheduler"])
+            if acc.scaler is not None and "scaler" in opt:
+                acc.scaler.load_state_dict(opt["scaler"])
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
@@ -599,7 +606,7 @@ class Trainer:
             raise
         except Exception as exc:  # a truncated safetensors, a foreign pickle, a missing key...
             raise CheckpointError(f"cannot resume from {path}: {exc!r}") from exc
-        if planned not in (None, self.cfg.max_steps):
+        if planned not in (None, self.cfg.max_steps) and acc.is_main_process:
             logger.warning(
                 "resuming with --max-steps %d where the run planned %d: the %s schedule is "
                 "rebuilt for the new length, so the learning rate jumps to where that one is "
