@@ -301,6 +301,33 @@ def test_exact_recovery_through_http(server, strategy, top_k, white_box, tmp_pat
     assert all(abs(float(got[0, t]) - lp) <= 1e-3 for t, lp in top.items())
 
 
+def test_exact_recovery_through_legacy_completions(after_server, tiny_lm_dir, white_box, tmp_path):
+    """Raw mode asks /completions, whose replies name tokens by their strings."""
+    raw_box = HFTarget.from_pretrained(str(tiny_lm_dir), mode="raw")
+    target = api_target(after_server, white_box, tmp_path, mode="raw", concurrency=4)
+    assert target.probe() == ("bias-block", 5)
+    # The first prompt's likeliest token is a partial UTF-8 byte, named U+FFFD like many;
+    # every top entry of the second is: each is read against a named token, then normalised.
+    assert target.reported_top(PROMPTS[1], 5) == {} != target.reported_top(PROMPTS[0], 5)
+    got = target.next_token_logprobs(PROMPTS[:2])
+    assert (got - raw_box.next_token_logprobs(PROMPTS[:2])).abs().max() <= 1e-3
+
+
+def test_a_token_spelt_like_a_reply_marker_is_read_as_a_token(white_box):
+    """Keys starting "t:" mark a reply that came back as text only; a legacy completion's
+    token "t:A" must not read as the text "A"."""
+    from copy import deepcopy
+
+    from logit2prompt.targets.api.transport import RAW, TokenKeys
+
+    tok = deepcopy(white_box.tokenizer)
+    tok.add_tokens(["t:A"])
+    marked = tok.convert_tokens_to_ids("t:A")
+    keys = TokenKeys(tok, len(tok), "raw")
+    assert keys.ids(RAW + "t:A") == [marked]
+    assert marked not in keys.ids("t:A")
+
+
 def test_gap_recovery_without_logprobs(blind_server, white_box, tmp_path):
     target = api_target(blind_server, white_box, tmp_path, bias=40.0, tolerance=0.02)
     assert target.probe()[0] == "gap"
@@ -409,6 +436,10 @@ def test_collect_cli_through_an_api(after_server, tiny_lm_dir, corpus_file, tmp_
     out = tmp_path / "api-store"
     args = ["collect", "--target", f"openai:{after_server}:{MODEL}", "--tokenizer"]
     args += [str(tiny_lm_dir), "--prompts", str(corpus_file), "--limit", "3", "--out", str(out)]
+    args += ["--api-cache", str(tmp_path / "cache.sqlite")]
+    # A query budget stops the run with the reason; the rerun resumes from the cache.
+    assert main([*args, "--no-progress", "--api-max-queries", "150"]) != 0
+    assert "query budget of 150 reached" in capsys.readouterr().err
     assert main([*args, "--no-progress"]) == 0
     assert "strategy bias-block, top-5" in capsys.readouterr().err
     store = DistributionStore(out)

@@ -225,6 +225,13 @@ def add_target_args(p: argparse.ArgumentParser, *, full: bool = True) -> None:
     api.add_argument("--api-concurrency", type=int, default=8, help="(default: %(default)s)")
     api.add_argument("--api-rate-limit", type=float, default=None, help="requests per second")
     api.add_argument(
+        "--api-max-queries",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop after sending N queries (refused ones count); a rerun resumes from the cache",
+    )
+    api.add_argument(
         "--api-cache",
         default=None,
         metavar="PATH",

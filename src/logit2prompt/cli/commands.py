@@ -51,6 +51,7 @@ def load_cli_target(args, device: str | None = None):
             concurrency=args.api_concurrency,
             rate_limit=args.api_rate_limit,
             cache_path=args.api_cache,
+            max_queries=args.api_max_queries,
             progress=not getattr(args, "no_progress", False),
         )
         strategy, k = target.probe()

@@ -61,11 +61,22 @@ class Recovery:
     def bias_block(self, prompt: str, wanted: list[int], k: int) -> tuple[torch.Tensor, int]:
         tr, ids = self.transport, self.keys.ids
         ref = tr.ask(tr.request(prompt, None, k))
-        r_ids = ids(ref.top[0][0])
-        if len(r_ids) != 1:
-            raise TargetError("the top token's name is ambiguous; cannot use it as reference")
-        r, lp_r = r_ids[0], ref.top[0][1]
+        # The reference is the likeliest token whose name is its own: a legacy completion's
+        # top token is often a partial UTF-8 byte, shown as U+FFFD like a hundred others.
+        named = [(ids(key)[0], lp) for key, lp in ref.top if len(ids(key)) == 1]
         keys = self.keys.keys
+        relative = not named
+        if named:
+            r, lp_r = named[0]
+        elif len(wanted) == self.vocab_size:
+            # Every top entry is shared (all U+FFFD): read each token against a named one
+            # whose own log-prob is unknown, then normalise over the whole vocabulary.
+            r, lp_r = next(t for t in wanted if len(ids(keys[t])) == 1), 0.0
+        else:
+            raise TargetError(
+                f"none of the {len(ref.top)} top tokens has a name of its own, so a partial "
+                "recovery has no reference log-prob; recover the whole vocabulary"
+            )
         blocks = _blocks([t for t in wanted if t != r], k - 1, keys, keys[r])
         replies = tr.ask_many(
             [tr.request(prompt, {r: self.bias, **dict.fromkeys(b, self.bias)}, k) for b in blocks],
@@ -93,6 +104,8 @@ class Recovery:
                     unresolved += 1
                 else:
                     vec[t] = lp_r + lp_t - ref_lp
+        if relative:
+            vec = vec - torch.logsumexp(vec.double(), 0).float()
         return vec, unresolved
 
     def force(self, prompt: str, wanted: list[int], k: int) -> tuple[torch.Tensor, int]:

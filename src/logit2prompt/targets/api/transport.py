@@ -28,6 +28,7 @@ from ..vocab import token_bytes, token_text
 logger = logging.getLogger(__name__)
 
 DEFAULT_USER_TURN = "Hello!"
+RAW = "r:"  # marks a legacy completion's token string in a reply key
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -72,6 +73,10 @@ class QueryCache:
 
     @staticmethod
     def key(request: dict) -> str:
+        if request.get("endpoint") == "completions":
+            # Legacy completions' replies carry RAW-marked keys since this salt: an older
+            # cache's unmarked ones are asked again rather than misread.
+            request = {**request, "_keys": RAW}
         return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
 
     def get(self, request: dict) -> Reply | None:
@@ -144,7 +149,7 @@ class TokenKeys:
 
     def __init__(self, tokenizer, vocab: int, mode: str):
         raw = token_bytes(tokenizer, vocab)
-        self.keys = [r.hex() if mode != "raw" else token_text(r) for r in raw]
+        self.keys = [r.hex() if mode != "raw" else RAW + token_text(r) for r in raw]
         self.text_keys = [token_text(r) for r in raw]
         eos = tokenizer.eos_token_id
         if eos is not None and eos < vocab:
@@ -158,7 +163,8 @@ class TokenKeys:
 
     def ids(self, key: str) -> list[int]:
         """The ids a reply key can name (several when their visible strings collide)."""
-        # "t:" only the reply text came back; "s:" a token string without bytes.
+        # "t:" only the reply text came back; "s:" a token string without bytes; "r:" a
+        # legacy completion's token string (marked too, or a token "t:x" would read as text).
         if key.startswith(("t:", "s:")):
             return self.ids_of_text.get(key[2:], [])
         return self.ids_of.get(key, [])
@@ -192,6 +198,8 @@ class Transport:
         self.base_url, self.model, self.mode = base_url.rstrip("/"), model, mode
         self.system_prompt, self.user_turn = system_prompt, user_turn
         self.progress = progress
+        if max_queries is not None and max_queries < 1:
+            raise TargetError(f"the query budget must be at least 1, got {max_queries}")
         self.max_queries = max_queries
         # The official client retries 408/409/429/5xx and connection errors with exponential
         # backoff, honouring Retry-After.
@@ -208,7 +216,7 @@ class Transport:
             slug = hashlib.sha256(self.name.encode()).hexdigest()[:16]
             cache_path = cache_dir("api") / f"{slug}.sqlite"
         self.cache = QueryCache(Path(cache_path))
-        self.sent = 0  # queries the endpoint answered, over this object's life
+        self.sent = 0  # queries sent to the endpoint over this object's life, refused ones too
         self.cache_hits = 0
         self.refused = 0  # queries the endpoint answered with an error (not cached)
         self._count_lock = threading.Lock()
@@ -250,6 +258,12 @@ class Transport:
             with self._count_lock:
                 self.cache_hits += 1
             return cached
+        reply = self._send(request)
+        self.cache.put(request, reply)
+        return reply
+
+    def _send(self, request: dict) -> Reply:
+        """Ask the endpoint itself: within the query budget, counted, rate-limited."""
         with self._count_lock:
             if self.max_queries is not None and self.sent >= self.max_queries:
                 raise QueryBudgetExceeded(
@@ -257,9 +271,7 @@ class Transport:
                 )
             self.sent += 1
         self.limiter.wait()
-        reply = self._call(request)
-        self.cache.put(request, reply)
-        return reply
+        return self._call(request)
 
     def check_cache_current(self, request: dict, tolerance: float = 1e-4) -> None:
         """Ask `request` afresh where the cache answers it, and stop if the endpoint now
@@ -268,16 +280,13 @@ class Transport:
         cached = self.cache.get(request)
         if cached is None:
             return
-        with self._count_lock:
-            self.sent += 1
-        self.limiter.wait()
         stale = (
             f"{self.base_url} now answers otherwise than when its query cache {self.cache.path} "
             f"was written (restarted with other settings or another model?), so its cached "
             f"answers are stale: use another cache (--api-cache PATH) or delete that file"
         )
         try:
-            fresh = self._call(request)
+            fresh = self._send(request)
         except EndpointUnreachable as exc:  # nothing to compare with: the cache answers
             logger.warning("%s; answers come from the cache %s unchecked", exc, self.cache.path)
             return
@@ -313,8 +322,12 @@ class Transport:
             return Reply("t:" + (choice.message.content or ""), None, [])
         lp = choice.logprobs
         if lp and lp.tokens:
-            top = list((lp.top_logprobs[0] or {}).items()) if lp.top_logprobs else []
-            return Reply(lp.tokens[0], lp.token_logprobs[0], top)
+            top = (
+                [(RAW + t, v) for t, v in (lp.top_logprobs[0] or {}).items()]
+                if lp.top_logprobs
+                else []
+            )
+            return Reply(RAW + lp.tokens[0], lp.token_logprobs[0], top)
         return Reply("t:" + (choice.text or ""), None, [])
 
     def _entry_key(self, entry) -> str:
@@ -322,7 +335,7 @@ class Transport:
         if self.mode != "raw" and raw is not None:
             return bytes(raw).hex()
         # No bytes (llama.cpp): the string, which several ids can share.
-        return entry.token if self.mode == "raw" else "s:" + entry.token
+        return (RAW if self.mode == "raw" else "s:") + entry.token
 
     def ask_many(self, requests: list[dict], desc: str) -> list[Reply]:
         """Answer requests concurrently, in order; a failure cancels the ones not started."""
