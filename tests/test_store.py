@@ -233,3 +233,17 @@ def test_shards_that_disagree_with_their_index_or_manifest(raw_target, tmp_path)
     (shards / "000001.json").write_text(json.dumps(index))
     with pytest.raises(StoreError, match="list 5 prompts, its manifest 6"):
         DistributionStore(out)
+
+
+def test_atomic_open_leaves_the_old_file_or_the_new_one(tmp_path):
+    from logit2prompt.cache import atomic_open
+
+    path = tmp_path / "results.json"
+    path.write_text("old")
+    with pytest.raises(RuntimeError), atomic_open(path) as f:
+        f.write("half of the new")
+        raise RuntimeError("killed")
+    assert path.read_text() == "old" and list(tmp_path.iterdir()) == [path]
+    with atomic_open(path) as f:
+        f.write("caf\u00e9")
+    assert path.read_bytes() == "caf\u00e9".encode() and list(tmp_path.iterdir()) == [path]

@@ -1,11 +1,16 @@
-"""The user cache directory (converted models, downloaded corpora, file hashes)."""
+"""The user cache directory (converted models, downloaded corpora, file hashes), and files
+written whole or not at all."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 CACHE_ENV = "LOGIT2PROMPT_CACHE"
 _HASH_CHUNK = 1 << 20
@@ -46,3 +51,21 @@ def sha256_file(path: str | os.PathLike) -> str:
     except OSError:
         pass  # the memo is an optimisation; a read-only cache must not break loading
     return memo[key]
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """Open `path` for writing through a temporary file beside it, synced and renamed over
+    `path` on a clean exit and removed on any error: readers, and a killed run's rerun, see the
+    old file or the new one, never a part. Text is UTF-8."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+    try:
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

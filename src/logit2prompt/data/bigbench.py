@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import tarfile
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..cache import cache_dir
+from ..cache import atomic_open, cache_dir
 from ..errors import CorpusError
 from .packages import Distribution, fetch
 
@@ -79,9 +78,7 @@ def build_bigbench_corpus(out: str | Path | None = None, force: bool = False) ->
     if not rows:
         raise CorpusError(f"no prompts extracted from {archive}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(out) as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
     return out

@@ -19,13 +19,14 @@ import json
 import logging
 import os
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..cache import cache_dir, sha256_file
+from ..cache import atomic_open, cache_dir, sha256_file
 from ..errors import CorpusError, PackageUnavailable
 from .corpus import normalise, read_rows, split_of, word_ngrams, words_of
 from .packages import fetch
@@ -74,9 +75,26 @@ def reason_to_drop(text: str) -> str | None:
     return None
 
 
+# Spelt-out numbers read as digits ("three tips" is "3 tips"), so a paraphrase that only
+# writes a number otherwise still meets its evaluation text.
+_UNITS = (
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+    "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
+    "nineteen", "twenty",
+)  # fmt: skip
+_TENS = ("thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
+NUMBER_WORDS = (
+    {w: str(i) for i, w in enumerate(_UNITS)}
+    | {w: str(10 * i) for i, w in enumerate(_TENS, 3)}
+    | {"hundred": "100", "thousand": "1000", "first": "1st", "second": "2nd", "third": "3rd"}
+)
+
+
 def _grams(text: str, n: int = NGRAM) -> set[tuple[str, ...]]:
-    """Word n-grams; a text of fewer than n words is one gram, its whole word sequence."""
-    words = words_of(text)
+    """Word n-grams of the text's compatibility form (full-width letters, ligatures read as
+    plain ones) with numbers as digits; a text of fewer than n words is one gram, its whole
+    word sequence."""
+    words = [NUMBER_WORDS.get(w, w) for w in words_of(unicodedata.normalize("NFKC", text))]
     if len(words) < n:
         return {tuple(words)} if words else set()
     return word_ngrams(words, n)
@@ -239,7 +257,8 @@ def build_mix(
         kept: dict[str, Row] = {}
         for row in candidates:
             report.read += 1
-            text = normalise(row.text)
+            # NFC: a composed and a decomposed "é" are one prompt, deduplicated as one.
+            text = unicodedata.normalize("NFC", normalise(row.text))
             reason = reason_to_drop(text)
             if reason is None and (text in seen or text in kept):
                 reason = "duplicate"
@@ -277,10 +296,6 @@ def build_mix(
     # sources, so any first N prompts (collect --limit N) are a sample of the whole mix.
     rows.sort(key=lambda r: _hash_key("order\0" + r["prompt"]))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     splits = Counter(split_of(r["prompt"]) for r in rows)
     manifest = {
         "corpus": out.name,
@@ -291,6 +306,7 @@ def build_mix(
         "splits": dict(sorted(splits.items())),
         "split_rule": "sha256(normalised text) mod 100: <2 test, ==2 validation, else train",
         "filters": {
+            "unicode_form": "NFC",
             "words": [MIN_WORDS, MAX_WORDS],
             "min_ascii_fraction": MIN_ASCII_FRACTION,
             "eval_style": EVAL_STYLE.pattern,
@@ -301,6 +317,7 @@ def build_mix(
             "field": exclude_field,
             "texts": len(index),
             "ngram": NGRAM,
+            "compare": "NFKC, lower-cased letter and digit runs, number words as digits",
             "threshold": threshold,
             "contained": [CONTAINED, CONTAINED_MIN_NGRAMS],
             "removed": sum(r.dropped.get("near_excluded", 0) for r in reports),
@@ -310,10 +327,10 @@ def build_mix(
     }
     # The corpus first, the manifest last: a build killed between the two leaves the old
     # manifest, whose request no longer matches, so the next call rebuilds.
-    os.replace(tmp, out)
-    tmp_manifest = manifest_path(out).with_suffix(f".tmp{os.getpid()}")
-    tmp_manifest.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp_manifest, manifest_path(out))
+    with atomic_open(out) as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    with atomic_open(manifest_path(out)) as f:
+        f.write(json.dumps(manifest, indent=1) + "\n")
     return out
 
 

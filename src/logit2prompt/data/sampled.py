@@ -11,13 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..cache import cache_dir
+from ..cache import atomic_open, cache_dir
 from ..errors import CorpusError
 from .sources import Row
 
@@ -99,10 +98,10 @@ def sample_target_prompts(target, n: int, config: SamplingConfig | None = None) 
     total = -(-n // config.batch_size)
     if len(batches) < total:
         # Rewrite what was read, so a torn last line is gone before appending.
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        kept = (json.dumps({"batch": i, "samples": b}) + "\n" for i, b in enumerate(batches))
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, path)
+        with atomic_open(path) as f:
+            f.writelines(
+                json.dumps({"batch": i, "samples": b}) + "\n" for i, b in enumerate(batches)
+            )
         with (
             open(path, "a", encoding="utf-8") as f,
             tqdm(

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cache import atomic_open
 from ..errors import StoreError, VectorError
 from ..targets.base import TargetFingerprint
 
@@ -45,15 +46,10 @@ READ_BATCH = 256  # vectors read at a time by whole-store passes (statistics, me
 
 def _atomic_write(path: Path, write) -> None:
     """Write via a temporary file, fsync, and rename, so readers never see a partial file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with atomic_open(path, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise StoreError(
             f"could not write {path}: {exc}. Completed shards are kept; fix the cause "
             "(disk space, permissions) and rerun the same command to resume."

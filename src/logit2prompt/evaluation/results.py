@@ -11,9 +11,10 @@ import json
 import logging
 import os
 import platform
-import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+from ..cache import atomic_open
 
 logger = logging.getLogger(__name__)
 
@@ -105,12 +106,6 @@ def relativize(obj: Any, cwd: Path | None = None) -> Any:
     return obj
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_results(path: str | Path, results: dict, *, command: list[str] | None = None) -> dict:
     """Write `results` as indented JSON to `path`, atomically; returns what was written.
 
@@ -126,16 +121,7 @@ def write_results(path: str | Path, results: dict, *, command: list[str] | None 
     out = relativize(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(out, indent=1, ensure_ascii=False) + "\n"
-    # Write beside the target, then rename: a killed run never leaves a half-written file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        # mkstemp makes the file private (0600); give it the mode a plain open() would.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        f.write(text)
     logger.info("wrote %s", path)
     return out
