@@ -335,7 +335,11 @@ def test_evaluate_random_sample_is_seeded(checkpoint, tmp_path):
     assert hidden[0] == hidden[1]
 
 
-def test_external_predictions_are_scored_or_refused(checkpoint, tmp_path):
+def _no_target_work(*args, **kwargs):
+    raise AssertionError("the target was asked for vectors")
+
+
+def test_external_predictions_are_scored_or_refused(checkpoint, tmp_path, monkeypatch):
     from logit2prompt.evaluation.evaluate import EvalConfig, evaluate
 
     prompts = tmp_path / "p.txt"
@@ -354,6 +358,11 @@ def test_external_predictions_are_scored_or_refused(checkpoint, tmp_path):
     assert results["summary"]["mine"]["exact"]["mean"] == 100.0
     with pytest.raises(Logit2PromptError, match="7 predictions but 8 prompts"):
         evaluate(EvalConfig(**base, out=str(tmp_path / "b"), predictions=(short,)))
+    # A bad file is found before the target is asked for anything.
+    with monkeypatch.context() as m:
+        m.setattr("logit2prompt.data.collect.collect_vectors", _no_target_work)
+        with pytest.raises(Logit2PromptError, match="7 predictions but 8 prompts"):
+            evaluate(EvalConfig(**base, out=str(tmp_path / "b"), predictions=(short,)))
     with pytest.raises(Logit2PromptError, match="line 1 is for"):
         evaluate(EvalConfig(**base, out=str(tmp_path / "c"), predictions=(shuffled,)))
     # A row's name is its file's stem: it may not replace a method's row or another file's.

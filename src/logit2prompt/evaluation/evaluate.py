@@ -213,10 +213,6 @@ def _check_baselines(cfg: EvalConfig) -> None:
         raise Logit2PromptError(f"--search-samples must be >= 0, got {cfg.search_samples}")
     if cfg.search_rounds < 0:
         raise Logit2PromptError(f"--search-rounds must be >= 0, got {cfg.search_rounds}")
-    names = [Path(p).stem for p in cfg.predictions]  # each file's row is named by its stem
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise Logit2PromptError(f"--predictions: several files would be rows named {twice}")
     from ..models.pretrained import resolve_checkpoint
 
     for other in cfg.search_with:  # a mistyped checkpoint fails before any target work
@@ -307,6 +303,18 @@ def method_predictions(cfg: EvalConfig, inverter, target, references, vectors) -
 
 
 PREDICTION_FIELDS = ("recovered", "prediction")
+
+
+def read_other_predictions(
+    paths: tuple[str, ...], references: list[str]
+) -> dict[str, tuple[str, list[str]]]:
+    """Each --predictions file's rows, keyed by the row name the report gives it (the file's
+    stem), with its path; two files of one stem are refused."""
+    names = [Path(p).stem for p in paths]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise Logit2PromptError(f"--predictions: several files would be rows named {twice}")
+    return {n: (p, read_predictions(p, references)) for n, p in zip(names, paths, strict=True)}
 
 
 def read_predictions(path: str, references: list[str]) -> list[str]:
@@ -487,6 +495,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         records = [records[i] for i in keep]
     references = [r.text for r in records]
     metas = [r.meta for r in records]
+    # Other methods' files are read before any target work, so a bad one costs nothing.
+    others = read_other_predictions(cfg.predictions, references)
     logger.info("%d prompts from %s; collecting vectors", len(references), cfg.prompts)
     steps = cfg.steps or inverter.config.steps
     if not 1 <= steps <= inverter.config.max_steps:
@@ -498,13 +508,12 @@ def evaluate(cfg: EvalConfig) -> dict:
     preds = methods.run_methods(selected_methods(cfg), ctx)
     best_attack = ctx.notes.get("best_attack")
     leak = leak_filter_report(cfg, target, references, ctx.notes)
-    for path in cfg.predictions:
-        name = Path(path).stem  # the row's name: it must not replace a method or another file
+    for name, (path, rows) in others.items():  # a file's row must not replace a method's
         if name in preds:
             raise Logit2PromptError(
                 f"--predictions {path}: a row named {name!r} is already scored; rename the file"
             )
-        preds[name] = read_predictions(path, references)
+        preds[name] = rows
     per = score_methods(cfg, target, preds, references, vectors)
     summary = {m: {**summarize(s), "n": {"mean": len(references)}} for m, s in per.items()}
     field, groups = group_breakdown(metas, per)
