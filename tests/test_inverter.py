@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -235,6 +236,32 @@ def test_resume_matches_uninterrupted(tiny_store, tiny_lm_dir, tmp_path):
         straight.state_dict().items(), resumed.state_dict().values(), strict=True
     ):
         assert torch.allclose(p, q, atol=1e-6), name
+
+
+def test_a_final_save_killed_midway_is_not_a_finished_run(
+    tiny_store, tiny_lm_dir, tmp_path, monkeypatch
+):
+    """The TRAINING_COMPLETE marker goes before the final model is rewritten: a run killed
+    while writing it must not pass for finished (quickstart would skip training)."""
+    cfg = _cfg(tiny_store, tmp_path, tiny_lm_dir, max_steps=2)
+    Trainer(cfg).run()
+    assert is_trained(tmp_path)
+
+    class Killed(Exception):
+        pass
+
+    real_save = Inverter.save_pretrained
+
+    def killed_while_writing_the_final_model(self, directory, **kwargs):
+        if Path(directory) != tmp_path:  # the last checkpoint, written first, is whole
+            return real_save(self, directory, **kwargs)
+        (Path(directory) / "model.safetensors").write_bytes(b"half")
+        raise Killed
+
+    monkeypatch.setattr(Inverter, "save_pretrained", killed_while_writing_the_final_model)
+    with pytest.raises(Killed):
+        Trainer(_cfg(tiny_store, tmp_path, tiny_lm_dir, max_steps=3)).run()
+    assert not is_trained(tmp_path)
 
 
 def test_checkpoints_keep_the_fp16_loss_scale(tiny_store, tiny_lm_dir, tmp_path):
@@ -959,6 +986,16 @@ def test_slim_checkpoint_rebuilds_the_decoder_and_basis(tiny_store, tiny_lm_dir,
     # Saving a full checkpoint over a slim one leaves no stale record behind.
     slim.save_pretrained(tmp_path / "half")
     assert not (tmp_path / "half" / "derived.json").exists()
+
+    # A stored tensor of another shape than the config builds: a CheckpointError naming it.
+    shutil.copytree(tmp_path / "slim", tmp_path / "reshaped")
+    reshaped = dict(slim_weights)
+    reshaped["embed.0.weight"] = reshaped["embed.0.weight"][:, :-1].contiguous()
+    save_file(reshaped, str(tmp_path / "reshaped" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(
+        CheckpointError, match="(?s)does not match its config.*size mismatch for embed.0.weight"
+    ):
+        Inverter.from_pretrained(tmp_path / "reshaped")
 
     # Another decoder at decoder_init: the hash of the rebuilt weights says so.
     weights = load_file(lm_copy / "model.safetensors")
