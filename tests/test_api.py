@@ -16,6 +16,7 @@ import schemathesis
 import torch
 from hypothesis import HealthCheck, given, settings
 
+from logit2prompt.data.store import read_manifest
 from logit2prompt.errors import TargetError
 from logit2prompt.server.app import ServerConfig, create_app
 from logit2prompt.targets import HFTarget
@@ -444,6 +445,15 @@ def test_collect_cli_through_an_api(after_server, tiny_lm_dir, corpus_file, tmp_
     assert "strategy bias-block, top-5" in capsys.readouterr().err
     store = DistributionStore(out)
     assert len(store) == 3 and store.fingerprint.dtype == "api"
+    # Under a defense: read from the same cache, recorded, with the API's query report.
+    defended = [str(tmp_path / "defended") if a == str(out) else a for a in args]
+    defended += ["--defense", "topk:5", "--no-progress"]
+    assert main(defended) == 0
+    manifest = read_manifest(tmp_path / "defended")
+    assert manifest["fingerprint"]["defense"] == "topk:5"
+    assert manifest["collection"]["cache_hits"] > 0
+    vectors = DistributionStore(tmp_path / "defended").vectors(range(3))[:, 0]
+    assert ((vectors > -100).sum(-1) == 5).all()
 
 
 def test_rate_limiter_spaces_request_starts(monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from logit2prompt.data.collect import collect
 from logit2prompt.data.corpus import Corpus, PromptRecord
 from logit2prompt.data.store import DistributionStore, read_manifest
 from logit2prompt.defenses.chain import FLOOR, DefenseError, parse_defense
-from logit2prompt.errors import StoreError
+from logit2prompt.errors import Logit2PromptError, StoreError
 from logit2prompt.targets import load_target
 from logit2prompt.targets.defended import DefendedTarget
 
@@ -100,6 +101,19 @@ def test_composition_applies_left_to_right():
     assert not parse_defense(None) and not parse_defense("none")
 
 
+def test_hidden_entries_stay_hidden_through_the_chain():
+    """A temperature or noise after topk/topp/expose must not lift the hidden entries (shown at
+    FLOOR) back into the distribution: /10 made -100 into -10, ~95 tokens back in play."""
+    x = torch.log_softmax(3 * torch.randn(4, 100), -1)
+    for spec in ("topk:5,temperature:10", "topk:5,noise:laplace:10", "expose:5,round:0"):
+        out = parse_defense(spec).apply(x)
+        hidden = out == FLOOR
+        assert hidden.sum(-1).tolist() == [95] * 4, spec
+        if not spec.startswith("expose"):  # the served part is a distribution over the five
+            kept = out.masked_fill(hidden, float("-inf")).logsumexp(-1)
+            assert torch.allclose(kept, torch.zeros(4), atol=1e-5), spec
+
+
 @pytest.mark.parametrize(
     "spec,message",
     [
@@ -175,23 +189,26 @@ def test_defend_sweep_end_to_end(tiny_lm_dir, tmp_path):
             tmp_path / "s", tmp_path / "inv", tiny_lm_dir, max_steps=40, schedule="cosine"
         )
     ).run()
-    results = run_sweep(
-        SweepConfig(
-            checkpoint=str(tmp_path / "inv"),
-            train_data=str(tmp_path / "s"),
-            test_data=str(tmp_path / "s"),
-            out=str(tmp_path / "sweep"),
-            specs=("temperature:3", "expose:3"),
-            finetune_steps=3,
-            batch_size=8,
-            reply_prompts=4,
-            mixed_precision="no",
-        ),
-        progress=False,
+    config = SweepConfig(
+        checkpoint=str(tmp_path / "inv"),
+        train_data=str(tmp_path / "s"),
+        test_data=str(tmp_path / "s"),
+        out=str(tmp_path / "sweep"),
+        specs=("temperature:3", "expose:3", "topk:3,expose:2"),
+        finetune_steps=3,
+        batch_size=8,
+        reply_prompts=4,
+        mixed_precision="no",
     )
+    results = run_sweep(config, progress=False)
     specs = [r["spec"] for r in results["rows"]]
-    assert specs == ["none", "temperature:3", "expose:3"]
-    temp, expose = results["rows"][1], results["rows"][2]
+    assert specs == ["none", "temperature:3", "expose:3", "topk:3,expose:2"]
+    temp, expose, mixed = results["rows"][1:]
+    # A mixed chain costs what its sampled part (topk:3) costs; expose only changes the display.
+    store = DistributionStore(tmp_path / "s")
+    clean = torch.from_numpy(store.vectors(range(len(store))))[:, 0]
+    sampled = utility_cost(clean, parse_defense("topk:3").apply(clean), False)
+    assert mixed["utility"]["kl"] == pytest.approx(sampled["kl"], rel=1e-4) and sampled["kl"] > 0
     assert temp["utility"]["kl"] > 0 and temp["utility"]["tv"] > 0
     # Flattening every step's distribution changes what the service samples.
     assert temp["utility"]["reply_changed"] > 0 and temp["utility"]["reply_bleu"] < 100
@@ -226,6 +243,24 @@ def test_defend_sweep_end_to_end(tiny_lm_dir, tmp_path):
     # KL of identical distributions is zero; of a flattened one, positive.
     x = torch.log_softmax(torch.randn(3, 50), -1)
     assert utility_cost(x, x, False)["kl"] == pytest.approx(0.0, abs=1e-6)
+
+    # Rerun after a kill: the finished rows are kept, nothing is fine-tuned again.
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr("logit2prompt.defenses.sweep.Trainer", None)
+        again = run_sweep(config, progress=False)
+    assert again["rows"] == results["rows"] and again["complete"]
+    # Stores already defended, or from another target, are refused before any work.
+    collect(
+        DefendedTarget(target, parse_defense("topk:5")),
+        corpus,
+        tmp_path / "defended",
+        shard_size=8,
+        progress=False,
+    )
+    with pytest.raises(Logit2PromptError, match="collected under the defense 'topk:5'"):
+        run_sweep(replace(config, test_data=str(tmp_path / "defended")), progress=False)
+    with pytest.raises(Logit2PromptError, match="'none' is not a defense"):
+        run_sweep(replace(config, specs=("topk:5", "none")), progress=False)
 
 
 def test_defended_generation_samples_the_defended_distribution(tiny_lm_dir):

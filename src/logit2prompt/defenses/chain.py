@@ -40,10 +40,10 @@ def _renormalise(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _mask_rest(logprobs: torch.Tensor, keep: torch.Tensor, renormalise: bool) -> torch.Tensor:
+    # Hidden entries stay -inf through the rest of the chain (a later temperature or noise
+    # must not lift them back into the distribution); the chain shows them at FLOOR.
     kept = logprobs.masked_fill(~keep, float("-inf"))
-    if renormalise:
-        kept = _renormalise(kept)
-    return kept.masked_fill(~keep, FLOOR)
+    return _renormalise(kept) if renormalise else kept
 
 
 @dataclass(frozen=True)
@@ -114,19 +114,20 @@ def laplace_from_uniform(uniform: torch.Tensor, scale: float) -> torch.Tensor:
 
 def _seeded_noise(x: torch.Tensor, dist: str, scale: float) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1])
-    out = torch.empty_like(rows)
+    out = torch.empty(rows.shape)  # drawn on the CPU generator, whatever the rows' device
     for i, row in enumerate(rows):
         # Seed from the row's top entries: identical inputs get identical noise.
         top = row.topk(min(8, row.shape[-1]))
         digest = hashlib.sha256(
-            top.indices.numpy().tobytes() + top.values.round(decimals=3).numpy().tobytes()
+            top.indices.cpu().numpy().tobytes()
+            + top.values.round(decimals=3).cpu().numpy().tobytes()
         ).digest()
         gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
         if dist == "gauss":
             out[i] = torch.randn(row.shape, generator=gen) * scale
         else:
             out[i] = laplace_from_uniform(torch.rand(row.shape, generator=gen), scale)
-    return out.reshape(x.shape)
+    return out.reshape(x.shape).to(x.device)
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -191,9 +192,10 @@ class DefenseChain:
         return bool(self.defenses)
 
     def apply(self, logprobs: torch.Tensor) -> torch.Tensor:
+        """The defended log-probs; entries a defense hides are shown at FLOOR."""
         for d in self.defenses:
             logprobs = d.apply(logprobs)
-        return logprobs
+        return logprobs.masked_fill(torch.isneginf(logprobs), FLOOR)
 
     @property
     def served(self) -> DefenseChain:

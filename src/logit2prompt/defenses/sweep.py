@@ -24,11 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..cache import atomic_open
 from ..data.store import DistributionStore
+from ..errors import Logit2PromptError
 from ..evaluation.metrics import score
 from ..models.inverter import Inverter
 from ..training.trainer import TrainConfig, Trainer
-from .chain import DISPLAY_ONLY, FLOOR, parse_defense
+from .chain import FLOOR, parse_defense
 
 logger = logging.getLogger(__name__)
 
@@ -130,10 +132,24 @@ def _quality(predictions: list[str], references: list[str], semantic: bool = Tru
 
 def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
     """Run every spec; write results.json, leakage_vs_utility.png and report.html to cfg.out."""
+    from ..attacks.invert import ensure_same_target
+
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     inverter = Inverter.from_pretrained(cfg.checkpoint)
     test = DistributionStore(cfg.test_data)
+    for store in (test, DistributionStore(cfg.train_data)):
+        if store.fingerprint.defense:  # the sweep applies each defense to clean vectors
+            raise Logit2PromptError(
+                f"{store.path} was collected under the defense {store.fingerprint.defense!r}; "
+                "the sweep needs clean stores"
+            )
+        ensure_same_target(inverter, store)
+    chains = [parse_defense(spec) for spec in cfg.specs]  # a bad spec fails before any work
+    if not all(chains):
+        raise Logit2PromptError("--specs: 'none' is not a defense (the clean row always runs)")
+    config = {**cfg.__dict__, "specs": list(cfg.specs)}
+    done = _finished_rows(out / "results.json", config)
     idx = list(range(min(cfg.test_limit, len(test))))
     refs = [test.prompts[i] for i in idx]
     clean = torch.from_numpy(test.vectors(idx))  # [n, steps, vocab]
@@ -144,7 +160,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
 
         target = target_from_fingerprint(test.fingerprint, batch_size=cfg.batch_size)
     unchanged = {"reply_bleu": 100.0, "reply_changed": 0.0} if target else {}
-    rows = [
+    rows = done[:1] or [
         {
             "spec": "none",
             "kind": "none",
@@ -155,15 +171,20 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
         }
     ]
     rows[0]["adaptive"] = rows[0]["naive"]
-    for spec in cfg.specs:
-        chain = parse_defense(spec)
+    for chain in chains:
+        finished = next((r for r in done[1:] if r["spec"] == chain.spec), None)
+        if finished is not None:  # a rerun of a killed sweep keeps what it had finished
+            rows.append(finished)
+            continue
         kind = chain.defenses[0].kind
         defended = chain.apply(clean)
-        display_only = all(d.kind in DISPLAY_ONLY for d in chain.defenses)
+        # What the service samples: display-only defenses (expose, round) leave it clean.
+        served = chain.served
+        display_only = not served
         row = {
             "spec": chain.spec,
             "kind": kind,
-            "utility": utility_cost(clean[:, 0], defended[:, 0], display_only),
+            "utility": utility_cost(clean[:, 0], served.apply(clean[:, 0]), display_only),
             "privacy": [d.privacy() for d in chain.defenses if d.privacy()],
             "naive": _quality(
                 inverter.invert(defended, batch_size=cfg.batch_size), refs, cfg.semantic
@@ -172,7 +193,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
         if target is not None and display_only:
             row["utility"].update(unchanged)  # the service still samples the clean distribution
         elif target is not None:
-            change, clean_replies = reply_change(target, reply_refs, chain, clean_replies)
+            change, clean_replies = reply_change(target, reply_refs, served, clean_replies)
             row["utility"].update(change)
         tune_dir = out / "adaptive" / chain.spec.replace(":", "_").replace(",", "+")
         if tune_dir.exists():
@@ -197,6 +218,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
             tuned.invert(defended, batch_size=cfg.batch_size), refs, cfg.semantic
         )
         rows.append(row)
+        _write_results(out / "results.json", config, refs, rows, complete=False)
         logger.info(
             "%-18s KL %.3f  naive BLEU %.1f  adaptive BLEU %.1f",
             chain.spec,
@@ -204,15 +226,32 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
             row["naive"]["bleu"],
             row["adaptive"]["bleu"],
         )
-    results = {
-        "config": {**cfg.__dict__, "specs": list(cfg.specs)},
-        "n_test": len(refs),
-        "rows": rows,
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    results = _write_results(out / "results.json", config, refs, rows, complete=True)
     png = plot(rows, out / "leakage_vs_utility.png")
-    (out / "report.html").write_text(report_html(results, png))
+    (out / "report.html").write_text(report_html(results, png), encoding="utf-8")
     return results
+
+
+def _write_results(path: Path, config: dict, refs: list[str], rows: list[dict], complete: bool):
+    results = {"config": config, "n_test": len(refs), "rows": rows, "complete": complete}
+    with atomic_open(path) as f:
+        f.write(json.dumps(results, indent=1))
+    return results
+
+
+def _finished_rows(path: Path, config: dict) -> list[dict]:
+    """The rows an earlier run of this very sweep wrote (clean row first), else none."""
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if earlier.get("config") != json.loads(json.dumps(config)):
+        return []  # another sweep: start over
+    rows = earlier.get("rows") or []
+    if rows and rows[0].get("spec") == "none":
+        logger.info("%s: reusing %d finished rows of this sweep", path, len(rows) - 1)
+        return rows
+    return []
 
 
 def plot(rows: list[dict], path: Path) -> bytes:

@@ -33,10 +33,20 @@ class DefendedTarget(Target):
     def max_steps(self) -> int | None:
         return self.inner.max_steps
 
-    def encode(self, prompts: Sequence[str]) -> list[list[int]]:
-        return self.inner.encode(prompts)
+    def __getattr__(self, name: str):
+        # Only what the wrapped target has: token ids and an API's query report pass through,
+        # and vectors read from ids are defended too. An API target has no ids, so collection
+        # must see no `encode` here either.
+        inner = self.__dict__.get("inner")
+        if inner is None or name not in ("encode", "forward_ids", "collection_report"):
+            raise AttributeError(name)
+        value = getattr(inner, name)
+        if name != "forward_ids":
+            return value
 
-    def forward_ids(self, batch: list[list[int]], steps: int = 1) -> torch.Tensor:
-        # Greedy steps follow the undefended model: the defense changes what is shown, not
-        # what the model generates (as in a provider's logprobs field).
-        return self.chain.apply(self.inner.forward_ids(batch, steps))
+        def forward_ids(batch: list[list[int]], steps: int = 1) -> torch.Tensor:
+            # Greedy steps follow the undefended model: the defense changes what is shown,
+            # not what the model generates (as in a provider's logprobs field).
+            return self.chain.apply(value(batch, steps))
+
+        return forward_ids
