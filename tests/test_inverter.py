@@ -406,6 +406,22 @@ def test_refuses_bad_vectors(trained):
     bad[1, 3] = np.inf
     with pytest.raises(VectorError, match="NaN or inf"):
         model.invert(bad)
+    bad[1, 3] = 1e39  # finite in float64, inf as the float32 the inverter reads
+    with pytest.raises(VectorError, match="vector 1 contains NaN or inf"):
+        model.invert(bad.astype(np.float64))
+    with pytest.raises(VectorError, match="empty batch"):
+        model.invert(np.zeros((0, vocab), dtype=np.float32))
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        model.invert(np.zeros((1, vocab), dtype=np.float32), batch_size=0)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    model.train()  # a decode that fails leaves the model in the mode it found
+    model.generate_ids = out_of_memory
+    with pytest.raises(RuntimeError, match="out of memory"):
+        model.invert(np.zeros((1, vocab), dtype=np.float32))
+    assert model.training
 
 
 def test_multi_step_inverter_trains(raw_target, tiny_lm_dir, tmp_path):
@@ -418,10 +434,12 @@ def test_multi_step_inverter_trains(raw_target, tiny_lm_dir, tmp_path):
         model.invert(x[:, 0])
 
 
-def test_pretrained_t5_init_round_trips(tiny_store, tiny_lm_dir, tmp_path):
+@pytest.mark.parametrize("tied", [True, False])
+def test_pretrained_t5_init_round_trips(tiny_store, tiny_lm_dir, tmp_path, tied):
     from transformers import T5Config, T5ForConditionalGeneration
 
-    # A stand-in for t5-small/t5-base: different sizes and feed-forward than the preset, tied.
+    # A stand-in for t5-small/t5-base (tied: decoder outputs scaled by d_model**-0.5) or for
+    # t5-v1.1/flan-t5 (untied in their configs: not scaled), with other sizes than the preset.
     pre = T5Config(
         vocab_size=100,
         d_model=24,
@@ -431,7 +449,7 @@ def test_pretrained_t5_init_round_trips(tiny_store, tiny_lm_dir, tmp_path):
         num_layers=1,
         num_decoder_layers=1,
         feed_forward_proj="relu",
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
     )
     torch.manual_seed(3)
     T5ForConditionalGeneration(pre).save_pretrained(tmp_path / "t5")
@@ -980,6 +998,10 @@ def test_slim_checkpoint_rebuilds_the_decoder_and_basis(tiny_store, tiny_lm_dir,
     model.save_pretrained(tmp_path / "half", slim=True, dtype="float16")
     assert load_file(tmp_path / "half" / "model.safetensors")["embed.0.weight"].dtype == (
         torch.float16
+    )
+    # Weights take the smaller dtype; the buffers that standardise every input do not.
+    assert load_file(tmp_path / "half" / "model.safetensors")["feature_mean"].dtype == (
+        torch.float32
     )
     half = Inverter.from_pretrained(tmp_path / "half")
     assert torch.allclose(half.embed[0].weight, model.embed[0].weight, atol=1e-3)

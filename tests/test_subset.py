@@ -190,3 +190,21 @@ def test_inverter_trained_on_a_subset_reads_vectors_and_observations(target, tmp
     # Trained on the subset store itself: the same tokens, no flag needed.
     again = Trainer(tiny_train_config(subset_dir, tmp_path / "z", tok, max_steps=2)).run()
     assert again.token_subset == subset
+    # A LoRA prefix-lm on the subset has a slim form: its basis (52 rows, not the decoder's
+    # vocabulary) is stored, not rebuilt from the output layer (lstsq raised on the rows).
+    plm = Trainer(
+        tiny_train_config(
+            subset_dir,
+            tmp_path / "plm",
+            tok,
+            max_steps=2,
+            preset="prefix-lm",
+            output_tokenizer=None,
+            lora_rank=4,
+            overrides={"max_length": 24, "prefix_length": 4, "embed_hidden": 64},
+        )
+    ).run()
+    plm.save_pretrained(tmp_path / "plm-slim", slim=True, dtype="bfloat16")
+    slim = Inverter.from_pretrained(tmp_path / "plm-slim")
+    assert torch.equal(slim.basis, plm.basis)  # buffers keep float32 under a bf16 export
+    assert slim.invert(obs) == plm.invert(obs)

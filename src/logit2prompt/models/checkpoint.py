@@ -145,14 +145,20 @@ def slim_state(model, dtype: str = "float32") -> tuple[dict, dict]:
         "dtype": dtype,
     }
     head = model.lm.get_output_embeddings().weight
-    coefficients, error = _basis_coefficients(head, model.basis)
+    # The basis is rebuilt from the output layer only where it spans the same tokens (not
+    # for a token subset, nor a decoder of another vocabulary than the target's).
+    same_rows = head.shape[0] == model.basis.shape[0]
+    coefficients, error = _basis_coefficients(head, model.basis) if same_rows else (None, 1.0)
     if error <= BASIS_TOLERANCE:
         del kept["basis"]
         kept[BASIS_COEFFICIENTS] = coefficients.float()
         derived["basis"] = {"from": "decoder output layer and a constant", "error": error}
     target = getattr(torch, dtype)
+    # Only weights take the smaller dtype: the buffers (feature mean/std, prefix norm, basis)
+    # standardise every input, and bf16's 3 digits would shift them all.
+    buffers = {name for name, _ in model.named_buffers()} | {BASIS_COEFFICIENTS}
     tensors = {
-        k: (v.to(target) if v.is_floating_point() and k != BASIS_COEFFICIENTS else v).contiguous()
+        k: (v.to(target) if v.is_floating_point() and k not in buffers else v).contiguous()
         for k, v in kept.items()
     }
     return tensors, derived

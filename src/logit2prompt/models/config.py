@@ -118,6 +118,8 @@ class T5InverterConfig(InverterConfig):
     num_layers: int = 4
     num_decoder_layers: int = 4
     feed_forward_proj: str = "gated-gelu"
+    # T5's name for "scale decoder outputs by d_model**-0.5" (t5 yes, t5-v1.1/flan no);
+    # transformers 5 ties the output layer to the embeddings either way.
     tie_word_embeddings: bool = False
     t5_init: str | None = None  # hub id or directory of a pretrained T5 to start from
     # Pointer-generator output: each token is either generated or copied from a neighbour.

@@ -54,7 +54,10 @@ def check_vectors(x: torch.Tensor, shape: tuple[int, ...], described: str) -> to
             f"log-prob vectors of shape {tuple(x.shape)} do not fit this inverter, which reads "
             f"[batch, {', '.join(map(str, shape))}] from {described}"
         )
-    bad = ~torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
+    if not len(x):
+        raise VectorError("no vectors to invert (an empty batch)")
+    flat = x.reshape(len(x), -1).float()  # float64 beyond float32's range becomes inf: caught
+    bad = ~torch.isfinite(flat).all(dim=1)
     if bad.any():
         raise VectorError(f"vector {int(bad.nonzero()[0])} contains NaN or inf; nothing inverted")
-    return x.reshape(len(x), -1).float()
+    return flat

@@ -281,6 +281,8 @@ class Inverter(nn.Module):
             raise CheckpointError(
                 "this inverter has no output tokenizer; load it from a checkpoint"
             )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.ensure_fingerprint(fingerprint)
         x = self.as_batch(logprobs, steps)
         given = None
@@ -303,12 +305,14 @@ class Inverter(nn.Module):
             # repeated n-grams is the usual seq2seq remedy.
             kwargs["no_repeat_ngram_size"] = no_repeat_ngram_size
         texts: list[str] = []
-        for start in range(0, len(x), batch_size):
-            with self._bf16_autocast() if bf16 else nullcontext():
-                near = None if given is None else given[start : start + batch_size]
-                ids = self.generate_ids(x[start : start + batch_size], near, **kwargs)
-            texts.extend(self.tokenizer.batch_decode(ids, skip_special_tokens=True))
-        self.train(was_training)
+        try:
+            for start in range(0, len(x), batch_size):
+                with self._bf16_autocast() if bf16 else nullcontext():
+                    near = None if given is None else given[start : start + batch_size]
+                    ids = self.generate_ids(x[start : start + batch_size], near, **kwargs)
+                texts.extend(self.tokenizer.batch_decode(ids, skip_special_tokens=True))
+        finally:  # a failed decode leaves a model in training mode as it found it
+            self.train(was_training)
         texts = [t.strip() for t in texts]
         if num_return_sequences == 1 and not grouped:
             return texts

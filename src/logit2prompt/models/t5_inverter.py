@@ -42,9 +42,10 @@ def new_t5(config: T5InverterConfig, vocab_size: int, pad: int, eos: int, start:
         )
     )
     if not config.tie_word_embeddings:
-        # HF initialises an untied T5 head with std 1.0, so logits start with std
-        # ~sqrt(d_model) and the loss near 50; std d_model**-0.5 starts it near ln(V)
-        # and saves the first few hundred steps of a from-scratch run.
+        # Unscaled decoder outputs through an output layer of std 1.0 start the logits with
+        # std ~sqrt(d_model) and the loss near 50; std d_model**-0.5 starts it near ln(V)
+        # and saves the first few hundred steps of a from-scratch run. (The layer is the
+        # tied input embedding in transformers 5.)
         nn.init.normal_(t5.lm_head.weight, std=config.d_model**-0.5)
     return t5
 
@@ -155,7 +156,11 @@ class T5Inverter(Inverter):
             config.num_heads, config.num_layers = pre.num_heads, pre.num_layers
             config.num_decoder_layers = pre.num_decoder_layers
             config.feed_forward_proj = pre.feed_forward_proj
-            config.tie_word_embeddings = bool(pre.tie_word_embeddings)
+            # transformers 5 reads a config's tie_word_embeddings as "scale the decoder
+            # output" (False in t5-v1.1/flan-t5) and always ties: record what it means.
+            config.tie_word_embeddings = bool(
+                getattr(pre, "scale_decoder_outputs", pre.tie_word_embeddings)
+            )
             config.dropout = pre.dropout_rate
             for key in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
                 setattr(pre, key, getattr(config, key))
