@@ -456,6 +456,15 @@ def test_collect_cli_through_an_api(after_server, tiny_lm_dir, corpus_file, tmp_
     assert ((vectors > -100).sum(-1) == 5).all()
 
 
+def test_api_target_refuses_settings_its_mode_ignores(white_box, tmp_path):
+    with pytest.raises(TargetError, match="--user-turn is the attacker's.*in user mode"):
+        api_target("http://127.0.0.1:9/v1", white_box, tmp_path, user_turn="Hi")
+    with pytest.raises(TargetError, match="--system-prompt is user mode's.*in guarded mode"):
+        api_target("http://127.0.0.1:9/v1", white_box, tmp_path, mode="guarded", system_prompt="x")
+    with pytest.raises(TargetError, match="must not be empty"):
+        api_target("http://127.0.0.1:9/v1", white_box, tmp_path, mode="system", user_turn=" ")
+
+
 def test_rate_limiter_spaces_request_starts(monkeypatch):
     from logit2prompt.targets.api import transport
 

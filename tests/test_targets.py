@@ -61,6 +61,13 @@ def test_modes_render_differently_and_fingerprints_differ(tiny_lm_dir):
     custom = load_target(str(tiny_lm_dir), mode="user", system_prompt="Be brief.")
     assert "Be brief." in custom.render("X") and "You are tiny." not in custom.render("X")
     assert custom.fingerprint.template != user.fingerprint.template
+    # A setting the mode would ignore, unrecorded, is refused before anything loads.
+    for mode in ("raw", "system", "guarded"):
+        with pytest.raises(TargetError, match=f"--system-prompt is user mode's.*in {mode} mode"):
+            load_target("no/such/model", mode=mode, system_prompt="Be brief.")
+    for mode in ("raw", "user"):
+        with pytest.raises(TargetError, match=f"--user-turn is the attacker's.*in {mode} mode"):
+            load_target("no/such/model", mode=mode, user_turn="Hi")
 
 
 def test_fingerprint_tracks_weights_and_dtype(tiny_lm_dir, tmp_path):

@@ -45,7 +45,7 @@ def load_cli_target(args, device: str | None = None):
             api_key=os.environ.get(args.api_key_env),
             mode=args.mode,
             system_prompt=args.system_prompt,
-            **({"user_turn": args.user_turn} if getattr(args, "user_turn", None) else {}),
+            user_turn=getattr(args, "user_turn", None),
             strategy=args.api_strategy,
             top_k=args.api_top_k,
             concurrency=args.api_concurrency,

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import TargetError
-from .base import PROMPT_MODES, Target, TargetFingerprint
+from .base import PROMPT_MODES, Target, TargetFingerprint, check_prompt_options
 from .embedded import DEFAULT_TARGET
 from .hf import HFTarget
 
@@ -20,10 +19,9 @@ def load_target(
 ) -> Target:
     """Load a target by built-in name, local directory, GGUF file, or Hugging Face Hub id
     (`user_turn`: the attacker's innocuous turn in the system modes; default "Hello!")."""
+    check_prompt_options(mode, system_prompt, user_turn)
     kwargs = {"mode": mode, "system_prompt": system_prompt}
     if user_turn is not None:
-        if not user_turn.strip():
-            raise TargetError("the user turn must not be empty")
         kwargs["user_turn"] = user_turn
     if batch_size is not None:
         kwargs["batch_size"] = batch_size

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ...errors import TargetError
-from ..base import PROMPT_MODES, Target, TargetFingerprint
+from ..base import Target, TargetFingerprint, check_prompt_options
 from ..subset import RESIDUAL_TOLERANCE
 from .strategies import (
     DEFAULT_BIAS,
@@ -103,7 +103,7 @@ class OpenAITarget(Target):
         api_key: str | None = None,
         mode: str = "user",
         system_prompt: str | None = None,
-        user_turn: str = DEFAULT_USER_TURN,
+        user_turn: str | None = None,
         strategy: str = "auto",
         top_k: int | None = None,
         bias: float = DEFAULT_BIAS,
@@ -119,8 +119,8 @@ class OpenAITarget(Target):
     ):
         if strategy not in ("auto", *STRATEGIES):
             raise TargetError(f"unknown strategy {strategy!r}; choose auto or {STRATEGIES}")
-        if mode not in PROMPT_MODES:
-            raise TargetError(f"unknown prompt mode {mode!r}")
+        check_prompt_options(mode, system_prompt, user_turn)
+        user_turn = DEFAULT_USER_TURN if user_turn is None else user_turn
         self.tokenizer = (
             load_tokenizer(model, None)
             if tokenizer is None
