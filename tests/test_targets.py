@@ -120,3 +120,28 @@ def test_embedded_default_loads_and_answers():
     assert torch.allclose(lp.exp().sum(-1), torch.ones(2), atol=1e-3)
     # The cached conversion is reused: a second load gives the same identity.
     assert load_target().fingerprint.id == fp.id
+
+
+def test_api_vectors_are_read_only_under_the_same_chat_setting():
+    """An API fingerprint names its chat setting, not the rendered chat: an inverter trained
+    locally reads its vectors only if its own template holds the same user turn (system
+    modes) or system prompt (user mode)."""
+    from dataclasses import replace
+
+    from logit2prompt.targets import TargetFingerprint
+
+    chat = "<|im_start|>system\n{prompt}<|im_end|>\n<|im_start|>user\n%s<|im_end|>\n"
+    local = TargetFingerprint("tiny", "w", "t", 384, "guarded", chat % "Hello!", "float32")
+    api = TargetFingerprint("openai:x", "api:m", "t", 384, "guarded", "api-chat:guarded", "api")
+    asked_otherwise = replace(api, template="api-chat:guarded:Hi there")
+    assert local.reading_differences(api) == [] == api.reading_differences(local)
+    assert local.reading_differences(asked_otherwise) == [
+        "user turn: 'Hi there' is not in the local template"
+    ]
+    assert replace(local, template=chat % "Hi there").reading_differences(asked_otherwise) == []
+    user = replace(local, mode="user", template="<|im_start|>user\n{prompt}<|im_end|>\n")
+    brief = replace(api, mode="user", template="api-chat:user:Be brief.")
+    assert user.reading_differences(brief) == [
+        "system prompt: 'Be brief.' is not in the local template"
+    ]
+    assert user.reading_differences(replace(brief, template="api-chat:user")) == []

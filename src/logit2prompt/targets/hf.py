@@ -13,14 +13,13 @@ import torch
 
 from ..cache import sha256_file
 from ..errors import TargetError
-from .base import PROMPT_MODES, Target, TargetFingerprint, system_message
+from .base import DEFAULT_USER_TURN, PROMPT_MODES, Target, TargetFingerprint, system_message
 from .basis import OutputBasis
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # The fixed user turn of the system threat models ("system", "guarded"): the hidden prompt is
 # the system message and the attacker only sees the reply to an innocuous question.
-DEFAULT_USER_TURN = "Hello!"
 DEFAULT_BATCH_SIZE = 32
 # A shared prefix shorter than this is not worth a separate forward pass and cache copy.
 MIN_SHARED_PREFIX = 4

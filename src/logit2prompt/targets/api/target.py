@@ -17,7 +17,13 @@ from pathlib import Path
 import torch
 
 from ...errors import TargetError
-from ..base import Target, TargetFingerprint, check_prompt_options
+from ..base import (
+    DEFAULT_USER_TURN,
+    SYSTEM_MODES,
+    Target,
+    TargetFingerprint,
+    check_prompt_options,
+)
 from ..subset import RESIDUAL_TOLERANCE
 from .strategies import (
     DEFAULT_BIAS,
@@ -28,7 +34,6 @@ from .strategies import (
     query_cost,
 )
 from .transport import (
-    DEFAULT_USER_TURN,
     QueryBudgetExceeded,
     QueryCache,
     RateLimiter,
@@ -159,8 +164,11 @@ class OpenAITarget(Target):
             tokenizer_sha256=hash_tokenizer(self.tokenizer),
             vocab_size=vocab,
             mode=mode,
+            # The setting that shapes the chat: user mode's system prompt, or the system
+            # modes' user turn where not the default (older stores name none).
             template=f"api-{'completions' if mode == 'raw' else 'chat'}:{mode}"
-            + (f":{system_prompt}" if system_prompt else ""),
+            + (f":{system_prompt}" if system_prompt else "")
+            + (f":{user_turn}" if mode in SYSTEM_MODES and user_turn != DEFAULT_USER_TURN else ""),
             dtype="api",
         )
         self.keys = TokenKeys(self.tokenizer, vocab, mode)

@@ -22,12 +22,11 @@ from typing import TypeVar
 
 from ...cache import cache_dir
 from ...errors import TargetError
-from ..base import SYSTEM_MODES, system_message
+from ..base import DEFAULT_USER_TURN, SYSTEM_MODES, system_message
 from ..vocab import token_bytes, token_text
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_USER_TURN = "Hello!"
 RAW = "r:"  # marks a legacy completion's token string in a reply key
 T = TypeVar("T")
 R = TypeVar("R")
