@@ -80,6 +80,14 @@ def test_fingerprint_tracks_weights_and_dtype(tiny_lm_dir, tmp_path):
     assert bf16.fingerprint.dtype == "bfloat16" and bf16.fingerprint.id != a.fingerprint.id
     out = bf16.next_token_logprobs(["hello"])
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    # The output-layer check runs the model in fp32 once; after it, every tensor has its own
+    # dtype again (RoPE's fp32 inv_freq came back bf16, moving later vectors).
+    dtypes = {n: t.dtype for n, t in [*bf16.model.named_parameters(), *bf16.model.named_buffers()]}
+    assert bf16.output_basis() is not None
+    assert {
+        n: t.dtype for n, t in [*bf16.model.named_parameters(), *bf16.model.named_buffers()]
+    } == dtypes
+    assert torch.float32 in dtypes.values() and torch.bfloat16 in dtypes.values()
 
 
 def test_unknown_target_and_bad_arguments(tiny_lm_dir, tmp_path):

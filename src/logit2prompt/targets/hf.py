@@ -440,6 +440,14 @@ class HFTarget(Target):
         basis = OutputBasis(weight.detach().float(), bias)
         probe = self.tokenizer("The quick brown fox", add_special_tokens=True)["input_ids"]
         ids = torch.tensor([probe or [self.pad_id]], device=self.device)
+        # Each tensor goes back to its own dtype afterwards: a blanket .to(bf16) would also
+        # turn the fp32 buffers a bf16 model keeps (RoPE's inv_freq) into bf16, moving every
+        # later vector (positions x inv_freq lose ~0.4%).
+        dtypes = {
+            name: t.dtype
+            for named in (self.model.named_parameters, self.model.named_buffers)
+            for name, t in named(remove_duplicate=False)
+        }
         with torch.inference_mode():
             model_fp32 = self.model.float() if self.dtype != "float32" else self.model
             try:
@@ -447,7 +455,7 @@ class HFTarget(Target):
                 state32 = model_fp32.base_model(input_ids=ids).last_hidden_state[:, -1].float()
             finally:
                 if self.dtype != "float32":
-                    self.model.to(DTYPES[self.dtype])
+                    _restore_dtypes(self.model, dtypes)
         error = float((basis.logprobs(state32) - reference).abs().max())
         if not torch.isfinite(state32).all() or error > HEAD_CHECK_TOL:
             return None
@@ -480,3 +488,15 @@ class HFTarget(Target):
         cache = copy.deepcopy(self._prefix_memo[1])
         cache.batch_repeat_interleave(batch_size)
         return cache
+
+
+def _restore_dtypes(model: torch.nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    """Put every parameter and buffer of `model` back to the dtype `dtypes` names for it."""
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{module_name}." if module_name else ""
+        for key, param in module._parameters.items():
+            if param is not None:
+                param.data = param.data.to(dtypes[prefix + key])
+        for key, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[key] = buf.to(dtypes[prefix + key])
