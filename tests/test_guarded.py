@@ -196,6 +196,19 @@ def test_the_attackers_user_turn_is_recorded_and_reproduced(tiny_lm_dir):
     assert rebuilt.user_turn == PROBE and rebuilt.fingerprint == probe.fingerprint
     with pytest.raises(TargetError, match="user turn must not be empty"):
         load_target(str(tiny_lm_dir), mode="guarded", user_turn=" ")
+    # User mode's system prompt is rebuilt the same way (it was refused as another template).
+    brief = load_target(str(tiny_lm_dir), mode="user", system_prompt="Be brief.")
+    rebuilt = target_from_fingerprint(brief.fingerprint)
+    assert rebuilt.system_prompt == "Be brief." and rebuilt.fingerprint == brief.fingerprint
+    plain = load_target(str(tiny_lm_dir), mode="user")
+    assert target_from_fingerprint(plain.fingerprint).fingerprint == plain.fingerprint
+    # A defense is not rebuilt from text: said, with what to do instead.
+    from dataclasses import replace
+
+    from logit2prompt.errors import VectorError
+
+    with pytest.raises(VectorError, match="collect --defense 'topk:5'"):
+        target_from_fingerprint(replace(plain.fingerprint, defense="topk:5"))
 
 
 def test_a_refused_observation_is_one_the_attacker_never_reads(tiny_lm_dir):

@@ -52,13 +52,22 @@ def target_from_fingerprint(
     """Load the target a fingerprint names, refusing it if it no longer matches."""
     from ..targets import load_target
 
+    if fp.defense:
+        raise VectorError(
+            f"the vectors were read under the defense {fp.defense!r}, which is not rebuilt "
+            f"from text here: collect them with `collect --defense {fp.defense!r}` and invert "
+            "the store"
+        )
     target = load_target(
         fp.name, mode=fp.mode, dtype=fp.dtype, device=device, batch_size=batch_size
     )
-    # The attacker's user turn (system modes) is part of the template: reproduce it.
-    turn = user_turn_of(fp.template, target)
-    if turn is not None and turn != target.user_turn:
-        target.set_user_turn(turn)
+    # The attacker's user turn (system modes) or user mode's system prompt is part of the
+    # template: reproduce it.
+    if fp.template != target.fingerprint.template:
+        if (turn := user_turn_of(fp.template, target)) is not None:
+            target.set_user_turn(turn)
+        elif (system := system_prompt_of(fp.template, target)) is not None:
+            target.set_system_prompt(system)
     diffs = fp.differences(target.fingerprint)
     if diffs:
         raise VectorError(
@@ -72,16 +81,32 @@ def user_turn_of(template: str, target) -> str | None:
     chat template (None: not a system mode, or the template has another shape)."""
     from ..targets.base import SYSTEM_MODES
 
-    if getattr(target, "mode", None) not in SYSTEM_MODES or not hasattr(target, "render"):
+    if getattr(target, "mode", None) not in SYSTEM_MODES:
         return None
-    marker = "\x00USER\x00"
-    saved = target.user_turn
+    return _setting_in(template, target, "user_turn")
+
+
+def system_prompt_of(template: str, target) -> str | None:
+    """The system prompt a user-mode template was rendered with (None: not user mode, or
+    the template has another shape)."""
+    if getattr(target, "mode", None) != "user":
+        return None
+    return _setting_in(template, target, "system_prompt")
+
+
+def _setting_in(template: str, target, attribute: str) -> str | None:
+    """The value of `target.<attribute>` that renders `template`, found by rendering a marker
+    in its place with `target`'s own chat template."""
+    if not hasattr(target, "render"):
+        return None
+    marker = "\x00SETTING\x00"
+    saved = getattr(target, attribute)
     try:
-        target.user_turn = marker
-        head, _, tail = target.render("{prompt}").partition(marker)
+        setattr(target, attribute, marker)
+        head, found, tail = target.render("{prompt}").partition(marker)
     finally:
-        target.user_turn = saved
-    if not template.startswith(head) or not template.endswith(tail):
+        setattr(target, attribute, saved)
+    if not found or not template.startswith(head) or not template.endswith(tail):
         return None
     return template[len(head) : len(template) - len(tail)] or None
 

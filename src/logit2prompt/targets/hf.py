@@ -13,7 +13,13 @@ import torch
 
 from ..cache import sha256_file
 from ..errors import TargetError
-from .base import DEFAULT_USER_TURN, PROMPT_MODES, Target, TargetFingerprint, system_message
+from .base import (
+    DEFAULT_USER_TURN,
+    PROMPT_MODES,
+    Target,
+    TargetFingerprint,
+    system_message,
+)
 from .basis import OutputBasis
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -191,6 +197,11 @@ class HFTarget(Target):
     def set_user_turn(self, user_turn: str) -> None:
         """Ask another innocuous turn (system modes): a new template, so a new fingerprint."""
         self.user_turn = user_turn
+        self.fingerprint = replace(self.fingerprint, template=self.render("{prompt}"))
+
+    def set_system_prompt(self, system_prompt: str) -> None:
+        """Another system message (user mode): a new template, so a new fingerprint."""
+        self.system_prompt = system_prompt
         self.fingerprint = replace(self.fingerprint, template=self.render("{prompt}"))
 
     def render(self, prompt: str) -> str:
