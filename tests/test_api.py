@@ -758,3 +758,10 @@ def test_collect_cli_rebuilds_full_vectors_from_a_subset(
     assert rebuilt["reconstructed"] == 3 and rebuilt["fallbacks"] == 0
     expected = white_box.next_token_logprobs(store.prompts).numpy()
     assert abs(store.vectors(range(3))[:, 0] - expected).max() <= 1e-3
+
+
+def test_serve_refuses_an_api_target(capsys):
+    from logit2prompt.cli.main import main
+
+    assert main(["serve", "--target", "openai:http://127.0.0.1:9/v1:m"]) == 2
+    assert "serve runs a local model" in capsys.readouterr().err

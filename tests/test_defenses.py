@@ -126,6 +126,8 @@ def test_hidden_entries_stay_hidden_through_the_chain():
         ("blur:3", "unknown defense"),
         ("topk:5,,round:1", "empty item"),
         ("temperature:0", "positive"),
+        ("temperature:inf", "finite"),
+        ("noise:gauss:inf", "finite"),
         ("round:20", "0..8"),
     ],
 )
@@ -168,6 +170,9 @@ def test_collect_cli_defense_flag(tiny_lm_dir, tmp_path, capsys):
     ]
     assert main([*base, "--out", str(tmp_path / "bad"), "--defense", "topk:"]) == 2
     assert "bad number in 'topk:'" in capsys.readouterr().err
+    # API flags on a local model did nothing: refused.
+    assert main([*base, "--out", str(tmp_path / "bad"), "--api-top-k", "5"]) == 2
+    assert "--api-top-k: for API targets" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "ok"), "--defense", "expose:5"]) == 0
     assert read_manifest(tmp_path / "ok")["fingerprint"]["defense"] == "expose:5"
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from logit2prompt.defenses.chain import DefenseError
 from logit2prompt.defenses.leak import REFUSAL, LeakFilter, leak_score
 from logit2prompt.recipes import methods
 from logit2prompt.targets import load_target
@@ -23,7 +24,7 @@ def test_leak_score_counts_repeated_trigrams():
     assert leak_score("say hello", "hi") == 0.0 and leak_score("hi there", "Hi!") == 1.0
     guard = LeakFilter(0.5)
     assert guard(HIDDEN, HIDDEN) == REFUSAL and guard("Hello!", HIDDEN) == "Hello!"
-    with pytest.raises(ValueError, match="leak threshold"):
+    with pytest.raises(DefenseError, match="leak threshold"):
         LeakFilter(0.0)
 
 

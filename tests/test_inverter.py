@@ -485,6 +485,12 @@ def test_invert_cli_every_source(trained, tiny_store, tiny_lm_dir, tmp_path, cap
     # An empty or over-long --text stops with the reason instead of inverting something else.
     assert main(["invert", "--checkpoint", str(out), "--text", "  "]) == 2
     assert "--text is empty" in capsys.readouterr().err
+    # Corpus flags with another source were ignored (the whole store inverted): refused.
+    flags = ["--limit", "2", "--split", "test", "--basis-from", "x"]
+    assert main(["invert", "--checkpoint", str(out), "--text", MEMORISE[2], *flags]) == 2
+    err = capsys.readouterr().err
+    assert "--limit applies to --prompts only; --split applies" in err
+    assert "--basis-from applies to --data only" in err
     long = ["invert", "--checkpoint", str(out), "--text", "word " * 70]
     assert main(long) == 2
     assert "over --max-tokens 64" in capsys.readouterr().err
@@ -613,6 +619,8 @@ def test_invert_cli_mbr(trained, tiny_store, tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert main([*args, "--mbr-samples", "4", "--num-beams", "2"]) == 2
     assert "drop --num-beams" in capsys.readouterr().err
+    assert main([*args, "--mbr-samples", "4", "--no-repeat-ngram-size", "3"]) == 2
+    assert "drop --no-repeat-ngram-size" in capsys.readouterr().err
     assert main([*args, "--mbr-samples", "1"]) == 2
     assert "at least 2 samples" in capsys.readouterr().err
 

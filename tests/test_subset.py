@@ -79,6 +79,9 @@ def test_reconstruction_refuses_noise_and_too_few_tokens(target, subset):
     decoder = SubsetDecoder(subset, target.output_basis())
     with pytest.raises(VectorError, match="does not lie in the basis"):
         decoder.decode(noisy)
+    obs[1, 0] = np.nan  # a NaN residual is no pass (NaN > tolerance is False)
+    with pytest.raises(VectorError, match="observation 1 does not lie"):
+        decoder.decode(obs)
     small = TokenSubset.choose(target.tokenizer, target.vocab_size, 20)
     with pytest.raises(VectorError, match="at least 33"):
         SubsetDecoder(small, target.output_basis())

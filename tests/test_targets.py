@@ -153,3 +153,19 @@ def test_api_vectors_are_read_only_under_the_same_chat_setting():
         "system prompt: 'Be brief.' is not in the local template"
     ]
     assert user.reading_differences(replace(brief, template="api-chat:user")) == []
+
+
+def test_a_chat_template_without_a_system_role_is_a_clear_error(tiny_lm_dir, tmp_path):
+    import shutil
+
+    gemma_like = tmp_path / "no-system"
+    shutil.copytree(tiny_lm_dir, gemma_like)
+    template = gemma_like / "chat_template.jinja"
+    refuse = (
+        "{% if messages[0]['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+    )
+    template.write_text(refuse + template.read_text())
+    assert load_target(str(gemma_like), mode="user").render("X")  # no system message: fine
+    with pytest.raises(TargetError, match="cannot render a system/user chat for guarded mode"):
+        load_target(str(gemma_like), mode="guarded")

@@ -71,11 +71,28 @@ def load_cli_target(args, device: str | None = None):
             file=sys.stderr,
         )
         return target
-    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[args.dtype]
+    api_only = [
+        flag
+        for flag, on in (
+            ("--tokenizer", getattr(args, "tokenizer", None)),
+            ("--api-strategy", getattr(args, "api_strategy", "auto") != "auto"),
+            ("--api-top-k", getattr(args, "api_top_k", None)),
+            ("--api-rate-limit", getattr(args, "api_rate_limit", None)),
+            ("--api-cache", getattr(args, "api_cache", None)),
+            ("--api-max-queries", getattr(args, "api_max_queries", None)),
+            ("--basis-from", getattr(args, "basis_from", None) and args.command == "collect"),
+        )
+        if on
+    ]
+    if api_only:
+        raise TargetError(
+            f"{', '.join(api_only)}: for API targets (--target openai:BASE_URL:MODEL) only; "
+            f"{args.target} is a local model"
+        )
     return load_target(
         args.target,
         mode=args.mode,
-        dtype=dtype,
+        dtype=args.dtype,  # fp32/bf16/fp16: load_target reads the short names
         device=device or args.device,
         system_prompt=args.system_prompt,
         batch_size=args.batch_size,
@@ -379,6 +396,11 @@ def cmd_serve(args) -> None:
         max_in_flight=args.max_in_flight,
         leak_filter=args.leak_filter,
     )
+    if args.target.startswith("openai:"):
+        raise Logit2PromptError(
+            f"serve runs a local model; {args.target} is an endpoint already (point the "
+            "attack at it with --target there)"
+        )
     args.mode = "raw"  # the server renders chat itself; the target's mode is unused
     target = load_cli_target(args)
     from ..server.app import startup_info

@@ -14,7 +14,7 @@ import sys
 
 from ..attacks.rerank import DEFAULT_CONFIDENCE_NATS
 from ..data.collect import DEFAULT_STEPS
-from ..data.corpus import BUILTIN_CORPORA, resolve_corpus
+from ..data.corpus import BUILTIN_CORPORA, DEFAULT_FIELD, resolve_corpus
 from ..data.mix import DEFAULT_EXCLUDE_THRESHOLD, DEFAULT_SOURCES
 from ..data.sampled import KINDS as SAMPLE_KINDS
 from ..data.sampled import SamplingConfig
@@ -90,6 +90,22 @@ def cmd_invert(args) -> None:
         raise Logit2PromptError("--confidence-nats is the threshold of --fallback-to; add it")
     if args.text is not None and not args.text.strip():
         raise Logit2PromptError("--text is empty: give the prompt the target should hide")
+    # Flags that shape one source only would be ignored with another: refused instead.
+    ignored = [
+        flag
+        for flag, on, source in (
+            ("--limit", args.limit is not None, args.prompts),
+            ("--split", args.split != "all", args.prompts),
+            ("--field", args.field != DEFAULT_FIELD, args.prompts),
+            ("--basis-from", args.basis_from, args.data),
+        )
+        if on and source is None
+    ]
+    if ignored:
+        where = {"--basis-from": "--data"}
+        raise Logit2PromptError(
+            "; ".join(f"{f} applies to {where.get(f, '--prompts')} only" for f in ignored)
+        )
     inverter = Inverter.from_pretrained(args.checkpoint, device=args.device)
     steps = args.steps or inverter.config.steps  # observation steps (test-time K)
     generate = {
@@ -186,6 +202,7 @@ def _mbr_picker(args, inverter, steps: int):
             ("--sample", args.sample),
             ("--num-return-sequences", args.num_return_sequences > 1),
             ("--num-beams", args.num_beams > 1),
+            ("--no-repeat-ngram-size", args.no_repeat_ngram_size),
         )
         if on
     ]

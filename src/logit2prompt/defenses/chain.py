@@ -31,7 +31,7 @@ DEFAULT_SENSITIVITY = 1.0  # nats; the per-logit change a privacy guarantee is s
 DEFAULT_DELTA = 1e-5
 
 
-class DefenseError(Logit2PromptError):
+class DefenseError(Logit2PromptError, ValueError):
     """A defense spec could not be parsed or has out-of-range parameters."""
 
 
@@ -143,12 +143,11 @@ def _parse_one(text: str) -> Defense:
         raise DefenseError(
             f"{kind} takes {_ARITY[kind]} parameter(s) ({_usage(kind)}), got {text!r}"
         )
+    if kind == "noise" and raw[0].lower() not in ("gauss", "laplace"):
+        raise DefenseError(f"noise must be gauss or laplace, got {raw[0]!r}")
     try:
         if kind == "noise":
-            dist = raw[0].lower()
-            if dist not in ("gauss", "laplace"):
-                raise DefenseError(f"noise must be gauss or laplace, got {raw[0]!r}")
-            params: tuple = (dist, float(raw[1]))
+            params: tuple = (raw[0].lower(), float(raw[1]))
         elif kind in ("topk", "expose", "round"):
             params = (int(raw[0]),)
         else:
@@ -156,8 +155,8 @@ def _parse_one(text: str) -> Defense:
     except ValueError as exc:
         raise DefenseError(f"bad number in {text!r} ({_usage(kind)})") from exc
     value = params[-1]
-    if kind in ("temperature", "noise") and not value > 0:
-        raise DefenseError(f"{kind} needs a positive scale, got {text!r}")
+    if kind in ("temperature", "noise") and not 0 < value < math.inf:
+        raise DefenseError(f"{kind} needs a positive, finite scale, got {text!r}")
     if kind in ("topk", "expose") and value < 1:
         raise DefenseError(f"{kind} needs k >= 1, got {text!r}")
     if kind == "topp" and not 0 < value <= 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..data.corpus import word_ngrams, words_of
+from .chain import DefenseError
 
 DEFAULT_LEAK_THRESHOLD = 0.5
 REFUSAL = "I'm sorry, but I can't share that."
@@ -37,7 +38,7 @@ class LeakFilter:
 
     def __post_init__(self):
         if not 0 < self.threshold <= 1:
-            raise ValueError(f"the leak threshold must be in (0, 1], got {self.threshold}")
+            raise DefenseError(f"the leak threshold must be in (0, 1], got {self.threshold}")
 
     def blocks(self, reply: str, hidden: str) -> bool:
         return leak_score(reply, hidden) >= self.threshold

@@ -217,9 +217,16 @@ class HFTarget(Target):
                 {"role": "system", "content": system_message(prompt, self.mode)},
                 {"role": "user", "content": self.user_turn},
             ]
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as exc:  # jinja's TemplateError, or no template at all
+            roles = "/".join(m["role"] for m in messages)
+            raise TargetError(
+                f"this model's chat template cannot render a {roles} chat for {self.mode} mode "
+                f"({type(exc).__name__}: {exc}); try another --mode"
+            ) from exc
 
     def render_messages(self, messages: list[dict]) -> str:
         """A chat rendered with this target's template, ready for the assistant's reply."""

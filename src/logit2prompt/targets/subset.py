@@ -197,8 +197,9 @@ class SubsetDecoder:
         x = torch.as_tensor(np.asarray(obs, dtype=np.float64))
         lead = x.shape[:-1]
         coef, residual = self.coefficients(x.reshape(-1, self.subset.size))
-        if tolerance is not None and len(residual) and float(residual.max()) > tolerance:
-            worst = int(residual.argmax())
+        bad = ~(residual <= tolerance) if tolerance is not None else None  # NaN is bad too
+        if bad is not None and bool(bad.any()):
+            worst = int(bad.nonzero()[0])
             raise VectorError(
                 f"observation {worst} does not lie in the basis's subspace (residual "
                 f"{float(residual[worst]):.2e} nats on the token subset > {tolerance:g}): "
