@@ -107,6 +107,16 @@ def test_retrieval_inverter_trains_saves_and_reloads(store16, tiny_lm_dir, tmp_p
     assert loaded.memory is not None
     assert loaded.memory.prompts == DistributionStore(store16).prompts
     assert loaded.invert(vectors) == model.invert(vectors)
+    # A row reads the same alone as in its batch (neighbours packed, not padded to the
+    # batch's longest: T5's relative positions counted that padding).
+    with torch.no_grad():
+        together = loaded.label_logprobs(vectors, labels, inputs[2])
+        for i in range(4):
+            alone = loaded.label_logprobs(
+                vectors[i : i + 1], labels[i : i + 1], inputs[2][i : i + 1]
+            )
+            real = labels[i] != -100
+            assert torch.allclose(alone[0][real], together[i][real], atol=1e-4), i
     with torch.no_grad():
         # The encoder really reads the neighbours: other neighbours change the loss.
         shuffled = loaded.neighbour_ids([[(i + 5) % 16, (i + 9) % 16] for i in range(8)])

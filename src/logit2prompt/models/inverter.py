@@ -422,3 +422,17 @@ def pad_labels(labels: Sequence[Sequence[int]]) -> torch.Tensor:
     for row, x in enumerate(labels):
         padded[row, : len(x)] = torch.tensor(x, dtype=torch.long)
     return padded
+
+
+def pack_neighbours(ids: torch.Tensor, pad_left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each row's real neighbour tokens go when packed together, in order, and
+    whether each packed slot is real: `(order [B, W], real [B, W])` for neighbour ids
+    `[B, n, L]` (-1 padded), W the longest row's count. The padding goes to the front
+    (`pad_left`, for a causal decoder) or the end; either way a row's layout is its own,
+    not its batch's."""
+    real = (ids >= 0).flatten(1)
+    # A stable sort on "is real" (or "is padding") keeps the tokens' order.
+    order = torch.sort((real if pad_left else ~real).int(), dim=1, stable=True).indices
+    width = max(int(real.sum(1).max()), 1)  # trim the common padding
+    order = order[:, -width:] if pad_left else order[:, :width]
+    return order, real.gather(1, order)

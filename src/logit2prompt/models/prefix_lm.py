@@ -34,7 +34,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from ..errors import CheckpointError, VectorError
 from ..targets.base import TargetFingerprint
 from .config import PrefixLMConfig
-from .inverter import Inverter
+from .inverter import Inverter, pack_neighbours
 
 DECODER_CONFIG_NAME = "decoder_config.json"  # architecture of the decoder LM (no download)
 # The decoder's projections that get LoRA adapters (Llama-style names; peft matches suffixes).
@@ -389,13 +389,9 @@ class PrefixLMInverter(Inverter):
         ids = neighbour_ids.to(self.basis.device)
         tokens = self.lm.get_input_embeddings()(ids.clamp(min=0)).to(dtype)
         tokens = (tokens + self.neighbour_rank[:, None].to(dtype)).flatten(1, 2)
-        real = (ids >= 0).flatten(1)
-        # Stable sort on "is real" moves each row's padding to the front, keeping token order.
-        order = torch.sort(real.int(), dim=1, stable=True).indices
-        width = max(int(real.sum(1).max()), 1)  # trim the common padding
-        order = order[:, -width:]
+        order, real = pack_neighbours(ids, pad_left=True)
         tokens = tokens.gather(1, order[..., None].expand(-1, -1, tokens.shape[-1]))
-        return tokens, real.gather(1, order).long()
+        return tokens, real.long()
 
     def _states_after_detached_neighbours(
         self, vectors: torch.Tensor, labels: torch.Tensor, neighbour_ids: torch.Tensor | None

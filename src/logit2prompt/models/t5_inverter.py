@@ -17,7 +17,7 @@ from torch import nn
 from ..targets.base import TargetFingerprint
 from .config import T5InverterConfig
 from .features import unroll
-from .inverter import Inverter
+from .inverter import Inverter, pack_neighbours
 
 
 def new_t5(config: T5InverterConfig, vocab_size: int, pad: int, eos: int, start: int):
@@ -233,15 +233,17 @@ class T5Inverter(Inverter):
         if neighbour_ids is None:
             neighbour_ids = self.find_neighbours(vectors)
         ids = neighbour_ids.to(embeds.device)
-        width = max(int((ids >= 0).sum(-1).max()), 1)  # trim the common padding
-        ids = ids[..., :width]
         tokens = self.t5.shared(ids.clamp(min=0)) + self.neighbour_rank[:, None].to(embeds.dtype)
         tokens = tokens.to(embeds.dtype).flatten(1, 2)
+        # Each row's neighbours packed together: T5's relative positions then never count
+        # padding that depends on the other rows of the batch.
+        order, real = pack_neighbours(ids, pad_left=False)
+        tokens = tokens.gather(1, order[..., None].expand(-1, -1, tokens.shape[-1]))
         pseudo = torch.full(embeds.shape[:2], -1, dtype=torch.long, device=embeds.device)
         return (
             torch.cat([embeds, tokens], 1),
-            torch.cat([mask, (ids >= 0).flatten(1).long()], 1),
-            torch.cat([pseudo, ids.flatten(1)], 1),
+            torch.cat([mask, real.long()], 1),
+            torch.cat([pseudo, ids.flatten(1).gather(1, order)], 1),
         )
 
     def teacher_forced(
