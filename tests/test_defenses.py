@@ -93,10 +93,17 @@ def test_rounding():
 def test_composition_applies_left_to_right():
     x = _lp()
     a = parse_defense("topk:5,temperature:3").apply(x)
-    b = parse_defense("temperature:3,topk:5").apply(x)
-    manual = parse_defense("temperature:3").apply(parse_defense("topk:5").apply(x))
-    assert torch.allclose(a, manual, atol=1e-6)
-    assert ((b > FLOOR).sum(-1) == 5).all() and not ((a > FLOOR).sum(-1) == 5).all()
+    (topk,), (temperature,) = (
+        parse_defense("topk:5").defenses,
+        parse_defense("temperature:3").defenses,
+    )
+    manual = temperature.apply(topk.apply(x))  # hidden entries at -inf until the chain ends
+    assert torch.allclose(a, manual.masked_fill(manual == float("-inf"), FLOOR), atol=1e-6)
+    assert ((a > FLOOR).sum(-1) == 5).all()  # what top-k hid stays hidden
+    # The order matters: nucleus of the flattened distribution keeps more tokens.
+    flat_first = parse_defense("temperature:3,topp:0.5").apply(x)
+    nucleus_first = parse_defense("topp:0.5,temperature:3").apply(x)
+    assert ((flat_first > FLOOR).sum(-1) > (nucleus_first > FLOOR).sum(-1)).all()
     assert parse_defense("topk:5, temperature:3").spec == "topk:5,temperature:3"
     assert not parse_defense(None) and not parse_defense("none")
 
