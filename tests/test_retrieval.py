@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -123,6 +125,15 @@ def test_retrieval_inverter_trains_saves_and_reloads(store16, tiny_lm_dir, tmp_p
         assert loaded(vectors, labels, shuffled).item() != pytest.approx(
             loaded(vectors, labels, inputs[2]).item()
         )
+
+    # A model without a memory saved over this folder does not pick up the old memory.
+    if not copy:
+        plain = Trainer(tiny_train_config(store16, tmp_path / "plain", tiny_lm_dir, max_steps=1))
+        reused = tmp_path / "reused"
+        shutil.copytree(out, reused)
+        plain.run().save_pretrained(reused)
+        assert Inverter.from_pretrained(reused).memory is None
+        assert not (reused / MEMORY_WEIGHTS).exists()
 
     # A memory from another vocabulary is refused at load, not at the first inversion.
     prompts = loaded.memory.prompts

@@ -29,7 +29,7 @@ from pathlib import Path
 from ..errors import CheckpointError, TargetError
 from ..targets.base import TargetFingerprint
 from .config import CAUSAL, InverterConfig
-from .retrieval import MEMORY_WEIGHTS, NeighbourMemory
+from .retrieval import MEMORY_PROMPTS, MEMORY_WEIGHTS, NeighbourMemory
 
 CONFIG_NAME = "inverter_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -76,8 +76,12 @@ def save_inverter(
         (directory / DERIVED_NAME).unlink(missing_ok=True)
     header = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION}
     (directory / CONFIG_NAME).write_text(json.dumps({**header, **config}, indent=1))
+    # A folder reused for another model keeps none of the old one's optional files: loading
+    # would attach an old neighbour memory or target to this model.
     if model.fingerprint is not None:
         (directory / FINGERPRINT_NAME).write_text(json.dumps(model.fingerprint.to_dict(), indent=1))
+    else:
+        (directory / FINGERPRINT_NAME).unlink(missing_ok=True)
     if training_args is not None:
         (directory / TRAINING_ARGS_NAME).write_text(json.dumps(training_args, indent=1))
     if model.tokenizer is not None:
@@ -85,6 +89,9 @@ def save_inverter(
     model.save_extra(directory)
     if model.memory is not None:
         model.memory.save(directory)
+    else:
+        for name in (MEMORY_WEIGHTS, MEMORY_PROMPTS):
+            (directory / name).unlink(missing_ok=True)
 
 
 def _base_key(key: str) -> str | None:
@@ -130,8 +137,8 @@ def slim_state(model, dtype: str = "float32") -> tuple[dict, dict]:
             "only a prefix-lm with LoRA adapters (lora_rank > 0) has a slim form: the other "
             "recipes train every decoder weight, so there is nothing to rebuild them from"
         )
-    base = load_causal_lm(model.config.decoder_init).state_dict()
-    state = model.state_dict()
+    base = load_causal_lm(model.config.decoder_init).state_dict()  # on the CPU
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     dropped = {}
     for key, tensor in state.items():
         name = _base_key(key)
@@ -144,11 +151,12 @@ def slim_state(model, dtype: str = "float32") -> tuple[dict, dict]:
         "dropped": sorted(dropped),
         "dtype": dtype,
     }
-    head = model.lm.get_output_embeddings().weight
+    head = model.lm.get_output_embeddings().weight.detach().cpu()
     # The basis is rebuilt from the output layer only where it spans the same tokens (not
     # for a token subset, nor a decoder of another vocabulary than the target's).
     same_rows = head.shape[0] == model.basis.shape[0]
-    coefficients, error = _basis_coefficients(head, model.basis) if same_rows else (None, 1.0)
+    basis = model.basis.detach().cpu()
+    coefficients, error = _basis_coefficients(head, basis) if same_rows else (None, 1.0)
     if error <= BASIS_TOLERANCE:
         del kept["basis"]
         kept[BASIS_COEFFICIENTS] = coefficients.float()

@@ -337,7 +337,8 @@ def demo_html(report: dict) -> str:
         rows = list(res["all"])
         head = "".join(f"<th>{html.escape(m)}</th>" for m in rows)
         body = "".join(
-            f"<tr><td class='text'>{html.escape(ex['hidden'])}<br><small>{ex['set']}</small></td>"
+            f"<tr><td class='text'>{html.escape(ex['hidden'])}"
+            f"<br><small>{html.escape(ex['set'])}</small></td>"
             + "".join(
                 f"<td class='text'>{html.escape(ex[m])}<br><small>BLEU {ex['bleu'][m]:.1f}"
                 "</small></td>"
