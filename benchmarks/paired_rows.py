@@ -65,6 +65,8 @@ def main() -> None:
     row = row_name(args.a, a, args.row)
     versus = row_name(args.b, b, args.versus or args.row)
     other = {(e["set"], e["hidden"]): e[versus] for e in b}
+    if len(other) != len(b):  # a repeated prompt would pair both rows with one
+        raise SystemExit(f"{args.b} holds a prompt twice in one set; pairing needs each once")
     results: dict = {
         "a": args.a,
         "b": args.b,

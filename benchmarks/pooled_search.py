@@ -93,6 +93,8 @@ def with_baseline(path: str, results: dict, source: str) -> dict:
     other = json.loads(Path(source).read_text())
     ext = extraction_row(other)
     by_prompt = {(e["set"], e["hidden"]): e[ext] for e in other["examples"]}
+    if len(by_prompt) != len(other["examples"]):  # a repeated prompt would pair both with one
+        raise SystemExit("a prompt appears twice in one set; pairing needs each once")
     missing = [e["hidden"] for e in results["examples"] if (e["set"], e["hidden"]) not in by_prompt]
     if missing:
         sys.exit(f"{source} lacks {len(missing)} of {path}'s prompts, e.g. {missing[0]!r}")

@@ -55,7 +55,8 @@ def rows_of(data: Path, limit: int, seed: int) -> list[dict]:
     rows = []
     for name in SETS:
         lines = (data / f"{name}.jsonl").read_text().splitlines()[:FIRST]
-        prompts = [json.loads(line)["prompt"] for line in lines if line.strip()]
+        # Each prompt once (a repeated line would be drawn, scored and paired twice).
+        prompts = list(dict.fromkeys(json.loads(line)["prompt"] for line in lines if line.strip()))
         rng = random.Random(f"{seed}:{name}")
         picked = rng.sample(prompts, min(limit, len(prompts)))
         rows += [{"prompt": p, "set": name} for p in picked]
