@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from logit2prompt.attacks.nearest import MemoryNeighbours, nearest_neighbours
+from logit2prompt.attacks.nearest import MemoryNeighbours, constant_guess, nearest_neighbours
 from logit2prompt.data.collect import collect
 from logit2prompt.data.corpus import Corpus, PromptRecord
 from logit2prompt.data.store import DistributionStore
-from logit2prompt.errors import Logit2PromptError
+from logit2prompt.errors import Logit2PromptError, VectorError
 from logit2prompt.models.inverter import Inverter
 from logit2prompt.recipes import demo
 from logit2prompt.recipes.methods import EXTRACTION_ORACLE
@@ -52,8 +52,15 @@ def test_memory_neighbours_find_what_the_store_finds(tiny_shipped, tiny_lm_dir):
     by_store = nearest_neighbours(store, vectors, 1)
     assert [memory.prompts[r[0]] for r in by_memory] == [store.prompts[r[0]] for r in by_store]
     assert [memory.prompts[r[0]] for r in by_memory] == store.prompts
-    with pytest.raises(ValueError, match="entries per prompt"):
+    with pytest.raises(VectorError, match="do not fit this inverter"):
         memory.search(vectors[:, 0, :5], 1)
+    # k beyond the pool gives the pool, not a placeholder prompt 0; an empty pool is an error.
+    few = nearest_neighbours(store, vectors[:2], k=5, indices=[3, 1])
+    assert [sorted(row) for row in few] == [[1, 3], [1, 3]]
+    with pytest.raises(ValueError, match="no training vectors"):
+        nearest_neighbours(store, vectors[:2], k=1, indices=[])
+    with pytest.raises(ValueError, match="no training prompts"):
+        constant_guess([])
 
 
 def test_evaluate_searches_the_neighbour_memory_without_a_store(tiny_shipped, tmp_path):

@@ -193,6 +193,26 @@ def test_inverter_trained_on_a_subset_reads_vectors_and_observations(target, tmp
     # Trained on the subset store itself: the same tokens, no flag needed.
     again = Trainer(tiny_train_config(subset_dir, tmp_path / "z", tok, max_steps=2)).run()
     assert again.token_subset == subset
+    # A retrieval inverter on the subset finds neighbours as it reads them (centred subset
+    # observations), also when the search hands it whole vectors.
+    from logit2prompt.attacks.nearest import MemoryNeighbours, nearest_neighbours
+
+    retrieval = Trainer(
+        tiny_train_config(
+            full_dir,
+            tmp_path / "nn-subset",
+            tok,
+            max_steps=2,
+            neighbours=1,
+            subset_size=52,
+            subset_seed=3,
+        )
+    ).run()
+    whole = full.vectors(range(len(full)))
+    found = nearest_neighbours(MemoryNeighbours(retrieval), whole, 1)
+    own = retrieval.memory.search(retrieval.as_batch(whole)[:, : retrieval.config.dim], 1)
+    assert found == own == [[i] for i in range(len(full))]
+
     # A LoRA prefix-lm on the subset has a slim form: its basis (52 rows, not the decoder's
     # vocabulary) is stored, not rebuilt from the output layer (lstsq raised on the rows).
     plm = Trainer(

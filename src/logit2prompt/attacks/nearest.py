@@ -26,6 +26,10 @@ def nearest_neighbours(
         if indices is not None:
             raise ValueError("a neighbour memory is searched whole")
         return train.search(queries, k)
+    pool = indices if indices is not None else list(range(len(train)))
+    if not pool:
+        raise ValueError("no training vectors to search")
+    k = min(k, len(pool))  # else the placeholder index 0 would pass for a neighbour
     queries = np.asarray(queries, dtype=np.float32)
     if queries.ndim == 2:
         queries = queries[:, None]
@@ -34,7 +38,6 @@ def nearest_neighbours(
     q_sq = (q * q).sum(1, keepdim=True)
     best = torch.full((len(q), k), float("inf"))
     best_idx = torch.zeros((len(q), k), dtype=torch.long)
-    pool = indices if indices is not None else list(range(len(train)))
     chunk = max(NN_CHUNK // steps, 1)  # training vectors in memory at once: ~NN_CHUNK steps
     for start in range(0, len(pool), chunk):
         block_idx = torch.tensor(pool[start : start + chunk])
@@ -58,20 +61,17 @@ class MemoryNeighbours:
     def __init__(self, inverter):
         if inverter.memory is None:
             raise ValueError("this inverter carries no neighbour memory")
-        self.memory, self.dim = inverter.memory, inverter.config.dim
+        self.inverter, self.memory, self.dim = inverter, inverter.memory, inverter.config.dim
         self.prompts = self.memory.prompts
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     def search(self, queries: np.ndarray, k: int) -> list[list[int]]:
-        """Memory indices of the k nearest prompts of each query `[steps, vocab]`."""
-        flat = torch.from_numpy(np.asarray(queries, np.float32).reshape(len(queries), -1))
-        if flat.shape[1] < self.dim:
-            raise ValueError(
-                f"the neighbour memory keys {self.dim} entries per prompt; got {flat.shape[1]}"
-            )
-        return self.memory.search(flat[:, : self.dim], k)
+        """Memory indices of the k nearest prompts of each query `[steps, vocab]`, keyed as
+        the inverter reads them (a token-subset inverter: the centred subset observation)."""
+        flat = self.inverter.as_batch(np.asarray(queries, np.float32))
+        return self.memory.search(flat[:, : self.dim].cpu(), k)
 
 
 def observed_steps(observed: np.ndarray) -> int:
@@ -103,6 +103,8 @@ def nearest_neighbour(
 def constant_guess(prompts: list[str], seed: int = 0) -> str:
     """The most frequent training prompt; if all are unique, the medoid under token F1
     (the single guess that scores best against a sample of the training prompts)."""
+    if not prompts:
+        raise ValueError("no training prompts to guess from")
     counts = Counter(prompts)
     top, n = counts.most_common(1)[0]
     if n > 1:
