@@ -256,11 +256,40 @@ def test_defend_sweep_end_to_end(tiny_lm_dir, tmp_path):
     x = torch.log_softmax(torch.randn(3, 50), -1)
     assert utility_cost(x, x, False)["kl"] == pytest.approx(0.0, abs=1e-6)
 
-    # Rerun after a kill: the finished rows are kept, nothing is fine-tuned again.
+    # Killed during the second spec's fine-tune: the rerun keeps the first spec's row and
+    # fine-tunes only the specs left.
+    from logit2prompt.defenses import sweep
+
+    class Killed(Exception):
+        pass
+
+    tuned: list[str] = []
+
+    def trainer(cfg):
+        tuned.append(cfg.defense)
+        if len(tuned) == 2 and not resumed:
+            raise Killed
+        return Trainer(cfg)
+
+    killed = replace(config, out=str(tmp_path / "killed"))
+    resumed = False
     with pytest.MonkeyPatch.context() as m:
-        m.setattr("logit2prompt.defenses.sweep.Trainer", None)
-        again = run_sweep(config, progress=False)
-    assert again["rows"] == results["rows"] and again["complete"]
+        m.setattr(sweep, "Trainer", trainer)
+        with pytest.raises(Killed):
+            run_sweep(killed, progress=False)
+        partial = json.loads((tmp_path / "killed" / "results.json").read_text())
+        assert partial["complete"] is False
+        assert [r["spec"] for r in partial["rows"]] == ["none", "temperature:3"]
+        resumed, tuned[:] = True, []
+        again = run_sweep(killed, progress=False)
+    assert tuned == ["expose:3", "topk:3,expose:2"] and again["complete"]
+    assert again["rows"][1] == partial["rows"][1]
+    # A finished sweep run again is run whole (its rows may come from older code).
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(sweep, "Trainer", trainer)
+        tuned[:] = []
+        run_sweep(killed, progress=False)
+    assert len(tuned) == 3
     # Stores already defended, or from another target, are refused before any work.
     collect(
         DefendedTarget(target, parse_defense("topk:5")),

@@ -44,10 +44,9 @@ def sha256_file(path: str | os.PathLike) -> str:
         while chunk := f.read(_HASH_CHUNK):
             h.update(chunk)
     memo[key] = h.hexdigest()
-    tmp = memo_path.with_suffix(f".tmp{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(memo))
-        os.replace(tmp, memo_path)
+        with atomic_open(memo_path) as f:
+            f.write(json.dumps(memo))
     except OSError:
         pass  # the memo is an optimisation; a read-only cache must not break loading
     return memo[key]

@@ -51,6 +51,7 @@ DEFAULT_SPECS = (
     "round:0",
 )
 REPLY_TOKENS = 24  # tokens of each sampled reply compared
+RESULTS_FORMAT = 2  # 2: hidden entries stay hidden through chains; mixed chains cost as served
 
 
 @dataclass
@@ -148,7 +149,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
     chains = [parse_defense(spec) for spec in cfg.specs]  # a bad spec fails before any work
     if not all(chains):
         raise Logit2PromptError("--specs: 'none' is not a defense (the clean row always runs)")
-    config = {**cfg.__dict__, "specs": list(cfg.specs)}
+    config = {**cfg.__dict__, "specs": list(cfg.specs), "results_format": RESULTS_FORMAT}
     done = _finished_rows(out / "results.json", config)
     idx = list(range(min(cfg.test_limit, len(test))))
     refs = [test.prompts[i] for i in idx]
@@ -240,13 +241,16 @@ def _write_results(path: Path, config: dict, refs: list[str], rows: list[dict], 
 
 
 def _finished_rows(path: Path, config: dict) -> list[dict]:
-    """The rows an earlier run of this very sweep wrote (clean row first), else none."""
+    """The rows a killed run of this very sweep wrote (clean row first), else none: a
+    finished sweep, another sweep, or one of an older results format runs again whole."""
     try:
         earlier = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return []
-    if earlier.get("config") != json.loads(json.dumps(config)):
-        return []  # another sweep: start over
+    if earlier.get("complete") is not False or earlier.get("config") != json.loads(
+        json.dumps(config)
+    ):
+        return []
     rows = earlier.get("rows") or []
     if rows and rows[0].get("spec") == "none":
         logger.info("%s: reusing %d finished rows of this sweep", path, len(rows) - 1)

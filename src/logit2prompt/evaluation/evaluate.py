@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cache import atomic_open
 from ..data.corpus import DEFAULT_MAX_TOKENS
 from ..defenses.leak import LeakFilter
 from ..errors import Logit2PromptError
@@ -213,6 +214,7 @@ def _check_baselines(cfg: EvalConfig) -> None:
         raise Logit2PromptError(f"--search-samples must be >= 0, got {cfg.search_samples}")
     if cfg.search_rounds < 0:
         raise Logit2PromptError(f"--search-rounds must be >= 0, got {cfg.search_rounds}")
+    check_prediction_names(cfg)
     from ..models.pretrained import resolve_checkpoint
 
     for other in cfg.search_with:  # a mistyped checkpoint fails before any target work
@@ -305,16 +307,24 @@ def method_predictions(cfg: EvalConfig, inverter, target, references, vectors) -
 PREDICTION_FIELDS = ("recovered", "prediction")
 
 
-def read_other_predictions(
-    paths: tuple[str, ...], references: list[str]
-) -> dict[str, tuple[str, list[str]]]:
-    """Each --predictions file's rows, keyed by the row name the report gives it (the file's
-    stem), with its path; two files of one stem are refused."""
-    names = [Path(p).stem for p in paths]
+def check_prediction_names(cfg: EvalConfig) -> None:
+    """Each --predictions file's row is named by its stem: two files of one stem, or a stem
+    that is a selected method's row, are refused before anything loads."""
+    names = [Path(p).stem for p in cfg.predictions]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise Logit2PromptError(f"--predictions: several files would be rows named {twice}")
-    return {n: (p, read_predictions(p, references)) for n, p in zip(names, paths, strict=True)}
+    rows = {n for key in selected_methods(cfg) for n in methods.get_method(key).names}
+    for path, name in zip(cfg.predictions, names, strict=True):
+        if name in rows:
+            raise Logit2PromptError(
+                f"--predictions {path}: a row named {name!r} is already scored; rename the file"
+            )
+
+
+def read_other_predictions(paths: tuple[str, ...], references: list[str]) -> dict[str, list[str]]:
+    """Each --predictions file's rows, keyed by the row name the report gives it (its stem)."""
+    return {Path(p).stem: read_predictions(p, references) for p in paths}
 
 
 def read_predictions(path: str, references: list[str]) -> list[str]:
@@ -508,12 +518,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     preds = methods.run_methods(selected_methods(cfg), ctx)
     best_attack = ctx.notes.get("best_attack")
     leak = leak_filter_report(cfg, target, references, ctx.notes)
-    for name, (path, rows) in others.items():  # a file's row must not replace a method's
-        if name in preds:
-            raise Logit2PromptError(
-                f"--predictions {path}: a row named {name!r} is already scored; rename the file"
-            )
-        preds[name] = rows
+    preds.update(others)  # names checked up front (check_prediction_names)
     per = score_methods(cfg, target, preds, references, vectors)
     summary = {m: {**summarize(s), "n": {"mean": len(references)}} for m, s in per.items()}
     field, groups = group_breakdown(metas, per)
@@ -541,9 +546,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     }
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(
-        json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8"
-    )
+    with atomic_open(out / "results.json") as f:
+        f.write(json.dumps(results, indent=1, ensure_ascii=False))
     with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
         for i, ref in enumerate(references):
             row = {

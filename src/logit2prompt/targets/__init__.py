@@ -19,10 +19,8 @@ def load_target(
 ) -> Target:
     """Load a target by built-in name, local directory, GGUF file, or Hugging Face Hub id
     (`user_turn`: the attacker's innocuous turn in the system modes; default "Hello!")."""
-    check_prompt_options(mode, system_prompt, user_turn)
-    kwargs = {"mode": mode, "system_prompt": system_prompt}
-    if user_turn is not None:
-        kwargs["user_turn"] = user_turn
+    check_prompt_options(mode, system_prompt, user_turn)  # before any weights load
+    kwargs = {"mode": mode, "system_prompt": system_prompt, "user_turn": user_turn}
     if batch_size is not None:
         kwargs["batch_size"] = batch_size
     if name_or_path == DEFAULT_TARGET:

@@ -15,9 +15,9 @@ from ..cache import sha256_file
 from ..errors import TargetError
 from .base import (
     DEFAULT_USER_TURN,
-    PROMPT_MODES,
     Target,
     TargetFingerprint,
+    check_prompt_options,
     system_message,
 )
 from .basis import OutputBasis
@@ -94,14 +94,12 @@ class HFTarget(Target):
         weights_sha256: str | None = None,
         mode: str = "user",
         system_prompt: str | None = None,
-        user_turn: str = DEFAULT_USER_TURN,
+        user_turn: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         share_prefix: bool = True,
     ):
-        if mode not in PROMPT_MODES:
-            raise TargetError(
-                f"unknown prompt mode {mode!r}; choose one of {', '.join(PROMPT_MODES)}"
-            )
+        check_prompt_options(mode, system_prompt, user_turn)
+        user_turn = DEFAULT_USER_TURN if user_turn is None else user_turn
         if mode != "raw" and not getattr(tokenizer, "chat_template", None):
             raise TargetError(
                 f"target {name!r} has no chat template, so prompt mode {mode!r} is impossible; "

@@ -71,7 +71,10 @@ class Recovery:
         elif len(wanted) == self.vocab_size:
             # Every top entry is shared (all U+FFFD): read each token against a named one
             # whose own log-prob is unknown, then normalise over the whole vocabulary.
-            r, lp_r = next(t for t in wanted if len(ids(keys[t])) == 1), 0.0
+            r = next((t for t in wanted if len(ids(keys[t])) == 1), None)
+            if r is None:
+                raise TargetError("no token has a name of its own; nothing to read against")
+            lp_r = 0.0
         else:
             raise TargetError(
                 f"none of the {len(ref.top)} top tokens has a name of its own, so a partial "
