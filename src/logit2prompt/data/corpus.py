@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ..cache import atomic_open
 from ..errors import CorpusError
 
 DEFAULT_FIELD = "prompt"
@@ -134,8 +135,9 @@ def whole_lines(path: Path) -> list[str]:
         return []
     text = path.read_text(encoding="utf-8")
     whole = text[: text.rfind("\n") + 1]
-    if whole != text:
-        path.write_text(whole, encoding="utf-8")
+    if whole != text:  # rewritten whole: a kill now cannot cost the complete lines too
+        with atomic_open(path) as f:
+            f.write(whole)
     return text_lines(whole)
 
 

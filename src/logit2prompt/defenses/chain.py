@@ -202,6 +202,11 @@ class DefenseChain:
         return DefenseChain(tuple(d for d in self.defenses if d.kind not in DISPLAY_ONLY))
 
 
+def sampleable(defended: torch.Tensor) -> torch.Tensor:
+    """Defended log-probs as a service samples them: the entries shown at FLOOR are -inf."""
+    return defended.masked_fill(defended <= FLOOR, float("-inf"))
+
+
 class DefenseLogitsProcessor:
     """A transformers logits processor that makes generation sample from the defended
     distribution (what a provider applying the defense would serve)."""
@@ -211,7 +216,7 @@ class DefenseLogitsProcessor:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         defended = self.chain.apply(torch.log_softmax(scores.float(), dim=-1))
-        return defended.masked_fill(defended <= FLOOR, float("-inf")).to(scores.dtype)
+        return sampleable(defended).to(scores.dtype)
 
 
 def parse_defense(spec: str | None) -> DefenseChain:

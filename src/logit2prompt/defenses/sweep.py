@@ -30,7 +30,7 @@ from ..errors import Logit2PromptError
 from ..evaluation.metrics import score
 from ..models.inverter import Inverter
 from ..training.trainer import TrainConfig, Trainer
-from .chain import FLOOR, parse_defense
+from .chain import parse_defense, sampleable
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def utility_cost(clean: torch.Tensor, defended: torch.Tensor, display_only: bool
     """Mean KL(defended || clean), total variation and top-1 change over rows `[n, vocab]`."""
     if display_only:  # the service still samples from the clean distribution
         return {"kl": 0.0, "tv": 0.0, "top1_changed": 0.0}
-    q = torch.log_softmax(defended.masked_fill(defended <= FLOOR, float("-inf")), dim=-1)
+    q = torch.log_softmax(sampleable(defended), dim=-1)
     p = clean
     q_prob = q.exp()
     kl = torch.where(q_prob > 0, q_prob * (q - p), torch.zeros_like(q)).sum(-1)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..defenses.chain import FLOOR
+from ..defenses.chain import sampleable
 from ..targets.hf import HFTarget
 from ..targets.vocab import token_bytes, token_text
 from .schemas import ServerConfig, ServerError
@@ -116,8 +116,7 @@ class Engine:
             exposed = self.config.chain.apply(torch.log_softmax(base, dim=-1)[None])[0]
             sampled = biased
             if served:  # topk, topp, noise, temperature change the service, not only the display
-                sampled = served.apply(torch.log_softmax(biased, dim=-1)[None])[0]
-                sampled = sampled.masked_fill(sampled <= FLOOR, float("-inf"))
+                sampled = sampleable(served.apply(torch.log_softmax(biased, dim=-1)[None])[0])
             if temperature < MIN_TEMPERATURE:
                 token = int(sampled.argmax())
             else:
